@@ -1,0 +1,295 @@
+"""diffusers-format weights -> our Flax parameter trees, strictly; and the conversion CLI.
+
+One generic rule maps a diffusers state-dict key onto our tree because our modules reuse
+diffusers' attribute names (``down_blocks.0.resnets.1.conv1.weight`` ->
+``down_blocks_0/resnets_1/conv1/kernel``). Layouts are converted by the target leaf: a
+``kernel`` is transposed from torch's (out, in[, kh, kw]) to (in, out) / (kh, kw, in, out);
+a ``scale`` or ``embedding`` is copied. Every tensor must be used and every parameter
+filled with the right shape, or :class:`ConversionError` lists the offending keys.
+
+Usage::
+
+    python -m fasdiff_jax.convert --diffusers_dir /path/to/stable-diffusion-2-1-base --out ckpt/
+
+converts a whole pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``) into ``ckpt/{unet,vae}/`` (``config.json`` + ``params.safetensors``) and
+``ckpt/null_text_embedding.safetensors`` (the empty-prompt CLIP embedding, computed once so
+no text encoder is needed afterwards). A single model folder (one with a ``config.json``)
+converts into ``--out`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from fasdiff_jax import safetensors_io
+from fasdiff_jax.errors import ConversionError, UnsupportedConfigError
+
+# diffusers class name -> "module:Class" of our implementation (imported lazily).
+MODEL_CLASSES: dict[str, str] = {
+    "UNet2DConditionModel": "fasdiff_jax.models.sd.unet:UNet2DConditionModel",
+    "AutoencoderKL": "fasdiff_jax.models.sd.vae:AutoencoderKL",
+    "ControlNetModel": "fasdiff_jax.models.sd.controlnet:ControlNetModel",
+    "CLIPTextModel": "fasdiff_jax.models.sd.text_encoder:CLIPTextModel",
+}
+
+# Pre-0.14 diffusers attention names still found in SD VAE checkpoints.
+_LEGACY_MODULE_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_SUFFIXES = ("position_ids",)
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_MAX_LISTED = 12
+
+Params = dict[str, Any]
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{folder}: no config.json (not a diffusers model folder)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: unreadable config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: config is not a JSON object")
+    return cfg
+
+
+def class_name(cfg: Mapping[str, Any]) -> str:
+    name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+    if not name:
+        raise ConversionError("config.json names no model class (_class_name / architectures)")
+    return name
+
+
+def module_class(name: str) -> type[nn.Module]:
+    if name not in MODEL_CLASSES:
+        raise UnsupportedConfigError(
+            f"model class {name!r} is not supported; supported: {sorted(MODEL_CLASSES)}"
+        )
+    mod, cls = MODEL_CLASSES[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def module_from_config(cfg: Mapping[str, Any], **overrides: Any) -> nn.Module:
+    """Our module for a diffusers/transformers config dict (``dtype=...`` etc. as overrides)."""
+    return module_class(class_name(cfg)).from_diffusers_config(dict(cfg), **overrides)
+
+
+def abstract_params(module: nn.Module) -> Params:
+    """Shapes of ``module``'s params, without allocating them."""
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), *module.dummy_inputs())
+    )
+    return nn.unbox(variables["params"])
+
+
+def read_weights(folder: str) -> dict[str, np.ndarray]:
+    """The state dict of a diffusers/transformers folder, from safetensors only (no pickle)."""
+    for name in _WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return safetensors_io.load_file(path)
+        index = path + ".index.json"
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            state: dict[str, np.ndarray] = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(safetensors_io.load_file(os.path.join(folder, shard)))
+            return state
+    found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    hint = " (.bin pickles are not read: re-save with safe_serialization=True)" if any(
+        f.endswith(".bin") for f in found) else ""
+    raise ConversionError(f"{folder}: no {' or '.join(_WEIGHT_FILES)} found{hint}; has {found}")
+
+
+def key_to_path(key: str) -> tuple[tuple[str, ...], str]:
+    """``a.0.b.weight`` -> (("a_0", "b"), "weight")."""
+    *mods, leaf = key.split(".")
+    parts: list[str] = []
+    for m in mods:
+        parts.extend(_LEGACY_MODULE_NAMES.get(m, m).split("."))
+    path: list[str] = []
+    for p in parts:
+        if p.isdigit() and path:
+            path[-1] = f"{path[-1]}_{p}"
+        else:
+            path.append(p)
+    return tuple(path), leaf
+
+
+def _to_flax(leaf: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    if leaf == "kernel":
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+            if len(target_shape) == 2 and value.shape[:2] == (1, 1):  # 1x1 conv -> dense
+                value = value[0, 0]
+        elif value.ndim == 2:
+            value = value.T
+            if len(target_shape) == 4:  # dense -> 1x1 conv
+                value = value[None, None]
+    return value
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray], expected: Params, *, source: str = "checkpoint"
+) -> Params:
+    """Map a torch state dict onto the tree ``expected`` (arrays or ShapeDtypeStructs)."""
+    want = flatten_dict(expected)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched = [], []
+    for key in sorted(state):
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        mods, leaf = key_to_path(key)
+        if leaf == "weight":
+            candidates = ("kernel", "scale", "embedding")
+        elif leaf == "gamma":
+            candidates = ("scale",)
+        elif leaf == "beta":
+            candidates = ("bias",)
+        else:
+            candidates = (leaf,)
+        target = next((mods + (c,) for c in candidates if mods + (c,) in want), None)
+        if target is None:
+            unexpected.append(key)
+            continue
+        shape = tuple(want[target].shape)
+        value = _to_flax(target[-1], np.asarray(state[key]), shape)
+        if tuple(value.shape) != shape:
+            mismatched.append(
+                f"{key}: checkpoint {tuple(state[key].shape)} -> {'/'.join(target)} "
+                f"needs {shape}"
+            )
+            continue
+        out[target] = value.astype(want[target].dtype)
+    missing = ["/".join(k) for k in want if k not in out]
+    problems = []
+    for title, items in (("shape mismatch", mismatched), ("missing from checkpoint", missing),
+                         ("unexpected in checkpoint", unexpected)):
+        if items:
+            listed = "\n    ".join(items[:_MAX_LISTED])
+            more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+            problems.append(f"  {len(items)} {title}:\n    {listed}{more}")
+    if problems:
+        raise ConversionError(f"{source} does not match the architecture:\n" + "\n".join(problems))
+    return unflatten_dict(out)
+
+
+def load_diffusers(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
+    """``(module, params)`` for a diffusers ``unet/``, ``vae/`` or ``controlnet/`` folder.
+
+    ``overrides`` go to the module (e.g. ``dtype=jnp.bfloat16``); params stay float32.
+    """
+    cfg = read_config(folder)
+    module = module_from_config(cfg, **overrides)
+    expected = abstract_params(module)
+    params = convert_state_dict(read_weights(folder), expected, source=folder)
+    return module, jax.tree.map(jnp.asarray, params)
+
+
+# ----------------------------------------------------------------------------------------
+# Our converted checkpoint: <component>/config.json + <component>/params.safetensors.
+
+PARAMS_FILE = "params.safetensors"
+NULL_TEXT_FILE = "null_text_embedding.safetensors"
+
+
+def save_component(folder: str, cfg: Mapping[str, Any], params: Params) -> None:
+    os.makedirs(folder, exist_ok=True)
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+    safetensors_io.save_file(flat, os.path.join(folder, PARAMS_FILE))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(cfg), f, indent=2, sort_keys=True)
+
+
+def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
+    """Load what :func:`save_component` wrote, checking every shape against the module."""
+    cfg = read_config(folder)
+    module = module_from_config(cfg, **overrides)
+    path = os.path.join(folder, PARAMS_FILE)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{folder}: no {PARAMS_FILE}; convert the weights first "
+                              f"(python -m fasdiff_jax.convert)")
+    flat = {tuple(k.split("/")): v for k, v in safetensors_io.load_file(path).items()}
+    want = flatten_dict(abstract_params(module))
+    missing = sorted("/".join(k) for k in set(want) - set(flat))
+    extra = sorted("/".join(k) for k in set(flat) - set(want))
+    bad = sorted("/".join(k) for k in set(want) & set(flat) if want[k].shape != flat[k].shape)
+    if missing or extra or bad:
+        raise ConversionError(
+            f"{path} does not match its config: missing {missing[:_MAX_LISTED]}, "
+            f"unexpected {extra[:_MAX_LISTED]}, wrong shape {bad[:_MAX_LISTED]}"
+        )
+    return module, unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def load_null_text_embedding(ckpt_dir: str) -> jax.Array:
+    path = os.path.join(ckpt_dir, NULL_TEXT_FILE)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{ckpt_dir}: no {NULL_TEXT_FILE}; convert the pipeline first")
+    return jnp.asarray(safetensors_io.load_file(path)["null_text"])
+
+
+def convert_pipeline(src: str, out: str) -> dict[str, str]:
+    """Convert a diffusers SD pipeline folder; returns what was written."""
+    written = {}
+    for component in ("unet", "vae"):
+        folder = os.path.join(src, component)
+        if not os.path.isdir(folder):
+            raise ConversionError(f"{src}: pipeline folder has no {component}/")
+        module, params = load_diffusers(folder)
+        save_component(os.path.join(out, component), read_config(folder), params)
+        written[component] = os.path.join(out, component)
+    if os.path.isdir(os.path.join(src, "text_encoder")):
+        from fasdiff_jax.models.sd import text_encoder
+
+        emb = text_encoder.null_text_embedding_from_pipeline(src)
+        safetensors_io.save_file({"null_text": np.asarray(emb)}, os.path.join(out, NULL_TEXT_FILE))
+        written["null_text"] = os.path.join(out, NULL_TEXT_FILE)
+    sched = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):
+        os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+        shutil.copy(sched, os.path.join(out, "scheduler", "scheduler_config.json"))
+        written["scheduler"] = os.path.join(out, "scheduler")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--diffusers_dir", required=True,
+                        help="a diffusers pipeline folder, or one model folder with config.json")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        if os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
+            _, params = load_diffusers(args.diffusers_dir)
+            save_component(args.out, read_config(args.diffusers_dir), params)
+            written = {"model": args.out}
+        else:
+            written = convert_pipeline(args.diffusers_dir, args.out)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for what, where in written.items():
+        print(f"{what}: {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Typed errors users can catch. Every message names the file, key or field at fault."""
+
+
+class FasdiffError(Exception):
+    """Base class of this package's errors."""
+
+
+class ConversionError(FasdiffError, ValueError):
+    """A weight folder or file does not match the architecture it is loaded into."""
+
+
+class UnsupportedConfigError(ConversionError):
+    """A diffusers config uses a feature our Flax modules do not implement."""

@@ -1,0 +1,1 @@
+"""Flax modules: SD UNet/VAE/ControlNet, entropy models, FaSDiff compressor."""

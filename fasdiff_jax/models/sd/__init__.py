@@ -1,0 +1,1 @@
+"""Stable Diffusion networks in Flax linen (NHWC), numerically equal to diffusers'."""
