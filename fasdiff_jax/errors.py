@@ -11,3 +11,11 @@ class ConversionError(FasdiffError, ValueError):
 
 class UnsupportedConfigError(ConversionError):
     """A diffusers config uses a feature our Flax modules do not implement."""
+
+
+class IdentityWeightsError(ConversionError):
+    """dlib's face-recognition model file is missing, truncated, corrupt or another network."""
+
+
+class DataError(FasdiffError, ValueError):
+    """A data source, prepared folder or image file cannot be read or used as asked."""
