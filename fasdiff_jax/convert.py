@@ -199,7 +199,11 @@ def load_diffusers(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
     cfg = read_config(folder)
     module = module_from_config(cfg, **overrides)
     expected = abstract_params(module)
-    params = convert_state_dict(read_weights(folder), expected, source=folder)
+    state = read_weights(folder)
+    # A class may accept several key spellings of one checkpoint format (a classmethod hook).
+    if hasattr(type(module), "canonical_state_dict"):
+        state = type(module).canonical_state_dict(state)
+    params = convert_state_dict(state, expected, source=folder)
     return module, jax.tree.map(jnp.asarray, params)
 
 

@@ -121,23 +121,34 @@ def LayerNorm(  # noqa: N802
 # Attention: one entry point, implementations selectable per backend by name.
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool) -> jax.Array:
+def _xla_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool = False
+) -> jax.Array:
     """Reference einsum/softmax attention. q,k,v: (B, L, H, D)."""
     scale = q.shape[-1] ** -0.5
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    if causal:
+        keep = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def _jax_dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, implementation: Optional[str]
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    upcast: bool,
+    implementation: Optional[str],
+    causal: bool = False,
 ) -> jax.Array:
     """``jax.nn.dot_product_attention``: XLA or cuDNN flash attention on GPU."""
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     return out
 
 
@@ -155,12 +166,14 @@ def attention(
     num_heads: int,
     *,
     upcast: bool = False,
+    causal: bool = False,
     impl: str = "xla",
 ) -> jax.Array:
     """Multi-head scaled dot-product attention on (B, L, H*D) projections.
 
     ``upcast`` computes the logits in float32 (diffusers' ``upcast_attention``, needed by
-    SD 2.1 in half precision). ``impl`` names an entry of ``ATTENTION_IMPLEMENTATIONS``.
+    SD 2.1 in half precision). ``causal`` masks future keys (CLIP's text encoder).
+    ``impl`` names an entry of ``ATTENTION_IMPLEMENTATIONS``.
     """
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -170,7 +183,8 @@ def attention(
     b, lq, inner = q.shape
     head_dim = inner // num_heads
     split = lambda t: t.reshape(t.shape[0], t.shape[1], num_heads, head_dim)  # noqa: E731
-    out = ATTENTION_IMPLEMENTATIONS[impl](split(q), split(k), split(v), upcast=upcast)
+    out = ATTENTION_IMPLEMENTATIONS[impl](split(q), split(k), split(v), upcast=upcast,
+                                         causal=causal)
     return out.reshape(b, lq, inner).astype(q.dtype)
 
 
