@@ -1,0 +1,237 @@
+"""Grain input pipeline: per-process shard, seeded shuffle, random resized crop / flip,
+batching, worker processes, and one global ``jax.Array`` per step.
+
+Usage::
+
+    it = make_train_iterator(cfg, mesh)          # cfg: DataConfig, dict, or ConfigDict
+    batch = next(it)                             # {"image": uint8 (B, S, S, 3), "index": int32 (B,)}
+    state = it.get_state(); ...; it.set_state(state)   # exact resume (store with Orbax)
+
+``batch["image"]`` is a global array of the *global* batch, its batch dimension sharded
+over the mesh's ``data``/``fsdp`` axes (:func:`fasdiff_jax.sharding.batch_sharding`); each
+process only reads and transfers its own ``global_batch_size / process_count`` examples.
+Images stay uint8 to keep host->device traffic small; :func:`to_model_input` maps them to
+float32 in [-1, 1] on device. ``index`` is the source index of each example (for audits).
+
+Order of operations (all lazy, random access, so a state is just a position):
+source -> tag index -> keep ``process_index::process_count`` -> shuffle(seed, reshuffled per
+epoch) -> repeat(num_epochs) -> random crop/flip (per-example rng from seed and position)
+-> batch -> worker processes (``mp_prefetch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fasdiff_jax.errors import DataError
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Fields read from ``config.data`` (or the config itself) by :meth:`from_config`."""
+
+    source: str = "embedded:train"  # see fasdiff_jax.data.sources.open_source
+    image_size: int = 256
+    global_batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    augment: bool = True  # random resized crop + flip; False: resize the whole image
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random crop
+    crop_ratio: tuple[float, float] = (0.9, 1.1)  # aspect ratio range of the random crop
+    flip: bool = True
+    num_workers: int = 0  # Grain worker processes (0: decode in the training process)
+    worker_buffer_size: int = 2
+    tfds_data_dir: str | None = None
+    cache_dir: str | None = None  # where the embedded default is built
+    batch_axes: tuple[str, ...] = ("data", "fsdp")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DataConfig":
+        """From a DataConfig, a mapping or a ConfigDict (its ``data`` sub-config if present)."""
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, Mapping) and hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        if not isinstance(cfg, Mapping):
+            cfg = vars(cfg)
+        if isinstance(cfg.get("data"), Mapping):
+            cfg = cfg["data"]
+        elif cfg.get("data") is not None and hasattr(cfg["data"], "to_dict"):
+            cfg = cfg["data"].to_dict()
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in cfg.items() if k in names}
+        for k in ("crop_scale", "crop_ratio", "batch_axes"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TagIndex:
+    """Keep only the image and add its source index (positions past one epoch wrap)."""
+
+    size: int
+
+    def __call__(self, index: int, element: Mapping[str, Any]) -> dict[str, Any]:
+        return {"image": element["image"], "index": np.int32(index % self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CropFlip:
+    """Random resized crop (area ``scale``, aspect ``ratio``) + horizontal flip, to ``size``."""
+
+    size: int
+    scale: tuple[float, float] = (0.8, 1.0)
+    ratio: tuple[float, float] = (0.9, 1.1)
+    flip: bool = True
+    augment: bool = True
+
+    def __call__(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        img = np.asarray(element["image"])
+        if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+            raise DataError(f"expected uint8 (H, W, 3) images, got {img.dtype} {img.shape}")
+        h, w = img.shape[:2]
+        box = (0, 0, w, h)
+        if self.augment:
+            area = h * w * rng.uniform(*self.scale)
+            ratio = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+            cw = int(min(w, round(np.sqrt(area * ratio))))
+            ch = int(min(h, round(np.sqrt(area / ratio))))
+            x0 = int(rng.integers(0, w - cw + 1))
+            y0 = int(rng.integers(0, h - ch + 1))
+            box = (x0, y0, x0 + cw, y0 + ch)
+        else:  # centre square
+            s = min(h, w)
+            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        out = Image.fromarray(img)
+        if box != (0, 0, w, h) or (h, w) != (self.size, self.size):
+            out = out.resize((self.size, self.size), Image.BILINEAR, box=box)
+        out = np.asarray(out)
+        if self.augment and self.flip and rng.random() < 0.5:
+            out = out[:, ::-1]
+        return {"image": np.ascontiguousarray(out), "index": element["index"]}
+
+
+def make_dataset(
+    cfg: DataConfig,
+    source: Sequence[Mapping[str, Any]] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """The per-process ``grain.IterDataset`` of local numpy batches (no device transfer)."""
+    import grain
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if cfg.global_batch_size % process_count:
+        raise DataError(
+            f"global_batch_size {cfg.global_batch_size} is not divisible by "
+            f"process_count {process_count}"
+        )
+    local_batch = cfg.global_batch_size // process_count
+    if source is None:
+        from fasdiff_jax.data.sources import open_source
+
+        source = open_source(cfg.source, data_dir=cfg.tfds_data_dir, cache_dir=cfg.cache_dir,
+                             image_size=cfg.image_size)
+    n = len(source)
+    usable = (n // process_count) * process_count  # equal shards: equal step counts
+    if usable // process_count < 1:
+        raise DataError(f"source {cfg.source!r} has {n} items, fewer than {process_count} processes")
+    ds = grain.MapDataset.source(source).map_with_index(_TagIndex(n))
+    ds = ds[:usable][process_index::process_count]
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.random_map(
+        CropFlip(cfg.image_size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.flip, cfg.augment),
+        seed=cfg.seed,
+    )
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it_ds = ds.to_iter_dataset()
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags in its workers
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size
+            )
+        )
+    return it_ds
+
+
+class TrainIterator:
+    """Yields ``{"image", "index"}`` global jax.Arrays; ``get_state``/``set_state`` resume exactly."""
+
+    def __init__(self, dataset: Any, mesh: Any, global_batch_size: int,
+                 batch_axes: Sequence[str] = ("data", "fsdp")):
+        self.grain_iterator = iter(dataset)
+        self.mesh, self.global_batch_size, self.batch_axes = mesh, global_batch_size, tuple(batch_axes)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        import jax
+
+        from fasdiff_jax.sharding import batch_sharding
+
+        local = next(self.grain_iterator)
+        return {
+            k: jax.make_array_from_process_local_data(
+                batch_sharding(self.mesh, v.ndim, self.batch_axes), v,
+                (self.global_batch_size,) + v.shape[1:],
+            )
+            for k, v in local.items()
+        }
+
+    def get_state(self) -> dict[str, Any]:
+        """Grain iterator state (a small dict); store it next to the model checkpoint."""
+        return self.grain_iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`get_state`: the next batches are exactly those that followed it."""
+        self.grain_iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stop worker processes now (otherwise they stop when the iterator is collected)."""
+        close = getattr(self.grain_iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TrainIterator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def make_train_iterator(
+    config: Any,
+    mesh: Any,
+    source: Sequence[Mapping[str, Any]] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
+    """Training iterator for ``config`` (DataConfig / dict / ConfigDict) on ``mesh``.
+
+    ``source`` overrides ``config.source`` (any random-access sequence of dicts with
+    ``image``). Process index/count default to JAX's.
+    """
+    cfg = DataConfig.from_config(config)
+    ds = make_dataset(cfg, source, process_index, process_count)
+    return TrainIterator(ds, mesh, cfg.global_batch_size, cfg.batch_axes)
+
+
+def to_model_input(images: Any) -> Any:
+    """uint8 images -> float32 in [-1, 1] (works on numpy or jax arrays, e.g. inside jit)."""
+    return images.astype("float32") / 127.5 - 1.0

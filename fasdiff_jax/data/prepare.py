@@ -1,0 +1,265 @@
+"""Detect, align (FFHQ-style) and pack faces into ArrayRecord shards with a manifest.
+
+    python -m fasdiff_jax.data.prepare --input DIR|tfds:NAME[:SPLIT] --output DIR --size 256 \
+        [--num_workers 4] [--shard_index i --num_shards n] [--min_face_size 64]
+
+Work is split into fixed chunks of the (sorted) input list. Each finished chunk leaves
+``part-CCCCCC.array_record`` and ``part-CCCCCC.json`` (written atomically), so a rerun skips
+finished chunks (resumable) and several machines can take disjoint chunks
+(``--shard_index/--num_shards``) into the same folder. Every run rewrites ``manifest.json``
+from all finished chunks: source, counts, output size and every skipped file with its reason.
+A bad file (unreadable bytes, truncated, tiny, no face, odd mode) is reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from fasdiff_jax.data import align
+from fasdiff_jax.data.sources import (
+    MANIFEST, decode_image_file, encode_record, list_images, parse_tfds_spec,
+)
+from fasdiff_jax.errors import DataError
+
+FORMAT = "fasdiff-prepared-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """What ``prepare`` does to each image; stored in the manifest."""
+
+    size: int = 256
+    min_face_size: int = 64  # detector box side, photo pixels
+    min_image_size: int = 64  # shorter side, photo pixels
+    min_score: float = 0.5  # dlib HOG detection score
+    upsample: int = 1
+    detect_max_side: int = 1024
+    max_faces_per_image: int = 0  # 0 = all detections above the thresholds
+    chunk_size: int = 64
+
+
+def _load_photo(source: str, key: str, tfds_data_dir: str | None) -> np.ndarray:
+    """uint8 RGB photo for one input key; DataError with a readable reason otherwise."""
+    if source.startswith("tfds:"):
+        return _tfds_source(source, tfds_data_dir)[int(key.rpartition("/")[2])]["image"]
+    return decode_image_file(os.path.join(source, key))
+
+
+_TFDS_CACHE: dict[tuple[str, str | None], Any] = {}
+
+
+def _tfds_source(source: str, data_dir: str | None):
+    key = (source, data_dir)
+    if key not in _TFDS_CACHE:
+        from fasdiff_jax.data.sources import TfdsSource
+
+        name, split = parse_tfds_spec(source)
+        _TFDS_CACHE[key] = TfdsSource(name, split, data_dir=data_dir)
+    return _TFDS_CACHE[key]
+
+
+def process_photo(image: np.ndarray, opts: PrepareOptions) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
+    """Aligned faces of one photo with their metadata, or ([], reason) when none qualify."""
+    h, w = image.shape[:2]
+    if min(h, w) < opts.min_image_size:
+        return [], f"too small: {w}x{h} < {opts.min_image_size} px"
+    faces = align.detect_faces(
+        image, min_face_size=opts.min_face_size, upsample=opts.upsample,
+        detect_max_side=opts.detect_max_side, min_score=opts.min_score,
+    )
+    if opts.max_faces_per_image:
+        faces = faces[: opts.max_faces_per_image]
+    if not faces:
+        return [], (f"no face (box >= {opts.min_face_size} px, score >= {opts.min_score})")
+    out = []
+    for i, face in enumerate(faces):
+        aligned, affine = align.align_face(image, face.landmarks, opts.size)
+        lm = align.apply_affine(affine, face.landmarks)
+        out.append((aligned, {"face": i, "box": list(face.box), "score": round(face.score, 4),
+                              "landmarks": np.round(lm, 2).tolist()}))
+    return out, None
+
+
+def _chunk_paths(output: str, chunk: int) -> tuple[str, str]:
+    base = os.path.join(output, f"part-{chunk:06d}")
+    return base + ".array_record", base + ".json"
+
+
+def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) -> bool:
+    """A chunk is reused only if it holds the same keys, made with the same options."""
+    rec, meta = _chunk_paths(output, chunk)
+    if not (os.path.isfile(meta) and os.path.isfile(rec)):
+        return False
+    try:
+        with open(meta) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return summary.get("keys") == keys and summary.get("options") == dataclasses.asdict(opts)
+
+
+def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | None]) -> dict:
+    """Align every key of one chunk into its own ArrayRecord file; returns the chunk summary."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    source, output, chunk, keys, opts, tfds_data_dir = args
+    rec_path, meta_path = _chunk_paths(output, chunk)
+    tmp_rec = rec_path + f".tmp{os.getpid()}"
+    writer = ArrayRecordWriter(tmp_rec, "group_size:1")
+    skipped, num_faces, num_ok = [], 0, 0
+    for key in keys:
+        try:
+            photo = _load_photo(source, key, tfds_data_dir)
+            faces, reason = process_photo(photo, opts)
+        except DataError as e:
+            faces, reason = [], str(e)
+        except Exception as e:  # never let one file stop the run; report it instead
+            faces, reason = [], f"error: {type(e).__name__}: {e}"
+        if reason:
+            skipped.append({"key": key, "reason": reason})
+            continue
+        num_ok += 1
+        for aligned, meta in faces:
+            writer.write(encode_record(aligned, {"key": key, **meta}))
+            num_faces += 1
+    writer.close()
+    summary = {"chunk": chunk, "keys": keys, "options": dataclasses.asdict(opts),
+               "file": os.path.basename(rec_path),
+               "num_records": num_faces, "num_photos_with_faces": num_ok, "skipped": skipped}
+    os.replace(tmp_rec, rec_path)
+    tmp_meta = meta_path + f".tmp{os.getpid()}"
+    with open(tmp_meta, "w") as f:
+        json.dump(summary, f)
+    os.replace(tmp_meta, meta_path)
+    return summary
+
+
+def list_inputs(source: str, tfds_data_dir: str | None = None) -> list[str]:
+    """Sorted keys: relative file paths of a folder (every file, so bad ones get reported)
+    or ``SPLIT/INDEX`` for a TFDS source."""
+    if source.startswith("tfds:"):
+        _, split = parse_tfds_spec(source)
+        return [f"{split}/{i}" for i in range(len(_tfds_source(source, tfds_data_dir)))]
+    if not os.path.isdir(source):
+        raise DataError(f"input folder does not exist: {source}")
+    return list_images(source, all_files=True)
+
+
+def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[str]) -> dict:
+    """Merge all finished chunk summaries into ``manifest.json`` (atomic rewrite)."""
+    num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
+    shards, skipped, pending = [], [], []
+    photos_ok = 0
+    for c in range(num_chunks):
+        chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
+        if not _chunk_done(output, c, chunk_keys, opts):
+            pending.append(c)
+            continue
+        with open(_chunk_paths(output, c)[1]) as f:
+            s = json.load(f)
+        shards.append({"file": s["file"], "num_records": s["num_records"]})
+        skipped.extend(s["skipped"])
+        photos_ok += s["num_photos_with_faces"]
+    manifest = {
+        "format": FORMAT,
+        "source": source,
+        "output_size": opts.size,
+        "options": dataclasses.asdict(opts),
+        "num_inputs": len(keys),
+        "num_photos_with_faces": photos_ok,
+        "num_faces": sum(s["num_records"] for s in shards),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "shards": shards,
+        "pending_chunks": pending,
+        "complete": not pending,
+    }
+    tmp = os.path.join(output, MANIFEST + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(output, MANIFEST))
+    return manifest
+
+
+def prepare(
+    source: str,
+    output: str,
+    opts: PrepareOptions = PrepareOptions(),
+    num_workers: int = 0,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    tfds_data_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prepare ``source`` into ``output``; returns the manifest. See the module docstring."""
+    if not 0 <= shard_index < num_shards:
+        raise DataError(f"--shard_index {shard_index} not in [0, {num_shards})")
+    os.makedirs(output, exist_ok=True)
+    keys = list_inputs(source, tfds_data_dir)
+    num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
+    todo = []
+    for c in range(shard_index, num_chunks, num_shards):
+        chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
+        if not _chunk_done(output, c, chunk_keys, opts):
+            todo.append((source, output, c, chunk_keys, opts, tfds_data_dir))
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(t[3]) for t in todo), unit="img", disable=not progress,
+               desc=f"prepare {os.path.basename(os.path.normpath(source))}")
+    if num_workers > 0 and len(todo) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(num_workers, len(todo))) as pool:
+            for s in pool.imap_unordered(process_chunk, todo):
+                bar.update(len(s["keys"]))
+    else:
+        for t in todo:
+            s = process_chunk(t)
+            bar.update(len(s["keys"]))
+    bar.close()
+    return write_manifest(source, output, opts, keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="image folder (recursive) or tfds:NAME[:SPLIT]")
+    p.add_argument("--output", required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--min_face_size", type=int, default=PrepareOptions.min_face_size)
+    p.add_argument("--min_image_size", type=int, default=PrepareOptions.min_image_size)
+    p.add_argument("--min_score", type=float, default=PrepareOptions.min_score)
+    p.add_argument("--upsample", type=int, default=PrepareOptions.upsample)
+    p.add_argument("--max_faces_per_image", type=int, default=0)
+    p.add_argument("--chunk_size", type=int, default=PrepareOptions.chunk_size)
+    p.add_argument("--num_workers", type=int, default=0, help="worker processes (0: in-process)")
+    p.add_argument("--shard_index", type=int, default=0)
+    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--tfds_data_dir", default=None)
+    p.add_argument("--no_progress", action="store_true")
+    a = p.parse_args(argv)
+    opts = PrepareOptions(size=a.size, min_face_size=a.min_face_size, min_image_size=a.min_image_size,
+                          min_score=a.min_score, upsample=a.upsample,
+                          max_faces_per_image=a.max_faces_per_image, chunk_size=a.chunk_size)
+    t0 = time.time()
+    try:
+        m = prepare(a.input, a.output, opts, a.num_workers, a.shard_index, a.num_shards,
+                    a.tfds_data_dir, progress=not a.no_progress)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{m['num_faces']} faces from {m['num_photos_with_faces']}/{m['num_inputs']} inputs, "
+          f"{m['num_skipped']} skipped, complete={m['complete']} ({time.time() - t0:.1f}s) "
+          f"-> {os.path.join(a.output, MANIFEST)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Random-access data sources whose items are dicts with ``image``: uint8 (H, W, 3).
+
+All sources are picklable (Grain worker processes re-open them) and index with ints:
+
+* :func:`open_prepared` -- ArrayRecord shards written by :mod:`fasdiff_jax.data.prepare`;
+* :class:`FolderSource` -- a (recursive) folder of image files, decoded at read time;
+* :class:`TfdsSource` -- a TFDS dataset (``celeb_a``, ``celeb_a_hq``...) through
+  ``tfds.data_source`` (ArrayRecord random access; no TF graph in the training loop);
+* ``embedded`` -- the default built from photos shipped by installed packages
+  (:mod:`fasdiff_jax.data.embedded`).
+
+:func:`open_source` turns a spec string (``"tfds:celeb_a_hq/256:train"``,
+``"prepared:DIR"``, ``"folder:DIR"``, ``"embedded:train"``, or a bare folder) into one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fasdiff_jax.errors import DataError
+
+RECORD_MAGIC = b"FSD1"
+MANIFEST = "manifest.json"
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif",
+)
+
+
+def encode_record(image: np.ndarray, meta: dict[str, Any]) -> bytes:
+    """One prepared record: magic, JSON header length, JSON metadata, PNG image (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, "PNG", compress_level=1)
+    header = json.dumps(meta, separators=(",", ":")).encode()
+    return RECORD_MAGIC + struct.pack("<I", len(header)) + header + buf.getvalue()
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`encode_record`: ``{"image": uint8 HWC, **meta}``."""
+    if data[:4] != RECORD_MAGIC:
+        raise DataError(f"not a fasdiff record (magic {data[:4]!r}, expected {RECORD_MAGIC!r})")
+    (n,) = struct.unpack("<I", data[4:8])
+    meta = json.loads(data[8 : 8 + n])
+    with Image.open(io.BytesIO(data[8 + n :])) as im:
+        meta["image"] = np.asarray(im.convert("RGB"))
+    return meta
+
+
+class PreparedSource:
+    """Records of a prepared folder (all ``*.array_record`` shards listed in its manifest)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        path = os.path.join(self.directory, MANIFEST)
+        if not os.path.isfile(path):
+            raise DataError(f"{self.directory} is not a prepared folder: no {MANIFEST}")
+        with open(path) as f:
+            self.manifest = json.load(f)
+        shards = [s["file"] for s in self.manifest.get("shards", []) if s.get("num_records", 0)]
+        if not shards:
+            raise DataError(f"prepared folder {self.directory} holds no records ({path})")
+        self._paths = [os.path.join(self.directory, s) for s in shards]
+        for p in self._paths:
+            if not os.path.isfile(p):
+                raise DataError(f"shard listed in {path} is missing: {p}")
+        self._source = None
+
+    def _open(self):
+        if self._source is None:
+            from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+            self._source = ArrayRecordDataSource(self._paths)
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._open())
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return decode_record(self._open()[int(index)])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"PreparedSource({self.directory!r})"
+
+
+def open_prepared(directory: str | os.PathLike) -> PreparedSource:
+    """Random-access source over a folder written by ``python -m fasdiff_jax.data.prepare``."""
+    return PreparedSource(directory)
+
+
+def list_images(directory: str, all_files: bool = False) -> list[str]:
+    """Relative paths under ``directory`` (recursive, sorted, hidden entries skipped)."""
+    out = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if all_files or name.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(os.path.relpath(os.path.join(root, name), directory))
+    return sorted(out)
+
+
+def decode_image_file(path: str) -> np.ndarray:
+    """Decode an image file to uint8 RGB (EXIF-rotated, odd modes converted).
+
+    Raises :class:`DataError` whose message is only the reason (``empty file``,
+    ``unreadable: ...``, ``truncated image: ...``, ``corrupt image: ...``, ``unsupported
+    mode ...``), so ``prepare`` can report it per file in its manifest.
+    """
+    from fasdiff_jax.data.align import to_rgb
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise DataError("empty file")
+        with Image.open(path) as im:
+            im.load()
+            try:
+                return np.asarray(to_rgb(im))
+            except (ValueError, OSError) as e:
+                raise DataError(f"unsupported mode {im.mode}: {type(e).__name__}: {e}") from e
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"too many pixels (decompression bomb guard): {e}") from e
+    except Image.UnidentifiedImageError:
+        raise DataError("unreadable: not a recognised image format") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise DataError(f"unreadable file: {type(e).__name__}: {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+        kind = "truncated" if "truncat" in str(e).lower() else "corrupt"
+        raise DataError(f"{kind} image: {type(e).__name__}: {e}") from e
+
+
+def read_image(path: str) -> np.ndarray:
+    """:func:`decode_image_file` with the path in the error message."""
+    try:
+        return decode_image_file(path)
+    except DataError as e:
+        raise DataError(f"cannot decode image {path}: {e}") from e
+
+
+class FolderSource:
+    """Plain image folder (recursive). Images keep their size; the pipeline crops/resizes."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise DataError(f"image folder does not exist: {self.directory}")
+        self.files = list_images(self.directory)
+        if not self.files:
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.directory}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rel = self.files[int(index)]
+        return {"image": read_image(os.path.join(self.directory, rel)), "key": rel}
+
+    def __repr__(self) -> str:
+        return f"FolderSource({self.directory!r}, {len(self.files)} files)"
+
+
+class TfdsSource:
+    """A TFDS split through ``tfds.data_source``; yields ``{"image": uint8 HWC}``.
+
+    CelebA / CelebA-HQ need their files downloaded manually into ``data_dir``; TFDS then
+    prepares ArrayRecord files that we read with random access.
+    """
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 image_key: str = "image"):
+        self.name, self.split, self.data_dir, self.image_key = name, split, data_dir, image_key
+        self._source = None
+        n = len(self._open())  # fail early with a readable error
+        if n == 0:
+            raise DataError(f"TFDS {name}:{split} is empty")
+
+    def _open(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            try:
+                self._source = tfds.data_source(
+                    self.name, split=self.split, data_dir=self.data_dir, download=False
+                )
+            except Exception as e:  # tfds raises many types (AssertionError, DatasetNotFound...)
+                raise DataError(
+                    f"cannot open TFDS {self.name}:{self.split} (data_dir={self.data_dir}): "
+                    f"{type(e).__name__}: {e}. CelebA(-HQ) must be downloaded manually and "
+                    f"prepared with `tfds build {self.name}` first."
+                ) from e
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._open())
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._open()[int(index)]
+        image = np.asarray(item[self.image_key])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, -1)
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, -1)
+        return {"image": np.ascontiguousarray(image[..., :3], dtype=np.uint8),
+                "key": f"{self.split}/{int(index)}"}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"] = None
+        return state
+
+
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+    """``tfds:celeb_a_hq/256:train`` -> (``celeb_a_hq/256``, ``train``); split defaults to train."""
+    body = spec[len("tfds:"):]
+    name, _, split = body.partition(":")
+    if not name:
+        raise DataError(f"bad TFDS spec {spec!r}: expected tfds:NAME[:SPLIT]")
+    return name, split or "train"
+
+
+def open_source(spec: str, data_dir: str | None = None, cache_dir: str | None = None,
+                image_size: int = 256) -> Sequence[dict[str, Any]]:
+    """A random-access source from a spec string (see the module docstring)."""
+    if spec.startswith("tfds:"):
+        name, split = parse_tfds_spec(spec)
+        return TfdsSource(name, split, data_dir=data_dir)
+    if spec.startswith("prepared:"):
+        return open_prepared(spec[len("prepared:"):])
+    if spec.startswith("folder:"):
+        return FolderSource(spec[len("folder:"):])
+    if spec == "embedded" or spec.startswith("embedded:"):
+        from fasdiff_jax.data.embedded import embedded_dataset
+
+        split = spec.partition(":")[2] or "train"
+        return open_prepared(embedded_dataset(cache_dir=cache_dir, size=image_size)[split])
+    if os.path.isfile(os.path.join(spec, MANIFEST)):
+        return open_prepared(spec)
+    if os.path.isdir(spec):
+        return FolderSource(spec)
+    raise DataError(
+        f"unknown data source {spec!r}: use tfds:NAME[:SPLIT], prepared:DIR, folder:DIR, "
+        f"embedded[:train|heldout], or an existing folder"
+    )

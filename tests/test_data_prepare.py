@@ -1,0 +1,197 @@
+"""prepare: bad and odd files are reported, never fatal; resumable; sharded; alignment quality."""
+
+import io
+import json
+import os
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasdiff_jax.data import align
+from fasdiff_jax.data.embedded import photo_path
+from fasdiff_jax.data.prepare import PrepareOptions, main, prepare, process_photo
+from fasdiff_jax.data.sources import open_prepared, read_image
+from fasdiff_jax.errors import DataError
+from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GRACE = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+OPTS = PrepareOptions(size=64, min_face_size=40, min_image_size=48, chunk_size=4)
+
+
+def _grace_small() -> Image.Image:
+    im = Image.open(GRACE).convert("RGB")
+    return im.resize((im.width // 2, im.height // 2), Image.LANCZOS)  # face ~90 px: fast HOG
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory):
+    """Grace Hopper in every odd mode (each must give one face) plus files that must be skipped."""
+    d = tmp_path_factory.mktemp("odd")
+    (d / "sub" / "deeper").mkdir(parents=True)
+    g = _grace_small()
+    g.convert("L").save(d / "gray_L.png")
+    g.convert("LA").save(d / "gray_LA.png")
+    g.convert("P", palette=Image.ADAPTIVE).save(d / "palette_P.png")
+    g.convert("CMYK").save(d / "cmyk.jpg")
+    i16 = (np.asarray(g.convert("L"), np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(i16).save(d / "sixteen_bit.png")
+    rgba = g.convert("RGBA")
+    rgba.save(d / "sub" / "deeper" / "rgba.png")
+    # Stored rotated, with an EXIF orientation tag (6: rotate 90 CW to view) restoring it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    g.transpose(Image.Transpose.ROTATE_90).save(d / "exif_rotated.jpg", exif=exif.tobytes())
+    buf = io.BytesIO()
+    g.save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (d / "garbage.png").write_bytes(os.urandom(3000))
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.txt").write_text("not an image")
+    (d / "bomb.png").write_bytes(_png_header(40000, 40000))
+    g.resize((30, 30)).save(d / "tiny.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(d / "noise_noface.png")
+    return d
+
+
+FACES = {"gray_L.png", "gray_LA.png", "palette_P.png", "cmyk.jpg", "sixteen_bit.png",
+         "sub/deeper/rgba.png", "exif_rotated.jpg"}
+SKIPS = {"truncated.jpg": "truncated", "garbage.png": "unreadable", "empty.jpg": "empty",
+         "notes.txt": "unreadable", "tiny.png": "too small", "noise_noface.png": "no face",
+         "bomb.png": "too many pixels"}
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature + IHDR claiming a huge image (no pixel data): PIL's bomb guard."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
+    out = str(tmp_path / "out")
+    # Two shards into one folder: after shard 0 the manifest says what is pending.
+    m0 = prepare(str(odd_folder), out, OPTS, shard_index=0, num_shards=2, progress=False)
+    assert not m0["complete"] and m0["pending_chunks"] == [1, 3]
+    assert m0["num_inputs"] == len(FACES) + len(SKIPS) == 14
+    m = prepare(str(odd_folder), out, OPTS, shard_index=1, num_shards=2, progress=False)
+    assert m["complete"] and m["num_inputs"] == len(FACES) + len(SKIPS)
+    skipped = {s["key"]: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == set(SKIPS), skipped
+    for key, word in SKIPS.items():
+        assert word in skipped[key], (key, skipped[key])
+    src = open_prepared(out)
+    keys = [src[i]["key"] for i in range(len(src))]
+    assert sorted(keys) == sorted(FACES) and m["num_faces"] == len(FACES)
+    for i in range(len(src)):
+        item = src[i]
+        assert item["image"].shape == (64, 64, 3) and item["image"].dtype == np.uint8
+        # The stored (aligned-space) eye centres sit at the template: EXIF rotation was applied.
+        left, right = align.eye_centres(np.asarray(item["landmarks"]))
+        assert np.abs(left / 64 - align.TEMPLATE_LEFT_EYE).max() < 0.03, item["key"]
+        assert np.abs(right / 64 - align.TEMPLATE_RIGHT_EYE).max() < 0.03, item["key"]
+
+    # Resume: a rerun (CLI) redoes nothing and reproduces the manifest.
+    mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f.startswith("part")}
+    assert main(["--input", str(odd_folder), "--output", out, "--size", "64", "--min_face_size", "40",
+                 "--min_image_size", "48", "--chunk_size", "4", "--no_progress"]) == 0
+    assert mtimes == {f: os.path.getmtime(os.path.join(out, f)) for f in mtimes}
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["skipped"] == m["skipped"]
+
+
+def test_missing_input_is_a_readable_error(tmp_path, capsys):
+    assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "input folder does not exist" in capsys.readouterr().err
+
+
+def _variants(photo: np.ndarray) -> dict[str, np.ndarray]:
+    """The photo as is, rotated both ways, shrunk and enlarged (alignment must undo each)."""
+    im = Image.fromarray(photo)
+    return {
+        "as_is": photo,
+        "rot+12": np.asarray(im.rotate(12, Image.BICUBIC, expand=True, fillcolor=(128, 128, 128))),
+        "rot-10": np.asarray(im.rotate(-10, Image.BICUBIC, expand=True, fillcolor=(128, 128, 128))),
+        "x0.7": np.asarray(im.resize((im.width * 7 // 10, im.height * 7 // 10), Image.LANCZOS)),
+        "x1.5": np.asarray(im.resize((im.width * 3 // 2, im.height * 3 // 2), Image.LANCZOS)),
+    }
+
+
+def test_alignment_quality_on_real_photos(embedded_dirs):
+    """Re-detect dlib landmarks on aligned real faces: eyes within 3% of the template.
+
+    The two real faces (the embedded default's astronaut and Grace Hopper), plus each
+    photo rotated by +12/-10 degrees and rescaled x0.7/x1.5 before alignment.
+    """
+    errors = {}
+    opts = PrepareOptions(size=256, min_face_size=48)
+    for name in ("skimage/astronaut.png", "matplotlib/grace_hopper.jpg"):
+        photo = read_image(photo_path(*name.split("/")))
+        for variant, img in _variants(photo).items():
+            faces, reason = process_photo(img, opts)
+            assert reason is None and len(faces) == 1, (name, variant, reason)
+            aligned = faces[0][0]
+            redetected = align.detect_faces(aligned, min_face_size=64, upsample=0)
+            assert len(redetected) == 1, (name, variant)
+            left, right = align.eye_centres(redetected[0].landmarks)
+            err = max(np.abs(left / 256 - align.TEMPLATE_LEFT_EYE).max(),
+                      np.abs(right / 256 - align.TEMPLATE_RIGHT_EYE).max())
+            errors[f"{name}:{variant}"] = float(err)
+    print("eye error / image size:", {k: round(v, 4) for k, v in errors.items()})
+    assert len(errors) == 10 and max(errors.values()) < 0.03, errors
+    # The embedded faces are these same alignments (stored as written by prepare).
+    for split, key in (("train", "skimage/astronaut.png"), ("heldout", "matplotlib/grace_hopper.jpg")):
+        src = open_prepared(embedded_dirs[split])
+        faces = [src[i] for i in range(len(src)) if src[i].get("kind") == "face"]
+        assert [f["key"] for f in faces] == [key]
+        left, right = align.eye_centres(np.asarray(faces[0]["landmarks"]))
+        assert np.abs(left / 256 - align.TEMPLATE_LEFT_EYE).max() < 0.03
+
+
+def test_bad_arguments_are_readable_errors():
+    with pytest.raises(DataError, match="uint8"):
+        align.detect_faces(np.zeros((32, 32), np.float32))
+    with pytest.raises(DataError, match="shard_index"):
+        prepare("unused", "unused", shard_index=2, num_shards=2, progress=False)
+
+
+def test_cli_parallel_progress_resume_and_option_change(tmp_path):
+    """The CLI in a subprocess: 2 worker processes, a progress bar, a manifest; then a
+    rerun with another size redoes the chunks (options are part of resumability)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    (src / "nested").mkdir(parents=True)
+    _grace_small().save(src / "grace.png")
+    _grace_small().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(src / "nested" / "mirror.jpg")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(50))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "fasdiff_jax.data.prepare", "--input", str(src), "--output", str(out),
+           "--size", "48", "--min_face_size", "40", "--chunk_size", "1", "--num_workers", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3/3" in r.stderr and "img" in r.stderr, r.stderr[-2000:]  # tqdm progress bar
+    assert "2 faces from 2/3 inputs, 1 skipped, complete=True" in r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["key"] for s in m["skipped"]] == ["broken.png"]
+    assert m["output_size"] == 48 and len(m["shards"]) == 3
+    src_ds = open_prepared(out)
+    assert sorted(src_ds[i]["key"] for i in range(2)) == ["grace.png", "nested/mirror.jpg"]
+    assert src_ds[0]["image"].shape == (48, 48, 3)
+    # Same output folder, new size: nothing stale is reused.
+    m2 = prepare(str(src), str(out), PrepareOptions(size=40, min_face_size=40, chunk_size=1),
+                 progress=False)
+    assert m2["complete"] and m2["num_faces"] == 2
+    assert open_prepared(out)[0]["image"].shape == (40, 40, 3)
