@@ -115,6 +115,9 @@ def test_config_from_configdict_and_errors():
     assert (d.source, d.image_size, d.global_batch_size, d.crop_scale) == ("x", 64, 6, (0.5, 1.0))
     with pytest.raises(DataError, match="divisible"):
         make_dataset(cfg(global_batch_size=7), index_source(), 0, 2)
+    with pytest.raises(DataError, match="batch axes"):
+        make_train_iterator(cfg(global_batch_size=6), create_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
+                            source=index_source())
     with pytest.raises(DataError, match="expected uint8"):
         next(iter(make_dataset(cfg(), [{"image": np.zeros((8, 8), np.float32)}] * 8, 0, 1)))
 

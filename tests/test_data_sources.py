@@ -36,11 +36,18 @@ def test_tfds_celeb_a_through_data_source_and_pipeline(tmp_path):
         assert m["num_inputs"] == 6 and m["num_skipped"] == 6
         assert all("no face" in s["reason"] for s in m["skipped"])
         assert [s["key"] for s in m["skipped"]] == [f"train/{i}" for i in range(6)]
+    with tfds.testing.mock_data(num_examples=3):  # the CelebA-HQ spec string
+        src = open_source("tfds:celeb_a_hq/256:train")
+        assert isinstance(src, TfdsSource) and len(src) == 3
+        assert src[1]["image"].shape == (256, 256, 3) and src[1]["key"] == "train/1"
 
 
 def test_tfds_missing_dataset_is_a_readable_error(tmp_path):
-    with pytest.raises(DataError, match="celeb_a_hq"):
+    with pytest.raises(DataError, match="celeb_a_hq.*file_format=array_record"):
         TfdsSource("celeb_a_hq", "train", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="celeb_a_hq"):  # the prepare CLI's source too
+        prepare("tfds:celeb_a_hq", str(tmp_path / "out"), progress=False, tfds_data_dir=str(tmp_path))
+    assert not (tmp_path / "out").exists()
 
 
 def test_record_roundtrip_and_bad_record():

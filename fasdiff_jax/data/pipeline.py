@@ -228,6 +228,12 @@ def make_train_iterator(
     ``image``). Process index/count default to JAX's.
     """
     cfg = DataConfig.from_config(config)
+    shards = int(np.prod([mesh.shape[a] for a in cfg.batch_axes if a in mesh.shape]))
+    if cfg.global_batch_size % shards:
+        raise DataError(
+            f"global_batch_size {cfg.global_batch_size} is not divisible by the {shards} "
+            f"shards of the mesh's batch axes {cfg.batch_axes} (mesh {dict(mesh.shape)})"
+        )
     ds = make_dataset(cfg, source, process_index, process_count)
     return TrainIterator(ds, mesh, cfg.global_batch_size, cfg.batch_axes)
 

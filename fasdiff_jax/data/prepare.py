@@ -5,8 +5,9 @@
 
 Work is split into fixed chunks of the (sorted) input list. Each finished chunk leaves
 ``part-CCCCCC.array_record`` and ``part-CCCCCC.json`` (written atomically), so a rerun skips
-finished chunks (resumable) and several machines can take disjoint chunks
-(``--shard_index/--num_shards``) into the same folder. Every run rewrites ``manifest.json``
+finished chunks (resumable; a chunk is redone if its inputs or the options changed) and
+several machines can take disjoint chunks (``--shard_index/--num_shards``) into the same
+folder; ``--num_workers`` runs chunks in parallel processes on one machine. Every run rewrites ``manifest.json``
 from all finished chunks: source, counts, output size and every skipped file with its reason.
 A bad file (unreadable bytes, truncated, tiny, no face, odd mode) is reported, never fatal.
 """
@@ -202,8 +203,8 @@ def prepare(
     """Prepare ``source`` into ``output``; returns the manifest. See the module docstring."""
     if not 0 <= shard_index < num_shards:
         raise DataError(f"--shard_index {shard_index} not in [0, {num_shards})")
-    os.makedirs(output, exist_ok=True)
     keys = list_inputs(source, tfds_data_dir)
+    os.makedirs(output, exist_ok=True)
     num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
     todo = []
     for c in range(shard_index, num_chunks, num_shards):

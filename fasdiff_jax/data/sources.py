@@ -198,8 +198,9 @@ class TfdsSource:
             except Exception as e:  # tfds raises many types (AssertionError, DatasetNotFound...)
                 raise DataError(
                     f"cannot open TFDS {self.name}:{self.split} (data_dir={self.data_dir}): "
-                    f"{type(e).__name__}: {e}. CelebA(-HQ) must be downloaded manually and "
-                    f"prepared with `tfds build {self.name}` first."
+                    f"{type(e).__name__}: {e}. tfds.data_source reads ArrayRecord only: build it "
+                    f"with `tfds build {self.name} --file_format=array_record "
+                    f"--manual_dir=DIR` (CelebA(-HQ) files must be downloaded by hand)."
                 ) from e
         return self._source
 
