@@ -92,7 +92,7 @@ def main() -> None:
     ]
     if a.out:
         with open(a.out, "w") as f:
-            f.write("\n".join(lines))
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
