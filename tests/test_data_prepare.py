@@ -110,9 +110,11 @@ def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
         assert json.load(f)["skipped"] == m["skipped"]
 
 
-def test_missing_input_is_a_readable_error(tmp_path, capsys):
+def test_missing_input_and_bad_options_are_readable_errors(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     assert "input folder does not exist" in capsys.readouterr().err
+    assert main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--size", "0"]) == 2
+    assert "--size must be >= 1" in capsys.readouterr().err
 
 
 def _variants(photo: np.ndarray) -> dict[str, np.ndarray]:

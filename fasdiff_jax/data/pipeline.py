@@ -50,6 +50,19 @@ class DataConfig:
     cache_dir: str | None = None  # where the embedded default is built
     batch_axes: tuple[str, ...] = ("data", "fsdp")
 
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.global_batch_size < 1 or self.num_workers < 0:
+            raise DataError(
+                f"data config: need image_size >= 1, global_batch_size >= 1, num_workers >= 0; "
+                f"got {self.image_size}, {self.global_batch_size}, {self.num_workers}"
+            )
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise DataError(f"data config: crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise DataError(f"data config: crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+
     @classmethod
     def from_config(cls, cfg: Any) -> "DataConfig":
         """From a DataConfig, a mapping or a ConfigDict (its ``data`` sub-config if present)."""

@@ -46,6 +46,14 @@ class PrepareOptions:
     max_faces_per_image: int = 0  # 0 = all detections above the thresholds
     chunk_size: int = 64
 
+    def __post_init__(self) -> None:
+        for name in ("size", "min_image_size", "detect_max_side", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("min_face_size", "upsample", "max_faces_per_image"):
+            if getattr(self, name) < 0:
+                raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
+
 
 def _load_photo(source: str, key: str, tfds_data_dir: str | None) -> np.ndarray:
     """uint8 RGB photo for one input key; DataError with a readable reason otherwise."""
@@ -246,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tfds_data_dir", default=None)
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
-    opts = PrepareOptions(size=a.size, min_face_size=a.min_face_size, min_image_size=a.min_image_size,
-                          min_score=a.min_score, upsample=a.upsample,
-                          max_faces_per_image=a.max_faces_per_image, chunk_size=a.chunk_size)
     t0 = time.time()
     try:
+        opts = PrepareOptions(size=a.size, min_face_size=a.min_face_size,
+                              min_image_size=a.min_image_size, min_score=a.min_score,
+                              upsample=a.upsample, max_faces_per_image=a.max_faces_per_image,
+                              chunk_size=a.chunk_size)
         m = prepare(a.input, a.output, opts, a.num_workers, a.shard_index, a.num_shards,
                     a.tfds_data_dir, progress=not a.no_progress)
     except DataError as e:
