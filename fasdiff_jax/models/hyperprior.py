@@ -1,0 +1,536 @@
+"""Mean-scale hyperprior image codec (Minnen et al. 2018; CompressAI's ``mbt2018-mean``).
+
+``g_a``/``g_s`` use GDN/IGDN, ``h_a`` LeakyReLU, ``h_s`` ReLU; ``z`` has a factorized prior
+(:class:`~fasdiff_jax.models.entropy.EntropyBottleneck`), ``y`` a mean-scale Gaussian.
+
+Decodable by construction. Everything that selects a distribution at the decoder (scale
+index and mean of every element of ``y``) comes from ``h_s`` evaluated as an *integer network*
+on the host (:func:`hyper_synthesis_int`): weights are fixed point with ``W_FRAC`` = 12
+fractional bits clipped to 18 bits, activations ``A_FRAC`` = 10 fractional bits clipped to 21
+bits, biases in accumulator units. Every product-sum is an integer below 2**53 (asserted per
+layer from the fan-in), so numpy's float64 matmul computes it exactly in any summation order,
+with or without FMA; rescaling divides by a power of two and floors, also exact. Scale
+indexes come from comparing integer scales with integer levels
+(:func:`~fasdiff_jax.models.entropy.scale_thresholds`); means are exact multiples of 2**-10.
+The JAX device, batch size, device count, jit or XLA flags never enter the decoder's choice
+of distributions. Training simulates the same quantisation with straight-through rounding
+(``_fq``), so the trained float ``h_s`` and the integer one agree up to float32 rounding.
+
+Only ``g_s`` (pixels from the decoded ``y_hat``) runs in floating point on the device, so a
+different machine may differ in the last ulp of a pixel before rounding to uint8, never in
+symbols.
+
+The coding helpers :func:`encode_latents` / :func:`decode_latents` are generic: any codec with
+a factorized ``z`` and a mean-scale ``y`` (FaSDiff's compressor) can reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fasdiff_jax.coding import container as _ct
+from fasdiff_jax.coding.errors import BitstreamError
+from fasdiff_jax.coding.symbols import SymbolDecoder, SymbolEncoder
+from fasdiff_jax.models import entropy as E
+from fasdiff_jax.models.layers import CONV_KERNEL_AXES, Conv
+
+W_FRAC = 12
+W_CLIP = 1 << 17
+A_FRAC = E.SCALE_FRAC_BITS  # 10: h_s outputs are scales in the scale table's fixed point
+A_CLIP = 1 << 20
+Z_CLIP = A_CLIP >> A_FRAC  # |z_hat| <= 1024 so it fits the integer net's input range
+MULTIPLE = 64
+CODEC_ID = 1
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------
+class GDN(nn.Module):
+    """Generalized divisive normalisation (Ballé 2016), CompressAI's parametrisation."""
+
+    inverse: bool = False
+    beta_min: float = 1e-6
+    gamma_init: float = 0.1
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        ped = 2.0**-36
+        beta_bound = (self.beta_min + ped) ** 0.5
+        beta = self.param("beta", lambda k, s: jnp.sqrt(jnp.ones(s) + ped), (c,))
+        gamma = self.param(
+            "gamma", lambda k, s: jnp.sqrt(self.gamma_init * jnp.eye(s[0]) + ped), (c, c)
+        )
+        beta = jnp.maximum(beta, beta_bound) ** 2 - ped
+        gamma = jnp.maximum(gamma, ped**0.5) ** 2 - ped
+        norm = beta + jnp.einsum("...i,oi->...o", x * x, gamma)
+        return x * jnp.sqrt(norm) if self.inverse else x * jax.lax.rsqrt(norm)
+
+
+def _upconv(x, w, b):
+    """Transposed conv, stride 2, k=5 (torch padding 2, output_padding 1): out = 2 * in."""
+    y = jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((2, 3), (2, 3)), lhs_dilation=(2, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + b
+
+
+class UpConv(nn.Module):
+    features: int
+    kernel_size: int = 5
+
+    @nn.compact
+    def __call__(self, x, fake_quant: bool = False):
+        k = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+            (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+        )
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+                       (self.features,))
+        k, b = jnp.asarray(k), jnp.asarray(b)
+        if fake_quant:
+            k, b = _fq_weight(k), _fq(b, W_FRAC + A_FRAC, None)
+        return _upconv(x, k, b)
+
+
+def _fq(x, frac: int, clip: int | None):
+    """Fixed-point rounding (floor(x*2^f + 1/2) / 2^f), optional clip, straight-through."""
+    q = jnp.floor(x * 2.0**frac + 0.5)
+    if clip is not None:
+        q = jnp.clip(q, -clip, clip - 1)
+    return x + jax.lax.stop_gradient(q * 2.0**-frac - x)
+
+
+def _fq_weight(w):
+    return _fq(w, W_FRAC, W_CLIP)
+
+
+class QConv(nn.Module):
+    """3x3 stride-1 conv of ``h_s`` with optional simulated integer arithmetic."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, fake_quant: bool = False):
+        k = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+            (3, 3, x.shape[-1], self.features),
+        )
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+                       (self.features,))
+        k, b = jnp.asarray(k), jnp.asarray(b)
+        if fake_quant:
+            k, b = _fq_weight(k), _fq(b, W_FRAC + A_FRAC, None)
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + b
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class MeanScaleHyperprior(nn.Module):
+    """mbt2018-mean. ``N``: g_a/g_s and hyper-latent channels, ``M``: latent channels."""
+
+    N: int = 128
+    M: int = 192
+    num_scales: int = 128
+
+    def setup(self):
+        n, m = self.N, self.M
+        self.g_a_0 = Conv(n, 5, 2, name="g_a_0")
+        self.g_a_1 = GDN(name="g_a_1")
+        self.g_a_2 = Conv(n, 5, 2, name="g_a_2")
+        self.g_a_3 = GDN(name="g_a_3")
+        self.g_a_4 = Conv(n, 5, 2, name="g_a_4")
+        self.g_a_5 = GDN(name="g_a_5")
+        self.g_a_6 = Conv(m, 5, 2, name="g_a_6")
+        self.g_s_0 = UpConv(n, name="g_s_0")
+        self.g_s_1 = GDN(inverse=True, name="g_s_1")
+        self.g_s_2 = UpConv(n, name="g_s_2")
+        self.g_s_3 = GDN(inverse=True, name="g_s_3")
+        self.g_s_4 = UpConv(n, name="g_s_4")
+        self.g_s_5 = GDN(inverse=True, name="g_s_5")
+        self.g_s_6 = UpConv(3, name="g_s_6")
+        self.h_a_0 = Conv(n, 3, 1, name="h_a_0")
+        self.h_a_2 = Conv(n, 5, 2, name="h_a_2")
+        self.h_a_4 = Conv(n, 5, 2, name="h_a_4")
+        self.h_s_0 = UpConv(m, name="h_s_0")
+        self.h_s_2 = UpConv(m * 3 // 2, name="h_s_2")
+        self.h_s_4 = QConv(m * 2, name="h_s_4")
+        self.entropy_bottleneck = E.EntropyBottleneck(n)
+        self.gaussian_conditional = E.GaussianConditional()
+
+    def g_a(self, x):
+        for i in range(0, 6, 2):
+            x = getattr(self, f"g_a_{i + 1}")(getattr(self, f"g_a_{i}")(x))
+        return self.g_a_6(x)
+
+    def g_s(self, y):
+        for i in range(0, 6, 2):
+            y = getattr(self, f"g_s_{i + 1}")(getattr(self, f"g_s_{i}")(y))
+        return self.g_s_6(y)
+
+    def h_a(self, y):
+        z = nn.leaky_relu(self.h_a_0(y), 0.01)
+        z = nn.leaky_relu(self.h_a_2(z), 0.01)
+        return self.h_a_4(z)
+
+    def h_s(self, z_hat):
+        """Float simulation of :func:`hyper_synthesis_int`: returns (means, scales)."""
+        a = _fq(z_hat, A_FRAC, A_CLIP)
+        a = nn.relu(_fq(self.h_s_0(a, True), A_FRAC, A_CLIP))
+        a = nn.relu(_fq(self.h_s_2(a, True), A_FRAC, A_CLIP))
+        out = _fq(self.h_s_4(a, True), A_FRAC, A_CLIP)
+        scales, means = jnp.split(out, 2, axis=-1)
+        return means, scales
+
+    def encode_latents_device(self, x):
+        """x in [0,1] NHWC (multiple of 64) -> (y, z) floats."""
+        y = self.g_a(x)
+        return y, self.h_a(y)
+
+    def decode_device(self, y_hat):
+        return self.g_s(y_hat)
+
+    def __call__(self, x, mode: str = "noise", rng=None):
+        """Training / evaluation forward: (x_hat, y_likelihoods, z_likelihoods)."""
+        r1 = r2 = None
+        if rng is not None:
+            r1, r2 = jax.random.split(rng)
+        y = self.g_a(x)
+        z = jnp.clip(self.h_a(y), -Z_CLIP, Z_CLIP - 1)
+        z_hat, z_lik = self.entropy_bottleneck(z, mode, r1)
+        means, scales = self.h_s(z_hat)
+        y_hat, y_lik = self.gaussian_conditional(y, means, scales, mode, r2)
+        return self.g_s(y_hat), y_lik, z_lik
+
+
+# --------------------------------------------------------------------------------------------
+# integer hyper-synthesis on the host
+# --------------------------------------------------------------------------------------------
+def _im2col_conv(a: np.ndarray, w: np.ndarray, pad: tuple[int, int], dilate: int) -> np.ndarray:
+    """float64 conv of (H, W, C) with (k, k, C, O): exact for integer data below 2**53."""
+    if dilate > 1:
+        h, wd, c = a.shape
+        d = np.zeros(((h - 1) * dilate + 1, (wd - 1) * dilate + 1, c), a.dtype)
+        d[::dilate, ::dilate] = a
+        a = d
+    a = np.pad(a, ((pad[0], pad[1]), (pad[0], pad[1]), (0, 0)))
+    k = w.shape[0]
+    win = np.lib.stride_tricks.sliding_window_view(a, (k, k), axis=(0, 1))  # H W C k k
+    ho, wo = win.shape[:2]
+    cols = win.transpose(0, 1, 3, 4, 2).reshape(ho * wo, -1)
+    return (cols @ w.reshape(-1, w.shape[-1])).reshape(ho, wo, -1)
+
+
+@dataclass(frozen=True)
+class IntLayer:
+    kernel: np.ndarray  # float64 holding integers (units 2**-W_FRAC)
+    bias: np.ndarray  # float64 holding integers (units 2**-(W_FRAC + A_FRAC))
+    upsample: bool
+
+
+def _int_weight(w) -> np.ndarray:
+    w = np.asarray(w, np.float64)
+    return np.clip(np.floor(w * 2.0**W_FRAC + 0.5), -W_CLIP, W_CLIP - 1)
+
+
+def integer_hs_layers(hs_params: dict) -> list[IntLayer]:
+    """Quantise ``h_s`` params once (float32 -> exact integers), checking the 2**53 bound."""
+    layers = []
+    for name, up in (("h_s_0", True), ("h_s_2", True), ("h_s_4", False)):
+        k = _int_weight(hs_params[name]["kernel"])
+        b = np.floor(np.asarray(hs_params[name]["bias"], np.float64) * 2.0 ** (W_FRAC + A_FRAC) + 0.5)
+        fan_in = k.shape[0] * k.shape[1] * k.shape[2]
+        bound = fan_in * W_CLIP * A_CLIP + np.abs(b).max(initial=0)
+        if bound >= 2.0**53:
+            raise ValueError(f"{name}: fan-in {fan_in} breaks the exact-integer bound")
+        layers.append(IntLayer(k, b, up))
+    return layers
+
+
+def hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10."""
+    a = np.clip(np.asarray(z_hat, np.float64), -Z_CLIP, Z_CLIP - 1) * 2.0**A_FRAC
+    for i, l in enumerate(layers):
+        if l.upsample:
+            acc = _im2col_conv(a, l.kernel, (2, 3), 2)
+        else:
+            acc = _im2col_conv(a, l.kernel, (1, 1), 1)
+        a = np.clip(np.floor((acc + l.bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
+        if i < len(layers) - 1:
+            a = np.maximum(a, 0.0)
+    scales, means = np.split(a.astype(np.int64), 2, axis=-1)
+    return means, scales
+
+
+# --------------------------------------------------------------------------------------------
+# generic latent coding (reused by FaSDiff's compressor)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatentCoder:
+    """Everything the host needs to code (z, y): tables, integer h_s, fingerprint."""
+
+    z_tables: E.CdfTables
+    y_tables: E.CdfTables
+    thresholds: np.ndarray
+    hs_layers: list
+    eb_params: dict
+    eb_layers: int
+
+    def y_distributions(self, z_hat: np.ndarray):
+        means, scales = hyper_synthesis_int(self.hs_layers, z_hat)
+        return means, E.scale_indexes(scales, self.thresholds)
+
+
+def encode_latents(coder: LatentCoder, y: np.ndarray, z: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """(y (h,w,M) float, z (h',w',N) float) -> (one stream: z then y, y_hat float64)."""
+    z_hat = np.clip(np.round(np.asarray(z, np.float64)), -Z_CLIP, Z_CLIP - 1).astype(np.int64)
+    ch = np.broadcast_to(np.arange(z_hat.shape[-1]), z_hat.shape)
+    enc = SymbolEncoder()
+    enc.encode(z_hat, ch, coder.z_tables)
+    means, idx = coder.y_distributions(z_hat)
+    mu = means * 2.0**-A_FRAC
+    sym = np.clip(np.round(np.asarray(y, np.float64) - mu), -E.SYMBOL_LIMIT, E.SYMBOL_LIMIT - 1)
+    sym = sym.astype(np.int64)
+    enc.encode(sym, idx, coder.y_tables)
+    return enc.finish(), sym + mu
+
+
+def decode_latents(coder: LatentCoder, stream: bytes, z_shape: tuple[int, int, int]) -> np.ndarray:
+    """Inverse of :func:`encode_latents`: -> y_hat (h, w, M) float64 (exact)."""
+    ch = np.broadcast_to(np.arange(z_shape[-1]), z_shape)
+    dec = SymbolDecoder(stream)
+    z_hat = dec.decode(ch, coder.z_tables).reshape(z_shape)
+    means, idx = coder.y_distributions(z_hat)
+    sym = dec.decode(idx, coder.y_tables).reshape(idx.shape)
+    dec.finish()
+    return sym + means * 2.0**-A_FRAC
+
+
+def latent_bits(coder: LatentCoder, y: np.ndarray, z: np.ndarray,
+                quantized_scales: bool = True) -> tuple[float, float]:
+    """Model estimate (Σ -log2 p, 1e-9 floor) of (z bits, y bits) with the decoder's means.
+
+    ``quantized_scales=True`` uses the scale levels the decoder codes with (the inference
+    model's probabilities); ``False`` the integer net's unquantised scales, as in training
+    and in CompressAI's estimate.
+    """
+    z_hat = np.clip(np.round(np.asarray(z, np.float64)), -Z_CLIP, Z_CLIP - 1)
+    z_lik = E.bottleneck_likelihood_np(coder.eb_params, z_hat, coder.eb_layers)
+    means, scales = hyper_synthesis_int(coder.hs_layers, z_hat.astype(np.int64))
+    if quantized_scales:
+        scales = coder.thresholds[E.scale_indexes(scales, coder.thresholds)]
+    mu = means * 2.0**-A_FRAC
+    y_hat = np.round(np.asarray(y, np.float64) - mu) + mu
+    y_lik = E.gaussian_likelihood(y_hat, mu, scales * 2.0**-A_FRAC, np)
+    return float(-np.log2(z_lik).sum()), float(-np.log2(y_lik).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def init_params(model: MeanScaleHyperprior, rng: jax.Array, size: tuple[int, int] = (64, 64)) -> dict:
+    """Parameters for ``model``; their shapes do not depend on ``size``.
+
+    The initialisers draw from the ``rbg`` PRNG seeded with ``rng``'s key data: XLA on CPU
+    takes 15-30 s to compile threefry for the ~60 initialisers of this model, rbg about 1 s.
+    """
+    del size  # parameter shapes do not depend on the image size
+    data = jnp.ravel(jax.random.key_data(rng)).astype(jnp.uint32)
+    key = jax.random.wrap_key_data(jnp.resize(data, (4,)), impl="rbg")
+    init = jax.jit(lambda r: nn.meta.unbox(model.init({"params": r}, jnp.zeros((1, 64, 64, 3)), "round")))
+    return init(key)
+
+
+@dataclass
+class _Prepared:
+    coder: LatentCoder
+    fingerprint: bytes
+    params: Any
+
+
+_CACHE: list[tuple[int, int, _Prepared]] = []
+
+
+def _fingerprint(model: MeanScaleHyperprior, params: dict, tables_digest: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"mbt2018-mean N={model.N} M={model.M} S={model.num_scales} W{W_FRAC} A{A_FRAC}".encode())
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda t: str(t[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf, "<f4")).tobytes())
+    h.update(tables_digest)
+    return h.digest()
+
+
+def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
+    """Tables, integer h_s and fingerprint for these params (cached per params object)."""
+    for m_id, p_id, prep in _CACHE:
+        if m_id == id(model) and p_id == id(params) and prep.params is params:
+            return prep
+    p = params["params"]
+    eb = {k: np.asarray(v) for k, v in p["entropy_bottleneck"].items()}
+    n_layers = len([k for k in eb if k.startswith("matrix_")])
+    thresholds = E.scale_thresholds(model.num_scales)
+    coder = LatentCoder(
+        z_tables=E.bottleneck_tables(eb, n_layers),
+        y_tables=E.gaussian_tables(thresholds),
+        thresholds=thresholds,
+        hs_layers=integer_hs_layers(p),
+        eb_params=eb,
+        eb_layers=n_layers,
+    )
+    fp = _fingerprint(model, params, E.tables_digest(coder.z_tables, coder.y_tables))
+    prep = _Prepared(coder, fp, params)
+    _CACHE.insert(0, (id(model), id(params), prep))
+    del _CACHE[4:]
+    return prep
+
+
+def _to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {img.dtype}")
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+    c = img.shape[-1]
+    if c == 1:
+        img = np.repeat(img, 3, axis=-1)
+    elif c == 4:
+        img = img[..., :3]  # alpha is not coded; decoded as opaque
+    return img, c
+
+
+def _pad(img: np.ndarray) -> tuple[np.ndarray, int, int]:
+    h, w = img.shape[:2]
+    pb, pr = (-h) % MULTIPLE, (-w) % MULTIPLE
+    return np.pad(img, ((0, pb), (0, pr), (0, 0)), mode="edge"), pb, pr
+
+
+def _encode_device(model, params, x):
+    fn = _encode_fns.get(id(model))
+    if fn is None:
+        fn = jax.jit(lambda p, x: model.apply(p, x, method=MeanScaleHyperprior.encode_latents_device))
+        _encode_fns[id(model)] = fn
+    return fn(params, x)
+
+
+def _decode_device(model, params, y_hat):
+    fn = _decode_fns.get(id(model))
+    if fn is None:
+        fn = jax.jit(lambda p, y: model.apply(p, y, method=MeanScaleHyperprior.decode_device))
+        _decode_fns[id(model)] = fn
+    return fn(params, y_hat)
+
+
+_encode_fns: dict = {}
+_decode_fns: dict = {}
+
+
+def _analyse(model, params, image):
+    img, c = _to_rgb(image)
+    padded, pb, pr = _pad(img)
+    x = jnp.asarray(padded[None].astype(np.float32) / 255.0)
+    y, z = _encode_device(model, params, x)
+    return np.asarray(y[0], np.float64), np.asarray(z[0], np.float64), img.shape[:2], c, pb, pr
+
+
+def compress(model: MeanScaleHyperprior, params: dict, image: np.ndarray) -> bytes:
+    """uint8 image (HxW, HxWx1/3/4) -> container bytes."""
+    prep = prepare(model, params)
+    y, z, (h, w), c, pb, pr = _analyse(model, params, image)
+    stream, _ = encode_latents(prep.coder, y, z)
+    return _ct.pack(_ct.Container(h, w, pb, pr, c, CODEC_ID, prep.fingerprint, (stream,)))
+
+
+def decode_file_latents(
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = 1 << 24
+) -> tuple[_ct.Container, np.ndarray]:
+    """Parse and validate a file and decode its symbols: -> (container, y_hat (h, w, M)).
+
+    All host-side, no device work; every malformed file is a :class:`BitstreamError`.
+    ``max_pixels`` bounds the (padded) image a file may ask the decoder to synthesise.
+    """
+    prep = prepare(model, params)
+    c = _ct.unpack(data, prep.fingerprint, CODEC_ID)
+    hp, wp = c.height + c.pad_bottom, c.width + c.pad_right
+    if hp % MULTIPLE or wp % MULTIPLE or c.pad_bottom >= MULTIPLE or c.pad_right >= MULTIPLE:
+        raise BitstreamError(f"padded size {hp}x{wp} is not the minimal multiple of {MULTIPLE}")
+    if hp * wp > max_pixels:
+        raise BitstreamError(f"image of {hp}x{wp} pixels exceeds the limit of {max_pixels}")
+    if len(c.streams) != 1:
+        raise BitstreamError(f"expected 1 stream, the file has {len(c.streams)}")
+    return c, decode_latents(prep.coder, c.streams[0], (hp // 64, wp // 64, model.N))
+
+
+def decompress(
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = 1 << 24
+) -> np.ndarray:
+    """Container bytes -> uint8 HxWxC image (C as given to :func:`compress`; alpha = 255)."""
+    c, y_hat = decode_file_latents(model, params, data, max_pixels)
+    x_hat = _decode_device(model, params, jnp.asarray(y_hat[None], jnp.float32))
+    return _to_uint8(np.asarray(x_hat[0]), c)
+
+
+def _to_uint8(x_hat: np.ndarray, c: _ct.Container) -> np.ndarray:
+    """g_s output (padded, [0,1]) -> uint8 image cropped to the file's size and channels."""
+    img = np.clip(np.round(x_hat * 255.0), 0, 255).astype(np.uint8)[: c.height, : c.width]
+    if c.channels == 1:
+        return np.round(img.astype(np.float32).mean(-1)).astype(np.uint8)[..., None]
+    if c.channels == 4:
+        return np.concatenate([img, np.full(img.shape[:2] + (1,), 255, np.uint8)], -1)
+    return img
+
+
+def estimate_bits(model: MeanScaleHyperprior, params: dict, image: np.ndarray,
+                  quantized_scales: bool = True) -> float:
+    """Σ -log2 p of z and y under the inference model: the integer net's means and (by
+    default) the scale levels the coder uses; see :func:`latent_bits`."""
+    prep = prepare(model, params)
+    y, z, *_ = _analyse(model, params, image)
+    zb, yb = latent_bits(prep.coder, y, z, quantized_scales)
+    return zb + yb
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def loss_fn(model: MeanScaleHyperprior, params: dict, batch: jax.Array, rng: jax.Array,
+            lmbda: float = 0.01) -> tuple[jax.Array, dict]:
+    """Rate (bpp, additive noise) + lmbda * 255² * MSE on a [0,1] NHWC batch (multiple of 64)."""
+    x_hat, y_lik, z_lik = model.apply(params, batch, "noise", rng)
+    n_px = batch.shape[0] * batch.shape[1] * batch.shape[2]
+    bpp = (E.bits_from_likelihoods(y_lik) + E.bits_from_likelihoods(z_lik)) / n_px
+    mse = jnp.mean((x_hat - batch) ** 2)
+    loss = bpp + lmbda * 255.0**2 * mse
+    return loss, {"loss": loss, "bpp": bpp, "mse": mse}
+
+
+def make_train_step(model: MeanScaleHyperprior, optimizer: optax.GradientTransformation,
+                    lmbda: float = 0.01):
+    """A jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``."""
+
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        grads, metrics = jax.grad(lambda p: loss_fn(model, p, batch, rng, lmbda), has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
