@@ -25,11 +25,13 @@ fields other than the stream-length list)::
     end-4  4    crc32            zlib.crc32 of every byte before it
 
 Header size is ``62 + 4 * n_streams`` bytes including the CRC: 66 bytes for the hyperprior
-codec, which writes one stream (``z`` then ``y`` in one range-coder stream, see
-:mod:`fasdiff_jax.coding.symbols`; a stream never ends in a zero byte). The parser checks size, magic, version and CRC before it trusts any field,
-then checks every field against the limits above and the stream lengths against the bytes
-actually present, so no field can trigger a large allocation. Every failure is a
-:class:`BitstreamError` naming the field.
+codec, which writes one stream (``z`` then ``y`` in one ``constriction`` range-coder stream of
+little-endian u32 words with trailing zero bytes stripped, so a stream never ends in a zero
+byte; see :mod:`fasdiff_jax.coding.symbols`). The parser checks size, magic, version and CRC
+before it trusts any field, then checks every field against the limits above and the stream
+lengths against the bytes actually present, so no field can trigger a large allocation; the
+codec then bounds the decoded image (``max_pixels``) and the symbol count against the stream
+length. Every failure is a :class:`BitstreamError` naming the field.
 """
 
 from __future__ import annotations
