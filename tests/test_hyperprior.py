@@ -83,7 +83,7 @@ else:
                         NamedSharding(Mesh(np.array(devs), ("b",)), P("b")))
     fn = jax.jit(lambda p, y: model.apply(p, y, method=H.MeanScaleHyperprior.decode_device))
     x8 = np.asarray(fn(params, y8))
-    imgs = np.stack([H._to_uint8(x, c) for x in x8])
+    imgs = np.stack([H.to_uint8(x, c) for x in x8])
 np.save(sys.argv[4], imgs)
 print(json.dumps({"n": len(jax.devices()), "sha": sha}))
 """

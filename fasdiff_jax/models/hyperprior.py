@@ -402,7 +402,8 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
     return prep
 
 
-def _to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
+def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 -> (HxWx3, original channel count)."""
     img = np.asarray(image)
     if img.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {img.dtype}")
@@ -418,9 +419,10 @@ def _to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
     return img, c
 
 
-def _pad(img: np.ndarray) -> tuple[np.ndarray, int, int]:
+def pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> tuple[np.ndarray, int, int]:
+    """Edge-pad bottom/right to a multiple: -> (padded, pad_bottom, pad_right)."""
     h, w = img.shape[:2]
-    pb, pr = (-h) % MULTIPLE, (-w) % MULTIPLE
+    pb, pr = (-h) % multiple, (-w) % multiple
     return np.pad(img, ((0, pb), (0, pr), (0, 0)), mode="edge"), pb, pr
 
 
@@ -445,8 +447,8 @@ _decode_fns: dict = {}
 
 
 def _analyse(model, params, image):
-    img, c = _to_rgb(image)
-    padded, pb, pr = _pad(img)
+    img, c = to_rgb(image)
+    padded, pb, pr = pad_to_multiple(img)
     x = jnp.asarray(padded[None].astype(np.float32) / 255.0)
     y, z = _encode_device(model, params, x)
     return np.asarray(y[0], np.float64), np.asarray(z[0], np.float64), img.shape[:2], c, pb, pr
@@ -461,23 +463,28 @@ def compress(model: MeanScaleHyperprior, params: dict, image: np.ndarray) -> byt
 
 
 def decode_file_latents(
-    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = 1 << 24
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = 1 << 24, *,
+    codec_id: int = CODEC_ID, fingerprint: bytes | None = None,
 ) -> tuple[_ct.Container, np.ndarray]:
     """Parse and validate a file and decode its symbols: -> (container, y_hat (h, w, M)).
 
     All host-side, no device work; every malformed file is a :class:`BitstreamError`.
     ``max_pixels`` bounds the (padded) image a file may ask the decoder to synthesise.
+    Codecs built on this entropy model (FaSDiff) pass their own ``codec_id`` and a
+    ``fingerprint`` that also covers their other weights; ``model.multiple`` (default 64)
+    is the padding multiple.
     """
     prep = prepare(model, params)
-    c = _ct.unpack(data, prep.fingerprint, CODEC_ID)
+    c = _ct.unpack(data, fingerprint or prep.fingerprint, codec_id)
+    m = getattr(model, "multiple", MULTIPLE)
     hp, wp = c.height + c.pad_bottom, c.width + c.pad_right
-    if hp % MULTIPLE or wp % MULTIPLE or c.pad_bottom >= MULTIPLE or c.pad_right >= MULTIPLE:
-        raise BitstreamError(f"padded size {hp}x{wp} is not the minimal multiple of {MULTIPLE}")
+    if hp % m or wp % m or c.pad_bottom >= m or c.pad_right >= m:
+        raise BitstreamError(f"padded size {hp}x{wp} is not the minimal multiple of {m}")
     if hp * wp > max_pixels:
         raise BitstreamError(f"image of {hp}x{wp} pixels exceeds the limit of {max_pixels}")
     if len(c.streams) != 1:
         raise BitstreamError(f"expected 1 stream, the file has {len(c.streams)}")
-    return c, decode_latents(prep.coder, c.streams[0], (hp // 64, wp // 64, model.N))
+    return c, decode_latents(prep.coder, c.streams[0], (hp // m, wp // m, model.N))
 
 
 def decompress(
@@ -486,11 +493,11 @@ def decompress(
     """Container bytes -> uint8 HxWxC image (C as given to :func:`compress`; alpha = 255)."""
     c, y_hat = decode_file_latents(model, params, data, max_pixels)
     x_hat = _decode_device(model, params, jnp.asarray(y_hat[None], jnp.float32))
-    return _to_uint8(np.asarray(x_hat[0]), c)
+    return to_uint8(np.asarray(x_hat[0]), c)
 
 
-def _to_uint8(x_hat: np.ndarray, c: _ct.Container) -> np.ndarray:
-    """g_s output (padded, [0,1]) -> uint8 image cropped to the file's size and channels."""
+def to_uint8(x_hat: np.ndarray, c: _ct.Container) -> np.ndarray:
+    """Decoded image (padded, [0,1]) -> uint8 image cropped to the file's size and channels."""
     img = np.clip(np.round(x_hat * 255.0), 0, 255).astype(np.uint8)[: c.height, : c.width]
     if c.channels == 1:
         return np.round(img.astype(np.float32).mean(-1)).astype(np.uint8)[..., None]

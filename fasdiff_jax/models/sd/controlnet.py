@@ -154,17 +154,23 @@ def controlnet_from_unet(
     """A ControlNet initialised from a UNet, like diffusers' ``ControlNetModel.from_unet``.
 
     The encoder (``conv_in``, ``time_embedding``, ``down_blocks_*``, ``mid_block``) is a copy
-    of the UNet's weights; the conditioning embedding is freshly initialised from ``rng`` with
-    a zero ``conv_out``, and every zero conv is zero. ``controlnet_kwargs`` set the
+    of the UNet's weights; the conditioning embedding is freshly drawn (host numpy, seeded
+    from ``rng``: :func:`fasdiff_jax.convert.random_params`) with a zero ``conv_out``, and
+    every zero conv is zero. ``controlnet_kwargs`` set the
     ControlNet-only fields (``conditioning_channels``, ``conditioning_downsample``, ...) or
     override encoder options (``dtype``, ``remat``, ``attention_impl``).
     """
     fields = {f: getattr(unet_module, f) for f in unet_lib.ENCODER_FIELDS}
     fields.update(controlnet_kwargs)
     module = ControlNetModel(**fields)
-    rng = jax.random.key(0) if rng is None else rng
-    params = unfreeze(nn.unbox(jax.jit(
-        lambda r: module.init(r, *module.dummy_inputs()))(rng)["params"]))
+    from fasdiff_jax.convert import random_params  # late: convert imports models lazily
+
+    seed = 0 if rng is None else int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    params = unfreeze(random_params(module, seed))
+    for name in zero_conv_names(module):
+        params[name] = jax.tree.map(jnp.zeros_like, params[name])
+    emb_out = params["controlnet_cond_embedding"]["conv_out"]
+    params["controlnet_cond_embedding"]["conv_out"] = jax.tree.map(jnp.zeros_like, emb_out)
     n_down = len(module.block_out_channels)
     names = _COPIED_FROM_UNET + tuple(f"down_blocks_{i}" for i in range(n_down))
     for name in names:
@@ -174,7 +180,8 @@ def controlnet_from_unet(
         mismatch = jax.tree.map(lambda a, b: a.shape != b.shape, theirs, ours)
         if any(jax.tree.leaves(mismatch)):
             raise ValueError(f"unet_params[{name!r}] shapes differ from the ControlNet's")
-        params[name] = jax.tree.map(lambda a: jnp.asarray(a, module.param_dtype), theirs)
+        # A copy, not a view: the two trees must not share buffers (donation, in-place updates).
+        params[name] = jax.tree.map(lambda a: jnp.array(a, module.param_dtype, copy=True), theirs)
     return module, params
 
 

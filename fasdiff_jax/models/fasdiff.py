@@ -1,0 +1,445 @@
+"""The FaSDiff model: compressor + visual prompts + hybrid low-frequency enhancement + control
+of a frozen SD UNet/VAE; losses, the trainable/frozen split, sampling and the codec API.
+
+``model = build(config.model)``; ``params = model.init_params(rng)``;
+``loss, metrics = model.loss_fn(params, batch, rng)``; ``model.compress(params, img) -> bytes``;
+``model.decompress(params, data) -> img``. See ../DESIGN notes §2 in the README for the
+picture. Choices the paper's abstract does not fix are ours and are config fields:
+
+* ``z0`` is the VAE posterior *mean* times ``scaling_factor`` (deterministic target);
+* the high-frequency loss compares Haar high bands of ẑ and ``z0`` (latent space, every step);
+* identity and LPIPS run on the one-step x̂0 decoded by the VAE, only when
+  ``loss.x0_terms`` is on (stage 2, or every ``x0_every`` steps in the train loop) and only
+  for samples with ``t <= x0_max_timestep``; the identity chip of an aligned face is the
+  fixed box ``identity_crop`` (top, left, size as fractions), resized to dlib's 150x150;
+* the empty-prompt embedding comes from the converted checkpoint; a random-weights model
+  (tiny configs) uses a fixed seeded random embedding instead.
+
+Params: ``{'compressor', 'hlfe', 'controlnet'}`` are trained; ``{'unet', 'vae',
+'null_text', 'identity', 'lpips'}`` are frozen (:meth:`FaSDiff.trainable_mask`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fasdiff_jax import convert
+from fasdiff_jax.coding import container as ct
+from fasdiff_jax.coding.errors import BitstreamError
+from fasdiff_jax.data.pipeline import to_model_input
+from fasdiff_jax.diffusion import samplers, schedules
+from fasdiff_jax.errors import ConversionError, NonFiniteLossError
+from fasdiff_jax.models import hyperprior as H
+from fasdiff_jax.models import identity as identity_lib
+from fasdiff_jax.models import perceptual, wavelets
+from fasdiff_jax.models.compressor import HFCompressor, rate_bits
+from fasdiff_jax.models.enhancement import HybridLowFrequencyEnhancement
+from fasdiff_jax.models.sd import controlnet as controlnet_lib
+from fasdiff_jax.models.sd.unet import UNet2DConditionModel, per_block
+from fasdiff_jax.models.sd.vae import AutoencoderKL
+
+CODEC_ID = 2
+TRAINABLE = ("compressor", "hlfe", "controlnet")
+FROZEN = ("unet", "vae", "null_text", "identity", "lpips")
+Params = dict[str, Any]
+
+
+def unet_skip_targets(unet: UNet2DConditionModel) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(channels, stride) of every UNet skip feature (diffusers' order) and of the mid block."""
+    n = len(unet.block_out_channels)
+    nlayers = per_block(unet.layers_per_block, n, "layers_per_block")
+    out = [(unet.block_out_channels[0], 1)]
+    for i, c in enumerate(unet.block_out_channels):
+        out += [(c, 2**i)] * nlayers[i]
+        if i < n - 1:
+            out.append((c, 2 ** (i + 1)))
+    return out, (unet.block_out_channels[-1], 2 ** (n - 1))
+
+
+def _as_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def check_finite(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` naming every loss term that is NaN or Inf."""
+    bad = {k: float(v) for k, v in metrics.items()
+           if np.ndim(v) == 0 and not np.isfinite(float(v))}
+    if bad:
+        where = "" if step is None else f" at step {step}"
+        raise NonFiniteLossError(
+            f"non-finite loss terms{where}: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(bad.items())), terms=tuple(sorted(bad)))
+
+
+@dataclasses.dataclass
+class FaSDiff:
+    """Modules plus the config that ties them; all methods are pure in ``params``."""
+
+    cfg: dict
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    controlnet: controlnet_lib.ControlNetModel
+    compressor: HFCompressor
+    hlfe: HybridLowFrequencyEnhancement
+    schedule: schedules.Schedule
+    identity: nn.Module | None
+    lpips: nn.Module | None
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
+    def multiple(self) -> int:
+        return self.compressor.multiple
+
+    @property
+    def loss_cfg(self) -> dict:
+        return self.cfg["loss"]
+
+    # ------------------------------------------------------------------ params
+    def init_params(self, rng: jax.Array) -> Params:
+        """Random trainable parts; SD parts from ``sd_checkpoint`` when the config names one."""
+        r = jax.random.split(rng, 6)
+        size = self.cfg["image_size"]
+        lat = size // self.vae_factor
+        ckpt = self.cfg.get("sd_checkpoint") or ""
+        if ckpt:
+            unet_params, vae_params, null = _load_sd_checkpoint(self, ckpt)
+        else:
+            seed = int(jax.random.randint(r[0], (), 0, 2**31 - 1))
+            unet_params = convert.random_params(self.unet, seed)
+            vae_params = convert.random_params(self.vae, seed + 1)
+            null = jax.random.normal(jax.random.key(1234), (
+                1, self.cfg["text_length"], self.unet.cross_attention_dim)) * 0.5
+        _, cn_params = controlnet_lib.controlnet_from_unet(
+            self.unet, unet_params, rng=r[2], **self._controlnet_kwargs())
+        x = jnp.zeros((1, size, size, 3))
+        z = jnp.zeros((1, lat, lat, self.vae.latent_channels))
+        p = jnp.zeros((1, lat, lat, self.compressor.prompt_channels))
+        # 'rbg' keys for init: XLA:CPU compiles threefry init graphs ~4x slower (22 s vs 6 s
+        # for the tiny compressor); the init distribution is the same.
+        seeds = jax.random.randint(r[3], (2,), 0, 2**31 - 1)
+        comp, hlfe = jax.jit(lambda s: (
+            self.compressor.init(jax.random.key(s[0], impl="rbg"), x, z, "round")["params"],
+            self.hlfe.init(jax.random.key(s[1], impl="rbg"), z, p)["params"]))(seeds)
+        comp, hlfe = nn.unbox(comp), nn.unbox(hlfe)
+        params: Params = {"compressor": comp, "hlfe": hlfe, "controlnet": cn_params,
+                          "unet": unet_params, "vae": vae_params,
+                          "null_text": jnp.asarray(null, jnp.float32)}
+        if self.identity is not None:
+            params["identity"] = self._cache["identity_params"]
+        if self.lpips is not None:
+            params["lpips"] = self._cache["lpips_params"]
+        return params
+
+    def _controlnet_kwargs(self) -> dict:
+        c = self.cfg["control"]
+        return dict(conditioning_channels=self.compressor.prompt_channels,
+                    conditioning_downsample=False,
+                    conditioning_embedding_out_channels=tuple(c["embedding_channels"]),
+                    dtype=self.unet.dtype, remat=self.unet.remat,
+                    attention_impl=self.unet.attention_impl)
+
+    @staticmethod
+    def trainable_mask(params: Params) -> Params:
+        """True for trained leaves (compressor, HLFE, control), False for frozen SD/metric nets."""
+        return {k: jax.tree.map(lambda _: k in TRAINABLE, v) for k, v in params.items()}
+
+    @staticmethod
+    def split(params: Params) -> tuple[Params, Params]:
+        return ({k: v for k, v in params.items() if k in TRAINABLE},
+                {k: v for k, v in params.items() if k not in TRAINABLE})
+
+    # ------------------------------------------------------------------ pieces
+    def encode_z0(self, params: Params, x: jax.Array) -> jax.Array:
+        mean, _ = self.vae.apply({"params": params["vae"]}, x, method="encode")
+        return jax.lax.stop_gradient(mean * self.vae.scaling_factor)
+
+    def decode_latent(self, params: Params, z: jax.Array) -> jax.Array:
+        return self.vae.apply({"params": params["vae"]}, z / self.vae.scaling_factor,
+                              method="decode")
+
+    def denoise(self, params: Params, z_t: jax.Array, t: jax.Array, prompt: jax.Array,
+                modulation: Mapping[str, Any]) -> jax.Array:
+        """UNet output with control residuals from the visual prompt and HLFE modulation."""
+        ctx = jnp.broadcast_to(params["null_text"], (z_t.shape[0],) + params["null_text"].shape[1:])
+        down, mid = self.controlnet.apply(
+            {"params": params["controlnet"]}, z_t, t, ctx, prompt,
+            self.cfg["control"]["conditioning_scale"])
+        return self.unet.apply({"params": params["unet"]}, z_t, t, ctx, down, mid, modulation)
+
+    # ------------------------------------------------------------------ training
+    def loss_fn(self, params: Params, batch: Mapping[str, jax.Array] | jax.Array, rng: jax.Array,
+                x0_terms: bool | None = None) -> tuple[jax.Array, dict]:
+        """Total loss and every term. ``batch['image']``: uint8 (B,H,W,3), H, W multiples of
+        :attr:`multiple`. ``x0_terms`` (static) adds identity + LPIPS; default: stage 2."""
+        lc = self.loss_cfg
+        if x0_terms is None:
+            x0_terms = lc["stage"] >= 2
+        img = batch["image"] if isinstance(batch, Mapping) else batch
+        x = to_model_input(img)
+        b, hgt, wid, _ = x.shape
+        r_q, r_t, r_n = jax.random.split(rng, 3)
+        z0 = self.encode_z0(params, x)
+        prompt, z_coarse, y_lik, z_lik = self.compressor.apply(
+            {"params": params["compressor"]}, x, z0, "noise", r_q)
+        bpp = rate_bits(y_lik, z_lik) / (b * hgt * wid)
+        modulation, _ = self.hlfe.apply({"params": params["hlfe"]}, z_coarse, prompt)
+        t = jax.random.randint(r_t, (b,), 0, self.schedule.num_train_timesteps)
+        noise = jax.random.normal(r_n, z0.shape)
+        z_t = schedules.add_noise(self.schedule, z0, noise, t)
+        out = self.denoise(params, z_t, t, prompt, modulation).astype(jnp.float32)
+        target = (schedules.get_velocity(self.schedule, z0, noise, t)
+                  if self.schedule.prediction_type == "v_prediction" else noise)
+        metrics = {
+            "bpp": bpp,
+            "diffusion": jnp.mean((out - target) ** 2),
+            "latent": jnp.mean((z_coarse - z0) ** 2),
+            "high_freq": wavelets.high_frequency_loss(z_coarse, z0, lc["hf_levels"]),
+        }
+        loss = (lc["rate"] * bpp + lc["diffusion"] * metrics["diffusion"]
+                + lc["latent"] * metrics["latent"] + lc["high_freq"] * metrics["high_freq"])
+        if x0_terms and (lc["identity"] > 0 or lc["lpips"] > 0):
+            x0 = schedules.predict_x0(self.schedule, out, z_t, t)
+            x_hat = jnp.clip(self.decode_latent(params, x0), -1.0, 1.0)
+            w = (t <= lc["x0_max_timestep"]).astype(jnp.float32)
+            norm = jnp.maximum(w.sum(), 1.0)
+            if lc["identity"] > 0:
+                cos = self._identity_cosine(params, x, x_hat)
+                metrics["identity"] = jnp.sum(w * (1 - cos)) / norm
+                loss = loss + lc["identity"] * metrics["identity"]
+            if lc["lpips"] > 0:
+                d = self.lpips.apply({"params": params["lpips"]}, x_hat, x)
+                metrics["lpips"] = jnp.sum(w * d) / norm
+                loss = loss + lc["lpips"] * metrics["lpips"]
+            metrics["x0_fraction"] = w.mean()
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def _identity_cosine(self, params: Params, x: jax.Array, x_hat: jax.Array) -> jax.Array:
+        top, left, size = self.loss_cfg["identity_crop"]
+        _, hgt, wid, _ = x.shape
+
+        def chips(im):
+            r0, c0 = int(round(top * hgt)), int(round(left * wid))
+            s = int(round(size * min(hgt, wid)))
+            crop = im[:, r0:r0 + s, c0:c0 + s]
+            crop = jax.image.resize(crop, (im.shape[0], identity_lib.CHIP_SIZE,
+                                           identity_lib.CHIP_SIZE, 3), "linear")
+            return (crop + 1.0) * 127.5
+
+        ref = jax.lax.stop_gradient(self.identity.apply({"params": params["identity"]}, chips(x)))
+        got = self.identity.apply({"params": params["identity"]}, chips(x_hat))
+        return identity_lib.identity_cosine(got, ref)
+
+    def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
+                        mesh: Mesh | None = None, param_shardings: Any = None,
+                        opt_shardings: Any = None) -> Callable:
+        """``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``, jitted.
+
+        Only the trainable subtree is differentiated and updated; frozen leaves pass through
+        untouched (bit-identical). ``opt_state`` comes from :meth:`init_opt_state`. With a
+        ``mesh``, params/opt state keep their shardings across steps (default: replicated;
+        pass trees from :func:`fasdiff_jax.sharding.tree_shardings` to shard) and the batch
+        is split over the mesh's batch axes, so steps never recompile for a new layout.
+        """
+
+        def step(params, opt_state, batch, rng):
+            train, frozen = self.split(params)
+
+            def loss(tr):
+                return self.loss_fn({**tr, **frozen}, batch, rng, x0_terms)
+
+            (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, opt_state, train)
+            return {**optax.apply_updates(train, updates), **frozen}, opt_state, metrics
+
+        if mesh is None:
+            return jax.jit(step, donate_argnums=(0, 1))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        p_sh = replicated if param_shardings is None else param_shardings
+        o_sh = replicated if opt_shardings is None else opt_shardings
+        # The batch keeps the layout the input pipeline gave it (global, split over batch axes).
+        return jax.jit(step, donate_argnums=(0, 1), in_shardings=(p_sh, o_sh, None, replicated),
+                       out_shardings=(p_sh, o_sh, replicated))
+
+    def init_opt_state(self, optimizer: optax.GradientTransformation, params: Params):
+        return optimizer.init(self.split(params)[0])
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, params: Params, prompt: jax.Array, z_coarse: jax.Array, rng: jax.Array,
+               steps: int, t_start: int = 0, eta: float = 0.0) -> jax.Array:
+        """DDIM from noise (``t_start`` 0) or from ẑ noised to ``t_start``; returns a latent."""
+        modulation, _ = self.hlfe.apply({"params": params["hlfe"]}, z_coarse, prompt)
+        r_init, r_steps = jax.random.split(rng)
+        noise = jax.random.normal(r_init, z_coarse.shape, jnp.float32)
+        if t_start:
+            t0 = int(schedules.ddim_timesteps(self.schedule, steps, t_start)[0])
+            x = schedules.add_noise(self.schedule, z_coarse, noise, t0)
+        else:
+            x = noise
+        fn = lambda z, t: self.denoise(params, z, t, prompt, modulation)  # noqa: E731
+        return samplers.ddim_sample(fn, self.schedule, x, steps, rng=r_steps, eta=eta,
+                                    t_start=t_start or None)
+
+    # ------------------------------------------------------------------ codec
+    def _prepared(self, params: Params):
+        key = id(params)
+        hit = self._cache.get("prep")
+        if hit is not None and hit[0] == key and hit[1] is params:
+            return hit[2], hit[3], hit[4]
+        wrapped = {"params": params["compressor"]}  # one object, so H.prepare's cache hits
+        prep = H.prepare(self.compressor, wrapped)
+        h = hashlib.blake2b(prep.fingerprint, digest_size=16)
+        h.update(repr(sorted((k, v) for k, v in self.cfg.items()
+                             if k in ("unet", "vae", "hlfe", "control", "scheduler"))).encode())
+        for name in ("hlfe", "controlnet", "unet", "vae", "null_text"):
+            for leaf in jax.tree.leaves(params[name]):
+                h.update(np.ascontiguousarray(np.asarray(leaf, "<f4")).tobytes())
+        self._cache["prep"] = (key, params, prep, h.digest(), wrapped)
+        return prep, h.digest(), wrapped
+
+    def _jit(self, name: str, fn: Callable, static: tuple[str, ...] = ()) -> Callable:
+        if name not in self._cache:
+            self._cache[name] = jax.jit(fn, static_argnames=static)
+        return self._cache[name]
+
+    def compress(self, params: Params, image: np.ndarray, steps: int | None = None,
+                 t_start: int | None = None, eta: float | None = None,
+                 seed: int | None = None) -> bytes:
+        """uint8 image (HxW, HxWx1/3/4, any size) -> container bytes with the sampler spec."""
+        sc = self.cfg["sampler"]
+        spec = ct.SamplerSpec(int(sc["steps"] if steps is None else steps),
+                              int(sc["t_start"] if t_start is None else t_start),
+                              float(sc["eta"] if eta is None else eta),
+                              int(sc["seed"] if seed is None else seed))
+        self._check_spec(spec)
+        prep, fp, _ = self._prepared(params)
+        img, channels = H.to_rgb(image)
+        padded, pb, pr = H.pad_to_multiple(img, self.multiple)
+        x = jnp.asarray(to_model_input(padded[None]))
+
+        def analyse(params, x):
+            z0 = self.encode_z0(params, x)
+            return self.compressor.apply({"params": params["compressor"]}, x, z0,
+                                         method=HFCompressor.encode_latents_device)
+
+        y, z = self._jit("analyse", analyse)(params, x)
+        stream, _ = H.encode_latents(prep.coder, np.asarray(y[0], np.float64),
+                                     np.asarray(z[0], np.float64))
+        return ct.pack(ct.Container(img.shape[0], img.shape[1], pb, pr, channels, CODEC_ID, fp,
+                                    (stream,), spec))
+
+    def _check_spec(self, spec: ct.SamplerSpec) -> None:
+        t_max = self.schedule.num_train_timesteps
+        if not 1 <= spec.steps <= 1000 or not 0 <= spec.t_start < t_max:
+            raise ValueError(f"sampler spec out of range: {spec} (steps 1..1000, t_start 0..{t_max - 1})")
+        if not (np.isfinite(spec.eta) and 0 <= spec.eta <= 1):
+            raise ValueError(f"sampler eta must be in [0, 1], got {spec.eta}")
+
+    def decompress(self, params: Params, data: bytes, max_pixels: int = 1 << 24) -> np.ndarray:
+        """Container bytes -> uint8 image of the original size and channel count."""
+        _, fp, wrapped = self._prepared(params)
+        c, y_hat = H.decode_file_latents(self.compressor, wrapped, data,
+                                         max_pixels, codec_id=CODEC_ID, fingerprint=fp)
+        try:
+            self._check_spec(c.sampler)
+        except ValueError as e:
+            raise BitstreamError(str(e)) from e
+        s = c.sampler
+
+        def reconstruct(params, y_hat, seed_lo, seed_hi, steps, t_start, eta):
+            prompt, z_coarse = self.compressor.apply({"params": params["compressor"]}, y_hat,
+                                                     method=HFCompressor.synthesis)
+            rng = jax.random.fold_in(jax.random.key(seed_lo), seed_hi)
+            z = self.sample(params, prompt, z_coarse, rng, steps, t_start, eta)
+            return (self.decode_latent(params, z) + 1.0) / 2.0
+
+        out = self._jit("reconstruct", reconstruct, ("steps", "t_start", "eta"))(
+            params, jnp.asarray(y_hat[None], jnp.float32), np.uint32(s.seed & 0xFFFFFFFF),
+            np.uint32(s.seed >> 32), steps=s.steps, t_start=s.t_start, eta=s.eta)
+        return H.to_uint8(np.asarray(out[0]), c)
+
+
+def _load_sd_checkpoint(model: FaSDiff, ckpt: str) -> tuple[Params, Params, jax.Array]:
+    """unet, vae and null-text from a folder written by ``python -m fasdiff_jax.convert``."""
+    if not os.path.isdir(ckpt):
+        raise ConversionError(f"sd_checkpoint {ckpt!r} is not a folder (convert a diffusers SD "
+                              f"pipeline with python -m fasdiff_jax.convert)")
+    unet_mod, unet_params = convert.load_component(os.path.join(ckpt, "unet"))
+    vae_mod, vae_params = convert.load_component(os.path.join(ckpt, "vae"))
+    for ours, theirs, what in ((model.unet, unet_mod, "unet"), (model.vae, vae_mod, "vae")):
+        fields = [f for f in type(ours).__dataclass_fields__
+                  if f not in ("parent", "name", "dtype", "remat", "attention_impl")]
+        diff = [f for f in fields if getattr(ours, f) != getattr(theirs, f)]
+        if diff:
+            raise ConversionError(f"{ckpt}/{what} does not match config.model.{what}: fields "
+                                  f"{diff} differ (build the model from the checkpoint's config)")
+    null = convert.load_null_text_embedding(ckpt)
+    return unet_params, vae_params, null
+
+
+def build(cfg: Any) -> FaSDiff:
+    """A :class:`FaSDiff` from ``config.model`` (a ConfigDict or mapping)."""
+    cfg = _as_dict(cfg)
+    dtype = jnp.dtype(cfg.get("compute_dtype", "float32"))
+    common = dict(dtype=dtype, remat=bool(cfg.get("remat", False)),
+                  attention_impl=cfg.get("attention_impl", "xla"))
+    ckpt = cfg.get("sd_checkpoint") or ""
+    unet_cfg, vae_cfg, sched_cfg = (_as_dict(cfg.get(k)) for k in ("unet", "vae", "scheduler"))
+    if ckpt:
+        unet_cfg = convert.read_config(os.path.join(ckpt, "unet"))
+        vae_cfg = convert.read_config(os.path.join(ckpt, "vae"))
+        sched_path = os.path.join(ckpt, "scheduler")
+        if os.path.isdir(sched_path):
+            with open(os.path.join(sched_path, "scheduler_config.json")) as f:
+                sched_cfg = {**json.load(f), **sched_cfg}
+        cfg = {**cfg, "unet": unet_cfg, "vae": vae_cfg, "scheduler": sched_cfg}
+    unet = UNet2DConditionModel.from_diffusers_config(unet_cfg, **common)
+    vae = AutoencoderKL.from_diffusers_config(vae_cfg, **common)
+    cc = _as_dict(cfg["compressor"])
+    vae_levels = len(vae.block_out_channels) - 1
+    compressor = HFCompressor(N=cc["N"], M=cc["M"], num_scales=cc["num_scales"],
+                              prompt_channels=cc["prompt_channels"],
+                              latent_channels=vae.latent_channels, vae_levels=vae_levels,
+                              dwt_levels=cc["dwt_levels"], groups=cc["groups"])
+    hc = _as_dict(cfg["hlfe"])
+    down, mid = unet_skip_targets(unet)
+    hlfe = HybridLowFrequencyEnhancement(down, mid, features=hc["features"],
+                                         num_blocks=hc["num_blocks"], heads=hc["heads"],
+                                         groups=hc["groups"], dwt_levels=hc["dwt_levels"])
+    sched = schedules.Schedule.create(**{k: v for k, v in sched_cfg.items()
+                                         if k in schedules.Schedule.create.__code__.co_varnames})
+    lc = _as_dict(cfg["loss"])
+    cfg = {**cfg, "loss": lc, "control": _as_dict(cfg["control"]),
+           "sampler": _as_dict(cfg["sampler"])}
+    cache: dict = {}
+    identity = lpips = None
+    if lc.get("identity", 0) > 0:  # dlib's file gives both the module (its mean) and params
+        identity, cache["identity_params"] = identity_lib.load_dlib_identity(
+            cfg.get("identity_path") or None)
+    if lc.get("lpips", 0) > 0:
+        lpips, cache["lpips_params"] = perceptual.load_lpips(cfg.get("lpips_net", "alexnet"))
+    control = controlnet_lib.ControlNetModel(
+        **{f: getattr(unet, f) for f in controlnet_lib.unet_lib.ENCODER_FIELDS},
+        conditioning_channels=compressor.prompt_channels, conditioning_downsample=False,
+        conditioning_embedding_out_channels=tuple(cfg["control"]["embedding_channels"]))
+    return FaSDiff(cfg=cfg, unet=unet, vae=vae, controlnet=control, compressor=compressor,
+                   hlfe=hlfe, schedule=sched, identity=identity, lpips=lpips, _cache=cache)
