@@ -1,7 +1,7 @@
 """Likelihood parity with CompressAI 1.2.8's EntropyBottleneck and GaussianConditional.
 
 Run from the main venv:  python benchmarks/compressai_parity.py
-Result (2026-11, CompressAI 1.2.8, torch 2.13.0 CPU): see benchmarks/RESULTS_entropy.md.
+Result (2026-11, CompressAI 1.2.8, torch 2.13.0 CPU): see benchmarks/RESULTS.md.
 It computes our likelihoods (JAX, float32 and the host float64 path) for random parameters
 and inputs, then runs itself under benchmarks/.venv-compressai (CompressAI pins numpy<2) with
 ``--compressai FILE`` to evaluate CompressAI on the same parameters and inputs, and reports

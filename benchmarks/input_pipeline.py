@@ -2,7 +2,7 @@
 random resized crop, flip, batch) at 256 and 512 px with 0, 1 and 2 worker processes.
 
     python benchmarks/input_pipeline.py [--batch 8] [--steps 40] [--cache DIR] \
-        [--out benchmarks/RESULTS_data.md]
+        [--out FILE.md]
 
 Reads the embedded default, built at the measured size on first use (so 512 px means
 512 px records, not upsampled 256 px ones). Host-side local batches only (no device
