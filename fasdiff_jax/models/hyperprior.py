@@ -77,12 +77,41 @@ class GDN(nn.Module):
         return x * jnp.sqrt(norm) if self.inverse else x * jax.lax.rsqrt(norm)
 
 
-def _upconv(x, w, b):
-    """Transposed conv, stride 2, k=5 (torch padding 2, output_padding 1): out = 2 * in."""
+def _upconv_dilated(x, w, b):
+    """Reference transposed conv (stride 2, k=5, torch padding 2, output_padding 1) via an
+    lhs-dilated conv. Exact, but XLA:CPU's backward of it is ~30x slower than a plain conv."""
     y = jax.lax.conv_general_dilated(
         x, w, (1, 1), ((2, 3), (2, 3)), lhs_dilation=(2, 2),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
+    return y + b
+
+
+def _phase_taps(w, axis: int):
+    """Taps of a 5-tap axis that hit even (0, 2, 4) / odd (-, 1, 3) outputs of the upsampling."""
+    even = jax.lax.slice_in_dim(w, 0, 5, 2, axis)
+    odd = jnp.concatenate([jnp.zeros_like(jax.lax.slice_in_dim(w, 0, 1, 1, axis)),
+                           jax.lax.slice_in_dim(w, 1, 5, 2, axis)], axis)
+    return even, odd
+
+
+def _upconv(x, w, b):
+    """Transposed conv, stride 2, k=5 (torch padding 2, output_padding 1): out = 2 * in.
+
+    Computed as one stride-1 3x3 conv producing the four output phases (sub-pixel form) and a
+    depth-to-space: the same products as :func:`_upconv_dilated` without multiplying zeros,
+    and its backward is ~30x faster on XLA:CPU (measured 1.0 s vs 31 s, 8x64x64x128).
+    """
+    if w.shape[:2] != (5, 5):
+        raise ValueError(f"_upconv needs a 5x5 kernel, got {w.shape}")
+    kernels = [col for row in _phase_taps(w, 0) for col in _phase_taps(row, 1)]
+    y = jax.lax.conv_general_dilated(
+        x, jnp.concatenate(kernels, -1), (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    bsz, h, wd, _ = y.shape
+    c = w.shape[-1]
+    y = y.reshape(bsz, h, wd, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(bsz, 2 * h, 2 * wd, c)
     return y + b
 
 
