@@ -233,20 +233,10 @@ class FaSDiff:
         return loss, metrics
 
     def _identity_cosine(self, params: Params, x: jax.Array, x_hat: jax.Array) -> jax.Array:
-        top, left, size = self.loss_cfg["identity_crop"]
-        _, hgt, wid, _ = x.shape
-
-        def chips(im):
-            r0, c0 = int(round(top * hgt)), int(round(left * wid))
-            s = int(round(size * min(hgt, wid)))
-            crop = im[:, r0:r0 + s, c0:c0 + s]
-            crop = jax.image.resize(crop, (im.shape[0], identity_lib.CHIP_SIZE,
-                                           identity_lib.CHIP_SIZE, 3), "linear")
-            return (crop + 1.0) * 127.5
-
-        ref = jax.lax.stop_gradient(self.identity.apply({"params": params["identity"]}, chips(x)))
-        got = self.identity.apply({"params": params["identity"]}, chips(x_hat))
-        return identity_lib.identity_cosine(got, ref)
+        box = self.loss_cfg["identity_crop"]
+        embed = lambda im: self.identity.apply(  # noqa: E731
+            {"params": params["identity"]}, identity_lib.aligned_face_chips(im, box))
+        return identity_lib.identity_cosine(embed(x_hat), jax.lax.stop_gradient(embed(x)))
 
     def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
                         mesh: Mesh | None = None, param_shardings: Any = None,

@@ -650,3 +650,21 @@ def detect_landmarks_dlib(
         shape = predictor(image, d)
         out[i] = [(shape.part(j).x, shape.part(j).y) for j in range(5)]
     return out
+
+
+# Where an FFHQ-style aligned face (fasdiff_jax.data.align's template) sits: top, left and
+# side of a square, as fractions of the image; the box holds the face about as dlib's chip
+# does. Ours; the training loss and the evaluation both use it.
+ALIGNED_FACE_BOX = (0.175, 0.125, 0.75)
+
+
+def aligned_face_chips(images: jax.Array, box: Sequence[float] = ALIGNED_FACE_BOX) -> jax.Array:
+    """(B,H,W,3) in [-1,1] aligned faces -> (B,150,150,3) chips in 0..255 (differentiable)."""
+    top, left, size = box
+    _, h, w, _ = images.shape
+    r0, c0 = int(round(top * h)), int(round(left * w))
+    s = int(round(size * min(h, w)))
+    crop = images[:, r0:r0 + s, c0:c0 + s]
+    chips = jax.image.resize(crop, (images.shape[0], CHIP_SIZE, CHIP_SIZE, images.shape[-1]),
+                             "linear")
+    return (chips + 1.0) * 127.5
