@@ -97,6 +97,9 @@ def test_bad_weights_and_inputs(tmp_path, lpips):
         load_lpips(path=str(tmp_path / "bad.ckpt"))
     import pickle
 
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"x": print}))  # a global: refused
+    with pytest.raises(ConversionError, match="not allowed"):
+        load_lpips(path=str(tmp_path / "evil.ckpt"))
     (tmp_path / "other.ckpt").write_bytes(pickle.dumps({"AlexNet_0": {}}))
     with pytest.raises(ConversionError, match="do not match"):
         load_lpips(path=str(tmp_path / "other.ckpt"))

