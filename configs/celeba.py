@@ -1,0 +1,63 @@
+"""FaSDiff on CelebA-HQ at 256 px with Stable Diffusion 2.1-base (stage 2: all loss terms).
+
+1. Convert SD 2.1-base (a local diffusers folder; nothing is downloaded at run time)::
+
+       python -m fasdiff_jax.convert --diffusers_dir /data/stable-diffusion-2-1-base --out /data/sd21
+
+2. Build CelebA-HQ 256 as ArrayRecord for TFDS (its files are downloaded by hand into
+   ``--manual_dir``)::
+
+       tfds build celeb_a_hq/256 --file_format=array_record --manual_dir=/data/celeba_hq_manual
+
+   (or align your own faces: ``python -m fasdiff_jax.data.prepare --input DIR --output
+   /data/faces --size 256`` and pass ``--config.data.source=prepared:/data/faces``).
+
+3. Train (one host; for pods and clusters see ``launch/``)::
+
+       python -m fasdiff_jax.main --config=configs/celeba.py --workdir=/ckpt/fasdiff_celeba \\
+           --config.model.sd_checkpoint=/data/sd21
+
+``model.sd_checkpoint`` has no default: the run refuses to start until it is set. The
+compressor/HLFE/control sizes and loss weights are our choices (the paper's are not public).
+
+Expected result: not yet measured (no run of this config has been made).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import base, tiny
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """tiny's model fields, resized for SD 2.1-base at 256 px."""
+    m = tiny.model_config()
+    m.image_size = 256
+    m.sd_checkpoint = config_dict.placeholder(str)  # required: python -m fasdiff_jax.convert
+    # SD's UNet/VAE/scheduler configs are read from the checkpoint's config.json files.
+    m.unet, m.vae, m.scheduler = {}, {}, {}
+    m.compute_dtype = "bfloat16"
+    m.remat = True
+    m.compressor = dict(N=128, M=192, num_scales=64, prompt_channels=64, dwt_levels=3, groups=32)
+    m.hlfe = dict(features=128, num_blocks=2, heads=4, groups=32, dwt_levels=1)
+    m.control = dict(embedding_channels=(96, 256), conditioning_scale=1.0)
+    m.loss.update(stage=2, rate=0.05, identity=0.1, lpips=0.5, x0_max_timestep=500)
+    m.sampler = dict(steps=50, t_start=0, eta=0.0, seed=0)
+    return m
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    config.compute_dtype = "bfloat16"
+    config.remat = True
+    config.mesh.data = -1  # pure data parallelism over every device of every host
+    config.model = model_config()
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds:celeb_a_hq/256:train", image_size=256, global_batch_size=64, seed=0,
+        num_workers=8, tfds_data_dir=config_dict.placeholder(str)))
+    config.train = tiny.get_config().train  # every field, then the real-run values
+    config.train.update(steps=200_000, optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2,
+                        schedule="warmup_cosine", warmup_steps=2_000, end_learning_rate_ratio=0.1,
+                        grad_clip_norm=1.0, x0_every=4, log_every=100, checkpoint_every=2_000,
+                        max_to_keep=3)
+    return config

@@ -1,0 +1,45 @@
+"""Train FaSDiff: ``python -m fasdiff_jax.main --config=configs/tiny.py --workdir=DIR``.
+
+Any config field can be overridden on the command line (``--config.train.steps=50``). A
+workdir that holds checkpoints is resumed. Multi-host: pass ``--jax_distributed`` on every
+host (see ``launch/``); ``jax.distributed.initialize()`` then finds the coordinator itself
+on Cloud TPU VMs and under SLURM, or from ``JAX_COORDINATOR_ADDRESS`` +
+``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints and summaries go here; resumed if present.")
+flags.DEFINE_bool("jax_distributed", False,
+                  "Call jax.distributed.initialize() first (one process per host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.jax_distributed:
+        env = os.environ
+        kwargs = {}
+        if "JAX_NUM_PROCESSES" in env:  # generic clusters (TPU VMs and SLURM auto-detect)
+            kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
+                          process_id=int(env["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(**kwargs)
+    logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    from fasdiff_jax import train
+
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

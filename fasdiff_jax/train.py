@@ -1,0 +1,332 @@
+"""The FaSDiff train loop: sharded state, CLU logging, Orbax checkpoints, exact resume.
+
+``train_and_evaluate(config, workdir)`` (driven by ``python -m fasdiff_jax.main``):
+
+* mesh from ``config.mesh``; params placed with shardings from ``config.logical_axis_rules``
+  (each component's logical names come from its module; components without names, e.g. the
+  null-text embedding and LPIPS, are replicated); optimizer state follows its params;
+* optax optimizer from ``config.train`` (:func:`make_optimizer`);
+* two compiled steps: the cheap one, and the one with the x̂0 terms (identity, LPIPS) run
+  every ``config.train.x0_every`` steps in stage 2;
+* CLU writer (summaries only on process 0) with every loss term as its own scalar, and
+  ``ReportProgress``; every logged step goes through :func:`fasdiff.check_finite`, and the
+  trainable params are checked before every save, so a NaN stops the run with
+  :class:`NonFiniteLossError` and the last good checkpoint stays the latest one;
+* Orbax checkpoints of the *trainable* params, optimizer state, step and the Grain iterator
+  state (one JSON file per process). Frozen SD/metric networks are rebuilt from the config
+  (``model.sd_checkpoint`` or the seeded random stand-ins), never re-saved. A run started in
+  a workdir that has checkpoints resumes from the latest; the steps after a resume are the
+  ones an uninterrupted run would have taken (same batches, same per-step rng).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.traverse_util import flatten_dict
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fasdiff_jax import sharding
+from fasdiff_jax.data.pipeline import make_train_iterator
+from fasdiff_jax.errors import FasdiffError, NonFiniteLossError
+from fasdiff_jax.models import fasdiff
+
+# Fields of ``config.train`` and their defaults (a config may omit any of them).
+TRAIN_DEFAULTS: dict[str, Any] = dict(
+    steps=1000,
+    optimizer="adam",  # "adam" | "adamw"
+    learning_rate=1e-4,
+    b1=0.9,
+    b2=0.999,
+    weight_decay=0.0,  # adamw only
+    schedule="constant",  # "constant" | "warmup_cosine" (warmup_steps, then cosine to end)
+    warmup_steps=0,
+    end_learning_rate_ratio=0.0,  # cosine end value / learning_rate
+    grad_clip_norm=0.0,  # global-norm clipping; 0 = off
+    x0_every=10,  # identity + LPIPS step every this many steps (stage 2); 0 = never
+    log_every=20,
+    checkpoint_every=100,
+    max_to_keep=3,
+)
+
+
+class TrainConfigError(FasdiffError, ValueError):
+    """``config.train`` has an unknown field or a value the loop cannot use."""
+
+
+def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.train`` merged over :data:`TRAIN_DEFAULTS`; unknown or bad fields raise."""
+    given = dict(config.train.to_dict() if hasattr(config.train, "to_dict") else config.train)
+    unknown = sorted(set(given) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise TrainConfigError(f"config.train: unknown fields {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
+    tc = {**TRAIN_DEFAULTS, **given}
+    for k in ("steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep"):
+        if int(tc[k]) != tc[k] or tc[k] < 0:
+            raise TrainConfigError(f"config.train.{k} must be a non-negative integer, got {tc[k]!r}")
+    for k in ("log_every", "checkpoint_every", "max_to_keep"):
+        if tc[k] < 1:
+            raise TrainConfigError(f"config.train.{k} must be >= 1, got {tc[k]!r}")
+    if tc["optimizer"] not in ("adam", "adamw"):
+        raise TrainConfigError(f"config.train.optimizer must be 'adam' or 'adamw', got {tc['optimizer']!r}")
+    if tc["schedule"] not in ("constant", "warmup_cosine"):
+        raise TrainConfigError(
+            f"config.train.schedule must be 'constant' or 'warmup_cosine', got {tc['schedule']!r}")
+    return tc
+
+
+def make_optimizer(tc: Mapping[str, Any]) -> optax.GradientTransformation:
+    """Adam/AdamW, optional warmup + cosine decay, optional global-norm clipping.
+
+    The hyper-parameters live in the optimizer state (``optax.inject_hyperparams``), so the
+    compiled step does not depend on their values and :func:`set_hyperparams` can apply the
+    config's values to a restored state.
+    """
+    lr: Any = float(tc["learning_rate"])
+    if tc["schedule"] == "warmup_cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, lr, int(tc["warmup_steps"]), max(int(tc["steps"]), int(tc["warmup_steps"]) + 1),
+            lr * float(tc["end_learning_rate_ratio"]))
+    kw = dict(learning_rate=lr, b1=float(tc["b1"]), b2=float(tc["b2"]))
+    if tc["optimizer"] == "adamw":
+        opt = optax.inject_hyperparams(optax.adamw)(weight_decay=float(tc["weight_decay"]), **kw)
+    else:
+        opt = optax.inject_hyperparams(optax.adam)(**kw)
+    if tc["grad_clip_norm"] > 0:
+        opt = optax.chain(optax.clip_by_global_norm(float(tc["grad_clip_norm"])), opt)
+    return opt
+
+
+def _is_hyper(x: Any) -> bool:
+    return isinstance(x, (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState))
+
+
+def hyperparams(opt_state: Any) -> dict[str, Any]:
+    """The current hyper-parameters (e.g. the scheduled learning rate) of ``opt_state``."""
+    return next(s for s in jax.tree.leaves(opt_state, is_leaf=_is_hyper) if _is_hyper(s)).hyperparams
+
+
+def set_hyperparams(opt_state: Any, tc: Mapping[str, Any], mesh: Mesh) -> Any:
+    """The config's constant hyper-parameters written into ``opt_state`` (e.g. after a restore:
+    the config, not the checkpoint, says what the learning rate is from now on)."""
+    values = {"b1": tc["b1"], "b2": tc["b2"]}
+    if tc["schedule"] == "constant":  # a schedule recomputes the rate from the step count
+        values["learning_rate"] = tc["learning_rate"]
+    if tc["optimizer"] == "adamw":
+        values["weight_decay"] = tc["weight_decay"]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    values = {k: jax.device_put(np.float32(v), replicated) for k, v in values.items()}
+
+    def one(s: Any) -> Any:
+        if not _is_hyper(s):
+            return s
+        if set(values) - set(s.hyperparams):
+            raise TrainConfigError(f"optimizer state has no hyper-parameters "
+                                   f"{sorted(set(values) - set(s.hyperparams))}")
+        return s._replace(hyperparams={**s.hyperparams, **values})
+
+    return jax.tree.map(one, opt_state, is_leaf=_is_hyper)
+
+
+def _boxed_abstract_params(model: fasdiff.FaSDiff) -> dict[str, Any]:
+    """Per component, the shapes of its params *with* their logical-axis boxes."""
+    size = model.cfg["image_size"]
+    lat = size // model.vae_factor
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    z = jax.ShapeDtypeStruct((1, lat, lat, model.vae.latent_channels), jnp.float32)
+    p = jax.ShapeDtypeStruct((1, lat, lat, model.compressor.prompt_channels), jnp.float32)
+    key = jax.random.key(0)
+    out = {"compressor": jax.eval_shape(
+               lambda x, z: model.compressor.init(key, x, z, "round"), x, z)["params"],
+           "hlfe": jax.eval_shape(lambda z, p: model.hlfe.init(key, z, p), z, p)["params"]}
+    for name in ("unet", "vae", "controlnet", "identity"):
+        mod = getattr(model, name)
+        if mod is not None and hasattr(mod, "dummy_inputs"):
+            out[name] = jax.eval_shape(lambda mod=mod: mod.init(key, *mod.dummy_inputs()))["params"]
+    return out
+
+
+def param_shardings(model: fasdiff.FaSDiff, params: Mapping[str, Any], mesh: Mesh,
+                    rules: Any) -> dict[str, Any]:
+    """NamedShardings for ``params`` from the modules' logical names and ``rules``.
+
+    A component whose abstract tree does not match the real one (or that has no names) is
+    replicated, so a module change can never give a wrong layout, only a replicated one.
+    """
+    abstract = _boxed_abstract_params(model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out = {}
+    for name, tree in params.items():
+        boxed = abstract.get(name)
+        if boxed is not None:
+            unboxed = nn.unbox(boxed)
+            same = (jax.tree.structure(unboxed) == jax.tree.structure(tree)
+                    and all(a.shape == b.shape for a, b in zip(jax.tree.leaves(unboxed),
+                                                               jax.tree.leaves(tree))))
+            if same:
+                out[name] = sharding.tree_shardings(boxed, mesh, rules)
+                continue
+            logging.warning("params[%r] does not match its module's init; replicating it", name)
+        out[name] = jax.tree.map(lambda _: replicated, tree)
+    return out
+
+
+def _opt_shardings(optimizer: optax.GradientTransformation, opt_state_shape: Any,
+                   train_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer-state leaves shaped like params share their param's sharding."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        optimizer, lambda _, s: s, opt_state_shape, train_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+@jax.jit
+def _leaf_finite(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.all(jnp.isfinite(a)), tree)
+
+
+def _check_params_finite(train_params: Any, step: int) -> None:
+    """Refuse to checkpoint non-finite params (e.g. a NaN update after a finite loss)."""
+    flags = jax.device_get(_leaf_finite(train_params))
+    bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+           for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite parameters after step {step} (not checkpointed): "
+            + ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else ""),
+            terms=("params",))
+
+
+def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
+    """What the frozen parts are rebuilt from: a resume with another one is refused."""
+    m = config.model
+    src = {"sd_checkpoint": m.get("sd_checkpoint", "")}
+    if not src["sd_checkpoint"]:
+        src.update(seed=config.seed, unet=m.unet.to_dict() if hasattr(m.unet, "to_dict") else m.unet,
+                   vae=m.vae.to_dict() if hasattr(m.vae, "to_dict") else m.vae)
+    return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train until ``config.train.steps`` (resuming from ``workdir``); the last logged metrics."""
+    tc = train_settings(config)
+    if config.model.get("sd_checkpoint", "") is None:
+        raise TrainConfigError(
+            "config.model.sd_checkpoint is required by this config: a folder written by "
+            "`python -m fasdiff_jax.convert` (pass --config.model.sd_checkpoint=DIR)")
+    workdir = os.path.abspath(workdir)
+    mesh = sharding.create_mesh(config.mesh.to_dict())
+    rules = tuple(config.logical_axis_rules)
+    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
+                 jax.process_count())
+
+    model = fasdiff.build(config.model)
+    params = model.init_params(jax.random.key(config.seed))
+    p_sh = param_shardings(model, params, mesh, rules)
+    params = jax.device_put(params, p_sh)
+    train_sh = fasdiff.FaSDiff.split(p_sh)[0]
+    optimizer = make_optimizer(tc)
+    opt_shape = jax.eval_shape(lambda p: model.init_opt_state(optimizer, p), params)
+    o_sh = _opt_shardings(optimizer, opt_shape, train_sh, mesh)
+    opt_state = jax.jit(lambda p: model.init_opt_state(optimizer, p), out_shardings=o_sh)(params)
+
+    step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
+                                          opt_shardings=o_sh) for x0 in (False, True)}
+
+    it = make_train_iterator(config.data, mesh)
+    mngr = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=int(tc["max_to_keep"]), create=True))
+    try:
+        return _loop(config, workdir, tc, mesh, model, params, opt_state, train_sh, o_sh,
+                     step_fns, it, mngr)
+    finally:
+        mngr.wait_until_finished()  # an async save of a good step completes even on error
+        mngr.close()
+        it.close()
+
+
+def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
+          model: fasdiff.FaSDiff, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
+          step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager) -> dict[str, float]:
+    """Restore (if a checkpoint exists), then train, log, check and save until the last step."""
+    fingerprint = _frozen_fingerprint(config)
+    step = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        train_params, frozen = fasdiff.FaSDiff.split(params)
+        target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            data=grain.checkpoint.CheckpointRestore(it.grain_iterator),
+            meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        if meta.get("frozen") != fingerprint:
+            raise TrainConfigError(
+                f"{workdir}: checkpoint {latest} was trained on other frozen SD weights "
+                f"(fingerprint {meta.get('frozen')} != {fingerprint}: model.sd_checkpoint, "
+                f"seed or SD config changed); use a fresh workdir")
+        params = {**restored["state"]["params"], **frozen}
+        opt_state = restored["state"]["opt_state"]
+        step = int(meta["step"])
+        logging.info("resumed from %s at step %d", workdir, step)
+    opt_state = set_hyperparams(opt_state, tc, mesh)
+
+    def save(at: int) -> None:
+        train_params = fasdiff.FaSDiff.split(params)[0]
+        _check_params_finite(train_params, at)
+        mngr.save(at, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
+            data=grain.checkpoint.CheckpointSave(it.grain_iterator),
+            meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint})))
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if step == 0:
+        writer.write_hparams({k: v for k, v in flatten_dict(config.to_dict(), sep=".").items()
+                              if isinstance(v, (int, float, str, bool))})
+    report = periodic_actions.ReportProgress(num_train_steps=tc["steps"], writer=writer)
+    base_rng = jax.random.key(config.seed)
+    use_x0 = int(model.loss_cfg["stage"]) >= 2 and tc["x0_every"] > 0
+    last: dict[str, float] = {}
+    with metric_writers.ensure_flushes(writer):
+        while step < tc["steps"]:
+            x0 = use_x0 and (step + 1) % tc["x0_every"] == 0
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                params, opt_state, metrics = step_fns[x0](
+                    params, opt_state, next(it), jax.random.fold_in(base_rng, step))
+            step += 1
+            report(step)
+            if (x0 or step % tc["log_every"] == 0 or step % tc["checkpoint_every"] == 0
+                    or step == tc["steps"]):
+                last = _host_metrics(metrics)
+                fasdiff.check_finite(last, step)
+                last["learning_rate"] = float(hyperparams(opt_state)["learning_rate"])
+                writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
+            if step % tc["checkpoint_every"] == 0 and step != tc["steps"]:
+                save(step)
+        if mngr.latest_step() != step:
+            save(step)
+    return {**last, "step": step}

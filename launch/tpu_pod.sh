@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM pod slice: the same command on every host (worker) at once.
+#
+#   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [CONFIG] [extra --config.x=y flags...]
+#   e.g. launch/tpu_pod.sh fasdiff-v5e-32 us-west4-a gs://bucket/fasdiff configs/celeba.py \
+#          --config.model.sd_checkpoint=/data/sd21
+#
+# Assumes the repo is checked out at ~/fasdiff-jax on every worker with its venv in .venv
+# (install with the same --command once), and that data and the SD checkpoint are readable
+# from every worker. --jax_distributed makes main call jax.distributed.initialize(), which
+# finds the coordinator and process ids itself on TPU VMs. WORKDIR should be shared (GCS):
+# Orbax writes one checkpoint from all hosts; only process 0 writes summaries.
+set -euo pipefail
+if [ $# -lt 3 ]; then sed -n 2,13p "$0"; exit 2; fi
+TPU_NAME=$1; ZONE=$2; WORKDIR=$3; CONFIG=${4:-configs/celeba.py}; shift $(( $# < 4 ? $# : 4 ))
+EXTRA=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "
+  cd ~/fasdiff-jax && . .venv/bin/activate &&
+  python -m fasdiff_jax.main --jax_distributed --config=$CONFIG --workdir=$WORKDIR $EXTRA"

@@ -1,0 +1,242 @@
+"""The train loop on the tiny config and 8 fake CPU devices (mesh data=8).
+
+One scenario, run once per module (the FaSDiff step compiles once; a persistent compilation
+cache serves the later runs):
+
+A. ``main`` (absl flags, config overrides) trains 6 steps in ``a/``, checkpoints at 3 and 6;
+B. a copy of A's step-3 checkpoint only (as if A had been killed after step 3) is resumed
+   in ``b/`` to step 6: steps 4-6 must match A's exactly;
+N. ``b/`` is resumed with ``learning_rate=nan`` to step 8: the params go NaN after step 7,
+   the loss at step 8 is NaN, the run stops naming the terms and step 6 stays the latest
+   (finite) checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import PartitionSpec as P
+
+from configs import celeba, tiny
+from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
+from fasdiff_jax import sharding, train
+from fasdiff_jax.errors import NonFiniteLossError
+from fasdiff_jax.models import fasdiff
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMS = ("bpp", "diffusion", "latent", "high_freq", "loss", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module only (restored afterwards)."""
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+    compilation_cache.reset_cache()
+
+
+def _overrides(source: str) -> dict:
+    return {"data.source": source, "mesh.data": 8, "train.x0_every": 1000, "train.log_every": 1,
+            "train.checkpoint_every": 3, "train.max_to_keep": 5}
+
+
+def _config(source: str, **extra):
+    cfg = tiny.get_config()
+    for k, v in {**_overrides(source), **extra}.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return cfg
+
+
+def _scalars(workdir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the CLU summaries in ``workdir``: tag -> step -> value."""
+    import tensorflow as tf
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(str(workdir / "events.out.tfevents*"))):
+        for ev in tf.compat.v1.train.summary_iterator(path):
+            for v in ev.summary.value:
+                if v.metadata.plugin_data.plugin_name != "scalars":  # hparams, text
+                    continue
+                out.setdefault(v.tag, {})[ev.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def _saved_params(workdir: Path, step: int) -> dict:
+    flat = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return {_path(k): np.asarray(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(flat["params"])[0]}
+
+
+def _steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def scenario(compile_cache, embedded_dirs, tmp_path_factory):  # noqa: F811
+    from fasdiff_jax import main as main_lib
+
+    src = f"prepared:{embedded_dirs['train']}"
+    root = tmp_path_factory.mktemp("train")
+    a, b = root / "a", root / "b"
+    argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={a}",
+            "--config.train.steps=6"]
+    argv += [f"--config.{k}={v}" for k, v in _overrides(src).items()]
+    with mock.patch.object(sys, "argv", argv):  # config_flags reads overrides from sys.argv
+        main_lib.FLAGS(argv)
+    try:
+        main_lib.main(argv[:1])
+    finally:
+        main_lib.FLAGS.unparse_flags()
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "3", b / "checkpoints" / "3")
+    resumed = train.train_and_evaluate(_config(src, **{"train.steps": 6}), str(b))
+    b_scalars = _scalars(b)
+    with pytest.raises(NonFiniteLossError) as nan_error:
+        train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": float("nan"),
+                                                 "train.checkpoint_every": 2}), str(b))
+    return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value)
+
+
+def test_main_writes_checkpoints_and_summaries(scenario):
+    a = scenario["a"]
+    assert _steps(a) == [3, 6]
+    for step in (3, 6):
+        d = a / "checkpoints" / str(step)
+        assert json.loads((d / "meta" / "metadata").read_text())["step"] == step
+        data = json.loads((d / "data" / "process_0-of-1.json").read_text())
+        assert data["next_index"] == step  # one batch per step
+        saved = _saved_params(a, step)  # trainable parts only: frozen SD/metric nets are not saved
+        assert {k.split("/")[0] for k in saved} == set(fasdiff.TRAINABLE)
+    s = _scalars(a)
+    for term in TERMS + ("learning_rate",):
+        assert sorted(s[f"train/{term}"]) == [1, 2, 3, 4, 5, 6], term
+        assert all(np.isfinite(list(s[f"train/{term}"].values())))
+    assert s["train/learning_rate"][6] == pytest.approx(1e-3)
+    assert "train/identity" not in s  # x0_every=1000: the x̂0 step never ran
+    assert any(t.startswith("steps_per_sec") for t in s)  # ReportProgress
+    assert s["train/loss"][6] < s["train/loss"][1]
+
+
+def test_resume_equals_uninterrupted_run(scenario):
+    a_s, b_s = _scalars(scenario["a"]), scenario["b_scalars"]
+    for term in TERMS:
+        assert sorted(b_s[f"train/{term}"]) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert b_s[f"train/{term}"][step] == pytest.approx(a_s[f"train/{term}"][step],
+                                                               rel=1e-6, abs=1e-7), (term, step)
+    assert scenario["resumed"]["step"] == 6
+    want, got = _saved_params(scenario["a"], 6), _saved_params(scenario["b"], 6)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(scenario):
+    err, b = scenario["nan_error"], scenario["b"]
+    assert "at step 8" in str(err)
+    assert {"loss", "diffusion", "bpp"} <= set(err.terms) and "learning_rate" not in err.terms
+    assert _steps(b) == [3, 6]  # nothing saved at or after the NaN
+    assert all(np.isfinite(v).all() for v in _saved_params(b, 6).values())
+
+
+# ------------------------------------------------------------------ cheap unit tests
+def test_params_are_checked_before_saving():
+    good = {"compressor": {"w": jnp.ones(3)}, "hlfe": {"b": jnp.zeros(2)}}
+    train._check_params_finite(good, 5)
+    bad = {"compressor": {"w": jnp.array([1.0, jnp.nan, 0.0])}, "hlfe": {"b": jnp.zeros(2)}}
+    with pytest.raises(NonFiniteLossError, match="after step 5.*compressor/w") as e:
+        train._check_params_finite(bad, 5)
+    assert e.value.terms == ("params",)
+
+
+def test_optimizer_schedule_clipping_and_config_hyperparams():
+    tc = train.train_settings(tiny.get_config())
+    tc.update(optimizer="adamw", weight_decay=0.1, schedule="warmup_cosine", warmup_steps=2,
+              steps=10, end_learning_rate_ratio=0.1, grad_clip_norm=0.5, learning_rate=0.01)
+    opt = train.make_optimizer(tc)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = opt.init(params)
+    ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 0.01, 2, 10, 0.001), weight_decay=0.1))
+    ref_state = ref.init(params)
+    for i in range(4):
+        g = {"w": jnp.array([3.0, 4.0]) * (i + 1)}
+        u, state = opt.update(g, state, params)
+        ru, ref_state = ref.update(g, ref_state, params)
+        # f32 hyper-parameters in the state (inject_hyperparams) vs Python floats: ~1e-5 rel
+        np.testing.assert_allclose(u["w"], ru["w"], rtol=1e-4, atol=1e-9)
+    assert float(train.hyperparams(state)["learning_rate"]) == pytest.approx(
+        optax.warmup_cosine_decay_schedule(0.0, 0.01, 2, 10, 0.001)(3))
+    mesh = sharding.create_mesh({"data": -1})
+    tc.update(learning_rate=0.25, b1=0.5)  # a schedule's rate is not overwritten, b1 is
+    state = train.set_hyperparams(state, tc, mesh)
+    assert float(train.hyperparams(state)["b1"]) == 0.5
+    assert float(train.hyperparams(state)["learning_rate"]) != 0.25
+    tc.update(schedule="constant", optimizer="adam")
+    opt = train.make_optimizer(tc)
+    state = train.set_hyperparams(opt.init(params), {**tc, "learning_rate": 0.5}, mesh)
+    assert float(train.hyperparams(state)["learning_rate"]) == 0.5
+    u, _ = opt.update({"w": jnp.array([1.0, 1.0])}, state, params)  # clipped to norm 0.5
+    np.testing.assert_allclose(u["w"], [-0.5, -0.5], rtol=1e-5)  # Adam's first step: -lr*sign
+
+
+def _path(key_path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def test_param_shardings_follow_the_logical_rules(devices8):
+    cfg = tiny.get_config()
+    model = fasdiff.build(cfg.model)
+    params = model.init_params(jax.random.key(0))
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    sh = train.param_shardings(model, params, mesh, tuple(cfg.logical_axis_rules))
+    specs = {_path(k): s.spec for k, s in jax.tree_util.tree_flatten_with_path(sh)[0]}
+    assert specs.keys() == {_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    # CONV_KERNEL_AXES = (conv_h, conv_w, embed -> fsdp, mlp -> tensor)
+    assert specs["unet/down_blocks_1/resnets_0/conv1/kernel"] == P(None, None, "fsdp", "tensor")
+    for comp in ("compressor", "hlfe", "controlnet", "vae"):
+        assert any(s != P() for k, s in specs.items() if k.startswith(comp + "/")), comp
+    assert specs["null_text"] == P()
+    opt = train.make_optimizer(train.train_settings(cfg))
+    train_sh = fasdiff.FaSDiff.split(sh)[0]
+    o_sh = train._opt_shardings(opt, jax.eval_shape(lambda p: model.init_opt_state(opt, p),
+                                                    params), train_sh, mesh)
+    adam = o_sh.inner_state[0]
+    assert jax.tree.leaves(adam.mu) == jax.tree.leaves(train_sh)  # moments follow their params
+    assert jax.tree.leaves(adam.nu) == jax.tree.leaves(train_sh)
+    assert o_sh.hyperparams["learning_rate"].spec == P()
+
+
+def test_bad_configs_are_refused_early(tmp_path):
+    cfg = tiny.get_config()
+    cfg.train.optimizer = "sgd"
+    with pytest.raises(train.TrainConfigError, match="optimizer"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    cfg = tiny.get_config()
+    with cfg.unlocked():
+        cfg.train.lr = 1.0
+    with pytest.raises(train.TrainConfigError, match=r"unknown fields \['lr'\]"):
+        train.train_settings(cfg)
+    with pytest.raises(train.TrainConfigError, match="sd_checkpoint is required"):
+        train.train_and_evaluate(celeba.get_config(), str(tmp_path))
+    assert not os.listdir(tmp_path)  # refused before writing anything
