@@ -92,9 +92,9 @@ def images_from_source(source: Sequence[Mapping], limit: int | None = None
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import importlib.util
 
     from fasdiff_jax import train
+    from fasdiff_jax.codec import load_config
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
     args = ap.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("fasdiff_eval_config", args.config)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = load_config(args.config)
     model, params, step = train.restore_for_inference(config, args.workdir)
     src = open_source(args.source, cache_dir=config.data.get("cache_dir"),
                       image_size=config.model.image_size)

@@ -330,3 +330,35 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         if mngr.latest_step() != step:
             save(step)
     return {**last, "step": step}
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
+                          ) -> tuple[fasdiff.FaSDiff, dict[str, Any], int]:
+    """``(model, params, step)``: frozen parts from the config, trained parts from the latest
+    checkpoint in ``workdir``; for the codec and evaluation commands (one host, no mesh)."""
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    mngr = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    latest = mngr.latest_step() if mngr is not None else None
+    if latest is None:
+        raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
+                               f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
+    try:
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    if restored["meta"].get("frozen") != _frozen_fingerprint(config):
+        raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen SD "
+                               f"weights than this config's (model.sd_checkpoint, seed or SD config)")
+    model = fasdiff.build(config.model)
+    params = model.init_params(jax.random.key(config.seed))
+    trained, frozen = fasdiff.FaSDiff.split(params)
+    got = restored["state"]["params"]
+    want = {k: np.shape(v) for k, v in flatten_dict(trained).items()}
+    have = {k: np.shape(v) for k, v in flatten_dict(got).items()}
+    if want != have:
+        diff = sorted("/".join(k) for k in set(want) ^ set(have)
+                      | {k for k in set(want) & set(have) if want[k] != have[k]})
+        raise TrainConfigError(f"{workdir}: checkpoint {latest} does not fit this config's "
+                               f"model: {diff[:8]}")
+    return model, {**jax.tree.map(jnp.asarray, got), **frozen}, int(latest)

@@ -240,3 +240,37 @@ def test_bad_configs_are_refused_early(tmp_path):
     with pytest.raises(train.TrainConfigError, match="sd_checkpoint is required"):
         train.train_and_evaluate(celeba.get_config(), str(tmp_path))
     assert not os.listdir(tmp_path)  # refused before writing anything
+
+
+def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedded_dirs,  # noqa: F811
+                                                                tmp_path, capsys):
+    """``fasdiff_jax.codec`` and ``fasdiff_jax.evaluate`` on the workdir trained above."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec, evaluate
+
+    cfg, work = str(ROOT / "configs" / "tiny.py"), str(scenario["a"])
+    Image.fromarray(skdata.astronaut()[20:81, 150:200]).save(tmp_path / "face.png")  # 61x50
+    common = [f"--config={cfg}", f"--workdir={work}"]
+    assert codec.main(["compress", str(tmp_path / "face.png"), str(tmp_path / "f.fsd"),
+                       "--steps=2", "--seed=5"] + common) == 0
+    assert codec.main(["decompress", str(tmp_path / "f.fsd"), str(tmp_path / "out.png")]
+                      + common) == 0
+    assert Image.open(tmp_path / "out.png").size == (50, 61)
+    (tmp_path / "bad.fsd").write_bytes((tmp_path / "f.fsd").read_bytes()[:-3])
+    assert codec.main(["decompress", str(tmp_path / "bad.fsd"), str(tmp_path / "x.png")]
+                      + common) == 2
+    assert "error:" in capsys.readouterr().err
+    assert codec.main(["compress", str(tmp_path / "face.png"), str(tmp_path / "g.fsd"),
+                       f"--config={cfg}", f"--workdir={tmp_path / 'empty'}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+    out = tmp_path / "eval.json"
+    assert evaluate.main(common + [f"--source=prepared:{embedded_dirs['heldout']}", "--limit=1",
+                                   f"--out={out}"]) == 0
+    res = json.loads(out.read_text())
+    assert res["name"] == "fasdiff@6" and len(res["images"]) == 1
+    row = res["images"][0]
+    assert row["bpp"] == pytest.approx(8 * row["bytes"] / (row["height"] * row["width"]))
+    assert np.isfinite(row["psnr-rgb"]) and 0 <= row["lpips"] and -1 <= row["identity-cos"] <= 1
