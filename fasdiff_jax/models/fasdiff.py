@@ -3,8 +3,10 @@ of a frozen SD UNet/VAE; losses, the trainable/frozen split, sampling and the co
 
 ``model = build(config.model)``; ``params = model.init_params(rng)``;
 ``loss, metrics = model.loss_fn(params, batch, rng)``; ``model.compress(params, img) -> bytes``;
-``model.decompress(params, data) -> img``. See ../DESIGN notes §2 in the README for the
-picture. Choices the paper's abstract does not fix are ours and are config fields:
+``model.decompress(params, data) -> img``. Data flow: x -> frozen VAE -> z0; compressor(x,
+z0) -> bits -> (visual prompt p, coarse latent ẑ); HLFE(ẑ, p) -> UNet scale/shift; ControlNet
+(z_t, p) -> UNet residuals; frozen UNet denoises. Choices the paper's abstract does not fix
+are ours and are config fields:
 
 * ``z0`` is the VAE posterior *mean* times ``scaling_factor`` (deterministic target);
 * the high-frequency loss compares Haar high bands of ẑ and ``z0`` (latent space, every step);
@@ -102,7 +104,7 @@ class FaSDiff:
     # ------------------------------------------------------------------ sizes
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.block_out_channels) - 1)
+        return self.vae.downsample_factor
 
     @property
     def multiple(self) -> int:
