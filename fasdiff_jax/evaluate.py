@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fasdiff_jax.models import identity as identity_lib
+from fasdiff_jax.models.hyperprior import to_rgb
 from fasdiff_jax.models import perceptual
 
 DEFAULT_IDENTITY_CROP = identity_lib.ALIGNED_FACE_BOX
@@ -50,15 +51,6 @@ class Metrics:
                 "identity-cos": float(identity_lib.identity_cosine(ea, eb)[0])}
 
 
-def _rgb(img: np.ndarray) -> np.ndarray:
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[-1] == 1:
-        return np.repeat(img, 3, -1)
-    return img[..., :3]
-
-
 def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[bytes], np.ndarray],
              images: Iterable[tuple[str, np.ndarray]], metrics: Metrics | None = None,
              name: str = "fasdiff") -> dict:
@@ -77,7 +69,7 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
         row = {"image": img_name, "height": h, "width": w, "bytes": len(data),
                "bpp": 8.0 * len(data) / (h * w), "encoding_time": t1 - t0,
                "decoding_time": t2 - t1}
-        row.update(metrics(_rgb(img), _rgb(recon)))
+        row.update(metrics(to_rgb(img)[0], to_rgb(recon)[0]))
         rows.append(row)
     keys = [k for k in rows[0] if k not in ("image", "height", "width")] if rows else []
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}

@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fasdiff_jax.models import entropy as E
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import wavelets
 from fasdiff_jax.models.layers import Conv
@@ -84,18 +83,7 @@ class HFCompressor(H.MeanScaleHyperprior):
 
     def __call__(self, x: jax.Array, z0: jax.Array, mode: str = "noise", rng=None):
         """Training forward: (prompt, z_coarse, y_likelihoods, z_likelihoods)."""
-        r1 = r2 = None
-        if rng is not None:
-            r1, r2 = jax.random.split(rng)
-        y = self.analysis(x, z0)
-        z = jnp.clip(self.h_a(y), -H.Z_CLIP, H.Z_CLIP - 1)
-        z_hat, z_lik = self.entropy_bottleneck(z, mode, r1)
-        means, scales = self.h_s(z_hat)
-        y_hat, y_lik = self.gaussian_conditional(y, means, scales, mode, r2)
+        y_hat, y_lik, z_lik = self.entropy_stage(self.analysis(x, z0), mode, rng)
         prompt, z_coarse = self.synthesis(y_hat)
         return prompt, z_coarse, y_lik, z_lik
 
-
-def rate_bits(y_lik: jax.Array, z_lik: jax.Array) -> jax.Array:
-    """Total bits of a batch from the two likelihood maps."""
-    return E.bits_from_likelihoods(y_lik) + E.bits_from_likelihoods(z_lik)

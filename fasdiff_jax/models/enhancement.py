@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from fasdiff_jax.models import layers, wavelets
 from fasdiff_jax.models.sd.blocks import Attention, ResnetBlock2D
+from fasdiff_jax.models.sd.unet import apply_scale_shift
 
 Dtype = Any
 
@@ -88,9 +89,5 @@ class HybridLowFrequencyEnhancement(nn.Module):
         return {"down": down, "mid": mid}, code
 
 
-def apply_modulation(feature: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    """``f * (1 + scale) + shift``; identity for ``None``."""
-    if scale_shift is None:
-        return feature
-    scale, shift = scale_shift
-    return feature * (1 + scale.astype(feature.dtype)) + shift.astype(feature.dtype)
+# How the UNet applies one (scale, shift) pair; defined once, next to its use.
+apply_modulation = apply_scale_shift

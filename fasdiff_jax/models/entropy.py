@@ -335,5 +335,6 @@ def tables_digest(*tables: CdfTables) -> bytes:
     return h.digest()
 
 
-def bits_from_likelihoods(lik) -> jax.Array:
-    return -jnp.sum(jnp.log2(lik))
+def bits_from_likelihoods(*liks) -> jax.Array:
+    """Total bits (Σ -log2 p) of one or more likelihood maps."""
+    return sum(-jnp.sum(jnp.log2(lik)) for lik in liks)

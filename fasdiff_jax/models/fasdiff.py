@@ -45,7 +45,8 @@ from fasdiff_jax.errors import ConversionError, NonFiniteLossError
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models import perceptual, wavelets
-from fasdiff_jax.models.compressor import HFCompressor, rate_bits
+from fasdiff_jax.models import entropy
+from fasdiff_jax.models.compressor import HFCompressor
 from fasdiff_jax.models.enhancement import HybridLowFrequencyEnhancement
 from fasdiff_jax.models.sd import controlnet as controlnet_lib
 from fasdiff_jax.models.sd.unet import UNet2DConditionModel, per_block
@@ -201,7 +202,7 @@ class FaSDiff:
         z0 = self.encode_z0(params, x)
         prompt, z_coarse, y_lik, z_lik = self.compressor.apply(
             {"params": params["compressor"]}, x, z0, "noise", r_q)
-        bpp = rate_bits(y_lik, z_lik) / (b * hgt * wid)
+        bpp = entropy.bits_from_likelihoods(y_lik, z_lik) / (b * hgt * wid)
         modulation, _ = self.hlfe.apply({"params": params["hlfe"]}, z_coarse, prompt)
         t = jax.random.randint(r_t, (b,), 0, self.schedule.num_train_timesteps)
         noise = jax.random.normal(r_n, z0.shape)

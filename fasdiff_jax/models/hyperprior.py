@@ -238,15 +238,19 @@ class MeanScaleHyperprior(nn.Module):
 
     def __call__(self, x, mode: str = "noise", rng=None):
         """Training / evaluation forward: (x_hat, y_likelihoods, z_likelihoods)."""
+        y_hat, y_lik, z_lik = self.entropy_stage(self.g_a(x), mode, rng)
+        return self.g_s(y_hat), y_lik, z_lik
+
+    def entropy_stage(self, y, mode: str = "noise", rng=None):
+        """y -> (y_hat, y_likelihoods, z_likelihoods) through h_a, the bottleneck and h_s."""
         r1 = r2 = None
         if rng is not None:
             r1, r2 = jax.random.split(rng)
-        y = self.g_a(x)
         z = jnp.clip(self.h_a(y), -Z_CLIP, Z_CLIP - 1)
         z_hat, z_lik = self.entropy_bottleneck(z, mode, r1)
         means, scales = self.h_s(z_hat)
         y_hat, y_lik = self.gaussian_conditional(y, means, scales, mode, r2)
-        return self.g_s(y_hat), y_lik, z_lik
+        return y_hat, y_lik, z_lik
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +557,7 @@ def loss_fn(model: MeanScaleHyperprior, params: dict, batch: jax.Array, rng: jax
     """Rate (bpp, additive noise) + lmbda * 255² * MSE on a [0,1] NHWC batch (multiple of 64)."""
     x_hat, y_lik, z_lik = model.apply(params, batch, "noise", rng)
     n_px = batch.shape[0] * batch.shape[1] * batch.shape[2]
-    bpp = (E.bits_from_likelihoods(y_lik) + E.bits_from_likelihoods(z_lik)) / n_px
+    bpp = E.bits_from_likelihoods(y_lik, z_lik) / n_px
     mse = jnp.mean((x_hat - batch) ** 2)
     loss = bpp + lmbda * 255.0**2 * mse
     return loss, {"loss": loss, "bpp": bpp, "mse": mse}

@@ -388,7 +388,8 @@ def mid_block(m: UNetEncoderFields, h: jax.Array, temb: jax.Array, context: jax.
         **block_kwargs(m))(h, temb, context)
 
 
-def _apply_scale_shift(f: jax.Array, ss: ScaleShift) -> jax.Array:
+def apply_scale_shift(f: jax.Array, ss: ScaleShift) -> jax.Array:
+    """FaSDiff's modulation of one UNet feature: ``f * (1 + scale) + shift``; None = identity."""
     if ss is None:
         return f
     scale, shift = ss
@@ -573,8 +574,8 @@ class UNet2DConditionModel(UNetEncoderFields):
                 if len(down_mod) != len(skips):
                     raise ValueError(f"modulation['down'] has {len(down_mod)} entries, "
                                      f"need {len(skips)} (one per skip feature)")
-                skips = [_apply_scale_shift(s, ss) for s, ss in zip(skips, down_mod)]
-            h = _apply_scale_shift(h, modulation.get("mid"))
+                skips = [apply_scale_shift(s, ss) for s, ss in zip(skips, down_mod)]
+            h = apply_scale_shift(h, modulation.get("mid"))
 
         nlayers = per_block(self.layers_per_block, n, "layers_per_block")[::-1]
         heads = per_block(self.num_attention_heads, n, "num_attention_heads")[::-1]
