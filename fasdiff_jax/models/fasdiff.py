@@ -56,6 +56,9 @@ CODEC_ID = 2
 TRAINABLE = ("compressor", "hlfe", "controlnet")
 FROZEN = ("unet", "vae", "null_text", "identity", "lpips")
 Params = dict[str, Any]
+# ControlNet fields that are not copied from the UNet (built in :func:`build`).
+_CONTROL_ONLY = ("conditioning_channels", "conditioning_downsample",
+                 "conditioning_embedding_out_channels")
 
 
 def unet_skip_targets(unet: UNet2DConditionModel) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -130,8 +133,9 @@ class FaSDiff:
             vae_params = convert.random_params(self.vae, seed + 1)
             null = jax.random.normal(jax.random.key(1234), (
                 1, self.cfg["text_length"], self.unet.cross_attention_dim)) * 0.5
-        _, cn_params = controlnet_lib.controlnet_from_unet(
-            self.unet, unet_params, rng=r[2], **self._controlnet_kwargs())
+        control_only = {f: getattr(self.controlnet, f) for f in _CONTROL_ONLY}
+        _, cn_params = controlnet_lib.controlnet_from_unet(self.unet, unet_params, rng=r[2],
+                                                           **control_only)
         x = jnp.zeros((1, size, size, 3))
         z = jnp.zeros((1, lat, lat, self.vae.latent_channels))
         p = jnp.zeros((1, lat, lat, self.compressor.prompt_channels))
@@ -150,14 +154,6 @@ class FaSDiff:
         if self.lpips is not None:
             params["lpips"] = self._cache["lpips_params"]
         return params
-
-    def _controlnet_kwargs(self) -> dict:
-        c = self.cfg["control"]
-        return dict(conditioning_channels=self.compressor.prompt_channels,
-                    conditioning_downsample=False,
-                    conditioning_embedding_out_channels=tuple(c["embedding_channels"]),
-                    dtype=self.unet.dtype, remat=self.unet.remat,
-                    attention_impl=self.unet.attention_impl)
 
     @staticmethod
     def trainable_mask(params: Params) -> Params:
@@ -343,7 +339,8 @@ class FaSDiff:
     def _check_spec(self, spec: ct.SamplerSpec) -> None:
         t_max = self.schedule.num_train_timesteps
         if not 1 <= spec.steps <= 1000 or not 0 <= spec.t_start < t_max:
-            raise ValueError(f"sampler spec out of range: {spec} (steps 1..1000, t_start 0..{t_max - 1})")
+            raise ValueError(f"sampler spec out of range: {spec} "
+                             f"(steps 1..1000, t_start 0..{t_max - 1})")
         if not (np.isfinite(spec.eta) and 0 <= spec.eta <= 1):
             raise ValueError(f"sampler eta must be in [0, 1], got {spec.eta}")
 
