@@ -66,7 +66,7 @@ def training(tiny_model, embedded_dirs, tmp_path_factory):  # noqa: F811
         history.append(metrics)
         if i in (0, 1, 2):
             snapshots[i] = _np_tree(params)
-    return model, before, snapshots, history, params, (plain, batch)
+    return model, before, snapshots, history, params, (plain, batch, with_x0, opt_state)
 
 
 def test_training_terms_fall_without_nan(training):
@@ -77,8 +77,29 @@ def test_training_terms_fall_without_nan(training):
         assert last < 0.8 * first, f"{term}: {first:.4f} -> {last:.4f}"
     x0_steps = [h for h in history if "identity" in h]
     assert len(x0_steps) == STEPS // X0_EVERY
-    for h in x0_steps:  # computed, finite, in range (their fall is not asserted: see README)
+    for h in x0_steps:  # computed, finite, in range (their fall on fresh batches: see README)
         assert 0 <= h["identity"] <= 2 and 0 <= h["lpips"] < 2
+
+
+STAGE2_STEPS = 100
+
+
+def test_stage2_identity_and_lpips_fall_on_a_fixed_batch(training):
+    """Stage 2 (x̂0 terms every step) fitted to one batch and one (t, noise) draw: identity
+    and LPIPS on x̂0 must fall, so their gradients reach the compressor, control and HLFE
+    through the frozen UNet, VAE decoder, dlib net and LPIPS. On fresh batches they do not
+    fall measurably with *random* frozen SD weights in a few hundred steps (README)."""
+    model, *_, params, (_, batch, with_x0, opt_state) = training
+    params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))  # the fixture's stay live
+    rng = jax.random.key(2024)
+    history = []
+    for i in range(STAGE2_STEPS):
+        params, opt_state, metrics = with_x0(params, opt_state, batch, rng)
+        history.append({k: float(v) for k, v in metrics.items()})
+        fasdiff.check_finite(history[-1], i)
+    first, last = history[0], history[-1]
+    for term, factor in (("identity", 0.95), ("lpips", 0.9), ("loss", 0.8)):
+        assert last[term] < factor * first[term], f"{term}: {first[term]:.4f} -> {last[term]:.4f}"
 
 
 # Zero-initialised layers block the gradient to what precedes them until they have moved:
@@ -123,7 +144,7 @@ def _unflat(flat):
 
 
 def test_nan_is_reported_naming_the_term(training):
-    model, *_, params, (plain, batch) = training
+    model, *_, params, (plain, batch, *_) = training
     bad = jax.tree.map(jnp.array, params)
     bad["compressor"]["latent_head"]["bias"] = bad["compressor"]["latent_head"]["bias"] * jnp.nan
     opt = optax.adam(1e-3)  # same step function and shapes as training: no recompilation

@@ -11,8 +11,10 @@ are ours and are config fields:
 * ``z0`` is the VAE posterior *mean* times ``scaling_factor`` (deterministic target);
 * the high-frequency loss compares Haar high bands of ẑ and ``z0`` (latent space, every step);
 * identity and LPIPS run on the one-step x̂0 decoded by the VAE, only when
-  ``loss.x0_terms`` is on (stage 2, or every ``x0_every`` steps in the train loop) and only
-  for samples with ``t <= x0_max_timestep``; the identity chip of an aligned face is the
+  ``loss.x0_terms`` is on (stage 2, or every ``x0_every`` steps in the train loop); on those
+  steps every sample's ``t`` is drawn from ``[0, x0_max_timestep]``, where the one-step x̂0
+  is informative (drawing from all t and masking would decode images that count for
+  nothing); the identity chip of an aligned face is the
   fixed box ``identity_crop`` (top, left, size as fractions), resized to dlib's 150x150;
 * the empty-prompt embedding comes from the converted checkpoint; a random-weights model
   (tiny configs) uses a fixed seeded random embedding instead.
@@ -200,7 +202,9 @@ class FaSDiff:
             {"params": params["compressor"]}, x, z0, "noise", r_q)
         bpp = entropy.bits_from_likelihoods(y_lik, z_lik) / (b * hgt * wid)
         modulation, _ = self.hlfe.apply({"params": params["hlfe"]}, z_coarse, prompt)
-        t = jax.random.randint(r_t, (b,), 0, self.schedule.num_train_timesteps)
+        with_x0 = x0_terms and (lc["identity"] > 0 or lc["lpips"] > 0)
+        t_max = lc["x0_max_timestep"] + 1 if with_x0 else self.schedule.num_train_timesteps
+        t = jax.random.randint(r_t, (b,), 0, min(t_max, self.schedule.num_train_timesteps))
         noise = jax.random.normal(r_n, z0.shape)
         z_t = schedules.add_noise(self.schedule, z0, noise, t)
         out = self.denoise(params, z_t, t, prompt, modulation).astype(jnp.float32)
@@ -214,20 +218,16 @@ class FaSDiff:
         }
         loss = (lc["rate"] * bpp + lc["diffusion"] * metrics["diffusion"]
                 + lc["latent"] * metrics["latent"] + lc["high_freq"] * metrics["high_freq"])
-        if x0_terms and (lc["identity"] > 0 or lc["lpips"] > 0):
+        if with_x0:
             x0 = schedules.predict_x0(self.schedule, out, z_t, t)
             x_hat = jnp.clip(self.decode_latent(params, x0), -1.0, 1.0)
-            w = (t <= lc["x0_max_timestep"]).astype(jnp.float32)
-            norm = jnp.maximum(w.sum(), 1.0)
             if lc["identity"] > 0:
-                cos = self._identity_cosine(params, x, x_hat)
-                metrics["identity"] = jnp.sum(w * (1 - cos)) / norm
+                metrics["identity"] = jnp.mean(1 - self._identity_cosine(params, x, x_hat))
                 loss = loss + lc["identity"] * metrics["identity"]
             if lc["lpips"] > 0:
-                d = self.lpips.apply({"params": params["lpips"]}, x_hat, x)
-                metrics["lpips"] = jnp.sum(w * d) / norm
+                metrics["lpips"] = jnp.mean(self.lpips.apply({"params": params["lpips"]},
+                                                             x_hat, x))
                 loss = loss + lc["lpips"] * metrics["lpips"]
-            metrics["x0_fraction"] = w.mean()
         metrics["loss"] = loss
         return loss, metrics
 
