@@ -13,7 +13,7 @@ diffusers state dict onto our trees with one generic rule instead of per-model t
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,134 @@ QKV_KERNEL_AXES = ("embed", "heads")
 ATTN_OUT_KERNEL_AXES = ("heads", "embed")
 
 _default_kernel_init = nn.initializers.lecun_normal()
+
+
+# ----------------------------------------------------------------------------------------
+# 2-D convolution whose kernel gradient is a sum of per-tap matmuls on CPU.
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x, w, strides, pads):
+    return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+# Per-tap kernel gradients pay off for big GEMMs only (measured fwd+bwd, 3x3 convs: 2x64x64x256
+# 322 -> 179 ms, 8x32x32x128 76 -> 54 ms; 2x32x32x128 8.7 -> 12.2 ms; 64 channels a tie).
+_TAP_MIN_ROWS = 4096  # batch * output height * output width
+_TAP_MIN_CHANNELS = 128
+
+
+def _kernel_grad_taps(x, dy, w_shape, strides, pads):
+    """dL/dw as one (B*Ho*Wo, C)^T @ (B*Ho*Wo, O) matmul per kernel tap."""
+    kh, kw, c, o = w_shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    b, ho, wo, _ = dy.shape
+    d2 = dy.reshape(-1, o)
+    taps = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                          (1, sh, sw, 1)).reshape(-1, c).T @ d2
+            for i in range(kh) for j in range(kw)]
+    return jnp.stack(taps).reshape(kh, kw, c, o)
+
+
+def _phase_kernel(w, k: int, s: int, p: int, axis: int):
+    """For the input gradient of a stride-``s`` conv along ``axis``: per output phase r, the
+    kernel taps (flipped to correlation order over dy) and the window start ``d_min``."""
+    offsets = {r: {(r + p - j) // s: j for j in range(k) if (r + p - j) % s == 0} for r in range(s)}
+    d_min = min(min(o) for o in offsets.values() if o)
+    d_max = max(max(o) for o in offsets.values() if o)
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(w, 0, 1, axis=axis))
+    phases = [jnp.concatenate([jax.lax.slice_in_dim(w, offsets[r][d], offsets[r][d] + 1, axis=axis)
+                               if d in offsets[r] else zero for d in range(d_min, d_max + 1)], axis)
+              for r in range(s)]
+    return phases, d_min, d_max
+
+
+def _input_grad_subpixel(dy, w, x_shape, strides, pads):
+    """dL/dx of a strided conv as one stride-1 conv over dy giving every input phase, then
+    depth-to-space: XLA:CPU computes it as an lhs-dilated conv, 2.5x slower than the forward."""
+    kh, kw, c, o = w.shape
+    (sh, sw), ((pt, _), (pl, _)) = strides, pads
+    b, ho, wo, _ = dy.shape
+    rows, h_min, h_max = _phase_kernel(w, kh, sh, pt, 0)
+    kernels = []
+    for row in rows:
+        cols, w_min, w_max = _phase_kernel(row, kw, sw, pl, 1)
+        kernels += cols
+    # (T_h, T_w, C, O) per phase -> (T_h, T_w, O, phases * C)
+    k = jnp.concatenate([jnp.swapaxes(q, 2, 3) for q in kernels], axis=-1)
+    mh, mw = -(-x_shape[1] // sh), -(-x_shape[2] // sw)
+    pad_h = (-h_min, h_max + mh - ho)
+    pad_w = (-w_min, w_max + mw - wo)
+    dyp = jnp.pad(dy, ((0, 0), (max(pad_h[0], 0), max(pad_h[1], 0)),
+                       (max(pad_w[0], 0), max(pad_w[1], 0)), (0, 0)))
+    dyp = dyp[:, max(-pad_h[0], 0):dyp.shape[1] - max(-pad_h[1], 0),
+              max(-pad_w[0], 0):dyp.shape[2] - max(-pad_w[1], 0)]
+    g = _lax_conv(dyp, k, (1, 1), ((0, 0), (0, 0)))  # (B, mh, mw, sh*sw*C)
+    g = g.reshape(b, mh, mw, sh, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, mh * sh, mw * sw, c)
+    return g[:, :x_shape[1], :x_shape[2]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grad(x, w, strides, pads):
+    return _lax_conv(x, w, strides, pads)
+
+
+def _conv_tap_grad_fwd(x, w, strides, pads):
+    return _lax_conv(x, w, strides, pads), (x, w)
+
+
+def _conv_tap_grad_bwd(strides, pads, res, dy):
+    x, w = res
+    xla_dx = lambda dy: jax.vjp(lambda x: _lax_conv(x, w, strides, pads), x)[1](dy)[0]  # noqa
+    if strides == (1, 1):
+        dx = xla_dx(dy)
+    else:
+        dx = jax.lax.platform_dependent(
+            dy, cpu=lambda dy: _input_grad_subpixel(dy, w, x.shape, strides, pads).astype(x.dtype),
+            default=xla_dx)
+    xla_dw = lambda x, dy: jax.vjp(lambda w: _lax_conv(x, w, strides, pads), w)[1](dy)[0]  # noqa
+    if dy.shape[0] * dy.shape[1] * dy.shape[2] < _TAP_MIN_ROWS or x.shape[-1] < _TAP_MIN_CHANNELS:
+        return dx, xla_dw(x, dy)
+    dw = jax.lax.platform_dependent(
+        x, dy,
+        cpu=lambda x, dy: _kernel_grad_taps(x, dy, w.shape, strides, pads).astype(w.dtype),
+        default=xla_dw)
+    return dx, dw
+
+
+_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
+           padding: Any = ((0, 0), (0, 0)), lhs_dilation: Any = None, rhs_dilation: Any = None,
+           dimension_numbers: Any = None, feature_group_count: int = 1,
+           precision: Any = None) -> jax.Array:
+    """``lax.conv_general_dilated`` (same signature, so ``nn.Conv`` can take it) for NHWC x
+    HWIO convs, with a faster kernel gradient on CPU.
+
+    XLA:CPU computes a conv's kernel gradient 3.5-7x slower than the forward conv (measured
+    1429 vs 220 ms for 8x64x64x128 -> 512, 3x3); the same gradient as one matmul per kernel
+    tap takes 310 ms (used from ``_TAP_MIN_ROWS`` output pixels and ``_TAP_MIN_CHANNELS``
+    input channels). Strided convs also get their input gradient in sub-pixel form
+    (:func:`_input_grad_subpixel`). Other backends keep XLA's own gradients. Dilated,
+    grouped or non-NHWC convs go straight to ``lax.conv_general_dilated``.
+    """
+    strides = tuple(strides)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+    plain = (x.ndim == 4 and feature_group_count == 1 and precision is None
+             and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+             and (dimension_numbers is None
+                  or jax.lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers) == dn))
+    if not plain:
+        return jax.lax.conv_general_dilated(
+            x, w, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+            precision=precision)
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_tap_grad(x, w, strides, pads)
 
 
 def Conv(  # noqa: N802 - a constructor that reads like a class
@@ -54,6 +182,7 @@ def Conv(  # noqa: N802 - a constructor that reads like a class
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+        conv_general_dilated=conv2d,
         name=name,
     )
 
