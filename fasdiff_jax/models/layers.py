@@ -31,7 +31,8 @@ _default_kernel_init = nn.initializers.lecun_normal()
 
 
 # ----------------------------------------------------------------------------------------
-# 2-D convolution whose kernel gradient is a sum of per-tap matmuls on CPU.
+# 2-D convolution with faster gradients on CPU (per-tap kernel gradient, sub-pixel input
+# gradient of strided convs).
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -59,8 +60,9 @@ def _kernel_grad_taps(x, dy, w_shape, strides, pads):
 
 
 def _phase_kernel(w, k: int, s: int, p: int, axis: int):
-    """For the input gradient of a stride-``s`` conv along ``axis``: per output phase r, the
-    kernel taps (flipped to correlation order over dy) and the window start ``d_min``."""
+    """For the input gradient of a stride-``s`` conv along ``axis``: per input phase r, the
+    kernel taps in correlation order over dy offsets ``d_min..d_max`` (zeros where a phase has
+    no tap at an offset), and those two offsets."""
     offsets = {r: {(r + p - j) // s: j for j in range(k) if (r + p - j) % s == 0} for r in range(s)}
     d_min = min(min(o) for o in offsets.values() if o)
     d_max = max(max(o) for o in offsets.values() if o)
