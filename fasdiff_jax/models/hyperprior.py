@@ -87,14 +87,6 @@ def _upconv_dilated(x, w, b):
     return y + b
 
 
-def _phase_taps(w, axis: int):
-    """Taps of a 5-tap axis that hit even (0, 2, 4) / odd (-, 1, 3) outputs of the upsampling."""
-    even = jax.lax.slice_in_dim(w, 0, 5, 2, axis)
-    odd = jnp.concatenate([jnp.zeros_like(jax.lax.slice_in_dim(w, 0, 1, 1, axis)),
-                           jax.lax.slice_in_dim(w, 1, 5, 2, axis)], axis)
-    return even, odd
-
-
 # Per output phase of the stride-2 upsampling: the 5-tap kernel's taps (dilated-conv
 # indexing) and the (low, high) padding of the stride-1 conv over the input that yields it.
 _UP_PHASES = {0: ((0, 2, 4), (1, 1)), 1: ((1, 3), (0, 1))}
@@ -118,8 +110,10 @@ def _upconv(x, w, b):
         phases = [[conv2d(x, w[np.array(th)][:, np.array(tw)], (1, 1), (ph, pw))
                    for tw, pw in _UP_PHASES.values()] for th, ph in _UP_PHASES.values()]
         y = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, h, 2, w, 2, c)
-    else:
-        kernels = [col for row in _phase_taps(w, 0) for col in _phase_taps(row, 1)]
+    else:  # each phase's kernel zero-padded to the 3x3 window of pad (1, 1)
+        kernels = [jnp.pad(w[np.array(th)][:, np.array(tw)],
+                           ((1 - ph[0], 0), (1 - pw[0], 0), (0, 0), (0, 0)))
+                   for th, ph in _UP_PHASES.values() for tw, pw in _UP_PHASES.values()]
         y = conv2d(x, jnp.concatenate(kernels, -1), (1, 1), ((1, 1), (1, 1)))
         y = y.reshape(bsz, h, wd, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(bsz, 2 * h, 2 * wd, c) + b
