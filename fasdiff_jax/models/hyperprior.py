@@ -26,6 +26,7 @@ a factorized ``z`` and a mean-scale ``y`` (FaSDiff's compressor) can reuse them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -92,6 +93,13 @@ def _upconv_dilated(x, w, b):
 _UP_PHASES = {0: ((0, 2, 4), (1, 1)), 1: ((1, 3), (0, 1))}
 
 
+def _up_phases(w):
+    """``[((rh, rw), kernel of that output phase, (pad_h, pad_w))]`` for a 5x5 ``w`` (numpy
+    or JAX): the one description of the phases, used on the device and on the host."""
+    return [((rh, rw), w[np.array(th)][:, np.array(tw)], (ph, pw))
+            for rh, (th, ph) in _UP_PHASES.items() for rw, (tw, pw) in _UP_PHASES.items()]
+
+
 def _upconv(x, w, b):
     """Transposed conv, stride 2, k=5 (torch padding 2, output padding 1): out = 2 * in.
 
@@ -106,14 +114,13 @@ def _upconv(x, w, b):
         raise ValueError(f"_upconv needs a 5x5 kernel, got {w.shape}")
     bsz, h, wd, _ = x.shape
     c = w.shape[-1]
+    phases = _up_phases(w)  # in (rh, rw) order: (0, 0), (0, 1), (1, 0), (1, 1)
     if c >= 16:
-        phases = [[conv2d(x, w[np.array(th)][:, np.array(tw)], (1, 1), (ph, pw))
-                   for tw, pw in _UP_PHASES.values()] for th, ph in _UP_PHASES.values()]
-        y = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, h, 2, w, 2, c)
+        y = jnp.stack([conv2d(x, k, (1, 1), pads) for _, k, pads in phases], 3)
+        y = y.reshape(bsz, h, wd, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
     else:  # each phase's kernel zero-padded to the 3x3 window of pad (1, 1)
-        kernels = [jnp.pad(w[np.array(th)][:, np.array(tw)],
-                           ((1 - ph[0], 0), (1 - pw[0], 0), (0, 0), (0, 0)))
-                   for th, ph in _UP_PHASES.values() for tw, pw in _UP_PHASES.values()]
+        kernels = [jnp.pad(k, ((1 - ph[0], 0), (1 - pw[0], 0), (0, 0), (0, 0)))
+                   for _, k, (ph, pw) in phases]
         y = conv2d(x, jnp.concatenate(kernels, -1), (1, 1), ((1, 1), (1, 1)))
         y = y.reshape(bsz, h, wd, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(bsz, 2 * h, 2 * wd, c) + b
@@ -268,18 +275,13 @@ def _im2col_conv(a: np.ndarray, w: np.ndarray, pad_h: tuple[int, int],
     return (cols @ w.reshape(-1, w.shape[-1])).reshape(ho, wo, -1)
 
 
-def _up_phase_kernels(w: np.ndarray) -> dict:
-    return {(rh, rw): np.ascontiguousarray(w[np.array(th)][:, np.array(tw)])
-            for rh, (th, _) in _UP_PHASES.items() for rw, (tw, _) in _UP_PHASES.items()}
-
-
-def _int_upconv(a: np.ndarray, phase_kernels: dict) -> np.ndarray:
+def _int_upconv(a: np.ndarray, phases: list) -> np.ndarray:
     """The transposed conv of :func:`_upconv` on the host, one conv per output phase: the
     same integer products as the dilated form without its zeros (4x fewer multiplies)."""
     h, wd, _ = a.shape
-    out = np.empty((h, 2, wd, 2, phase_kernels[0, 0].shape[-1]), a.dtype)
-    for (rh, rw), k in phase_kernels.items():
-        out[:, rh, :, rw] = _im2col_conv(a, k, _UP_PHASES[rh][1], _UP_PHASES[rw][1])
+    out = np.empty((h, 2, wd, 2, phases[0][1].shape[-1]), a.dtype)
+    for (rh, rw), k, (ph, pw) in phases:
+        out[:, rh, :, rw] = _im2col_conv(a, k, ph, pw)
     return out.reshape(2 * h, 2 * wd, -1)
 
 
@@ -290,8 +292,9 @@ class IntLayer:
     upsample: bool
 
     def __post_init__(self):  # per-phase kernels, sliced once (4 MB per call otherwise)
-        object.__setattr__(self, "phase_kernels",
-                           _up_phase_kernels(self.kernel) if self.upsample else None)
+        phases = ([(r, np.ascontiguousarray(k), p) for r, k, p in _up_phases(self.kernel)]
+                  if self.upsample else None)
+        object.__setattr__(self, "phases", phases)
 
 
 def _int_weight(w) -> np.ndarray:
@@ -313,32 +316,25 @@ def integer_hs_layers(hs_params: dict) -> list[IntLayer]:
     return layers
 
 
-_BLAS: list = []
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
 
-
-def _one_blas_thread():
-    """Scoped single-threaded BLAS for the host GEMMs: OpenBLAS threads left spinning after
-    them slow the next XLA:CPU call on a 2-core machine (compress 76 -> 147 ms measured)."""
-    if not _BLAS:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS.append(ThreadpoolController())
-    return _BLAS[0].limit(limits=1, user_api="blas")
+    return ThreadpoolController()
 
 
 def hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10."""
-    with _one_blas_thread():
-        return _hyper_synthesis_int(layers, z_hat)
+    """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10.
 
-
-def _hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    BLAS runs single-threaded here: OpenBLAS threads left spinning after these GEMMs slow the
+    next XLA:CPU call on a 2-core machine (compress 76 -> 147 ms measured)."""
     a = np.clip(np.asarray(z_hat, np.float64), -Z_CLIP, Z_CLIP - 1) * 2.0**A_FRAC
-    for i, l in enumerate(layers):
-        acc = _int_upconv(a, l.phase_kernels) if l.upsample else _im2col_conv(a, l.kernel, (1, 1), (1, 1))
-        a = np.clip(np.floor((acc + l.bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
-        if i < len(layers) - 1:
-            a = np.maximum(a, 0.0)
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        for i, l in enumerate(layers):
+            acc = _int_upconv(a, l.phases) if l.upsample else _im2col_conv(a, l.kernel, (1, 1), (1, 1))
+            a = np.clip(np.floor((acc + l.bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
+            if i < len(layers) - 1:
+                a = np.maximum(a, 0.0)
     scales, means = np.split(a.astype(np.int64), 2, axis=-1)
     return means, scales
 
