@@ -133,6 +133,38 @@ def test_integer_hs_matches_float_simulation_and_ignores_summation_order():
     np.testing.assert_array_equal(sp, si)
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child runs numpy only
+def test_integer_hs_on_the_thread_pool_equals_one_thread(monkeypatch):
+    """The GEMMs split over the pool (forced for this small net) give the same integers, also
+    in a child forked after the pool started (its threads do not exist there)."""
+    layers = H.integer_hs_layers(_tiny(3, 16, 24)[1]["params"])
+    z = np.random.default_rng(5).integers(-40, 41, (5, 3, 16))
+    monkeypatch.setattr(H, "_PARALLEL_MIN_MACS", 1 << 62)
+    serial = H.hyper_synthesis_int(layers, z)
+    monkeypatch.setattr(H, "_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(H, "_POOL", {})
+    calls = []
+    monkeypatch.setattr(H, "_gemm_pool", lambda real=H._gemm_pool: calls.append(1) or real())
+    for a, b in zip(H.hyper_synthesis_int(layers, z), serial):
+        np.testing.assert_array_equal(a, b)
+    assert calls and H._POOL  # the pool path really ran
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: same result through a fresh pool, or exit code 1; killed if it hangs
+        ok = all((a == b).all() for a, b in zip(H.hyper_synthesis_int(layers, z), serial))
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.05)
+    assert os.read(r, 1) == b"1", "forked child hung or computed different integers"
+
+
 @pytest.mark.parametrize("shape", [(37, 50), (64, 64, 1), (45, 70, 4), (20, 31)])
 def test_roundtrip_any_size_and_channels(shape):
     model, params = _tiny()

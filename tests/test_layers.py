@@ -33,6 +33,7 @@ CASES = [
 def test_conv2d_value_and_gradients_match_lax(shape, k, out, strides, padding, monkeypatch):
     monkeypatch.setattr(layers, "_TAP_MIN_ROWS", 0)  # the per-tap path on these small convs
     monkeypatch.setattr(layers, "_TAP_MIN_CHANNELS", 0)
+    monkeypatch.setattr(layers, "_TAP_MIN_OUT", 0)
     rng = np.random.default_rng(sum(shape) + k)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, shape[-1], out)), jnp.float32)

@@ -1,7 +1,10 @@
 """Mean-scale hyperprior image codec (Minnen et al. 2018; CompressAI's ``mbt2018-mean``).
 
-``g_a``/``g_s`` use GDN/IGDN, ``h_a`` LeakyReLU, ``h_s`` ReLU; ``z`` has a factorized prior
-(:class:`~fasdiff_jax.models.entropy.EntropyBottleneck`), ``y`` a mean-scale Gaussian.
+``g_a``/``g_s`` use GDN/IGDN, ``h_a`` LeakyReLU, ``h_s`` ReLU (CompressAI's h_s has
+LeakyReLU(0.01); ReLU keeps the integer net to ``max(a, 0)``); ``z`` has a factorized prior
+(:class:`~fasdiff_jax.models.entropy.EntropyBottleneck`), ``y`` a mean-scale Gaussian. With
+CompressAI's weights loaded (``benchmarks/entropy_coding.py``), g_a and g_s agree with it to
+3e-7.
 
 Decodable by construction. Everything that selects a distribution at the decoder (scale
 index and mean of every element of ``y``) comes from ``h_s`` evaluated as an *integer network*
@@ -29,6 +32,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,24 +269,63 @@ class MeanScaleHyperprior(nn.Module):
 # --------------------------------------------------------------------------------------------
 # integer hyper-synthesis on the host
 # --------------------------------------------------------------------------------------------
+def _im2col(a: np.ndarray, kh: int, kw: int, pad_h: tuple[int, int],
+            pad_w: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) -> (Ho, Wo, kh*kw*C) patches of a stride-1 conv, in (kh, kw, C) order."""
+    win = np.lib.stride_tricks.sliding_window_view(
+        np.pad(a, (pad_h, pad_w, (0, 0))), (kh, kw), axis=(0, 1))  # Ho Wo C kh kw
+    return win.transpose(0, 1, 3, 4, 2).reshape(*win.shape[:2], -1)
+
+
+_PARALLEL_MIN_MACS = 1 << 22
+
+
+_POOL: dict[int, tuple[ThreadPoolExecutor, int]] = {}
+
+
+def _gemm_pool() -> tuple[ThreadPoolExecutor, int]:
+    """(pool, workers) of this process: a forked child (data-loader workers) gets its own, as
+    the parent's pool threads do not exist there and tasks sent to it would never run."""
+    pid = os.getpid()
+    if pid not in _POOL:
+        _POOL.clear()
+        workers = min(4, len(os.sched_getaffinity(0)))
+        _POOL[pid] = ThreadPoolExecutor(workers, thread_name_prefix="fasdiff-hs"), workers
+    return _POOL[pid]
+
+
+def _matmuls(lhs: list[np.ndarray], rhs: list[np.ndarray]) -> list[np.ndarray]:
+    """``[l @ r for l, r in zip(lhs, rhs)]``, on a thread pool when big enough.
+
+    float64 products and sums of integers below 2**53 are exact, so the results do not
+    depend on how the work is split. Each GEMM is a single-threaded BLAS call (the caller
+    limits BLAS to one thread): OpenBLAS's own threads keep spinning after a call and slowed
+    the next XLA:CPU call (compress 76 -> 147 ms on 2 cores); idle pool threads sleep."""
+    pool, workers = _gemm_pool()
+    if workers == 1 or sum(l.size * r.shape[1] for l, r in zip(lhs, rhs)) < _PARALLEL_MIN_MACS:
+        return [l @ r for l, r in zip(lhs, rhs)]
+    return list(pool.map(np.matmul, lhs, rhs))
+
+
 def _im2col_conv(a: np.ndarray, w: np.ndarray, pad_h: tuple[int, int],
                  pad_w: tuple[int, int]) -> np.ndarray:
     """float64 stride-1 conv of (H, W, C) with (kh, kw, C, O): exact for integers below 2**53."""
-    a = np.pad(a, (pad_h, pad_w, (0, 0)))
-    kh, kw = w.shape[:2]
-    win = np.lib.stride_tricks.sliding_window_view(a, (kh, kw), axis=(0, 1))  # H W C kh kw
-    ho, wo = win.shape[:2]
-    cols = win.transpose(0, 1, 3, 4, 2).reshape(ho * wo, -1)
-    return (cols @ w.reshape(-1, w.shape[-1])).reshape(ho, wo, -1)
+    cols = _im2col(a, *w.shape[:2], pad_h, pad_w)
+    ho, wo = cols.shape[:2]
+    blocks = np.array_split(cols.reshape(ho * wo, -1), _gemm_pool()[1])
+    wm = w.reshape(-1, w.shape[-1])
+    return np.concatenate(_matmuls(blocks, [wm] * len(blocks))).reshape(ho, wo, -1)
 
 
 def _int_upconv(a: np.ndarray, phases: list) -> np.ndarray:
     """The transposed conv of :func:`_upconv` on the host, one conv per output phase: the
     same integer products as the dilated form without its zeros (4x fewer multiplies)."""
     h, wd, _ = a.shape
+    cols = [_im2col(a, *k.shape[:2], ph, pw).reshape(h * wd, -1) for _, k, (ph, pw) in phases]
+    accs = _matmuls(cols, [k.reshape(-1, k.shape[-1]) for _, k, _ in phases])
     out = np.empty((h, 2, wd, 2, phases[0][1].shape[-1]), a.dtype)
-    for (rh, rw), k, (ph, pw) in phases:
-        out[:, rh, :, rw] = _im2col_conv(a, k, ph, pw)
+    for ((rh, rw), _, _), acc in zip(phases, accs):
+        out[:, rh, :, rw] = acc.reshape(h, wd, -1)
     return out.reshape(2 * h, 2 * wd, -1)
 
 
@@ -326,8 +370,8 @@ def _blas_controller():
 def hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10.
 
-    BLAS runs single-threaded here: OpenBLAS threads left spinning after these GEMMs slow the
-    next XLA:CPU call on a 2-core machine (compress 76 -> 147 ms measured)."""
+    BLAS runs single-threaded here; its GEMMs are split over a thread pool instead
+    (:func:`_matmul_rows_parallel`)."""
     a = np.clip(np.asarray(z_hat, np.float64), -Z_CLIP, Z_CLIP - 1) * 2.0**A_FRAC
     with _blas_controller().limit(limits=1, user_api="blas"):
         for i, l in enumerate(layers):

@@ -42,8 +42,12 @@ def _lax_conv(x, w, strides, pads):
 
 # Per-tap kernel gradients pay off for big GEMMs only (measured fwd+bwd, 3x3 convs: 2x64x64x256
 # 322 -> 179 ms, 8x32x32x128 76 -> 54 ms; 2x32x32x128 8.7 -> 12.2 ms; 64 channels a tie).
+# XLA's own kernel gradient has a fast path for very few output channels (8x128x128x128 3x3,
+# kernel gradient alone: -> 12: XLA 115 ms, per tap 360 ms; -> 32: XLA 452-656, per tap
+# 374-428; -> 64: XLA 1622, per tap 506-523).
 _TAP_MIN_ROWS = 4096  # batch * output height * output width
 _TAP_MIN_CHANNELS = 128
+_TAP_MIN_OUT = 16
 
 
 def _kernel_grad_taps(x, dy, w_shape, strides, pads):
@@ -117,7 +121,8 @@ def _conv_tap_grad_bwd(strides, pads, res, dy):
             dy, cpu=lambda dy: _input_grad_subpixel(dy, w, x.shape, strides, pads).astype(x.dtype),
             default=xla_dx)
     xla_dw = lambda x, dy: jax.vjp(lambda w: _lax_conv(x, w, strides, pads), w)[1](dy)[0]  # noqa
-    if dy.shape[0] * dy.shape[1] * dy.shape[2] < _TAP_MIN_ROWS or x.shape[-1] < _TAP_MIN_CHANNELS:
+    if (dy.shape[0] * dy.shape[1] * dy.shape[2] < _TAP_MIN_ROWS or x.shape[-1] < _TAP_MIN_CHANNELS
+            or w.shape[-1] < _TAP_MIN_OUT):
         return dx, xla_dw(x, dy)
     dw = jax.lax.platform_dependent(
         x, dy,
@@ -138,9 +143,9 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
 
     XLA:CPU computes a conv's kernel gradient 3.5-7x slower than the forward conv (measured
     1429 vs 220 ms for 8x64x64x128 -> 512, 3x3); the same gradient as one matmul per kernel
-    tap takes 310 ms (used from ``_TAP_MIN_ROWS`` output pixels and ``_TAP_MIN_CHANNELS``
-    input channels). Strided convs also get their input gradient in sub-pixel form
-    (:func:`_input_grad_subpixel`). Other backends keep XLA's own gradients. Dilated,
+    tap takes 310 ms (used from ``_TAP_MIN_ROWS`` output pixels, ``_TAP_MIN_CHANNELS`` input
+    channels and ``_TAP_MIN_OUT`` output channels). Strided convs also get their input
+    gradient in sub-pixel form (:func:`_input_grad_subpixel`). Other backends keep XLA's own gradients. Dilated,
     grouped or non-NHWC convs go straight to ``lax.conv_general_dilated``.
     """
     strides = tuple(strides)
