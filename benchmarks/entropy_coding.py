@@ -6,7 +6,7 @@ Ours runs in this (main) venv; CompressAI's ``MeanScaleHyperprior`` runs in
 benchmarks/.venv-compressai (it pins numpy<2) as a subprocess on the same images, and the two
 alternate ``--rounds`` times because this VM's speed drifts by 10-30% within minutes. Both
 code with CompressAI's randomly initialised weights (ours loads them through
-:func:`params_from_compressai`, checked by comparing g_a / g_s outputs), so files are of
+``hyperprior.params_from_compressai``, checked by comparing g_a / h_s / g_s outputs), so files are of
 equal rate. Reports compress / decompress ms per image (median), file bytes vs each model's
 estimate, and the time of one rate+λ·MSE Adam train step (batch 8, 256 px, median after
 compilation/warm-up).
@@ -77,8 +77,11 @@ def compressai_side(out_path, faces_path, repeats, train_repeats):
     x0 = torch.from_numpy(np.load(faces_path)["faces"][0]).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():  # its weights and outputs, for our side to load and check against
         y0 = net.g_a(x0)
-        ref = {"y0": y0[0].permute(1, 2, 0).numpy(),
-               "x_hat0": net.g_s(torch.round(y0))[0].permute(1, 2, 0).numpy()}
+        z_hat0 = torch.round(net.h_a(y0))
+        scales0, means0 = net.h_s(z_hat0).chunk(2, 1)
+        hwc = lambda t: t[0].permute(1, 2, 0).numpy()  # noqa: E731
+        ref = {"y0": hwc(y0), "x_hat0": hwc(net.g_s(torch.round(y0))), "z_hat0": hwc(z_hat0),
+               "scales0": hwc(scales0), "means0": hwc(means0)}
     np.savez(Path(faces_path).with_name("compressai_weights.npz"), **ref,
              **{k: v.numpy() for k, v in net.state_dict().items() if v.numel()})
     rows = []
@@ -113,31 +116,6 @@ def compressai_side(out_path, faces_path, repeats, train_repeats):
                                           "torch_threads": torch.get_num_threads()}))
 
 
-def params_from_compressai(sd: dict) -> dict:
-    """CompressAI ``MeanScaleHyperprior`` state dict (numpy) -> our params (same math).
-
-    Conv2d (O, I, kh, kw) -> HWIO; ConvTranspose2d (I, O, kh, kw) -> the HWIO kernel of our
-    lhs-dilated form, i.e. spatially flipped; GDN and the entropy bottleneck store the same
-    reparametrised tensors under other names. One difference stays: CompressAI's h_s uses
-    LeakyReLU(0.01), ours ReLU (our integer h_s), so the y distributions are close, not equal.
-    """
-    conv = lambda w: np.transpose(w, (2, 3, 1, 0))  # noqa: E731
-    upconv = lambda w: np.transpose(w, (2, 3, 0, 1))[::-1, ::-1]  # noqa: E731
-    p = {}
-    for part, n in (("g_a", 7), ("g_s", 7), ("h_a", 5), ("h_s", 5)):
-        for i in range(n):
-            if f"{part}.{i}.weight" in sd:
-                w = sd[f"{part}.{i}.weight"]
-                t = upconv if part == "g_s" or (part == "h_s" and i < 4) else conv  # transposed
-                p[f"{part}_{i}"] = {"kernel": np.ascontiguousarray(t(w)), "bias": sd[f"{part}.{i}.bias"]}
-            elif f"{part}.{i}.beta" in sd:
-                p[f"{part}_{i}"] = {"beta": sd[f"{part}.{i}.beta"], "gamma": sd[f"{part}.{i}.gamma"]}
-    names = {"matrices": "matrix", "biases": "bias", "factors": "factor"}
-    p["entropy_bottleneck"] = {f"{names[k.split('.')[1]]}_{k.split('.')[2]}": v for k, v in sd.items()
-                               if k.split(".")[:2] in [["entropy_bottleneck", n] for n in names]}
-    return {"params": p}
-
-
 class Ours:
     """Our codec with CompressAI's weights loaded; compiled once, measured once per round."""
 
@@ -150,18 +128,21 @@ class Ours:
         from fasdiff_jax.models import hyperprior as H
 
         self.jax, self.H = jax, H
-        self.model = model = H.MeanScaleHyperprior(N=128, M=192)
-        params = H.init_params(model, jax.random.PRNGKey(0), (256, 256))
+        self.model = model = H.MeanScaleHyperprior(N=128, M=192, hs_activation="leaky_relu")
         ref = dict(np.load(compressai_weights))  # CompressAI's own weights: files of equal rate
-        self.params = params = jax.tree_util.tree_map(
-            lambda a, b: jnp.asarray(b, a.dtype).reshape(a.shape), params, params_from_compressai(ref))
+        self.params = params = jax.tree_util.tree_map(jnp.asarray, H.params_from_compressai(ref))
         x0 = jnp.asarray(faces()[0][None].astype(np.float32) / 255)
         y0 = model.apply(params, x0, method=H.MeanScaleHyperprior.g_a)[0]
         x_hat0 = model.apply(params, jnp.round(jnp.asarray(ref["y0"]))[None],
                              method=H.MeanScaleHyperprior.g_s)[0]
-        self.parity = {"g_a_max_abs_diff": float(np.abs(np.asarray(y0) - ref["y0"]).max()),
-                       "g_a_max_abs": float(np.abs(ref["y0"]).max()),
-                       "g_s_max_abs_diff": float(np.abs(np.asarray(x_hat0) - ref["x_hat0"]).max())}
+        means, scales = H.hyper_synthesis_int(H.prepare(model, params).coder.hs_layers,
+                                              ref["z_hat0"].astype(np.int64))
+        diff = lambda a, b: float(np.abs(np.asarray(a, np.float64) - b).max())  # noqa: E731
+        self.parity = {"g_a_max_abs_diff": diff(y0, ref["y0"]), "g_a_max_abs": float(np.abs(ref["y0"]).max()),
+                       "g_s_max_abs_diff": diff(x_hat0, ref["x_hat0"]),
+                       "integer_h_s_means_max_abs_diff": diff(means / 2**H.A_FRAC, ref["means0"]),
+                       "integer_h_s_scales_max_abs_diff": diff(scales / 2**H.A_FRAC, ref["scales0"]),
+                       "h_s_scales_range": [float(ref["scales0"].min()), float(ref["scales0"].max())]}
         opt = optax.adam(1e-4)
         self.step = H.make_train_step(model, opt)
         self.state = opt.init(params)

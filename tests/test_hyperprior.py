@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
-def _tiny(seed=0, n=8, m=12):
-    model = H.MeanScaleHyperprior(N=n, M=m, num_scales=64)
+def _tiny(seed=0, n=8, m=12, hs_activation="relu"):
+    model = H.MeanScaleHyperprior(N=n, M=m, num_scales=64, hs_activation=hs_activation)
     return model, H.init_params(model, jax.random.PRNGKey(seed))
 
 
@@ -112,10 +112,11 @@ def test_same_file_decodes_identically_in_other_processes(devices, jit, tmp_path
     assert np.abs(imgs.astype(int) - img.astype(int)[None]).max() <= 1
 
 
-def test_integer_hs_matches_float_simulation_and_ignores_summation_order():
-    model, params = _tiny(3, 16, 24)
+@pytest.mark.parametrize("activation", H.HS_ACTIVATIONS)
+def test_integer_hs_matches_float_simulation_and_ignores_summation_order(activation):
+    model, params = _tiny(3, 16, 24, activation)
     z = np.random.default_rng(1).integers(-6, 7, (3, 4, 16))
-    layers = H.integer_hs_layers(params["params"])
+    layers = H.integer_hs_layers(params["params"], activation)
     mi, si = H.hyper_synthesis_int(layers, z)
     mf, sf = jax.jit(lambda p, z: model.apply(p, z, method=H.MeanScaleHyperprior.h_s))(
         params, jnp.asarray(z[None], jnp.float32))
@@ -127,7 +128,7 @@ def test_integer_hs_matches_float_simulation_and_ignores_summation_order():
     # layer; the integer net's result is exactly the same, as floats would not be
     perm = np.random.default_rng(2).permutation(16)
     l0 = layers[0]
-    lp = [H.IntLayer(l0.kernel[:, :, perm], l0.bias, l0.upsample)] + layers[1:]
+    lp = [H.IntLayer(l0.kernel[:, :, perm], l0.bias, l0.upsample, l0.activation)] + layers[1:]
     mp, sp = H.hyper_synthesis_int(lp, z[..., perm])
     np.testing.assert_array_equal(mp, mi)
     np.testing.assert_array_equal(sp, si)
@@ -196,6 +197,98 @@ def test_other_models_file_is_rejected():
     data = H.compress(m1, p1, skdata.astronaut()[:64, :64])
     with pytest.raises(BitstreamError, match="fingerprint"):
         H.decompress(m2, p2, data)
+    # same weights, other h_s activation: other distributions, so the file is refused
+    m3 = H.MeanScaleHyperprior(N=8, M=12, num_scales=64, hs_activation="leaky_relu")
+    with pytest.raises(BitstreamError, match="fingerprint"):
+        H.decompress(m3, p1, data)
+    leaky = H.compress(m3, p1, skdata.astronaut()[:64, :64])
+    assert H.decompress(m3, p1, leaky).shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="hs_activation"):
+        H.init_params(H.MeanScaleHyperprior(N=8, M=12, hs_activation="gelu"), jax.random.PRNGKey(0))
+
+
+def _compressai_state_dict(n, m, seed=0):
+    """Random tensors under CompressAI 1.2.8's MeanScaleHyperprior names and layouts."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
+    sd = {}
+    for part, shapes in (("g_a", [(n, 3), (n, n), (n, n), (m, n)]),
+                         ("g_s", [(m, n), (n, n), (n, n), (n, 3)]),  # transposed: (I, O)
+                         ("h_a", [(n, m, 3), (n, n, 5), (n, n, 5)]),
+                         ("h_s", [(n, m, 5), (m, m * 3 // 2, 5), (2 * m, m * 3 // 2, 3)])):
+        for j, sh in enumerate(shapes):
+            k = sh[2] if len(sh) == 3 else 5
+            out = sh[1] if part == "g_s" or (part == "h_s" and j < 2) else sh[0]
+            sd[f"{part}.{2 * j}.weight"] = r(sh[0], sh[1], k, k)
+            sd[f"{part}.{2 * j}.bias"] = r(out)
+        if part in ("g_a", "g_s"):
+            for j in (1, 3, 5):  # stored reparametrised, as CompressAI's GDN does
+                sd[f"{part}.{j}.beta"] = np.sqrt(1 + rng.random(n, np.float32))
+                sd[f"{part}.{j}.gamma"] = np.sqrt(0.1 * np.eye(n, dtype=np.float32) + 0.01 * rng.random((n, n), np.float32))
+    for i, (a, b) in enumerate([(3, 1), (3, 3), (3, 3), (3, 3), (1, 3)]):
+        sd[f"entropy_bottleneck.matrices.{i}"] = r(n, a, b)
+        sd[f"entropy_bottleneck.biases.{i}"] = r(n, a, 1)
+        if i < 4:
+            sd[f"entropy_bottleneck.factors.{i}"] = r(n, a, 1)
+    return sd
+
+
+def test_params_from_compressai_match_torch_layers():
+    """The converted model computes what torch's Conv2d / ConvTranspose2d (stride 2, padding
+    2, output padding 1) / GDN / LeakyReLU stack computes from the same CompressAI tensors."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    n, m = 8, 12
+    sd = _compressai_state_dict(n, m)
+    for k in [k for k in sd if k.startswith("h_s.")]:  # on the integer net's weight grid, so
+        sd[k] = (np.round(sd[k] * 2.0**H.W_FRAC) * 2.0**-H.W_FRAC).astype(np.float32)  # only
+    t = {k: torch.from_numpy(v) for k, v in sd.items()}  # activation rounding differs below
+    model = H.MeanScaleHyperprior(N=n, M=m, num_scales=64, hs_activation="leaky_relu")
+    params = jax.tree_util.tree_map(jnp.asarray, H.params_from_compressai(sd))
+
+    def gdn(x, pre, inverse=False):  # CompressAI: beta/gamma stored as sqrt(v + 2**-36)
+        ped = 2.0**-36
+        beta = torch.clamp(t[f"{pre}.beta"], min=(1e-6 + ped) ** 0.5) ** 2 - ped
+        gamma = torch.clamp(t[f"{pre}.gamma"], min=ped**0.5) ** 2 - ped
+        norm = F.conv2d(x * x, gamma[:, :, None, None], beta)
+        return x * torch.sqrt(norm) if inverse else x * torch.rsqrt(norm)
+
+    conv = lambda x, pre, s=2, p=2: F.conv2d(x, t[f"{pre}.weight"], t[f"{pre}.bias"], s, p)  # noqa: E731
+    up = lambda x, pre: F.conv_transpose2d(x, t[f"{pre}.weight"], t[f"{pre}.bias"], 2, 2, 1)  # noqa: E731
+    rng = np.random.default_rng(1)
+    x = rng.random((1, 64, 64, 3), np.float32)
+    with torch.no_grad():
+        h = torch.from_numpy(x).permute(0, 3, 1, 2)
+        for i in (0, 2, 4):
+            h = gdn(conv(h, f"g_a.{i}"), f"g_a.{i + 1}")
+        y_ref = conv(h, "g_a.6")
+        z_ref = conv(F.leaky_relu(conv(F.leaky_relu(conv(y_ref, "h_a.0", 1, 1), 0.01), "h_a.2"), 0.01), "h_a.4")
+        z_hat = torch.from_numpy(rng.integers(-8, 9, (1, n, 4, 4)).astype(np.float32))
+        hs = F.leaky_relu(up(F.leaky_relu(up(z_hat, "h_s.0"), 0.01), "h_s.2"), 0.01)
+        scales_ref, means_ref = conv(hs, "h_s.4", 1, 1).chunk(2, 1)
+        g = torch.round(y_ref)
+        for i in (0, 2, 4):
+            g = gdn(up(g, f"g_s.{i}"), f"g_s.{i + 1}", inverse=True)
+        x_hat_ref = up(g, "g_s.6")
+    nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    apply = lambda meth, v: np.asarray(model.apply(params, jnp.asarray(v), method=meth))  # noqa: E731
+    y = apply(H.MeanScaleHyperprior.g_a, x)
+    np.testing.assert_allclose(y, nhwc(y_ref), atol=1e-5)
+    np.testing.assert_allclose(apply(H.MeanScaleHyperprior.h_a, nhwc(y_ref)), nhwc(z_ref), atol=1e-5)
+    np.testing.assert_allclose(apply(H.MeanScaleHyperprior.g_s, np.round(nhwc(y_ref))), nhwc(x_hat_ref),
+                               atol=1e-5)
+    # h_s: our fixed-point net (integer on the host) against torch's float h_s (measured
+    # 1.6e-3 with LeakyReLU; the ReLU net is 0.11 off)
+    means, scales = H.hyper_synthesis_int(H.integer_hs_layers(params["params"], "leaky_relu"),
+                                          nhwc(z_hat)[0].astype(np.int64))
+    assert np.abs(means / 1024 - nhwc(means_ref)[0]).max() < 4e-3
+    assert np.abs(scales / 1024 - nhwc(scales_ref)[0]).max() < 4e-3
+    # and the leak matters: the ReLU net is far off on the same input
+    relu_means, _ = H.hyper_synthesis_int(H.integer_hs_layers(params["params"], "relu"),
+                                          nhwc(z_hat)[0].astype(np.int64))
+    assert np.abs(relu_means / 1024 - nhwc(means_ref)[0]).max() > 0.05
+    with pytest.raises(KeyError, match="h_s.4.weight"):
+        H.params_from_compressai({k: v for k, v in sd.items() if k != "h_s.4.weight"})
 
 
 def test_bad_image_input_errors():

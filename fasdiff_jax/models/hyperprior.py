@@ -1,10 +1,10 @@
 """Mean-scale hyperprior image codec (Minnen et al. 2018; CompressAI's ``mbt2018-mean``).
 
-``g_a``/``g_s`` use GDN/IGDN, ``h_a`` LeakyReLU, ``h_s`` ReLU (CompressAI's h_s has
-LeakyReLU(0.01); ReLU keeps the integer net to ``max(a, 0)``); ``z`` has a factorized prior
-(:class:`~fasdiff_jax.models.entropy.EntropyBottleneck`), ``y`` a mean-scale Gaussian. With
-CompressAI's weights loaded (``benchmarks/entropy_coding.py``), g_a and g_s agree with it to
-3e-7.
+``g_a``/``g_s`` use GDN/IGDN, ``h_a`` LeakyReLU, ``h_s`` ReLU by default or, with
+``hs_activation="leaky_relu"``, CompressAI's LeakyReLU(0.01) (slope 655/2**16 in the integer
+net); ``z`` has a factorized prior (:class:`~fasdiff_jax.models.entropy.EntropyBottleneck`),
+``y`` a mean-scale Gaussian. :func:`params_from_compressai` loads a CompressAI
+``MeanScaleHyperprior`` state dict into the ``leaky_relu`` variant.
 
 Decodable by construction. Everything that selects a distribution at the decoder (scale
 index and mean of every element of ``y``) comes from ``h_s`` evaluated as an *integer network*
@@ -54,6 +54,9 @@ W_CLIP = 1 << 17
 A_FRAC = E.SCALE_FRAC_BITS  # 10: h_s outputs are scales in the scale table's fixed point
 A_CLIP = 1 << 20
 Z_CLIP = A_CLIP >> A_FRAC  # |z_hat| <= 1024 so it fits the integer net's input range
+# LeakyReLU slope of h_s when ``hs_activation="leaky_relu"`` (CompressAI's 0.01), fixed point
+LEAK_NUM, LEAK_SHIFT = 655, 16  # 655 / 2**16 = 0.0099945
+HS_ACTIVATIONS = ("relu", "leaky_relu")
 MULTIPLE = 64
 CODEC_ID = 1
 
@@ -186,13 +189,17 @@ class QConv(nn.Module):
 # the model
 # --------------------------------------------------------------------------------------------
 class MeanScaleHyperprior(nn.Module):
-    """mbt2018-mean. ``N``: g_a/g_s and hyper-latent channels, ``M``: latent channels."""
+    """mbt2018-mean. ``N``: g_a/g_s and hyper-latent channels, ``M``: latent channels;
+    ``hs_activation``: one of :data:`HS_ACTIVATIONS` (CompressAI's model: ``"leaky_relu"``)."""
 
     N: int = 128
     M: int = 192
     num_scales: int = 128
+    hs_activation: str = "relu"
 
     def setup(self):
+        if self.hs_activation not in HS_ACTIVATIONS:
+            raise ValueError(f"hs_activation must be one of {HS_ACTIVATIONS}, got {self.hs_activation!r}")
         n, m = self.N, self.M
         self.g_a_0 = Conv(n, 5, 2, name="g_a_0")
         self.g_a_1 = GDN(name="g_a_1")
@@ -234,9 +241,14 @@ class MeanScaleHyperprior(nn.Module):
 
     def h_s(self, z_hat):
         """Float simulation of :func:`hyper_synthesis_int`: returns (means, scales)."""
+        def act(a):  # on the 2**-A_FRAC grid already; the leak rounds back onto it
+            if self.hs_activation == "relu":
+                return nn.relu(a)
+            return jnp.where(a >= 0, a, _fq(a * (LEAK_NUM * 2.0**-LEAK_SHIFT), A_FRAC, None))
+
         a = _fq(z_hat, A_FRAC, A_CLIP)
-        a = nn.relu(_fq(self.h_s_0(a, True), A_FRAC, A_CLIP))
-        a = nn.relu(_fq(self.h_s_2(a, True), A_FRAC, A_CLIP))
+        a = act(_fq(self.h_s_0(a, True), A_FRAC, A_CLIP))
+        a = act(_fq(self.h_s_2(a, True), A_FRAC, A_CLIP))
         out = _fq(self.h_s_4(a, True), A_FRAC, A_CLIP)
         scales, means = jnp.split(out, 2, axis=-1)
         return means, scales
@@ -334,6 +346,7 @@ class IntLayer:
     kernel: np.ndarray  # float64 holding integers (units 2**-W_FRAC)
     bias: np.ndarray  # float64 holding integers (units 2**-(W_FRAC + A_FRAC))
     upsample: bool
+    activation: str | None = None  # after this layer: one of HS_ACTIVATIONS, or None
 
     def __post_init__(self):  # per-phase kernels, sliced once (4 MB per call otherwise)
         phases = ([(r, np.ascontiguousarray(k), p) for r, k, p in _up_phases(self.kernel)]
@@ -346,17 +359,18 @@ def _int_weight(w) -> np.ndarray:
     return np.clip(np.floor(w * 2.0**W_FRAC + 0.5), -W_CLIP, W_CLIP - 1)
 
 
-def integer_hs_layers(hs_params: dict) -> list[IntLayer]:
+def integer_hs_layers(hs_params: dict, activation: str = "relu") -> list[IntLayer]:
     """Quantise ``h_s`` params once (float32 -> exact integers), checking the 2**53 bound."""
     layers = []
-    for name, up in (("h_s_0", True), ("h_s_2", True), ("h_s_4", False)):
+    for name, up, act in (("h_s_0", True, activation), ("h_s_2", True, activation),
+                          ("h_s_4", False, None)):
         k = _int_weight(hs_params[name]["kernel"])
         b = np.floor(np.asarray(hs_params[name]["bias"], np.float64) * 2.0 ** (W_FRAC + A_FRAC) + 0.5)
         fan_in = k.shape[0] * k.shape[1] * k.shape[2]
         bound = fan_in * W_CLIP * A_CLIP + np.abs(b).max(initial=0)
         if bound >= 2.0**53:
             raise ValueError(f"{name}: fan-in {fan_in} breaks the exact-integer bound")
-        layers.append(IntLayer(k, b, up))
+        layers.append(IntLayer(k, b, up, act))
     return layers
 
 
@@ -371,14 +385,17 @@ def hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.n
     """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10.
 
     BLAS runs single-threaded here; its GEMMs are split over a thread pool instead
-    (:func:`_matmul_rows_parallel`)."""
+    (:func:`_matmuls`). The leak of ``leaky_relu`` is ``floor(a * 655 / 2**16 + 1/2)``: an
+    exact product below 2**31, a power-of-two scale and a floor."""
     a = np.clip(np.asarray(z_hat, np.float64), -Z_CLIP, Z_CLIP - 1) * 2.0**A_FRAC
     with _blas_controller().limit(limits=1, user_api="blas"):
-        for i, l in enumerate(layers):
+        for l in layers:
             acc = _int_upconv(a, l.phases) if l.upsample else _im2col_conv(a, l.kernel, (1, 1), (1, 1))
             a = np.clip(np.floor((acc + l.bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
-            if i < len(layers) - 1:
+            if l.activation == "relu":
                 a = np.maximum(a, 0.0)
+            elif l.activation == "leaky_relu":
+                a = np.where(a >= 0, a, np.floor(a * (LEAK_NUM * 2.0**-LEAK_SHIFT) + 0.5))
     scales, means = np.split(a.astype(np.int64), 2, axis=-1)
     return means, scales
 
@@ -462,6 +479,43 @@ def init_params(model: MeanScaleHyperprior, rng: jax.Array, size: tuple[int, int
     return init(key)
 
 
+def params_from_compressai(state_dict: dict) -> dict:
+    """A CompressAI ``MeanScaleHyperprior`` state dict (tensor name -> numpy array) -> params
+    for ``MeanScaleHyperprior(N, M, hs_activation="leaky_relu")`` computing the same model.
+
+    Conv2d weights (O, I, kh, kw) become HWIO; ConvTranspose2d weights (I, O, kh, kw) become
+    the HWIO kernel of our lhs-dilated form, i.e. spatially flipped; GDN and the entropy
+    bottleneck keep CompressAI's reparametrised tensors under our names. CompressAI's learned
+    quantiles and CDF buffers are not needed: our tables are a function of these params.
+    Missing tensors raise ``KeyError`` naming them.
+    """
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    if "g_a.0.weight" not in sd:
+        raise KeyError("not a CompressAI MeanScaleHyperprior state dict: no 'g_a.0.weight'")
+    layout = {"conv": lambda w: w.transpose(2, 3, 1, 0),
+              "transposed": lambda w: w.transpose(2, 3, 0, 1)[::-1, ::-1]}
+    kinds = {**{f"g_a_{i}": "conv" for i in (0, 2, 4, 6)}, **{f"h_a_{i}": "conv" for i in (0, 2, 4)},
+             **{f"g_s_{i}": "transposed" for i in (0, 2, 4, 6)},
+             "h_s_0": "transposed", "h_s_2": "transposed", "h_s_4": "conv"}
+    p = {}
+    for name, kind in kinds.items():
+        key = f"{name[:3]}.{name[4:]}"  # g_a_0 -> g_a.0
+        p[name] = {"kernel": np.ascontiguousarray(layout[kind](sd[f"{key}.weight"])),
+                   "bias": sd[f"{key}.bias"]}
+    for part in ("g_a", "g_s"):
+        for i in (1, 3, 5):
+            p[f"{part}_{i}"] = {"beta": sd[f"{part}.{i}.beta"], "gamma": sd[f"{part}.{i}.gamma"]}
+    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("entropy_bottleneck.matrices."))
+    eb = {}
+    for i in range(n_layers):
+        eb[f"matrix_{i}"] = sd[f"entropy_bottleneck.matrices.{i}"]
+        eb[f"bias_{i}"] = sd[f"entropy_bottleneck.biases.{i}"]
+        if i < n_layers - 1:
+            eb[f"factor_{i}"] = sd[f"entropy_bottleneck.factors.{i}"]
+    p["entropy_bottleneck"] = eb
+    return {"params": p}
+
+
 @dataclass
 class _Prepared:
     coder: LatentCoder
@@ -474,7 +528,8 @@ _CACHE: list[tuple[int, int, _Prepared]] = []
 
 def _fingerprint(model: MeanScaleHyperprior, params: dict, tables_digest: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"mbt2018-mean N={model.N} M={model.M} S={model.num_scales} W{W_FRAC} A{A_FRAC}".encode())
+    act = "" if model.hs_activation == "relu" else f" hs={model.hs_activation}"  # relu: as before
+    h.update(f"mbt2018-mean N={model.N} M={model.M} S={model.num_scales} W{W_FRAC} A{A_FRAC}{act}".encode())
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda t: str(t[0])):
         h.update(jax.tree_util.keystr(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf, "<f4")).tobytes())
@@ -495,7 +550,7 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
         z_tables=E.bottleneck_tables(eb, n_layers),
         y_tables=E.gaussian_tables(thresholds),
         thresholds=thresholds,
-        hs_layers=integer_hs_layers(p),
+        hs_layers=integer_hs_layers(p, model.hs_activation),
         eb_params=eb,
         eb_layers=n_layers,
     )
