@@ -224,7 +224,8 @@ def _compressai_state_dict(n, m, seed=0):
         if part in ("g_a", "g_s"):
             for j in (1, 3, 5):  # stored reparametrised, as CompressAI's GDN does
                 sd[f"{part}.{j}.beta"] = np.sqrt(1 + rng.random(n, np.float32))
-                sd[f"{part}.{j}.gamma"] = np.sqrt(0.1 * np.eye(n, dtype=np.float32) + 0.01 * rng.random((n, n), np.float32))
+                gamma = 0.1 * np.eye(n, dtype=np.float32) + 0.01 * rng.random((n, n), np.float32)
+                sd[f"{part}.{j}.gamma"] = np.sqrt(gamma)
     for i, (a, b) in enumerate([(3, 1), (3, 3), (3, 3), (3, 3), (1, 3)]):
         sd[f"entropy_bottleneck.matrices.{i}"] = r(n, a, b)
         sd[f"entropy_bottleneck.biases.{i}"] = r(n, a, 1)
@@ -262,7 +263,8 @@ def test_params_from_compressai_match_torch_layers():
         for i in (0, 2, 4):
             h = gdn(conv(h, f"g_a.{i}"), f"g_a.{i + 1}")
         y_ref = conv(h, "g_a.6")
-        z_ref = conv(F.leaky_relu(conv(F.leaky_relu(conv(y_ref, "h_a.0", 1, 1), 0.01), "h_a.2"), 0.01), "h_a.4")
+        z_ref = F.leaky_relu(conv(y_ref, "h_a.0", 1, 1), 0.01)
+        z_ref = conv(F.leaky_relu(conv(z_ref, "h_a.2"), 0.01), "h_a.4")
         z_hat = torch.from_numpy(rng.integers(-8, 9, (1, n, 4, 4)).astype(np.float32))
         hs = F.leaky_relu(up(F.leaky_relu(up(z_hat, "h_s.0"), 0.01), "h_s.2"), 0.01)
         scales_ref, means_ref = conv(hs, "h_s.4", 1, 1).chunk(2, 1)

@@ -301,7 +301,8 @@ def _gemm_pool() -> tuple[ThreadPoolExecutor, int]:
     pid = os.getpid()
     if pid not in _POOL:
         _POOL.clear()
-        workers = min(4, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = min(4, cpus or 1)  # sched_getaffinity: Linux only
         _POOL[pid] = ThreadPoolExecutor(workers, thread_name_prefix="fasdiff-hs"), workers
     return _POOL[pid]
 

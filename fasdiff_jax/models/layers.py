@@ -145,8 +145,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     1429 vs 220 ms for 8x64x64x128 -> 512, 3x3); the same gradient as one matmul per kernel
     tap takes 310 ms (used from ``_TAP_MIN_ROWS`` output pixels, ``_TAP_MIN_CHANNELS`` input
     channels and ``_TAP_MIN_OUT`` output channels). Strided convs also get their input
-    gradient in sub-pixel form (:func:`_input_grad_subpixel`). Other backends keep XLA's own gradients. Dilated,
-    grouped or non-NHWC convs go straight to ``lax.conv_general_dilated``.
+    gradient in sub-pixel form (:func:`_input_grad_subpixel`). Other backends keep XLA's own
+    gradients. Dilated, grouped or non-NHWC convs go straight to ``lax.conv_general_dilated``.
     """
     strides = tuple(strides)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
