@@ -43,6 +43,7 @@ TEST_REQUIRES = [
     "safetensors>=0.4",
     "chex>=0.1.90",
     "PyWavelets>=1.6",  # reference for the Haar transform
+    "bjontegaard==1.3.0",  # reference for BD-rate / BD-PSNR
 ]
 
 setup(

@@ -8,6 +8,10 @@ the original and the reconstruction (Flax port of dlib's network, on the aligned
 
     python -m fasdiff_jax.evaluate --config=configs/tiny.py --workdir=/tmp/fasdiff_tiny \\
         --source=embedded:heldout --out=results.json
+
+Codecs are compared over several rate points with Bjontegaard deltas (:func:`bd_rate`):
+
+    python -m fasdiff_jax.evaluate bd-rate --anchor a_*.json --test b_*.json
 """
 
 from __future__ import annotations
@@ -76,15 +80,120 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
     return {"name": name, "results": mean, "images": rows}
 
 
+# --------------------------------------------------------------------------------------------
+# Bjontegaard deltas between two rate-quality curves (several evaluate() JSONs per codec)
+# --------------------------------------------------------------------------------------------
+BD_METHODS = ("pchip", "cubic")
+
+
+def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    r, q = np.asarray(rates, np.float64), np.asarray(quality, np.float64)
+    need = 4 if method == "cubic" else 2
+    if method not in BD_METHODS:
+        raise ValueError(f"method must be one of {BD_METHODS}, got {method!r}")
+    if r.shape != q.shape or r.ndim != 1 or len(r) < need:
+        raise ValueError(f"{method} needs >= {need} (rate, quality) points per curve, got {len(r)}")
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(q))) or np.any(r <= 0):
+        raise ValueError("rates must be positive and finite, quality values finite")
+    if len(np.unique(q)) != len(q) or len(np.unique(r)) != len(r):
+        raise ValueError("rates and quality values must be distinct within a curve")
+    return np.log10(r), q
+
+
+def _bd_mean(x_a, y_a, x_b, y_b, method: str) -> float:
+    """Mean of (curve b - curve a) over the overlap of their x ranges; y as a function of x."""
+    lo, hi = max(x_a.min(), x_b.min()), min(x_a.max(), x_b.max())
+    if not lo < hi:
+        raise ValueError(f"the two curves do not overlap (common range [{lo:.4g}, {hi:.4g}])")
+
+    def integral(x, y):
+        order = np.argsort(x)
+        x, y = x[order], y[order]
+        if method == "cubic":  # VCEG-M33: least-squares cubic, integrated exactly
+            poly = np.polyint(np.polyfit(x, y, 3))
+            return np.polyval(poly, hi) - np.polyval(poly, lo)
+        from scipy.interpolate import PchipInterpolator  # JVET common test conditions
+
+        return float(PchipInterpolator(x, y).integrate(lo, hi))
+
+    return float((integral(x_b, y_b) - integral(x_a, y_a)) / (hi - lo))
+
+
+def bd_rate(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
+            test_rates: Sequence[float], test_quality: Sequence[float],
+            method: str = "pchip") -> float:
+    """Average rate difference (percent) of ``test`` vs ``anchor`` at equal quality.
+
+    Negative: ``test`` needs fewer bits. Works for any quality metric that changes
+    monotonically with rate (PSNR, LPIPS, identity cosine): log10(rate) is interpolated as a
+    function of quality over the quality range both curves cover. ``method``: "pchip"
+    (piecewise cubic Hermite, as in JVET's CTC; >= 2 points) or "cubic" (Bjontegaard's
+    VCEG-M33 least-squares cubic; >= 4 points)."""
+    ra, qa = _bd_points(anchor_rates, anchor_quality, method)
+    rb, qb = _bd_points(test_rates, test_quality, method)
+    return 100.0 * (10.0 ** _bd_mean(qa, ra, qb, rb, method) - 1.0)
+
+
+def bd_quality(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
+               test_rates: Sequence[float], test_quality: Sequence[float],
+               method: str = "pchip") -> float:
+    """Average quality difference (test - anchor, in the metric's units, e.g. BD-PSNR in dB)
+    at equal rate, over the log-rate range both curves cover."""
+    ra, qa = _bd_points(anchor_rates, anchor_quality, method)
+    rb, qb = _bd_points(test_rates, test_quality, method)
+    return _bd_mean(ra, qa, rb, qb, method)
+
+
+def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
+              metrics: Sequence[str] = ("psnr-rgb", "lpips", "identity-cos"),
+              method: str = "pchip") -> dict:
+    """BD-rate and BD-quality of two codecs from :func:`evaluate` outputs (one per rate point),
+    using their mean file-size ``bpp``; metrics missing or infinite in either are skipped."""
+    out = {"anchor": [a.get("name") for a in anchor], "test": [t.get("name") for t in test],
+           "method": method, "metrics": {}}
+    for m in metrics:
+        pts = [[(r["results"]["bpp"], r["results"].get(m, np.nan)) for r in runs] for runs in (anchor, test)]
+        if any(not np.isfinite(q) for runs in pts for _, q in runs):
+            continue
+        (ra, qa), (rb, qb) = ([list(v) for v in zip(*runs)] for runs in pts)
+        out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
+                             "bd_quality": bd_quality(ra, qa, rb, qb, method)}
+    return out
+
+
 def images_from_source(source: Sequence[Mapping], limit: int | None = None
                        ) -> list[tuple[str, np.ndarray]]:
     n = len(source) if limit is None else min(limit, len(source))
     return [(str(source[i].get("key", i)), np.asarray(source[i]["image"])) for i in range(n)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def bd_main(argv: list[str]) -> int:
+    """``python -m fasdiff_jax.evaluate bd-rate --anchor A1.json ... --test B1.json ...``"""
     import argparse
 
+    ap = argparse.ArgumentParser(prog="python -m fasdiff_jax.evaluate bd-rate",
+                                 description="BD-rate / BD-quality between two sets of evaluate JSONs")
+    ap.add_argument("--anchor", nargs="+", required=True, help="evaluate JSONs, one per rate point")
+    ap.add_argument("--test", nargs="+", required=True, help="evaluate JSONs of the codec compared")
+    ap.add_argument("--metric", action="append", default=None,
+                    help="psnr-rgb, lpips, identity-cos (repeatable; default: all three)")
+    ap.add_argument("--method", choices=BD_METHODS, default="pchip")
+    args = ap.parse_args(argv)
+    load = lambda paths: [json.load(open(p)) for p in paths]  # noqa: E731
+    report = bd_report(load(args.anchor), load(args.test),
+                       args.metric or ("psnr-rgb", "lpips", "identity-cos"), args.method)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bd-rate"]:
+        return bd_main(argv[1:])
     from fasdiff_jax import train
     from fasdiff_jax.codec import load_config
     from fasdiff_jax.data.sources import open_source

@@ -55,3 +55,79 @@ def test_aligned_face_chips_box():
     with pytest.raises(AssertionError, match="decoded"):
         evaluate.evaluate(_raw_codec, lambda d: _raw_decode(d)[:5], [("x", np.zeros((8, 8, 3),
                                                                     np.uint8))], object())
+
+
+# --------------------------------------------------------------------------------------------
+# Bjontegaard deltas
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", evaluate.BD_METHODS)
+def test_bd_rate_matches_the_bjontegaard_package(method):
+    bj = pytest.importorskip("bjontegaard")
+    # the example curves of the package's README, then random monotone curves
+    curves = [([9487.76, 4593.60, 2486.44, 1358.24], [40.037, 38.615, 37.425, 36.347],
+               [9787.80, 4469.00, 2451.52, 1356.24], [40.121, 38.651, 37.511, 36.429])]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        curves.append(tuple(np.sort(rng.uniform(lo, hi, 5)) for lo, hi in
+                            ((0.05, 1.0), (28, 36), (0.05, 1.0), (28, 36))))
+    for ra, qa, rb, qb in curves:
+        assert evaluate.bd_rate(ra, qa, rb, qb, method) == pytest.approx(
+            bj.bd_rate(ra, qa, rb, qb, method=method, min_overlap=0), rel=1e-9)
+        assert evaluate.bd_quality(ra, qa, rb, qb, method) == pytest.approx(
+            bj.bd_psnr(ra, qa, rb, qb, method=method, min_overlap=0), rel=1e-9)
+    # a lower-is-better metric (LPIPS): the package needs it negated; the rate delta is the same
+    ra, qa, rb, qb = [0.1, 0.2, 0.4, 0.8], [0.5, 0.4, 0.3, 0.2], [0.09, 0.2, 0.35, 0.7], [0.48, 0.37, 0.29, 0.21]
+    neg = lambda q: [-v for v in q]  # noqa: E731
+    assert evaluate.bd_rate(ra, qa, rb, qb, method) == pytest.approx(
+        bj.bd_rate(ra, neg(qa), rb, neg(qb), method=method, min_overlap=0), rel=1e-9)
+    assert evaluate.bd_quality(ra, qa, rb, qb, method) == pytest.approx(
+        -bj.bd_psnr(ra, neg(qa), rb, neg(qb), method=method, min_overlap=0), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", evaluate.BD_METHODS)
+def test_bd_rate_exact_cases(method):
+    r, q = [0.1, 0.2, 0.4, 0.8], [30.0, 32.0, 34.0, 36.0]
+    assert evaluate.bd_rate(r, q, [x / 2 for x in r], q, method) == pytest.approx(-50.0, abs=1e-9)
+    assert evaluate.bd_rate(r, q, [x * 1.2 for x in r], q, method) == pytest.approx(20.0, abs=1e-9)
+    # log-linear curves 1 dB apart, sampled at different rates: 10**-0.1 - 1 of the rate
+    ra = np.array([0.05, 0.1, 0.3, 0.6, 1.0])
+    rb = np.array([0.07, 0.15, 0.25, 0.5, 0.9])
+    qa, qb = 10 * np.log10(ra) + 30, 10 * np.log10(rb) + 31
+    assert evaluate.bd_rate(ra, qa, rb, qb, method) == pytest.approx(100 * (10**-0.1 - 1), abs=1e-9)
+    assert evaluate.bd_quality(ra, qa, rb, qb, method) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(ra=[0.1, 0.2, 0.4]), "needs >= 4"),
+    (dict(ra=[0.1, 0.0, 0.4, 0.8]), "positive"),
+    (dict(qa=[30.0, 30.0, 34.0, 36.0]), "distinct"),
+    (dict(qb=[40.0, 41.0, 42.0, 43.0]), "do not overlap"),
+    (dict(qa=[30.0, float("nan"), 34.0, 36.0]), "finite"),
+])
+def test_bd_rate_bad_curves_raise_value_error(bad, msg):
+    c = dict(ra=[0.1, 0.2, 0.4, 0.8], qa=[30.0, 32.0, 34.0, 36.0], rb=[0.1, 0.2, 0.4, 0.8],
+             qb=[30.5, 32.5, 34.5, 36.5])
+    c.update(bad)
+    with pytest.raises(ValueError, match=msg):
+        evaluate.bd_rate(c["ra"], c["qa"], c["rb"], c["qb"], "cubic")
+    with pytest.raises(ValueError, match="method"):
+        evaluate.bd_rate(c["ra"], c["qa"], c["rb"], c["qb"], "akima")
+
+
+def test_bd_rate_command_reads_evaluate_jsons(tmp_path, capsys):
+    def run(name, bpp, psnr_db, lp):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"name": name, "results": {
+            "bpp": bpp, "psnr-rgb": psnr_db, "lpips": lp, "identity-cos": float("inf")}}))
+        return str(path)
+
+    rates = [0.1, 0.2, 0.4, 0.8]
+    anchor = [run(f"a{i}", r, 30 + 2 * i, 0.5 - 0.1 * i) for i, r in enumerate(rates)]
+    test = [run(f"b{i}", r / 2, 30 + 2 * i, 0.5 - 0.1 * i) for i, r in enumerate(rates)]
+    assert evaluate.main(["bd-rate", "--anchor", *anchor, "--test", *test]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["anchor"] == ["a0", "a1", "a2", "a3"] and out["method"] == "pchip"
+    assert out["metrics"]["psnr-rgb"]["bd_rate_percent"] == pytest.approx(-50.0)
+    assert out["metrics"]["lpips"]["bd_rate_percent"] == pytest.approx(-50.0)
+    assert out["metrics"]["psnr-rgb"]["bd_quality"] > 0  # better PSNR at equal rate
+    assert "identity-cos" not in out["metrics"]  # not finite in these runs: skipped
