@@ -315,9 +315,13 @@ def _matmuls(lhs: list[np.ndarray], rhs: list[np.ndarray]) -> list[np.ndarray]:
     limits BLAS to one thread): OpenBLAS's own threads keep spinning after a call and slowed
     the next XLA:CPU call (compress 76 -> 147 ms on 2 cores); idle pool threads sleep."""
     pool, workers = _gemm_pool()
-    if workers == 1 or sum(l.size * r.shape[1] for l, r in zip(lhs, rhs)) < _PARALLEL_MIN_MACS:
+    if workers == 1 or not _worth_threads(sum(l.size * r.shape[1] for l, r in zip(lhs, rhs))):
         return [l @ r for l, r in zip(lhs, rhs)]
     return list(pool.map(np.matmul, lhs, rhs))
+
+
+def _worth_threads(macs: int) -> bool:
+    return macs >= _PARALLEL_MIN_MACS
 
 
 def _im2col_conv(a: np.ndarray, w: np.ndarray, pad_h: tuple[int, int],
@@ -325,8 +329,10 @@ def _im2col_conv(a: np.ndarray, w: np.ndarray, pad_h: tuple[int, int],
     """float64 stride-1 conv of (H, W, C) with (kh, kw, C, O): exact for integers below 2**53."""
     cols = _im2col(a, *w.shape[:2], pad_h, pad_w)
     ho, wo = cols.shape[:2]
-    blocks = np.array_split(cols.reshape(ho * wo, -1), _gemm_pool()[1])
-    wm = w.reshape(-1, w.shape[-1])
+    cols, wm = cols.reshape(ho * wo, -1), w.reshape(-1, w.shape[-1])
+    if not _worth_threads(cols.shape[0] * wm.size):  # small: one GEMM, no split and concat
+        return (cols @ wm).reshape(ho, wo, -1)
+    blocks = np.array_split(cols, _gemm_pool()[1])
     return np.concatenate(_matmuls(blocks, [wm] * len(blocks))).reshape(ho, wo, -1)
 
 
