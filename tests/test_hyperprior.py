@@ -166,6 +166,63 @@ def test_integer_hs_on_the_thread_pool_equals_one_thread(monkeypatch):
     assert os.read(r, 1) == b"1", "forked child hung or computed different integers"
 
 
+@pytest.mark.parametrize("activation", H.HS_ACTIVATIONS)
+def test_device_hs_equals_host_bit_for_bit(activation):
+    """The float64 XLA h_s (GPUs) gives the host's integers: padded latent sizes (masking),
+    values up to the clip bound, both activations."""
+    layers = H.integer_hs_layers(_tiny(3, 16, 24, activation)[1]["params"], activation)
+    dev = H.DeviceHs(layers)
+    rng = np.random.default_rng(7)
+    for shape, lim in (((1, 1), 5), ((4, 4), 40), ((3, 5), 1100), ((6, 9), 300)):
+        z = rng.integers(-lim, lim + 1, shape + (16,))
+        got, want = dev(z), H.hyper_synthesis_int(layers, z)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype == np.int64 and g.shape == w.shape == (4 * shape[0], 4 * shape[1], 24)
+            np.testing.assert_array_equal(g, w)
+        assert np.abs(want[0]).max() > 0  # not a trivially zero comparison
+
+
+def test_device_hs_files_decode_identically_with_host_hs(monkeypatch):
+    """With FASDIFF_HS_PLACE=device the golden file decodes to its recorded symbols, and a file
+    written with either place decodes with the other to the same symbols."""
+    model, params = _load_golden()
+    rec = json.loads((GOLDEN / "hyperprior_tiny.json").read_text())
+    img = skdata.astronaut()[:70, :45]
+    monkeypatch.setenv(H.HS_PLACE_ENV, "device")
+    assert H.prepare(model, params).coder.hs_device is not None
+    assert _yhat_sha(model, params, (GOLDEN / "hyperprior_tiny.fsd").read_bytes())[0] == rec["y_hat_sha256"]
+    dev_file = H.compress(model, params, img)
+    monkeypatch.setenv(H.HS_PLACE_ENV, "host")
+    assert H.prepare(model, params).coder.hs_device is None
+    host_file = H.compress(model, params, img)
+    assert dev_file == host_file  # same y from the same device; same distributions
+    sha_host = _yhat_sha(model, params, dev_file)[0]
+    monkeypatch.setenv(H.HS_PLACE_ENV, "device")
+    assert _yhat_sha(model, params, host_file)[0] == sha_host
+
+
+def test_device_hs_that_disagrees_with_host_is_not_used(monkeypatch):
+    model, params = _tiny(4)
+    real = H.DeviceHs.__call__
+    monkeypatch.setattr(H.DeviceHs, "__call__", lambda self, z: tuple(a + 1 for a in real(self, z)))
+    monkeypatch.setenv(H.HS_PLACE_ENV, "device")
+    with pytest.warns(RuntimeWarning, match="differs from the host"):
+        prep = H.prepare(model, params)
+    assert prep.coder.hs_device is None
+    img = skdata.astronaut()[:64, :64]
+    assert H.decompress(model, params, H.compress(model, params, img)).shape == img.shape
+
+
+def test_hs_place_from_environment(monkeypatch):
+    monkeypatch.delenv(H.HS_PLACE_ENV, raising=False)
+    assert H.hs_place() == "host"  # auto on the CPU
+    monkeypatch.setenv(H.HS_PLACE_ENV, "device")
+    assert H.hs_place() == "device"
+    monkeypatch.setenv(H.HS_PLACE_ENV, "gpu")
+    with pytest.raises(ValueError, match="FASDIFF_HS_PLACE='gpu'"):
+        H.hs_place()
+
+
 @pytest.mark.parametrize("shape", [(37, 50), (64, 64, 1), (45, 70, 4), (20, 31)])
 def test_roundtrip_any_size_and_channels(shape):
     model, params = _tiny()
