@@ -1,6 +1,7 @@
 """Mean-scale hyperprior (N=128, M=192) on 256x256 faces: ours vs CompressAI 1.2.8, one run.
 
 python benchmarks/entropy_coding.py [--rounds 3] [--repeats 5] [--train-repeats 3]
+python benchmarks/entropy_coding.py --torch-device cuda --compressai-python python3 --out R.json  # GPU
 
 Ours runs in this (main) venv; CompressAI's ``MeanScaleHyperprior`` runs in
 benchmarks/.venv-compressai (it pins numpy<2) as a subprocess on the same images, and the two
@@ -10,6 +11,11 @@ code with CompressAI's randomly initialised weights (ours loads them through
 equal rate. Reports compress / decompress ms per image (median), file bytes vs each model's
 estimate, and the time of one rate+λ·MSE Adam train step (batch 8, 256 px, median after
 compilation/warm-up).
+
+On a GPU machine both sides run there: ours on JAX's default backend (the symbol coding stays
+on the host by design; the integer h_s runs on the GPU unless
+FASDIFF_HS_PLACE=host), CompressAI with ``--torch-device cuda``; timings synchronise the
+device before reading the clock.
 """
 
 import argparse
@@ -38,13 +44,13 @@ def faces():
             sq(data.chelsea(), 0, 300, 60, 360)]
 
 
-def _compressai_parts(net, x, repeats):
+def _compressai_parts(net, x, repeats, sync):
     """Where CompressAI's time goes: its transforms and its entropy coding, one by one (ms)."""
     def med(f):
-        f()
+        f(); sync()
         ts = []
         for _ in range(repeats):
-            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+            t = time.perf_counter(); f(); sync(); ts.append(time.perf_counter() - t)
         return 1e3 * float(np.median(ts))
 
     y = net.g_a(x)
@@ -62,7 +68,7 @@ def _compressai_parts(net, x, repeats):
             "g_s_ms": med(lambda: net.g_s(y_hat))}
 
 
-def compressai_side(out_path, faces_path, repeats, train_repeats):
+def compressai_side(out_path, faces_path, repeats, train_repeats, device="cpu"):
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -71,37 +77,42 @@ def compressai_side(out_path, faces_path, repeats, train_repeats):
     import_compressai()
     from compressai.models import MeanScaleHyperprior
 
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    net = MeanScaleHyperprior(128, 192).eval()
+    net = MeanScaleHyperprior(128, 192).eval()  # seeded init on the CPU, then moved
     net.update(force=True)
-    x0 = torch.from_numpy(np.load(faces_path)["faces"][0]).permute(2, 0, 1)[None].float() / 255
+    net.to(dev)
+    x0 = torch.from_numpy(np.load(faces_path)["faces"][0]).permute(2, 0, 1)[None].float().to(dev) / 255
     with torch.no_grad():  # its weights and outputs, for our side to load and check against
         y0 = net.g_a(x0)
         z_hat0 = torch.round(net.h_a(y0))
         scales0, means0 = net.h_s(z_hat0).chunk(2, 1)
-        hwc = lambda t: t[0].permute(1, 2, 0).numpy()  # noqa: E731
+        hwc = lambda t: t[0].permute(1, 2, 0).cpu().numpy()  # noqa: E731
         ref = {"y0": hwc(y0), "x_hat0": hwc(net.g_s(torch.round(y0))), "z_hat0": hwc(z_hat0),
                "scales0": hwc(scales0), "means0": hwc(means0)}
     np.savez(Path(faces_path).with_name("compressai_weights.npz"), **ref,
-             **{k: v.numpy() for k, v in net.state_dict().items() if v.numel()})
+             **{k: v.cpu().numpy() for k, v in net.state_dict().items() if v.numel()})
     rows = []
     for img in np.load(faces_path)["faces"]:
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().to(dev) / 255
         with torch.no_grad():
             out = net.compress(x)
+            net.decompress(out["strings"], out["shape"]); sync()
             tc, td = [], []
             for _ in range(repeats):
-                t = time.perf_counter(); out = net.compress(x); tc.append(time.perf_counter() - t)
-                t = time.perf_counter(); net.decompress(out["strings"], out["shape"]); td.append(time.perf_counter() - t)
+                t = time.perf_counter(); out = net.compress(x); sync(); tc.append(time.perf_counter() - t)
+                t = time.perf_counter(); net.decompress(out["strings"], out["shape"]); sync()
+                td.append(time.perf_counter() - t)
             lik = net(x)["likelihoods"]
             est = float(sum((-torch.log2(v)).sum() for v in lik.values()))
-            parts = _compressai_parts(net, x, repeats)
+            parts = _compressai_parts(net, x, repeats, sync)
         nbytes = sum(len(s[0]) for s in out["strings"])
         rows.append({"compress_ms": 1e3 * np.median(tc), "decompress_ms": 1e3 * np.median(td),
                      "payload_bytes": nbytes, "estimate_bytes": est / 8, **parts})
     net.train()
     opt = torch.optim.Adam(net.parameters(), 1e-4)
-    batch = torch.rand(8, 3, 256, 256)
+    batch = torch.rand(8, 3, 256, 256).to(dev)
     ts = []
     for i in range(train_repeats + 1):
         t = time.perf_counter()
@@ -109,11 +120,13 @@ def compressai_side(out_path, faces_path, repeats, train_repeats):
         o = net(batch)
         bpp = sum((-torch.log2(v)).sum() for v in o["likelihoods"].values()) / (8 * 256 * 256)
         loss = bpp + 0.01 * 255**2 * torch.mean((o["x_hat"] - batch) ** 2)
-        loss.backward(); opt.step()
+        loss.backward(); opt.step(); sync()
         if i:
             ts.append(time.perf_counter() - t)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     Path(out_path).write_text(json.dumps({"images": rows, "train_step_s": float(np.median(ts)),
-                                          "torch_threads": torch.get_num_threads()}))
+                                          "torch_threads": torch.get_num_threads(),
+                                          "torch": torch.__version__, "device": name}))
 
 
 class Ours:
@@ -147,6 +160,9 @@ class Ours:
         self.step = H.make_train_step(model, opt)
         self.state = opt.init(params)
         self.batch = jax.random.uniform(jax.random.PRNGKey(1), (8, 256, 256, 3))
+        hs_where = "device" if H.prepare(model, params).coder.hs_device is not None else "host"
+        self.device = (f"{jax.default_backend()}: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+                       f"integer h_s on the {hs_where}")
 
     def measure(self, repeats, train_repeats):
         from fasdiff_jax.coding import container
@@ -195,19 +211,23 @@ def main():
                     help="CompressAI and ours alternate this many times (this VM's speed drifts)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-repeats", type=int, default=3)
-    ap.add_argument("--compressai", default=None)
-    ap.add_argument("--faces", default=None)
+    ap.add_argument("--torch-device", default="cpu", help="cpu or cuda: where CompressAI runs")
+    ap.add_argument("--compressai-python", default=str(VENV_PY),
+                    help="a Python with torch and compressai 1.2.8 (default: benchmarks/.venv-compressai)")
+    ap.add_argument("--out", default=str(HERE / "entropy_coding_results.json"))
+    ap.add_argument("--compressai", default=None, help=argparse.SUPPRESS)  # the subprocess' output
+    ap.add_argument("--faces", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.compressai:
-        return compressai_side(a.compressai, a.faces, a.repeats, a.train_repeats)
-    out = HERE / "entropy_coding_compressai.json"
+        return compressai_side(a.compressai, a.faces, a.repeats, a.train_repeats, a.torch_device)
+    out = Path(tempfile.mkdtemp()) / "entropy_coding_compressai.json"
     faces_path = Path(tempfile.mkdtemp()) / "faces.npz"
     np.savez(faces_path, faces=np.stack(faces()))  # the CompressAI venv has no scikit-image
     us, rounds = None, []
     for _ in range(a.rounds):
-        r = subprocess.run([str(VENV_PY), __file__, "--compressai", str(out), "--faces", str(faces_path),
-                            "--repeats", str(a.repeats),
-                            "--train-repeats", str(a.train_repeats)], capture_output=True, text=True)
+        r = subprocess.run([a.compressai_python, __file__, "--compressai", str(out), "--faces", str(faces_path),
+                            "--repeats", str(a.repeats), "--train-repeats", str(a.train_repeats),
+                            "--torch-device", a.torch_device], capture_output=True, text=True)
         if r.returncode:
             sys.exit(r.stderr)
         ref = json.loads(out.read_text())
@@ -231,9 +251,11 @@ def main():
     for k in ("g_a_ms", "h_a_ms", "h_s_ms", "y_encode_ms", "y_decode_ms", "g_s_ms"):
         lines.append(f"CompressAI {k} (last round): {np.mean([x[k] for x in last['compressai']['images']]):.1f}")
     lines.append(f"same weights (CompressAI's init) in both: {us.parity}")
+    lines.append(f"ours on {us.device}; CompressAI on {last['compressai'].get('device', 'cpu')}, "
+                 f"torch {last['compressai'].get('torch')}")
     print("\n".join(lines))
-    (HERE / "entropy_coding_results.json").write_text(
-        json.dumps({"rounds": rounds, "weights_parity": us.parity}, indent=1))
+    Path(a.out).write_text(json.dumps({"rounds": rounds, "weights_parity": us.parity,
+                                       "ours_device": us.device}, indent=1))
 
 
 if __name__ == "__main__":

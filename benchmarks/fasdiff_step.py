@@ -1,6 +1,7 @@
 """FaSDiff train-step cost (time, XLA FLOPs, compiled memory) and decode time vs sampler steps.
 
     python benchmarks/fasdiff_step.py [--repeats 3] [--skip_reduced]
+    JAX_PLATFORMS=cuda python benchmarks/fasdiff_step.py --skip_tiny --reduced_batch 8   # GPU
 
 Configs: ``tiny`` (configs/tiny.py, 64 px, batch 8) and ``reduced-sd21``: SD-2.1-base-shaped
 UNet at reduced width (block_out_channels (128, 256, 512, 512), 64-dim heads, linear
@@ -114,18 +115,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip_reduced", action="store_true")
+    ap.add_argument("--skip_tiny", action="store_true")
+    ap.add_argument("--reduced_batch", type=int, default=1)
     args = ap.parse_args()
-    print(f"jax {jax.__version__} on {jax.default_backend()}; cpus {os.cpu_count()}; "
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; cpus {os.cpu_count()}; "
           f"load {os.getloadavg()}", flush=True)
-    results = []
-    model, params, r = bench_train("tiny", tiny.model_config(), 8, args.repeats, False)
-    results.append(r)
-    results.append(bench_train("tiny", tiny.model_config(), 8, args.repeats, True)[2])
-    dec = bench_decode(model, params, (1, 4, 16), args.repeats)
+    results, dec = [], []
+    if not args.skip_tiny:
+        model, params, r = bench_train("tiny", tiny.model_config(), 8, args.repeats, False)
+        results.append(r)
+        results.append(bench_train("tiny", tiny.model_config(), 8, args.repeats, True)[2])
+        dec = bench_decode(model, params, (1, 4, 16), args.repeats)
     if not args.skip_reduced:
         mcfg = reduced_sd21_model_config()
         mcfg.loss = dict(mcfg.loss, identity=0.0, lpips=0.0)
-        results.append(bench_train("reduced-sd21", mcfg, 1, args.repeats, False)[2])
+        results.append(bench_train("reduced-sd21", mcfg, args.reduced_batch, args.repeats, False)[2])
     print("\n| config | batch | px | x0 terms | step s | img/s | compile s | GFLOP/step | temp MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:

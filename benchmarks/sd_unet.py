@@ -8,6 +8,11 @@ conv-vs-attention micro breakdown, and the full SD-2.1 UNet's parameter count an
 train step from XLA's cost analysis (abstract shapes only: no full-size weights built).
 
     python benchmarks/sd_unet.py [--repeats 5] [--skip_full] [--compile_full]
+    JAX_PLATFORMS=cuda python benchmarks/sd_unet.py --torch_device cuda --skip_full   # GPU
+
+On a GPU both run there in float32 with each framework's default matmul/conv precision
+(TF32 on Ampere and later for JAX's convs and dots, and for torch's convs); timings
+synchronise the device.
 """
 
 from __future__ import annotations
@@ -41,12 +46,22 @@ SD21 = dict(sample_size=96, in_channels=4, out_channels=4,
             upcast_attention=True, norm_num_groups=32)
 
 
+DEV = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     fn()  # warm-up (and compilation for jax)
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -63,12 +78,14 @@ def bench_unet(repeats: int) -> dict:
         tmodel.save_pretrained(d, safe_serialization=True)
         module, params = load_diffusers(d)
     n_params = sum(p.numel() for p in tmodel.parameters())
+    tmodel.to(DEV)
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 32, 32, generator=g)
     t = torch.tensor([10, 800])
     ctx = torch.randn(2, 77, 1024, generator=g)
     xj, tj, cj = jnp.asarray(x.permute(0, 2, 3, 1).numpy()), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
+    x, t, ctx = x.to(DEV), t.to(DEV), ctx.to(DEV)
 
     def t_fwd():
         with torch.no_grad():
@@ -83,7 +100,7 @@ def bench_unet(repeats: int) -> dict:
     fwd = jax.jit(lambda p, a, b, c: module.apply({"params": p}, a, b, c))
     grad = jax.jit(jax.grad(lambda p, a, b, c: jnp.mean(jnp.square(module.apply({"params": p}, a, b, c)))))
 
-    ref = t_fwd().permute(0, 2, 3, 1).numpy()
+    ref = t_fwd().permute(0, 2, 3, 1).cpu().numpy()
     err = float(np.abs(np.asarray(fwd(params, xj, tj, cj)) - ref).max() / np.abs(ref).max())
 
     res = {"params": n_params, "rel_err": err}
@@ -103,7 +120,7 @@ def bench_parts(repeats: int) -> dict:
     # 3x3 conv, 128 -> 128 channels at 32x32, batch 2
     xc = rng.normal(size=(2, 128, 32, 32)).astype(np.float32)
     wc = (rng.normal(size=(128, 128, 3, 3)) * 0.02).astype(np.float32)
-    xt, wt = torch.tensor(xc, requires_grad=True), torch.tensor(wc, requires_grad=True)
+    xt, wt = torch.tensor(xc, device=DEV, requires_grad=True), torch.tensor(wc, device=DEV, requires_grad=True)
 
     def t_conv():
         y = torch.nn.functional.conv2d(xt, wt, padding=1)
@@ -117,7 +134,7 @@ def bench_parts(repeats: int) -> dict:
     out["conv_jax"], _ = median_time(lambda: jax.block_until_ready(j_conv(xj, wj)), repeats)
     # self-attention over 1024 tokens, 2 heads of 64
     q = rng.normal(size=(2, 1024, 128)).astype(np.float32)
-    qt = torch.tensor(q, requires_grad=True)
+    qt = torch.tensor(q, device=DEV, requires_grad=True)
 
     def t_attn():
         a = qt.view(2, 1024, 2, 64).transpose(1, 2)
@@ -170,9 +187,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip_full", action="store_true")
     ap.add_argument("--compile_full", action="store_true")
+    ap.add_argument("--torch_device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    global DEV
+    DEV = torch.device(args.torch_device)
     torch.set_num_threads(2)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__}, "
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
+          f"{torch.cuda.get_device_name() if DEV.type == 'cuda' else 'cpu'}, "
           f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}")
     r = bench_unet(args.repeats)
     fmt = lambda xs: ", ".join(f"{v:.3f}" for v in xs)  # noqa: E731
