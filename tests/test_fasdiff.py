@@ -26,6 +26,7 @@ from fasdiff_jax.coding import BitstreamError
 from fasdiff_jax.data.pipeline import make_train_iterator
 from fasdiff_jax.errors import ConversionError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
+from fasdiff_jax.models import hyperprior as H
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, X0_EVERY = 200, 50
@@ -210,6 +211,20 @@ def test_round_trip_any_size_and_mode_and_cross_process(tiny_model, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         got = json.loads(res.stdout.strip().splitlines()[-1])
         assert got["n"] == devices and got["sha"] == want
+
+
+def test_files_are_the_same_with_the_integer_hs_on_the_device(tiny_model, monkeypatch):
+    """FASDIFF_HS_PLACE=device (the GPU default) writes the same file and decodes it to the
+    same pixels as the host h_s; the codec picks the place up after a change."""
+    model, params = tiny_model
+    img = _photo_variants()["rgb"]
+    monkeypatch.setenv(H.HS_PLACE_ENV, "host")
+    data = model.compress(params, img, seed=3, steps=2)
+    out = model.decompress(params, data)
+    monkeypatch.setenv(H.HS_PLACE_ENV, "device")
+    assert model._prepared(params)[0].coder.hs_device is not None
+    assert model.compress(params, img, seed=3, steps=2) == data
+    assert np.array_equal(model.decompress(params, data), out)
 
 
 def test_codec_rejects_bad_files(tiny_model):

@@ -292,7 +292,7 @@ class FaSDiff:
     def _prepared(self, params: Params):
         key = id(params)
         hit = self._cache.get("prep")
-        if hit is not None and hit[0] == key and hit[1] is params:
+        if hit is not None and hit[0] == key and hit[1] is params and hit[2].place == H.hs_place():
             return hit[2], hit[3], hit[4]
         wrapped = {"params": params["compressor"]}  # one object, so H.prepare's cache hits
         prep = H.prepare(self.compressor, wrapped)
