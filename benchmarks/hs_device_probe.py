@@ -4,9 +4,9 @@
 
 The host integer h_s (``hyperprior.hyper_synthesis_int``) is exact because float64 products
 and sums of integers below 2**53 are exact in any order. The same arithmetic as an XLA
-program (``jax_enable_x64``) in two forms: im2col + dot (a float64 GEMM) and
-``conv_general_dilated`` (whatever convolution algorithm the backend picks; an FFT or
-Winograd one would not be exact). Reports, per latent size, whether each form equals the host
+program (``jax_enable_x64``) in two forms: im2col + dot (a float64 GEMM; ``hyperprior.DeviceHs``,
+which the codec uses on GPUs) and ``conv_general_dilated`` (whatever convolution algorithm the
+backend picks; an FFT or Winograd one would not be exact). Reports, per latent size, whether each form equals the host
 bit for bit on random z, and the median time of each including the transfers.
 """
 
@@ -34,28 +34,19 @@ from fasdiff_jax.models import hyperprior as H  # noqa: E402
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _im2col(a, kh, kw, ph, pw):
-    a = jnp.pad(a, ((0, 0), tuple(ph), tuple(pw), (0, 0)))
-    ho, wo = a.shape[1] - kh + 1, a.shape[2] - kw + 1
-    return jnp.concatenate([a[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
-
-
-def _conv(a, k, ph, pw, form):
-    if form == "gemm":
-        return jnp.dot(_im2col(a, *k.shape[:2], ph, pw), k.reshape(-1, k.shape[-1]), precision=HIGHEST)
-    return jax.lax.conv_general_dilated(a, k, (1, 1), (tuple(ph), tuple(pw)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
-
-
-def hs_device(layers, z, form):
+def hs_conv(layers, z):
+    """The integer h_s with ``conv_general_dilated`` for its convolutions (the rejected form)."""
     a = jnp.clip(z, -H.Z_CLIP, H.Z_CLIP - 1) * 2.0**H.A_FRAC
+    conv = lambda a, k, ph, pw: jax.lax.conv_general_dilated(  # noqa: E731
+        a[None], jnp.asarray(k), (1, 1), (tuple(ph), tuple(pw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)[0]
     for l in layers:
         if l.upsample:
-            outs = [_conv(a, jnp.asarray(k), ph, pw, form) for _, k, (ph, pw) in l.phases]
-            b, h, w, o = outs[0].shape
-            acc = jnp.stack(outs).reshape(2, 2, b, h, w, o).transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * h, 2 * w, o)
+            outs = [conv(a, k, ph, pw) for _, k, (ph, pw) in l.phases]
+            h, w, o = outs[0].shape
+            acc = jnp.stack(outs).reshape(2, 2, h, w, o).transpose(2, 0, 3, 1, 4).reshape(2 * h, 2 * w, o)
         else:
-            acc = _conv(a, jnp.asarray(l.kernel), (1, 1), (1, 1), form)
+            acc = conv(a, l.kernel, (1, 1), (1, 1))
         a = jnp.clip(jnp.floor((acc + l.bias) * 2.0**-H.W_FRAC + 0.5), -H.A_CLIP, H.A_CLIP - 1)
         if l.activation == "relu":
             a = jnp.maximum(a, 0.0)
@@ -76,6 +67,7 @@ def _median_ms(fn, n=30):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default=".gpu/xdev/params.npz")
+    ap.add_argument("--sides", default="4,16,32", help="latent sides (x64 = image side in px)")
     a = ap.parse_args()
     npz = np.load(a.params)  # written by cross_device_files.py; keys "['params']['h_s_0']['kernel']"
     hs = {}
@@ -87,18 +79,19 @@ def main() -> None:
     for act in H.HS_ACTIVATIONS:
         layers = H.integer_hs_layers(hs, act)
         rows = []
-        for side in (4, 16, 32):  # 256, 1024, 2048 px
+        for side in map(int, a.sides.split(",")):
             z = np.random.default_rng(side).integers(-8, 9, (side, side, n)).astype(np.float64)
             host = H.hyper_synthesis_int(layers, z)
             reps = 30 if side <= 4 else 8
             row = {"activation": act, "z": [side, side, n],
                    "host_ms": _median_ms(lambda: H.hyper_synthesis_int(layers, z), reps)}
-            for form in ("gemm", "conv"):
-                fn = jax.jit(lambda zz, f=form: hs_device(layers, zz, f))
-
-                def run():
-                    m, s = fn(jnp.asarray(z[None]))
-                    return np.asarray(m)[0], np.asarray(s)[0]
+            conv_fn = jax.jit(lambda zz: hs_conv(layers, zz))
+            forms = {"gemm": H.DeviceHs(layers),  # what the codec uses (im2col + GEMM)
+                     "conv": lambda zz: tuple(np.asarray(v).astype(np.int64) for v in conv_fn(zz))}
+            for form, fn in forms.items():
+                def run(fn=fn):
+                    with jax.enable_x64(True):
+                        return fn(z)
 
                 t = time.perf_counter(); m, s = run(); row[f"{form}_first_ms"] = 1e3 * (time.perf_counter() - t)
                 row[f"{form}_exact"] = bool(np.array_equal(m, host[0]) and np.array_equal(s, host[1]))
