@@ -201,12 +201,21 @@ def test_device_hs_files_decode_identically_with_host_hs(monkeypatch):
     assert _yhat_sha(model, params, host_file)[0] == sha_host
 
 
-def test_device_hs_that_disagrees_with_host_is_not_used(monkeypatch):
+def _raise_unsupported(self, z):
+    raise NotImplementedError("float64 dot is not supported")
+
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda real: (lambda self, z: tuple(a + 1 for a in real(self, z))), "differs from the host"),
+    (lambda real: _raise_unsupported, "NotImplementedError: float64 dot is not supported"),
+])
+def test_device_hs_that_disagrees_or_fails_is_not_used(monkeypatch, fault, message):
+    """A device whose h_s gives other integers, or cannot run it, leaves the host h_s in use."""
     model, params = _tiny(4)
-    real = H.DeviceHs.__call__
-    monkeypatch.setattr(H.DeviceHs, "__call__", lambda self, z: tuple(a + 1 for a in real(self, z)))
+    monkeypatch.setattr(H.DeviceHs, "__call__", fault(H.DeviceHs.__call__))
+    monkeypatch.setattr(H, "_CACHE", [])  # prepare afresh: the check runs in prepare
     monkeypatch.setenv(H.HS_PLACE_ENV, "device")
-    with pytest.warns(RuntimeWarning, match="differs from the host"):
+    with pytest.warns(RuntimeWarning, match=message):
         prep = H.prepare(model, params)
     assert prep.coder.hs_device is None
     img = skdata.astronaut()[:64, :64]
