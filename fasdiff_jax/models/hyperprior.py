@@ -464,12 +464,12 @@ class DeviceHs:
         for l, (kernels, bias) in zip(self.layers, weights):
             if l.upsample:
                 h, w, _ = a.shape
-                outs = [_im2col_jnp(a, *k.shape[:2], ph, pw) @ km
+                outs = [_exact_dot(_im2col_jnp(a, *k.shape[:2], ph, pw), km)
                         for (_, k, (ph, pw)), km in zip(l.phases, kernels)]
                 acc = jnp.stack(outs).reshape(2, 2, h, w, -1).transpose(2, 0, 3, 1, 4).reshape(2 * h, 2 * w, -1)
                 hv, wv = 2 * hv, 2 * wv
             else:
-                acc = _im2col_jnp(a, *l.kernel.shape[:2], (1, 1), (1, 1)) @ kernels[0]
+                acc = _exact_dot(_im2col_jnp(a, *l.kernel.shape[:2], (1, 1), (1, 1)), kernels[0])
             a = jnp.clip(jnp.floor((acc + bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
             if l.activation == "relu":
                 a = jnp.maximum(a, 0.0)
@@ -489,6 +489,11 @@ class DeviceHs:
         f = out.shape[0] // zp.shape[0]
         scales, means = np.split(out[: f * h, : f * w].astype(np.int64), 2, axis=-1)
         return means, scales
+
+
+def _exact_dot(a, b):
+    """float64 GEMM at full precision whatever ``jax_default_matmul_precision`` says."""
+    return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _im2col_jnp(a, kh: int, kw: int, pad_h, pad_w):
