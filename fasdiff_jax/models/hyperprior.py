@@ -289,12 +289,12 @@ class MeanScaleHyperprior(nn.Module):
 # --------------------------------------------------------------------------------------------
 # integer hyper-synthesis on the host
 # --------------------------------------------------------------------------------------------
-def _im2col(a: np.ndarray, kh: int, kw: int, pad_h: tuple[int, int],
-            pad_w: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) -> (Ho, Wo, kh*kw*C) patches of a stride-1 conv, in (kh, kw, C) order."""
-    win = np.lib.stride_tricks.sliding_window_view(
-        np.pad(a, (pad_h, pad_w, (0, 0))), (kh, kw), axis=(0, 1))  # Ho Wo C kh kw
-    return win.transpose(0, 1, 3, 4, 2).reshape(*win.shape[:2], -1)
+def _im2col(a, kh: int, kw: int, pad_h: tuple[int, int], pad_w: tuple[int, int], xp=np):
+    """(H, W, C) -> (Ho, Wo, kh*kw*C) patches of a stride-1 conv, in (kh, kw, C) order; numpy
+    (host h_s) or ``xp=jnp`` (:class:`DeviceHs`)."""
+    a = xp.pad(a, (tuple(pad_h), tuple(pad_w), (0, 0)))
+    ho, wo = a.shape[0] - kh + 1, a.shape[1] - kw + 1
+    return xp.concatenate([a[i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
 
 
 _PARALLEL_MIN_MACS = 1 << 22
@@ -464,12 +464,12 @@ class DeviceHs:
         for l, (kernels, bias) in zip(self.layers, weights):
             if l.upsample:
                 h, w, _ = a.shape
-                outs = [_exact_dot(_im2col_jnp(a, *k.shape[:2], ph, pw), km)
+                outs = [_exact_dot(_im2col(a, *k.shape[:2], ph, pw, jnp), km)
                         for (_, k, (ph, pw)), km in zip(l.phases, kernels)]
                 acc = jnp.stack(outs).reshape(2, 2, h, w, -1).transpose(2, 0, 3, 1, 4).reshape(2 * h, 2 * w, -1)
                 hv, wv = 2 * hv, 2 * wv
             else:
-                acc = _exact_dot(_im2col_jnp(a, *l.kernel.shape[:2], (1, 1), (1, 1)), kernels[0])
+                acc = _exact_dot(_im2col(a, *l.kernel.shape[:2], (1, 1), (1, 1), jnp), kernels[0])
             a = jnp.clip(jnp.floor((acc + bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
             if l.activation == "relu":
                 a = jnp.maximum(a, 0.0)
@@ -494,13 +494,6 @@ class DeviceHs:
 def _exact_dot(a, b):
     """float64 GEMM at full precision whatever ``jax_default_matmul_precision`` says."""
     return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
-
-
-def _im2col_jnp(a, kh: int, kw: int, pad_h, pad_w):
-    """:func:`_im2col` in JAX: (H, W, C) -> (Ho, Wo, kh*kw*C), the same (kh, kw, C) order."""
-    a = jnp.pad(a, (tuple(pad_h), tuple(pad_w), (0, 0)))
-    ho, wo = a.shape[0] - kh + 1, a.shape[1] - kw + 1
-    return jnp.concatenate([a[i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
 
 
 def _checked_device_hs(layers: list[IntLayer]) -> DeviceHs | None:
