@@ -42,16 +42,10 @@ def hs_conv(layers, z):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)[0]
     for l in layers:
         if l.upsample:
-            outs = [conv(a, k, ph, pw) for _, k, (ph, pw) in l.phases]
-            h, w, o = outs[0].shape
-            acc = jnp.stack(outs).reshape(2, 2, h, w, o).transpose(2, 0, 3, 1, 4).reshape(2 * h, 2 * w, o)
+            acc = H._interleave_phases([conv(a, k, ph, pw) for _, k, (ph, pw) in l.phases], jnp)
         else:
             acc = conv(a, l.kernel, (1, 1), (1, 1))
-        a = jnp.clip(jnp.floor((acc + l.bias) * 2.0**-H.W_FRAC + 0.5), -H.A_CLIP, H.A_CLIP - 1)
-        if l.activation == "relu":
-            a = jnp.maximum(a, 0.0)
-        elif l.activation == "leaky_relu":
-            a = jnp.where(a >= 0, a, jnp.floor(a * (H.LEAK_NUM * 2.0**-H.LEAK_SHIFT) + 0.5))
+        a = H._requantise(acc, l.bias, l.activation, jnp)
     scales, means = jnp.split(a, 2, axis=-1)
     return means, scales
 

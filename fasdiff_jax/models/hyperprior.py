@@ -350,10 +350,26 @@ def _int_upconv(a: np.ndarray, phases: list) -> np.ndarray:
     h, wd, _ = a.shape
     cols = [_im2col(a, *k.shape[:2], ph, pw).reshape(h * wd, -1) for _, k, (ph, pw) in phases]
     accs = _matmuls(cols, [k.reshape(-1, k.shape[-1]) for _, k, _ in phases])
-    out = np.empty((h, 2, wd, 2, phases[0][1].shape[-1]), a.dtype)
-    for ((rh, rw), _, _), acc in zip(phases, accs):
-        out[:, rh, :, rw] = acc.reshape(h, wd, -1)
-    return out.reshape(2 * h, 2 * wd, -1)
+    return _interleave_phases([acc.reshape(h, wd, -1) for acc in accs], np)
+
+
+def _interleave_phases(outs: list, xp=np):
+    """The four output phases of a stride-2 transposed conv, in :func:`_up_phases` order
+    ((0, 0), (0, 1), (1, 0), (1, 1)), each (H, W, O) -> the (2H, 2W, O) output."""
+    h, w = outs[0].shape[:2]
+    return xp.stack(outs).reshape(2, 2, h, w, -1).transpose(2, 0, 3, 1, 4).reshape(2 * h, 2 * w, -1)
+
+
+def _requantise(acc, bias, activation: str | None, xp=np):
+    """Accumulator + bias (units 2**-(W_FRAC + A_FRAC)) -> the next activations (units
+    2**-A_FRAC): a power-of-two scale, floor and clip, then the activation; all exact. The
+    leak of ``leaky_relu`` is ``floor(a * 655 / 2**16 + 1/2)``, an exact product below 2**31."""
+    a = xp.clip(xp.floor((acc + bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
+    if activation == "relu":
+        return xp.maximum(a, 0.0)
+    if activation == "leaky_relu":
+        return xp.where(a >= 0, a, xp.floor(a * (LEAK_NUM * 2.0**-LEAK_SHIFT) + 0.5))
+    return a
 
 
 @dataclass(frozen=True)
@@ -400,17 +416,12 @@ def hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.n
     """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10.
 
     BLAS runs single-threaded here; its GEMMs are split over a thread pool instead
-    (:func:`_matmuls`). The leak of ``leaky_relu`` is ``floor(a * 655 / 2**16 + 1/2)``: an
-    exact product below 2**31, a power-of-two scale and a floor."""
+    (:func:`_matmuls`). Rescaling and activations: :func:`_requantise`."""
     a = np.clip(np.asarray(z_hat, np.float64), -Z_CLIP, Z_CLIP - 1) * 2.0**A_FRAC
     with _blas_controller().limit(limits=1, user_api="blas"):
         for l in layers:
             acc = _int_upconv(a, l.phases) if l.upsample else _im2col_conv(a, l.kernel, (1, 1), (1, 1))
-            a = np.clip(np.floor((acc + l.bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
-            if l.activation == "relu":
-                a = np.maximum(a, 0.0)
-            elif l.activation == "leaky_relu":
-                a = np.where(a >= 0, a, np.floor(a * (LEAK_NUM * 2.0**-LEAK_SHIFT) + 0.5))
+            a = _requantise(acc, l.bias, l.activation)
     scales, means = np.split(a.astype(np.int64), 2, axis=-1)
     return means, scales
 
@@ -463,18 +474,12 @@ class DeviceHs:
         hv, wv = hw[0], hw[1]
         for l, (kernels, bias) in zip(self.layers, weights):
             if l.upsample:
-                h, w, _ = a.shape
-                outs = [_exact_dot(_im2col(a, *k.shape[:2], ph, pw, jnp), km)
-                        for (_, k, (ph, pw)), km in zip(l.phases, kernels)]
-                acc = jnp.stack(outs).reshape(2, 2, h, w, -1).transpose(2, 0, 3, 1, 4).reshape(2 * h, 2 * w, -1)
+                acc = _interleave_phases([_exact_dot(_im2col(a, *k.shape[:2], ph, pw, jnp), km)
+                                          for (_, k, (ph, pw)), km in zip(l.phases, kernels)], jnp)
                 hv, wv = 2 * hv, 2 * wv
             else:
                 acc = _exact_dot(_im2col(a, *l.kernel.shape[:2], (1, 1), (1, 1), jnp), kernels[0])
-            a = jnp.clip(jnp.floor((acc + bias) * 2.0**-W_FRAC + 0.5), -A_CLIP, A_CLIP - 1)
-            if l.activation == "relu":
-                a = jnp.maximum(a, 0.0)
-            elif l.activation == "leaky_relu":
-                a = jnp.where(a >= 0, a, jnp.floor(a * (LEAK_NUM * 2.0**-LEAK_SHIFT) + 0.5))
+            a = _requantise(acc, bias, l.activation, jnp)
             valid = ((jnp.arange(a.shape[0]) < hv)[:, None, None]
                      & (jnp.arange(a.shape[1]) < wv)[None, :, None])
             a = jnp.where(valid, a, 0.0)
