@@ -31,13 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _images() -> dict[str, np.ndarray]:
-    from skimage import data, transform
+    from skimage import data
 
-    def sq(img, r0, r1, c0, c1):
-        return (transform.resize(img[r0:r1, c0:c1], (256, 256), anti_aliasing=True) * 255).round().astype(np.uint8)
+    from entropy_coding import faces  # this folder: the benchmark's 256x256 face crops
 
-    a = data.astronaut()
-    return {"astronaut": sq(a, 0, 260, 130, 390), "chelsea": sq(data.chelsea(), 0, 300, 60, 360),
+    astronaut, _, chelsea = faces()
+    return {"astronaut": astronaut, "chelsea": chelsea,
             "coffee_odd_size": data.coffee()[:203, :317], "camera_gray": data.camera()[:150, :190]}
 
 
