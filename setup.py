@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "ml-collections>=1.0",
     "clu==0.0.12",
+    "etils[epath]>=1.5",  # workdir paths that may be URLs (gs://); also orbax's own dependency
     "grain==0.2.18",
     "array-record>=0.7",
     "tensorflow-datasets==4.9.10",

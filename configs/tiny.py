@@ -54,5 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         steps=200, learning_rate=1e-3, x0_every=10, log_every=20, checkpoint_every=100,
         optimizer="adam", b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant",
-        warmup_steps=0, end_learning_rate_ratio=0.0, grad_clip_norm=0.0, max_to_keep=3))
+        warmup_steps=0, end_learning_rate_ratio=0.0, grad_clip_norm=0.0, max_to_keep=3,
+        on_process_count_change="error"))
     return config

@@ -16,7 +16,10 @@
   state (one JSON file per process). Frozen SD/metric networks are rebuilt from the config
   (``model.sd_checkpoint`` or the seeded random stand-ins), never re-saved. A run started in
   a workdir that has checkpoints resumes from the latest; the steps after a resume are the
-  ones an uninterrupted run would have taken (same batches, same per-step rng).
+  ones an uninterrupted run would have taken (same batches, same per-step rng). A checkpoint
+  from another number of processes is refused unless ``config.train.on_process_count_change``
+  is ``"restart_data"`` (see :func:`_data_state_fits`);
+* the workdir may be a local path or a URL Orbax and CLU can write (``gs://...``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -37,6 +41,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax.traverse_util import flatten_dict
 from clu import metric_writers, periodic_actions
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fasdiff_jax import sharding
@@ -60,6 +65,9 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     log_every=20,
     checkpoint_every=100,
     max_to_keep=3,
+    # A checkpoint written by another number of processes (hosts): "error", or "restart_data"
+    # (params and optimizer state resume; each process's data stream starts afresh).
+    on_process_count_change="error",
 )
 
 
@@ -85,6 +93,9 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if tc["schedule"] not in ("constant", "warmup_cosine"):
         raise TrainConfigError(
             f"config.train.schedule must be 'constant' or 'warmup_cosine', got {tc['schedule']!r}")
+    if tc["on_process_count_change"] not in ("error", "restart_data"):
+        raise TrainConfigError("config.train.on_process_count_change must be 'error' or "
+                               f"'restart_data', got {tc['on_process_count_change']!r}")
     return tc
 
 
@@ -226,6 +237,48 @@ def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _workdir(path: str) -> str:
+    """Local paths made absolute; URLs (``gs://bucket/run``, the TPU pod launch's shared
+    workdir) left as they are: Orbax and CLU write to them through their own file systems."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _saved_process_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
+    """How many processes wrote checkpoint ``step`` (one Grain state file each), or None."""
+    data = mngr.directory / str(step) / "data"
+    counts = set()
+    if data.is_dir():
+        for f in data.iterdir():
+            m = re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name)
+            if m:
+                counts.add(int(m.group(1)))
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _data_state_fits(mngr: ocp.CheckpointManager, step: int, workdir: str, policy: str) -> bool:
+    """Whether the Grain iterator states of checkpoint ``step`` can be restored here.
+
+    Each process saves its own position in its own shard of the data, so the states only mean
+    something for the same number of processes; resuming a pod checkpoint on another slice
+    size (or on one machine) raises, or with ``restart_data`` keeps params and optimizer state
+    and starts each process's data stream afresh.
+    """
+    saved, now = _saved_process_count(mngr, step), jax.process_count()
+    if saved == now:
+        return True
+    if policy == "restart_data":
+        logging.warning("checkpoint %d was written by %s processes, this run has %d: params and "
+                        "optimizer state resume, the data streams restart from their beginning",
+                        step, saved, now)
+        return False
+    raise TrainConfigError(
+        f"{workdir}: checkpoint {step} was written by {saved} processes, this run has {now}; "
+        f"the data pipeline's position is saved per process and does not carry over to another "
+        f"process count. Resume with {saved} processes, or pass "
+        f"--config.train.on_process_count_change=restart_data to keep the params and optimizer "
+        f"state and restart the data streams (the batches then differ from an uninterrupted run).")
+
+
 def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -237,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise TrainConfigError(
             "config.model.sd_checkpoint is required by this config: a folder written by "
             "`python -m fasdiff_jax.convert` (pass --config.model.sd_checkpoint=DIR)")
-    workdir = os.path.abspath(workdir)
+    workdir = _workdir(workdir)
     mesh = sharding.create_mesh(config.mesh.to_dict())
     rules = tuple(config.logical_axis_rules)
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
@@ -279,10 +332,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     if latest is not None:
         train_params, frozen = fasdiff.FaSDiff.split(params)
         target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(it.grain_iterator),
-            meta=ocp.args.JsonRestore()))
+        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
+            items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
+        restored = mngr.restore(latest, args=ocp.args.Composite(**items))
         meta = restored["meta"]
         if meta.get("frozen") != fingerprint:
             raise TrainConfigError(
@@ -332,19 +385,31 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     return {**last, "step": step}
 
 
+def one_device_target(state_dir: Any) -> Any:
+    """Abstract arrays, on this process's first device, for every leaf Orbax saved in
+    ``state_dir``: a checkpoint written by any topology (a pod slice, 8 GPUs) then restores
+    on one machine, where the saved shardings name devices that do not exist."""
+    meta = ocp.StandardCheckpointer().metadata(state_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        getattr(tree, "tree", tree))
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                           ) -> tuple[fasdiff.FaSDiff, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from the latest
     checkpoint in ``workdir``; for the codec and evaluation commands (one host, no mesh)."""
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    mngr = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
+    mngr = ocp.CheckpointManager(ckpt_dir) if epath.Path(ckpt_dir).is_dir() else None
     latest = mngr.latest_step() if mngr is not None else None
     if latest is None:
         raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
                                f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
     try:
         restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(one_device_target(mngr.directory / str(latest) / "state")),
+            meta=ocp.args.JsonRestore()))
     finally:
         mngr.close()
     if restored["meta"].get("frozen") != _frozen_fingerprint(config):

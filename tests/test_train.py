@@ -9,6 +9,9 @@ B. a copy of A's step-3 checkpoint only (as if A had been killed after step 3) i
 N. ``b/`` is resumed with ``learning_rate=nan`` to step 8: the params go NaN after step 7,
    the loss at step 8 is NaN, the run stops naming the terms and step 6 stays the latest
    (finite) checkpoint.
+
+Separately, ``main --jax_distributed`` trains in two real processes (gloo) and one process
+resumes their checkpoint (:func:`test_two_processes_train_and_one_process_resumes`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -81,10 +87,15 @@ def _scalars(workdir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def _saved_state(workdir: Path, step: int) -> dict:
+    """A checkpoint's params and optimizer state on one device, whatever topology wrote it."""
+    path = workdir / "checkpoints" / str(step) / "state"
+    return ocp.StandardCheckpointer().restore(path, train.one_device_target(path))
+
+
 def _saved_params(workdir: Path, step: int) -> dict:
-    flat = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
     return {_path(k): np.asarray(v) for k, v in
-            jax.tree_util.tree_flatten_with_path(flat["params"])[0]}
+            jax.tree_util.tree_flatten_with_path(_saved_state(workdir, step)["params"])[0]}
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -237,9 +248,19 @@ def test_bad_configs_are_refused_early(tmp_path):
         cfg.train.lr = 1.0
     with pytest.raises(train.TrainConfigError, match=r"unknown fields \['lr'\]"):
         train.train_settings(cfg)
+    cfg = tiny.get_config()
+    cfg.train.on_process_count_change = "ignore"
+    with pytest.raises(train.TrainConfigError, match="on_process_count_change"):
+        train.train_settings(cfg)
     with pytest.raises(train.TrainConfigError, match="sd_checkpoint is required"):
         train.train_and_evaluate(celeba.get_config(), str(tmp_path))
     assert not os.listdir(tmp_path)  # refused before writing anything
+
+
+def test_workdir_urls_are_kept_and_local_paths_made_absolute(tmp_path, monkeypatch):
+    assert train._workdir("gs://bucket/runs/celeba") == "gs://bucket/runs/celeba"
+    monkeypatch.chdir(tmp_path)
+    assert train._workdir("runs/a") == str(tmp_path / "runs" / "a")
 
 
 def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedded_dirs,  # noqa: F811
@@ -274,3 +295,73 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     row = res["images"][0]
     assert row["bpp"] == pytest.approx(8 * row["bytes"] / (row["height"] * row["width"]))
     assert np.isfinite(row["psnr-rgb"]) and 0 <= row["lpips"] and -1 <= row["identity-cos"] <= 1
+
+
+# ------------------------------------------------------------------ several processes
+def _logged(stderr: str) -> dict[int, str]:
+    """step -> the ``train/...`` scalars line CLU logged (every process logs them)."""
+    return {int(m.group(1)): m.group(2)
+            for m in re.finditer(r"\] \[(\d+)\] (train/bpp=[^\n]*)", stderr)}
+
+
+def test_two_processes_train_and_one_process_resumes(compile_cache, embedded_dirs, tmp_path):  # noqa: F811
+    """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8, train 2
+    steps and save one checkpoint together; then this process (1 x 8 devices) resumes it."""
+    src = f"prepared:{embedded_dirs['train']}"
+    work = tmp_path / "w"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "fasdiff_jax.main", "--jax_distributed",
+            f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=2"]
+    argv += [f"--config.{k}={v}" for k, v in _overrides(src).items()]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(
+                                  os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
+                                  JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                  XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+             for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err[-4000:]
+            logs.append(err)
+    finally:
+        for p in procs:
+            p.kill()
+    for i, err in enumerate(logs):
+        assert f"process {i}/2, 4 local / 8 global devices" in err
+    # the metrics are global arrays: both processes log the same values, every step
+    assert sorted(_logged(logs[0])) == [1, 2] and _logged(logs[0]) == _logged(logs[1])
+    s = _scalars(work)  # summaries: process 0 only
+    assert all(np.isfinite(s[f"train/{t}"][2]) for t in TERMS)
+    d = work / "checkpoints" / "2" / "data"
+    for i in range(2):  # each process's position in its own shard of the data
+        assert json.loads((d / f"process_{i}-of-2.json").read_text())["next_index"] == 2
+    assert _steps(work) == [2]
+
+    assert int(_saved_state(work, 2)["opt_state"]["count"]) == 2
+
+    # the codec / evaluate commands load it on one machine (the saved shardings name 8
+    # devices of two processes): trained leaves moved away from the seeded init, frozen did not
+    cfg = _config(src)
+    model, params, step = train.restore_for_inference(cfg, str(work))
+    init = model.init_params(jax.random.key(cfg.seed))
+    trained = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(params)[0])[0])
+    start = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(init)[0])[0])
+    assert step == 2 and trained.keys() == start.keys()
+    assert all(np.isfinite(np.asarray(v)).all() for v in trained.values())
+    assert sum(not np.array_equal(trained[k], start[k]) for k in trained) > len(trained) // 2
+    saved = _saved_params(work, 2)
+    for k, v in trained.items():
+        np.testing.assert_array_equal(np.asarray(v), saved[_path(k)])
+
+    # training in one process cannot take over two processes' data positions: refused, named;
+    # with restart_data it restores params and optimizer state onto its own mesh instead
+    with pytest.raises(train.TrainConfigError, match="written by 2 processes, this run has 1"):
+        train.train_and_evaluate(_config(src, **{"train.steps": 3}), str(work))
+    out = train.train_and_evaluate(
+        _config(src, **{"train.steps": 2, "train.on_process_count_change": "restart_data"}),
+        str(work))
+    assert out == {"step": 2} and _steps(work) == [2]
