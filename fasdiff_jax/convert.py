@@ -249,7 +249,11 @@ def save_component(folder: str, cfg: Mapping[str, Any], params: Params) -> None:
 
 
 def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
-    """Load what :func:`save_component` wrote, checking every shape against the module."""
+    """Load what :func:`save_component` wrote, checking every shape against the module.
+
+    The params are numpy arrays memory-mapped from the file, not device arrays: whoever places
+    them (``jax.device_put`` with the train loop's shardings) copies each device's shard
+    straight from the file, so no device holds a full staging copy of a sharded weight."""
     cfg = read_config(folder)
     module = module_from_config(cfg, **overrides)
     path = os.path.join(folder, PARAMS_FILE)
@@ -266,14 +270,14 @@ def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
             f"{path} does not match its config: missing {missing[:_MAX_LISTED]}, "
             f"unexpected {extra[:_MAX_LISTED]}, wrong shape {bad[:_MAX_LISTED]}"
         )
-    return module, unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    return module, unflatten_dict(flat)
 
 
 def load_null_text_embedding(ckpt_dir: str) -> jax.Array:
     path = os.path.join(ckpt_dir, NULL_TEXT_FILE)
     if not os.path.isfile(path):
         raise ConversionError(f"{ckpt_dir}: no {NULL_TEXT_FILE}; convert the pipeline first")
-    return jnp.asarray(safetensors_io.load_file(path)["null_text"])
+    return np.asarray(safetensors_io.load_file(path)["null_text"])
 
 
 def convert_pipeline(src: str, out: str) -> dict[str, str]:

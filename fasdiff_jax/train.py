@@ -426,4 +426,4 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                       | {k for k in set(want) & set(have) if want[k] != have[k]})
         raise TrainConfigError(f"{workdir}: checkpoint {latest} does not fit this config's "
                                f"model: {diff[:8]}")
-    return model, {**jax.tree.map(jnp.asarray, got), **frozen}, int(latest)
+    return model, jax.device_put({**got, **frozen}), int(latest)  # host SD weights: once

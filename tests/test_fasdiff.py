@@ -70,6 +70,7 @@ def training(tiny_model, embedded_dirs, tmp_path_factory):  # noqa: F811
     return model, before, snapshots, history, params, (plain, batch, with_x0, opt_state)
 
 
+@pytest.mark.xdist_group("fasdiff_training")  # one worker trains
 def test_training_terms_fall_without_nan(training):
     *_, history, _, _ = training
     for term in ("bpp", "diffusion", "latent", "high_freq", "loss"):
@@ -85,6 +86,7 @@ def test_training_terms_fall_without_nan(training):
 STAGE2_STEPS = 100
 
 
+@pytest.mark.xdist_group("fasdiff_training")  # one worker trains
 def test_stage2_identity_and_lpips_fall_on_a_fixed_batch(training):
     """Stage 2 (x̂0 terms every step) fitted to one batch and one (t, noise) draw: identity
     and LPIPS on x̂0 must fall, so their gradients reach the compressor, control and HLFE
@@ -121,6 +123,7 @@ def _blocked(key: tuple[str, ...], step: int) -> bool:
     return False
 
 
+@pytest.mark.xdist_group("fasdiff_training")  # one worker trains
 def test_frozen_bit_identical_and_every_trainable_leaf_moves(training):
     model, before, snapshots, *_ = training
     mask = flatten_dict(model.trainable_mask(jax.tree.map(np.asarray, _unflat(before))))
@@ -144,6 +147,7 @@ def _unflat(flat):
     return unflatten_dict(flat)
 
 
+@pytest.mark.xdist_group("fasdiff_training")  # one worker trains
 def test_nan_is_reported_naming_the_term(training):
     model, *_, params, (plain, batch, *_) = training
     bad = jax.tree.map(jnp.array, params)

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import celeba, tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
-from fasdiff_jax import sharding, train
+from fasdiff_jax import convert, safetensors_io, sharding, train
 from fasdiff_jax.errors import NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 
@@ -128,6 +128,7 @@ def scenario(compile_cache, embedded_dirs, tmp_path_factory):  # noqa: F811
     return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value)
 
 
+@pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
 def test_main_writes_checkpoints_and_summaries(scenario):
     a = scenario["a"]
     assert _steps(a) == [3, 6]
@@ -148,6 +149,7 @@ def test_main_writes_checkpoints_and_summaries(scenario):
     assert s["train/loss"][6] < s["train/loss"][1]
 
 
+@pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
 def test_resume_equals_uninterrupted_run(scenario):
     a_s, b_s = _scalars(scenario["a"]), scenario["b_scalars"]
     for term in TERMS:
@@ -162,6 +164,7 @@ def test_resume_equals_uninterrupted_run(scenario):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(scenario):
     err, b = scenario["nan_error"], scenario["b"]
     assert "at step 8" in str(err)
@@ -238,6 +241,40 @@ def test_param_shardings_follow_the_logical_rules(devices8):
     assert o_sh.hyperparams["learning_rate"].spec == P()
 
 
+def test_sd_checkpoint_weights_go_from_the_file_into_their_shards(devices8, tmp_path):
+    """Loaded SD parts stay host numpy (memory-mapped) until the train loop's device_put puts
+    each device's shard in place: no device holds a staging copy of a whole weight."""
+    cfg = tiny.get_config()
+    base = fasdiff.build(cfg.model)
+    ckpt = tmp_path / "ckpt"
+    for name, mod in (("unet", base.unet), ("vae", base.vae)):
+        convert.save_component(str(ckpt / name), dict(cfg.model[name]),
+                               convert.random_params(mod, 3))
+    null = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
+    safetensors_io.save_file({"null_text": null}, ckpt / convert.NULL_TEXT_FILE)
+    cfg.model.sd_checkpoint = str(ckpt)
+    model = fasdiff.build(cfg.model)
+    params = model.init_params(jax.random.key(0))
+    for comp in ("unet", "vae", "controlnet", "null_text"):
+        leaves = jax.tree.leaves(params[comp])
+        assert leaves and not any(isinstance(x, jax.Array) for x in leaves), comp
+    np.testing.assert_array_equal(params["null_text"], null)
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    placed = jax.device_put(params, train.param_shardings(model, params, mesh,
+                                                          tuple(cfg.logical_axis_rules)))
+    for comp in ("unet", "controlnet"):  # the ControlNet's own copy of the UNet encoder
+        host = params[comp]["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]
+        arr = placed[comp]["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]
+        assert arr.sharding.spec == P(None, None, "fsdp", "tensor")
+        assert len(arr.addressable_shards) == 8
+        for shard in arr.addressable_shards:
+            assert shard.data.size == host.size // 8
+            np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
+    np.testing.assert_array_equal(
+        np.asarray(placed["controlnet"]["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]),
+        convert.random_params(base.unet, 3)["down_blocks_1"]["resnets_0"]["conv1"]["kernel"])
+
+
 def test_bad_configs_are_refused_early(tmp_path):
     cfg = tiny.get_config()
     cfg.train.optimizer = "sgd"
@@ -263,6 +300,7 @@ def test_workdir_urls_are_kept_and_local_paths_made_absolute(tmp_path, monkeypat
     assert train._workdir("runs/a") == str(tmp_path / "runs" / "a")
 
 
+@pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
 def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedded_dirs,  # noqa: F811
                                                                 tmp_path, capsys):
     """``fasdiff_jax.codec`` and ``fasdiff_jax.evaluate`` on the workdir trained above."""

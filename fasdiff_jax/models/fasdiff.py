@@ -122,7 +122,11 @@ class FaSDiff:
 
     # ------------------------------------------------------------------ params
     def init_params(self, rng: jax.Array) -> Params:
-        """Random trainable parts; SD parts from ``sd_checkpoint`` when the config names one."""
+        """Random trainable parts; SD parts from ``sd_checkpoint`` when the config names one.
+
+        The loaded SD parts (UNet, VAE, the ControlNet's copy of the UNet encoder, null text)
+        stay host numpy: ``jax.device_put(params, shardings)`` in the train loop puts each
+        device's shard there straight from the file, with no full copy on a default device."""
         r = jax.random.split(rng, 6)
         size = self.cfg["image_size"]
         lat = size // self.vae_factor
@@ -150,7 +154,7 @@ class FaSDiff:
         comp, hlfe = nn.unbox(comp), nn.unbox(hlfe)
         params: Params = {"compressor": comp, "hlfe": hlfe, "controlnet": cn_params,
                           "unet": unet_params, "vae": vae_params,
-                          "null_text": jnp.asarray(null, jnp.float32)}
+                          "null_text": np.asarray(null, np.float32)}
         if self.identity is not None:
             params["identity"] = self._cache["identity_params"]
         if self.lpips is not None:

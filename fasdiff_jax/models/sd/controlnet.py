@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import unfreeze
 
 from fasdiff_jax.errors import UnsupportedConfigError
@@ -156,7 +157,9 @@ def controlnet_from_unet(
     The encoder (``conv_in``, ``time_embedding``, ``down_blocks_*``, ``mid_block``) is a copy
     of the UNet's weights; the conditioning embedding is freshly drawn (host numpy, seeded
     from ``rng``: :func:`fasdiff_jax.convert.random_params`) with a zero ``conv_out``, and
-    every zero conv is zero. ``controlnet_kwargs`` set the
+    every zero conv is zero. All of it is host numpy (like the UNet params from
+    :func:`fasdiff_jax.convert.load_component`), placed later with the train loop's
+    shardings rather than staged on one device. ``controlnet_kwargs`` set the
     ControlNet-only fields (``conditioning_channels``, ``conditioning_downsample``, ...) or
     override encoder options (``dtype``, ``remat``, ``attention_impl``).
     """
@@ -166,11 +169,11 @@ def controlnet_from_unet(
     from fasdiff_jax.convert import random_params  # late: convert imports models lazily
 
     seed = 0 if rng is None else int(jax.random.randint(rng, (), 0, 2**31 - 1))
-    params = unfreeze(random_params(module, seed))
+    params = jax.tree.map(np.asarray, unfreeze(random_params(module, seed)))
     for name in zero_conv_names(module):
-        params[name] = jax.tree.map(jnp.zeros_like, params[name])
+        params[name] = jax.tree.map(np.zeros_like, params[name])
     emb_out = params["controlnet_cond_embedding"]["conv_out"]
-    params["controlnet_cond_embedding"]["conv_out"] = jax.tree.map(jnp.zeros_like, emb_out)
+    params["controlnet_cond_embedding"]["conv_out"] = jax.tree.map(np.zeros_like, emb_out)
     n_down = len(module.block_out_channels)
     names = _COPIED_FROM_UNET + tuple(f"down_blocks_{i}" for i in range(n_down))
     for name in names:
@@ -181,7 +184,7 @@ def controlnet_from_unet(
         if any(jax.tree.leaves(mismatch)):
             raise ValueError(f"unet_params[{name!r}] shapes differ from the ControlNet's")
         # A copy, not a view: the two trees must not share buffers (donation, in-place updates).
-        params[name] = jax.tree.map(lambda a: jnp.array(a, module.param_dtype, copy=True), theirs)
+        params[name] = jax.tree.map(lambda a: np.array(a, module.param_dtype, copy=True), theirs)
     return module, params
 
 
