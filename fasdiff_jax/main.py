@@ -38,7 +38,10 @@ def main(argv: list[str]) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     from fasdiff_jax import train
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if out["step"] < FLAGS.config.train.steps:
+        logging.warning("stopped at step %d of %d after a preemption notice (checkpoint saved); "
+                        "rerun the same command to resume", out["step"], FLAGS.config.train.steps)
 
 
 if __name__ == "__main__":

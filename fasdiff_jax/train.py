@@ -16,7 +16,8 @@
   state (one JSON file per process). Frozen SD/metric networks are rebuilt from the config
   (``model.sd_checkpoint`` or the seeded random stand-ins), never re-saved. A run started in
   a workdir that has checkpoints resumes from the latest; the steps after a resume are the
-  ones an uninterrupted run would have taken (same batches, same per-step rng). A checkpoint
+  ones an uninterrupted run would have taken (same batches, same per-step rng). SIGTERM (a
+  preemption notice) makes the loop save the step it is on and return early. A checkpoint
   from another number of processes is refused unless ``config.train.on_process_count_change``
   is ``"restart_data"`` (see :func:`_data_state_fits`);
 * the workdir may be a local path or a URL Orbax and CLU can write (``gs://...``).
@@ -28,6 +29,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import threading
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -364,7 +367,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     base_rng = jax.random.key(config.seed)
     use_x0 = int(model.loss_cfg["stage"]) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
-    with metric_writers.ensure_flushes(writer):
+    with _SigtermFlag() as sigterm, metric_writers.ensure_flushes(writer):
         while step < tc["steps"]:
             x0 = use_x0 and (step + 1) % tc["x0_every"] == 0
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -380,9 +383,36 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
             if step % tc["checkpoint_every"] == 0 and step != tc["steps"]:
                 save(step)
+            if step < tc["steps"] and (sigterm.raised or mngr.reached_preemption(step)):
+                logging.warning("preemption notice: saving step %d and stopping; the same "
+                                "command resumes from there", step)
+                break
         if mngr.latest_step() != step:
             save(step)
     return {**last, "step": step}
+
+
+class _SigtermFlag:
+    """Within the loop, SIGTERM (a preemption notice: TPU VMs, SLURM, Kubernetes) only sets
+    ``raised``; the loop then saves the step it is on and returns. Several processes: JAX's
+    coordination service already turns SIGTERM into a sync point that every process reaches
+    at the same step (``mngr.reached_preemption``), so no Python handler goes in its way."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def one_device_target(state_dir: Any) -> Any:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def scenario(compile_cache, embedded_dirs, tmp_path_factory):  # noqa: F811
     with pytest.raises(NonFiniteLossError) as nan_error:
         train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": float("nan"),
                                                  "train.checkpoint_every": 2}), str(b))
-    return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value)
+    return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value,
+                source=src)
 
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
@@ -171,6 +173,45 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(scenario):
     assert {"loss", "diffusion", "bpp"} <= set(err.terms) and "learning_rate" not in err.terms
     assert _steps(b) == [3, 6]  # nothing saved at or after the NaN
     assert all(np.isfinite(v).all() for v in _saved_params(b, 6).values())
+
+
+@pytest.mark.xdist_group("train_scenario")  # after the scenario: its compiled step is cached
+def test_sigterm_saves_the_current_step_and_the_resume_matches(scenario, tmp_path):
+    """A preemption notice (SIGTERM, here sent while step 3 fetches its batch) makes the loop
+    finish that step, save it and return; rerunning continues exactly like run A."""
+    src = scenario["source"]
+    work = tmp_path / "p"
+    real = train.make_train_iterator
+    preempting = lambda *a, **k: _Preempting(real(*a, **k), at_call=3)  # noqa: E731
+    before = signal.getsignal(signal.SIGTERM)
+    with mock.patch.object(train, "make_train_iterator", preempting):
+        out = train.train_and_evaluate(_config(src, **{"train.steps": 6,
+                                                       "train.checkpoint_every": 100}), str(work))
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone again
+    assert out["step"] == 3 and _steps(work) == [3]
+    resumed = train.train_and_evaluate(_config(src, **{"train.steps": 5}), str(work))
+    assert resumed["step"] == 5
+    a, p = _scalars(scenario["a"]), _scalars(work)
+    for term in TERMS:
+        for step in (1, 2, 3, 4, 5):
+            assert p[f"train/{term}"][step] == pytest.approx(a[f"train/{term}"][step],
+                                                             rel=1e-6, abs=1e-7), (term, step)
+
+
+class _Preempting:
+    """The real train iterator; sends this process SIGTERM when batch ``at_call`` is fetched."""
+
+    def __init__(self, it, at_call: int):
+        self._it, self._calls, self._at = it, 0, at_call
+
+    def __next__(self):
+        self._calls += 1
+        if self._calls == self._at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self._it)
+
+    def __getattr__(self, name):
+        return getattr(self._it, name)
 
 
 # ------------------------------------------------------------------ cheap unit tests
