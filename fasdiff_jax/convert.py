@@ -273,7 +273,7 @@ def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
     return module, unflatten_dict(flat)
 
 
-def load_null_text_embedding(ckpt_dir: str) -> jax.Array:
+def load_null_text_embedding(ckpt_dir: str) -> np.ndarray:
     path = os.path.join(ckpt_dir, NULL_TEXT_FILE)
     if not os.path.isfile(path):
         raise ConversionError(f"{ckpt_dir}: no {NULL_TEXT_FILE}; convert the pipeline first")
