@@ -367,7 +367,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     base_rng = jax.random.key(config.seed)
     use_x0 = int(model.loss_cfg["stage"]) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
-    with _SigtermFlag() as sigterm, metric_writers.ensure_flushes(writer):
+    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
         while step < tc["steps"]:
             x0 = use_x0 and (step + 1) % tc["x0_every"] == 0
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -383,7 +383,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
             if step % tc["checkpoint_every"] == 0 and step != tc["steps"]:
                 save(step)
-            if step < tc["steps"] and (sigterm.raised or mngr.reached_preemption(step)):
+            if step < tc["steps"] and preemption.reached(mngr, step):
                 logging.warning("preemption notice: saving step %d and stopping; the same "
                                 "command resumes from there", step)
                 break
@@ -392,23 +392,28 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     return {**last, "step": step}
 
 
-class _SigtermFlag:
-    """Within the loop, SIGTERM (a preemption notice: TPU VMs, SLURM, Kubernetes) only sets
-    ``raised``; the loop then saves the step it is on and returns. Several processes: JAX's
-    coordination service already turns SIGTERM into a sync point that every process reaches
-    at the same step (``mngr.reached_preemption``), so no Python handler goes in its way."""
+class _Preemption:
+    """Whether a preemption notice (SIGTERM: TPU VMs, SLURM, Kubernetes) has come; the loop
+    then saves the step it is on and returns. One process: a SIGTERM handler sets a flag
+    while the loop runs. Several: JAX's coordination service turns SIGTERM into a sync point
+    every process reaches at the same step (``mngr.reached_preemption``), so no Python
+    handler goes in its way."""
 
     def __init__(self) -> None:
-        self.raised = False
+        self._raised = False
         self._previous: Any = None
+        self._single = jax.process_count() == 1
 
-    def __enter__(self) -> "_SigtermFlag":
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    def __enter__(self) -> "_Preemption":
+        if self._single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
+        self._raised = True
+
+    def reached(self, mngr: ocp.CheckpointManager, step: int) -> bool:
+        return self._raised if self._single else mngr.reached_preemption(step)
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
