@@ -25,3 +25,41 @@ def devices8():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {devs}"
     return devs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_per_worker(tmp_path_factory):
+    """A persistent compilation cache private to this test process: every training run
+    jits its steps afresh, and all but the first of the same program load the executable
+    (a first FaSDiff train step compiles for ~30 s here). Private because JAX writes entries
+    in place, so another process could read one half-written."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xdist_groups_hold(request):
+    """Under ``--dist loadgroup`` xdist sends a group to one worker by renaming its tests
+    ``<id>@<group>``. When a pytest/xdist pairing stops doing that (pytest 9 with xdist 3.8)
+    every worker silently rebuilds the shared training fixtures: fail fast instead."""
+    if not getattr(request.config.option, "loadgroup", False):  # set inside xdist workers only
+        return
+    lost = [i.nodeid for i in request.session.items
+            if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        pytest.fail(f"xdist_group is not applied (pytest {pytest.__version__}): {lost[0]} "
+                    "would run outside its group; install the pytest pinned in setup.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``run_early`` (long ones that share no fixture) go first: under
+    ``--dist loadgroup`` the groups are scheduled first, then single tests in collection
+    order, so a long test collected last would end the run on one worker while the other
+    idles (the two-process train test did: ~160 s alone at the end)."""
+    items.sort(key=lambda item: item.get_closest_marker("run_early") is None)  # stable
