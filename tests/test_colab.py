@@ -27,6 +27,9 @@ def _code_cells(path: Path) -> list[str]:
     return cells
 
 
+# The notebook trains the program of test_train's scenario (tiny config, 8 devices): on the
+# same worker, the session's compilation cache compiles it once for both.
+@pytest.mark.xdist_group("train_scenario")
 def test_notebook_trains_compresses_decompresses_and_evaluates(embedded_dirs, tmp_path,  # noqa: F811
                                                                monkeypatch):
     matplotlib.use("Agg")

@@ -83,7 +83,7 @@ def test_training_terms_fall_without_nan(training):
         assert 0 <= h["identity"] <= 2 and 0 <= h["lpips"] < 2
 
 
-STAGE2_STEPS = 100
+STAGE2_STEPS = 60  # identity, LPIPS, loss at 0.77, 0.85, 0.73 of step 0 (100 steps: 0.79, 0.78, 0.64)
 
 
 @pytest.mark.xdist_group("fasdiff_training")  # one worker trains
@@ -152,8 +152,10 @@ def test_nan_is_reported_naming_the_term(training):
     model, *_, params, (plain, batch, *_) = training
     bad = jax.tree.map(jnp.array, params)
     bad["compressor"]["latent_head"]["bias"] = bad["compressor"]["latent_head"]["bias"] * jnp.nan
-    opt = optax.adam(1e-3)  # same step function and shapes as training: no recompilation
-    _, _, metrics = plain(bad, model.init_opt_state(opt, bad), batch, jax.random.key(0))
+    # the step function, shapes and shardings of training: no recompilation
+    opt_state = jax.device_put(model.init_opt_state(optax.adam(1e-3), bad),
+                               jax.tree.leaves(params)[0].sharding)
+    _, _, metrics = plain(bad, opt_state, batch, jax.random.key(0))
     with pytest.raises(NonFiniteLossError, match="latent=nan") as e:
         fasdiff.check_finite({k: float(v) for k, v in metrics.items()}, 7)
     assert "at step 7" in str(e.value) and "latent" in e.value.terms and "bpp" not in e.value.terms
