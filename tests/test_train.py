@@ -1,7 +1,7 @@
 """The train loop on the tiny config and 8 fake CPU devices (mesh data=8).
 
-One scenario, run once per module (the FaSDiff step compiles once; a persistent compilation
-cache serves the later runs):
+One scenario, run once per module (the FaSDiff step compiles once; the test session's
+persistent compilation cache, see ``conftest.py``, serves the later runs):
 
 A. ``main`` (absl flags, config overrides) trains 6 steps in ``a/``, checkpoints at 3 and 6;
 B. a copy of A's step-3 checkpoint only (as if A had been killed after step 3) is resumed
@@ -34,7 +34,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
 from configs import celeba, tiny
@@ -45,17 +44,6 @@ from fasdiff_jax.models import fasdiff
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = ("bpp", "diffusion", "latent", "high_freq", "loss", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only (restored afterwards)."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
-    compilation_cache.reset_cache()
 
 
 def _overrides(source: str) -> dict:
@@ -104,7 +92,7 @@ def _steps(workdir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def scenario(compile_cache, embedded_dirs, tmp_path_factory):  # noqa: F811
+def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
     from fasdiff_jax import main as main_lib
 
     src = f"prepared:{embedded_dirs['train']}"
@@ -215,6 +203,45 @@ class _Preempting:
 
 
 # ------------------------------------------------------------------ cheap unit tests
+def _save_compiles(tmp_path: Path, devices, first_dim: int) -> tuple[int, dict, dict]:
+    """Backend compiles during one Orbax save of small replicated arrays (shapes new to this
+    process, so no compiled slice op is cached yet), and the tree saved and restored."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    tree = {f"w{i}": jax.device_put(np.arange(8 * (first_dim + i) * 7, dtype=np.float32)
+                                    .reshape(8 * (first_dim + i), 7),
+                                    jax.sharding.NamedSharding(mesh, P()))
+            for i in range(6)}
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp_path / f"c{first_dim}", tree)
+            ckpt.wait_until_finished()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    restored = ocp.StandardCheckpointer().restore(tmp_path / f"c{first_dim}", tree)
+    return compiles.count("/jax/core/compile/backend_compile_duration"), tree, restored
+
+
+def test_checkpoint_saves_compile_nothing_for_small_replicated_arrays(devices8, tmp_path):
+    """Orbax's default writes each replicated array in 8 slices cut by eager ops (a compile per
+    new shape); ours writes arrays under 1 MiB whole (benchmarks/checkpoint_save.py: 16.9 s
+    -> 2.0 s for the tiny model's first save)."""
+    original = ocp.type_handlers.get_type_handler(jax.Array)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(),
+                                                override=True)
+        default_compiles, _, _ = _save_compiles(tmp_path, devices8, 101)
+        train.register_checkpoint_array_handler()
+        ours_compiles, tree, restored = _save_compiles(tmp_path, devices8, 111)
+    finally:
+        ocp.type_handlers.register_type_handler(jax.Array, original, override=True)
+    assert default_compiles >= 6 and ours_compiles == 0, (default_compiles, ours_compiles)
+    for k in tree:
+        np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(tree[k]))
+
+
 def test_params_are_checked_before_saving():
     good = {"compressor": {"w": jnp.ones(3)}, "hlfe": {"b": jnp.zeros(2)}}
     train._check_params_finite(good, 5)
@@ -316,6 +343,16 @@ def test_sd_checkpoint_weights_go_from_the_file_into_their_shards(devices8, tmp_
         convert.random_params(base.unet, 3)["down_blocks_1"]["resnets_0"]["conv1"]["kernel"])
 
 
+def test_codec_and_evaluate_commands_do_not_import_tensorflow():
+    """Only training writes TF summaries; the codec and evaluate commands (which import
+    ``train`` for ``restore_for_inference``) would otherwise start ~10 s slower."""
+    code = ("import sys; import fasdiff_jax.codec, fasdiff_jax.evaluate, fasdiff_jax.train; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.stdout.strip() == "[]", out.stdout[:300]
+
+
 def test_bad_configs_are_refused_early(tmp_path):
     cfg = tiny.get_config()
     cfg.train.optimizer = "sgd"
@@ -383,7 +420,8 @@ def _logged(stderr: str) -> dict[int, str]:
             for m in re.finditer(r"\] \[(\d+)\] (train/bpp=[^\n]*)", stderr)}
 
 
-def test_two_processes_train_and_one_process_resumes(compile_cache, embedded_dirs, tmp_path):  # noqa: F811
+@pytest.mark.run_early
+def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  # noqa: F811
     """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8, train 2
     steps and save one checkpoint together; then this process (1 x 8 devices) resumes it."""
     src = f"prepared:{embedded_dirs['train']}"
