@@ -206,7 +206,7 @@ class _Preempting:
 def _save_compiles(tmp_path: Path, devices, first_dim: int) -> tuple[int, dict, dict]:
     """Backend compiles during one Orbax save of small replicated arrays (shapes new to this
     process, so no compiled slice op is cached yet), and the tree saved and restored."""
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    mesh = sharding.create_mesh({"data": len(devices)}, devices=devices)
     tree = {f"w{i}": jax.device_put(np.arange(8 * (first_dim + i) * 7, dtype=np.float32)
                                     .reshape(8 * (first_dim + i), 7),
                                     jax.sharding.NamedSharding(mesh, P()))
@@ -220,7 +220,8 @@ def _save_compiles(tmp_path: Path, devices, first_dim: int) -> tuple[int, dict, 
             ckpt.wait_until_finished()
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    restored = ocp.StandardCheckpointer().restore(tmp_path / f"c{first_dim}", tree)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(tmp_path / f"c{first_dim}", tree)
     return compiles.count("/jax/core/compile/backend_compile_duration"), tree, restored
 
 
