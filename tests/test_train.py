@@ -414,6 +414,37 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     assert np.isfinite(row["psnr-rgb"]) and 0 <= row["lpips"] and -1 <= row["identity-cos"] <= 1
 
 
+@pytest.mark.xdist_group("train_scenario")
+def test_codec_command_does_folders_in_one_run(scenario, tmp_path, capsys):  # noqa: F811
+    """``--out_dir``: folders (recursive) and files in one model load; a bad input is reported
+    and skipped, the rest written; ``--skip_existing`` leaves finished outputs alone."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec
+
+    src = tmp_path / "faces"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()[20:81, 150:200]).save(src / "a.png")  # 61x50, as above
+    Image.fromarray(skdata.chelsea()[40:101, 120:170]).save(src / "sub" / "b.jpg")
+    (src / "broken.png").write_bytes(b"not an image")
+    common = [f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={scenario['a']}", "--steps=2"]
+    fsd, png = tmp_path / "fsd", tmp_path / "png"
+    assert codec.main(["compress", str(src), f"--out_dir={fsd}"] + common) == 2
+    out, err = capsys.readouterr()
+    assert "compressed 2 of 3 files, 1 failed" in out and "broken.png" in err
+    assert sorted(p.relative_to(fsd).as_posix() for p in fsd.rglob("*") if p.is_file()) == [
+        "a.fsd", "sub/b.fsd"]  # nothing for the broken image, no temporary files left
+    (png / "sub").mkdir(parents=True)
+    (png / "sub" / "b.png").write_bytes(b"finished earlier")
+    assert codec.main(["decompress", str(fsd), f"--out_dir={png}", "--skip_existing"] + common) == 0
+    assert "decompressed" not in capsys.readouterr().out  # one job: no summary line
+    assert Image.open(png / "a.png").size == (50, 61)
+    assert (png / "sub" / "b.png").read_bytes() == b"finished earlier"
+    assert codec.main(["decompress", str(fsd), f"--out_dir={png}", "--skip_existing"] + common) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ several processes
 def _logged(stderr: str) -> dict[int, str]:
     """step -> the ``train/...`` scalars line CLU logged (every process logs them)."""

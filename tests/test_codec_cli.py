@@ -1,0 +1,80 @@
+"""``fasdiff_jax.codec``'s command line without a model: batch jobs, refusals, atomic writes.
+(The commands on a trained model: ``test_train.py``.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fasdiff_jax import codec
+from fasdiff_jax.errors import FasdiffError
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_batch_jobs_mirror_folders_and_take_files_by_name(tmp_path):
+    _touch(tmp_path / "in" / "a.png")
+    _touch(tmp_path / "in" / "s" / "a.JPG")  # same stem, other folder: no clash
+    _touch(tmp_path / "in" / "notes.txt")
+    _touch(tmp_path / "one.webp")
+    jobs = codec.batch_jobs("compress", [str(tmp_path / "in"), str(tmp_path / "one.webp")], "out")
+    assert jobs == [(str(tmp_path / "in" / "a.png"), os.path.join("out", "a.fsd")),
+                    (str(tmp_path / "in" / "s" / "a.JPG"), os.path.join("out", "s", "a.fsd")),
+                    (str(tmp_path / "one.webp"), os.path.join("out", "one.fsd"))]
+    _touch(tmp_path / "f" / "x.fsd")
+    _touch(tmp_path / "f" / "x.png")
+    assert codec.batch_jobs("decompress", [str(tmp_path / "f")], "o") == [
+        (str(tmp_path / "f" / "x.fsd"), os.path.join("o", "x.png"))]
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (["a/x.png", "b/x.png"], "would both be written"),
+    (["missing.png"], "no such file or folder"),
+    (["empty"], "no image files"),
+])
+def test_batch_jobs_refuse_before_any_work(tmp_path, inputs, message):
+    _touch(tmp_path / "a" / "x.png")
+    _touch(tmp_path / "b" / "x.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FasdiffError, match=message):
+        codec.batch_jobs("compress", [str(tmp_path / p) for p in inputs], str(tmp_path / "out"))
+
+
+def test_command_refuses_clashing_outputs_without_loading_a_model(tmp_path, capsys):
+    _touch(tmp_path / "a" / "x.png")
+    _touch(tmp_path / "b" / "x.png")
+    out = tmp_path / "out"
+    rc = codec.main(["compress", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                     f"--out_dir={out}", "--config=unused.py", f"--workdir={tmp_path / 'none'}"])
+    assert rc == 2 and "would both be written" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_command_line_shapes(tmp_path):
+    with pytest.raises(SystemExit):  # three paths need --out_dir
+        codec.main(["compress", "a", "b", "c", "--config=c.py", "--workdir=w"])
+    with pytest.raises(SystemExit):
+        codec.main(["compress", "a", "b", "--skip_existing", "--config=c.py", "--workdir=w"])
+
+
+def test_write_atomically_leaves_nothing_half_written(tmp_path):
+    dst = tmp_path / "d" / "f.fsd"
+
+    def half_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        codec.write_atomically(str(dst), half_then_fail)
+    assert os.listdir(tmp_path / "d") == []
+    dst.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        codec.write_atomically(str(dst), half_then_fail)
+    assert dst.read_bytes() == b"old" and os.listdir(tmp_path / "d") == ["f.fsd"]
+    codec.write_atomically(str(dst), lambda tmp: open(tmp, "wb").close())
+    assert dst.read_bytes() == b""
