@@ -74,21 +74,21 @@ def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str,
     return [(src, os.path.join(out_dir, rel)) for src, rel in jobs]
 
 
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename to ``path``: an interrupted run never leaves half a file."""
+def write_atomically(path: str, content: bytes | Callable[[str], None]) -> None:
+    """Write ``content`` (bytes, or ``content(tmp_path)`` writes the file) to a temporary name,
+    then rename it to ``path``: an interrupted run never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        write(tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _image_format(path: str) -> str:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     def compress(src: str, dst: str) -> str:
         data = model.compress(params, read_image(src), steps=args.steps, t_start=args.t_start,
                               eta=args.eta, seed=args.seed)
-        write_atomically(dst, lambda tmp: _write_bytes(tmp, data))
+        write_atomically(dst, data)
         return f"{dst}: {len(data)} bytes"
 
     def decompress(src: str, dst: str) -> str:

@@ -7,7 +7,13 @@ the original and the reconstruction (Flax port of dlib's network, on the aligned
 ``identity_crop``), encode/decode wall times.
 
     python -m fasdiff_jax.evaluate --config=configs/tiny.py --workdir=/tmp/fasdiff_tiny \\
-        --source=embedded:heldout --out=results.json
+        --source=embedded:heldout --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
+
+With ``--out`` the JSON is rewritten (whole, via a temporary file) after every image with
+``"complete": false`` until the last one, so an interrupted run loses at most the image it
+was on: rerunning the same command goes on from there (the file's ``settings``: config,
+workdir, checkpoint step, source and sampler spec, must match, else it refuses). ``bd-rate``
+refuses unfinished files.
 
 Codecs are compared over several rate points with Bjontegaard deltas (:func:`bd_rate`):
 
@@ -16,14 +22,18 @@ Codecs are compared over several rate points with Bjontegaard deltas (:func:`bd_
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import sys
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fasdiff_jax.errors import FasdiffError
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
 from fasdiff_jax.models import perceptual
@@ -57,11 +67,22 @@ class Metrics:
 
 def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[bytes], np.ndarray],
              images: Iterable[tuple[str, np.ndarray]], metrics: Metrics | None = None,
-             name: str = "fasdiff") -> dict:
-    """Round-trip every ``(name, uint8 image)``; returns ``{"name", "results", "images"}``."""
-    metrics = metrics or Metrics()
-    rows = []
+             name: str = "fasdiff", done: Mapping[str, dict] | None = None,
+             on_row: Callable[[dict], None] | None = None) -> dict:
+    """Round-trip every ``(name, uint8 image)``; returns ``{"name", "results", "images"}``.
+
+    ``done``: rows of an interrupted run by image name, kept as they are (those images are
+    not coded again); ``on_row(report so far)`` runs after each new image."""
+    done = dict(done or {})
+    rows, seen = [], set()
     for img_name, img in images:
+        if img_name in seen:
+            raise ValueError(f"image name {img_name!r} appears twice")
+        seen.add(img_name)
+        if img_name in done:
+            rows.append(done[img_name])
+            continue
+        metrics = metrics or Metrics()
         t0 = time.perf_counter()
         data = compress(img)
         t1 = time.perf_counter()
@@ -75,6 +96,12 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
                "decoding_time": t2 - t1}
         row.update(metrics(to_rgb(img)[0], to_rgb(recon)[0]))
         rows.append(row)
+        if on_row is not None:
+            on_row(_report(name, list(rows)))
+    return _report(name, rows)
+
+
+def _report(name: str, rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if k not in ("image", "height", "width")] if rows else []
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return {"name": name, "results": mean, "images": rows}
@@ -150,6 +177,10 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
               method: str = "pchip") -> dict:
     """BD-rate and BD-quality of two codecs from :func:`evaluate` outputs (one per rate point),
     using their mean file-size ``bpp``; metrics missing or infinite in either are skipped."""
+    for run in (*anchor, *test):
+        if run.get("complete") is False:
+            raise ValueError(f"{run.get('name')}: an unfinished evaluation ({len(run['images'])} "
+                             f"images; rerun its evaluate command to finish it)")
     out = {"anchor": [a.get("name") for a in anchor], "test": [t.get("name") for t in test],
            "method": method, "metrics": {}}
     for m in metrics:
@@ -163,9 +194,37 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
 
 
 def images_from_source(source: Sequence[Mapping], limit: int | None = None
-                       ) -> list[tuple[str, np.ndarray]]:
+                       ) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, image)`` of the first ``limit`` records, read one at a time (a large held-out
+    set never sits in memory whole)."""
     n = len(source) if limit is None else min(limit, len(source))
-    return [(str(source[i].get("key", i)), np.asarray(source[i]["image"])) for i in range(n)]
+    for i in range(n):
+        rec = source[i]
+        yield str(rec.get("key", i)), np.asarray(rec["image"])
+
+
+def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
+    """Rows by image name of an earlier run of the same settings written to ``path`` (none if
+    there is no such file); a file of other settings, or not ours, is refused."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old_settings = old["settings"]
+        rows = {r["image"]: r for r in old["images"]}
+        if not isinstance(old_settings, dict):
+            raise TypeError("settings is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FasdiffError(f"{path} exists and is not an evaluate JSON ({e}); remove it or "
+                           f"choose another --out") from e
+    settings = json.loads(json.dumps(settings))  # as the file holds it (tuples -> lists)
+    if old_settings != settings:
+        diff = sorted(k for k in set(old_settings) | set(settings)
+                      if old_settings.get(k) != settings.get(k))
+        raise FasdiffError(f"{path} holds a run with other settings ({', '.join(diff)} differ); "
+                           f"remove it or choose another --out")
+    return rows
 
 
 def bd_main(argv: list[str]) -> int:
@@ -180,22 +239,32 @@ def bd_main(argv: list[str]) -> int:
                     help="psnr-rgb, lpips, identity-cos (repeatable; default: all three)")
     ap.add_argument("--method", choices=BD_METHODS, default="pchip")
     args = ap.parse_args(argv)
-    load = lambda paths: [json.load(open(p)) for p in paths]  # noqa: E731
-    report = bd_report(load(args.anchor), load(args.test),
-                       args.metric or ("psnr-rgb", "lpips", "identity-cos"), args.method)
+
+    def load(paths):
+        out = []
+        for p in paths:
+            with open(p) as f:
+                out.append(json.load(f))
+        return out
+
+    try:
+        report = bd_report(load(args.anchor), load(args.test),
+                           args.metric or ("psnr-rgb", "lpips", "identity-cos"), args.method)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
     from fasdiff_jax import train
-    from fasdiff_jax.codec import load_config
+    from fasdiff_jax.codec import load_config, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -203,20 +272,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", required=True, help="training workdir with checkpoints")
     ap.add_argument("--source", default="embedded:heldout", help="data source spec")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
+    ap.add_argument("--out", default=None,
+                    help="write the JSON here (default: stdout); an unfinished one is resumed")
+    for name, kind in (("steps", int), ("t_start", int), ("eta", float), ("seed", int)):
+        ap.add_argument(f"--{name}", type=kind, default=None, help="sampler spec override")
     args = ap.parse_args(argv)
-    config = load_config(args.config)
-    model, params, step = train.restore_for_inference(config, args.workdir)
-    src = open_source(args.source, cache_dir=config.data.get("cache_dir"),
-                      image_size=config.model.image_size)
-    out = evaluate(lambda im: model.compress(params, im), lambda d: model.decompress(params, d),
-                   images_from_source(src, args.limit), name=f"fasdiff@{step}")
-    text = json.dumps(out, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    else:
-        print(text)
+    try:
+        config = load_config(args.config)
+        model, params, step = train.restore_for_inference(config, args.workdir)
+        spec = model.sampler_spec(args.steps, args.t_start, args.eta, args.seed)
+        settings = {"config": os.path.abspath(args.config), "workdir": train._workdir(args.workdir),
+                    "checkpoint_step": step, "source": args.source,
+                    "sampler": dataclasses.asdict(spec)}
+        done = resume_rows(args.out, settings) if args.out else {}
+        src = open_source(args.source, cache_dir=config.data.get("cache_dir"),
+                          image_size=config.model.image_size)
+
+        def save(report: dict, complete: bool = False) -> None:
+            text = json.dumps({**report, "settings": settings, "complete": complete}, indent=2)
+            write_atomically(args.out, text.encode())
+
+        out = evaluate(lambda im: model.compress(params, im, **dataclasses.asdict(spec)),
+                       lambda d: model.decompress(params, d), images_from_source(src, args.limit),
+                       name=f"fasdiff@{step}", done=done, on_row=save if args.out else None)
+        if args.out:
+            save(out, complete=True)
+        else:
+            print(json.dumps({**out, "settings": settings, "complete": True}, indent=2))
+    except (FasdiffError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -45,6 +45,68 @@ def test_lossless_and_lossy_codecs(faces):
                       "decoding_time"}
 
 
+def test_an_interrupted_evaluation_goes_on_where_it_stopped(faces, tmp_path):
+    """``done`` rows are kept as they are and their images not coded again; ``on_row`` sees
+    the report after every new image (the command saves it there)."""
+    three = faces + [("astronaut_flipped", faces[0][1][:, ::-1].copy())]
+    coded, saved = [], []
+
+    def codec(img):
+        coded.append(img.shape)
+        if len(coded) == 2 and not saved[1:]:
+            raise KeyboardInterrupt  # the run dies on its second image
+        return _raw_codec((img // 32) * 32 + 16)
+
+    metrics = evaluate.Metrics()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(codec, _raw_decode, three, metrics, name="q", on_row=saved.append)
+    assert [len(r["images"]) for r in saved] == [1]
+    coded.clear()
+    done = {r["image"]: r for r in saved[-1]["images"]}
+    out = evaluate.evaluate(codec, _raw_decode, three, metrics, name="q", done=done,
+                            on_row=saved.append)
+    assert len(coded) == 2 and [len(r["images"]) for r in saved] == [1, 2, 3]
+    assert out["images"][0] is done["astronaut"]  # kept, not recomputed
+    fresh = evaluate.evaluate(lambda im: _raw_codec((im // 32) * 32 + 16), _raw_decode, three,
+                              metrics, name="q")
+    for a, b in zip(out["images"], fresh["images"]):
+        assert {k: v for k, v in a.items() if "time" not in k} == pytest.approx(
+            {k: v for k, v in b.items() if "time" not in k})
+    with pytest.raises(ValueError, match="appears twice"):
+        evaluate.evaluate(codec, _raw_decode, three + three[:1], metrics, done=done)
+
+
+def test_resume_rows_takes_only_a_run_of_the_same_settings(tmp_path):
+    from fasdiff_jax.errors import FasdiffError
+
+    path = tmp_path / "r.json"
+    settings = {"config": "c.py", "checkpoint_step": 6, "sampler": {"steps": 2, "eta": 0.0}}
+    assert evaluate.resume_rows(str(path), settings) == {}
+    path.write_text(json.dumps({"name": "x", "images": [{"image": "a", "bpp": 1.0}],
+                                "settings": settings, "complete": False}))
+    assert evaluate.resume_rows(str(path), settings) == {"a": {"image": "a", "bpp": 1.0}}
+    with pytest.raises(FasdiffError, match=r"other settings \(sampler differ\)"):
+        evaluate.resume_rows(str(path), {**settings, "sampler": {"steps": 3, "eta": 0.0}})
+    path.write_text("{not json")
+    with pytest.raises(FasdiffError, match="not an evaluate JSON"):
+        evaluate.resume_rows(str(path), settings)
+
+
+def test_bd_rate_refuses_unfinished_runs(tmp_path, capsys):
+    runs = [{"name": f"r{i}", "results": {"bpp": b, "psnr-rgb": q}, "images": [{}],
+             "complete": True} for i, (b, q) in enumerate([(0.1, 30), (0.2, 32), (0.4, 34)])]
+    files = []
+    for i, run in enumerate(runs + [{**runs[2], "complete": False}]):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(run))
+    args = ["bd-rate", "--metric=psnr-rgb", "--anchor", *map(str, files[:3]), "--test"]
+    assert evaluate.main(args + [str(f) for f in files[:3]]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["psnr-rgb"]["bd_rate_percent"] == (
+        pytest.approx(0.0, abs=1e-9))
+    assert evaluate.main(args + [str(f) for f in (files[0], files[1], files[3])]) == 2
+    assert "unfinished evaluation" in capsys.readouterr().err
+
+
 def test_aligned_face_chips_box():
     import jax.numpy as jnp
 

@@ -408,10 +408,16 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     assert evaluate.main(common + [f"--source=prepared:{embedded_dirs['heldout']}", "--limit=1",
                                    f"--out={out}"]) == 0
     res = json.loads(out.read_text())
-    assert res["name"] == "fasdiff@6" and len(res["images"]) == 1
+    assert res["name"] == "fasdiff@6" and len(res["images"]) == 1 and res["complete"]
+    assert res["settings"]["checkpoint_step"] == 6 and res["settings"]["sampler"]["steps"] >= 1
     row = res["images"][0]
     assert row["bpp"] == pytest.approx(8 * row["bytes"] / (row["height"] * row["width"]))
     assert np.isfinite(row["psnr-rgb"]) and 0 <= row["lpips"] and -1 <= row["identity-cos"] <= 1
+    # the same command with a larger limit goes on from the saved rows (the first one is kept)
+    assert evaluate.main(common + [f"--source=prepared:{embedded_dirs['heldout']}", "--limit=2",
+                                   f"--out={out}"]) == 0
+    res2 = json.loads(out.read_text())
+    assert len(res2["images"]) == 2 and res2["images"][0] == row and res2["complete"]
 
 
 @pytest.mark.xdist_group("train_scenario")

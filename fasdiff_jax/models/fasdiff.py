@@ -320,12 +320,7 @@ class FaSDiff:
                  t_start: int | None = None, eta: float | None = None,
                  seed: int | None = None) -> bytes:
         """uint8 image (HxW, HxWx1/3/4, any size) -> container bytes with the sampler spec."""
-        sc = self.cfg["sampler"]
-        spec = ct.SamplerSpec(int(sc["steps"] if steps is None else steps),
-                              int(sc["t_start"] if t_start is None else t_start),
-                              float(sc["eta"] if eta is None else eta),
-                              int(sc["seed"] if seed is None else seed))
-        self._check_spec(spec)
+        spec = self.sampler_spec(steps, t_start, eta, seed)
         prep, fp, _ = self._prepared(params)
         img, channels = H.to_rgb(image)
         padded, pb, pr = H.pad_to_multiple(img, self.multiple)
@@ -341,6 +336,17 @@ class FaSDiff:
                                      np.asarray(z[0], np.float64))
         return ct.pack(ct.Container(img.shape[0], img.shape[1], pb, pr, channels, CODEC_ID, fp,
                                     (stream,), spec))
+
+    def sampler_spec(self, steps: int | None = None, t_start: int | None = None,
+                     eta: float | None = None, seed: int | None = None) -> ct.SamplerSpec:
+        """The spec :meth:`compress` writes: the config's ``sampler`` with these overrides."""
+        sc = self.cfg["sampler"]
+        spec = ct.SamplerSpec(int(sc["steps"] if steps is None else steps),
+                              int(sc["t_start"] if t_start is None else t_start),
+                              float(sc["eta"] if eta is None else eta),
+                              int(sc["seed"] if seed is None else seed))
+        self._check_spec(spec)
+        return spec
 
     def _check_spec(self, spec: ct.SamplerSpec) -> None:
         t_max = self.schedule.num_train_timesteps
