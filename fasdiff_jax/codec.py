@@ -71,7 +71,13 @@ def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str,
             raise FasdiffError(f"{seen[rel]} and {src} would both be written to "
                                f"{os.path.join(out_dir, rel)}")
         seen[rel] = src
-    return [(src, os.path.join(out_dir, rel)) for src, rel in jobs]
+    return [_not_onto_itself(src, os.path.join(out_dir, rel)) for src, rel in jobs]
+
+
+def _not_onto_itself(src: str, dst: str) -> tuple[str, str]:
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise FasdiffError(f"{src}: the output would overwrite the input")
+    return src, dst
 
 
 def write_atomically(path: str, content: bytes | Callable[[str], None]) -> None:
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = compress if args.command == "compress" else decompress
     try:
-        jobs = ([tuple(args.paths)] if args.out_dir is None
+        jobs = ([_not_onto_itself(*args.paths)] if args.out_dir is None
                 else batch_jobs(args.command, args.paths, args.out_dir))
         if args.skip_existing:
             jobs = [(s, d) for s, d in jobs if not os.path.exists(d)]

@@ -33,12 +33,14 @@ def test_batch_jobs_mirror_folders_and_take_files_by_name(tmp_path):
 
 @pytest.mark.parametrize("inputs, message", [
     (["a/x.png", "b/x.png"], "would both be written"),
+    (["out/y.fsd"], "overwrite the input"),
     (["missing.png"], "no such file or folder"),
     (["empty"], "no image files"),
 ])
 def test_batch_jobs_refuse_before_any_work(tmp_path, inputs, message):
     _touch(tmp_path / "a" / "x.png")
     _touch(tmp_path / "b" / "x.png")
+    _touch(tmp_path / "out" / "y.fsd")  # a misnamed image: compressing it into out/ hits itself
     (tmp_path / "empty").mkdir()
     with pytest.raises(FasdiffError, match=message):
         codec.batch_jobs("compress", [str(tmp_path / p) for p in inputs], str(tmp_path / "out"))
@@ -52,6 +54,9 @@ def test_command_refuses_clashing_outputs_without_loading_a_model(tmp_path, caps
                      f"--out_dir={out}", "--config=unused.py", f"--workdir={tmp_path / 'none'}"])
     assert rc == 2 and "would both be written" in capsys.readouterr().err
     assert not out.exists()
+    rc = codec.main(["compress", str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "x.png"),
+                     "--config=unused.py", f"--workdir={tmp_path / 'none'}"])
+    assert rc == 2 and "overwrite the input" in capsys.readouterr().err
 
 
 def test_command_line_shapes(tmp_path):
