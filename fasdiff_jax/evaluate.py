@@ -176,11 +176,12 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
               metrics: Sequence[str] = ("psnr-rgb", "lpips", "identity-cos"),
               method: str = "pchip") -> dict:
     """BD-rate and BD-quality of two codecs from :func:`evaluate` outputs (one per rate point),
-    using their mean file-size ``bpp``; metrics missing or infinite in either are skipped."""
-    for run in (*anchor, *test):
-        if run.get("complete") is False:
-            raise ValueError(f"{run.get('name')}: an unfinished evaluation ({len(run['images'])} "
-                             f"images; rerun its evaluate command to finish it)")
+    using their mean file-size ``bpp``; metrics missing or infinite in either are skipped.
+
+    A CompressAI results JSON (``python -m compressai.utils.eval_model ... -o``, whose
+    ``results`` hold one list entry per rate point) counts as all its rate points, so
+    CompressAI's baselines can be the anchor as they are."""
+    anchor, test = _rate_points(anchor), _rate_points(test)
     out = {"anchor": [a.get("name") for a in anchor], "test": [t.get("name") for t in test],
            "method": method, "metrics": {}}
     for m in metrics:
@@ -190,6 +191,27 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
         (ra, qa), (rb, qb) = ([list(v) for v in zip(*runs)] for runs in pts)
         out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
                              "bd_quality": bd_quality(ra, qa, rb, qb, method)}
+    return out
+
+
+def _rate_points(runs: Sequence[Mapping]) -> list[Mapping]:
+    """One mapping per rate point: ours as they are (refusing unfinished runs), CompressAI's
+    list-valued ``results`` split into ``name[i]`` points."""
+    out = []
+    for run in runs:
+        if run.get("complete") is False:
+            raise ValueError(f"{run.get('name')}: an unfinished evaluation ({len(run['images'])} "
+                             f"images; rerun its evaluate command to finish it)")
+        res = run["results"]
+        if not isinstance(res.get("bpp"), list):
+            out.append(run)
+            continue
+        n = len(res["bpp"])
+        if any(isinstance(v, list) and len(v) != n for v in res.values()):
+            raise ValueError(f"{run.get('name')}: results lists of different lengths")
+        out += [{"name": f"{run.get('name')}[{i}]",
+                 "results": {k: v[i] for k, v in res.items() if isinstance(v, list)}}
+                for i in range(n)]
     return out
 
 

@@ -107,6 +107,26 @@ def test_bd_rate_refuses_unfinished_runs(tmp_path, capsys):
     assert "unfinished evaluation" in capsys.readouterr().err
 
 
+def test_bd_rate_reads_compressai_results_as_its_rate_points(tmp_path, capsys):
+    """CompressAI's eval_model JSON keeps one list entry per rate point under ``results``."""
+    bpp, psnr_ = [0.1, 0.2, 0.4, 0.8], [30.0, 32.0, 34.0, 36.0]
+    cai = {"name": "mbt2018-mean-mse", "description": "Inference (ans)",
+           "results": {"psnr-rgb": psnr_, "ms-ssim-rgb": [0.9, 0.93, 0.95, 0.97], "bpp": bpp,
+                       "encoding_time": [0.1] * 4, "decoding_time": [0.1] * 4}}
+    ours = [{"name": f"fasdiff@{i}", "results": {"bpp": 0.9 * b, "psnr-rgb": q},
+             "images": [{}], "complete": True} for i, (b, q) in enumerate(zip(bpp, psnr_))]
+    report = evaluate.bd_report([cai], ours, ("psnr-rgb", "ms-ssim-rgb"))
+    assert report["anchor"] == [f"mbt2018-mean-mse[{i}]" for i in range(4)]
+    assert report["metrics"]["psnr-rgb"]["bd_rate_percent"] == pytest.approx(-10.0, abs=1e-9)
+    assert "ms-ssim-rgb" not in report["metrics"]  # ours has no MS-SSIM: skipped
+    (tmp_path / "cai.json").write_text(json.dumps(cai))
+    (tmp_path / "bad.json").write_text(json.dumps({**cai, "results": {**cai["results"],
+                                                                       "bpp": bpp[:3]}}))
+    assert evaluate.main(["bd-rate", "--anchor", str(tmp_path / "bad.json"),
+                          "--test", str(tmp_path / "cai.json")]) == 2
+    assert "lists of different lengths" in capsys.readouterr().err
+
+
 def test_aligned_face_chips_box():
     import jax.numpy as jnp
 
