@@ -10,8 +10,9 @@ N. ``b/`` is resumed with ``learning_rate=nan`` to step 8: the params go NaN aft
    the loss at step 8 is NaN, the run stops naming the terms and step 6 stays the latest
    (finite) checkpoint.
 
-Separately, ``main --jax_distributed`` trains in two real processes (gloo) and one process
-resumes their checkpoint (:func:`test_two_processes_train_and_one_process_resumes`).
+Separately, ``main --jax_distributed`` trains in two real processes (gloo) until one gets a
+preemption notice, and one process resumes their checkpoint
+(:func:`test_two_processes_train_and_one_process_resumes`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -460,43 +463,62 @@ def _logged(stderr: str) -> dict[int, str]:
 
 @pytest.mark.run_early
 def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  # noqa: F811
-    """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8, train 2
-    steps and save one checkpoint together; then this process (1 x 8 devices) resumes it."""
+    """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8. After
+    step 2 one process gets SIGTERM (a host's preemption notice): both reach JAX's preemption
+    sync point at the same step, save it together and exit cleanly. Then this process
+    (1 x 8 devices) loads and resumes that checkpoint."""
     src = f"prepared:{embedded_dirs['train']}"
     work = tmp_path / "w"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     argv = [sys.executable, "-m", "fasdiff_jax.main", "--jax_distributed",
-            f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=2"]
-    argv += [f"--config.{k}={v}" for k, v in _overrides(src).items()]
-    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=8"]
+    argv += [f"--config.{k}={v}"
+             for k, v in {**_overrides(src), "train.checkpoint_every": 100}.items()]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env=dict(
                                   os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
                                   JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                   XLA_FLAGS="--xla_force_host_platform_device_count=4"))
              for i in range(2)]
-    logs = []
+    logs = [[], []]
+    readers = [threading.Thread(target=lambda i=i: logs[i].extend(procs[i].stderr), daemon=True)
+               for i in range(2)]
     try:
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + 900
+        while not any("] [2] train/bpp" in line for line in list(logs[0])):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "".join(logs[0])[-4000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
         for p in procs:
-            _, err = p.communicate(timeout=900)
-            assert p.returncode == 0, err[-4000:]
-            logs.append(err)
+            p.wait(timeout=600)
+        for r in readers:
+            r.join(timeout=60)
     finally:
         for p in procs:
             p.kill()
+    logs = ["".join(lines) for lines in logs]
     for i, err in enumerate(logs):
+        assert procs[i].returncode == 0, err[-4000:]
         assert f"process {i}/2, 4 local / 8 global devices" in err
+    stop = _steps(work)
+    assert len(stop) == 1 and 3 <= stop[0] < 8, stop  # saved once, where the notice stopped it
+    stop = stop[0]
+    for err in logs:
+        assert f"preemption notice: saving step {stop} and stopping" in err
     # the metrics are global arrays: both processes log the same values, every step
-    assert sorted(_logged(logs[0])) == [1, 2] and _logged(logs[0]) == _logged(logs[1])
+    assert sorted(_logged(logs[0])) == list(range(1, stop + 1))
+    assert _logged(logs[0]) == _logged(logs[1])
     s = _scalars(work)  # summaries: process 0 only
-    assert all(np.isfinite(s[f"train/{t}"][2]) for t in TERMS)
-    d = work / "checkpoints" / "2" / "data"
+    assert all(np.isfinite(s[f"train/{t}"][stop]) for t in TERMS)
+    d = work / "checkpoints" / str(stop) / "data"
     for i in range(2):  # each process's position in its own shard of the data
-        assert json.loads((d / f"process_{i}-of-2.json").read_text())["next_index"] == 2
-    assert _steps(work) == [2]
+        assert json.loads((d / f"process_{i}-of-2.json").read_text())["next_index"] == stop
 
-    assert int(_saved_state(work, 2)["opt_state"]["count"]) == 2
+    assert int(_saved_state(work, stop)["opt_state"]["count"]) == stop
 
     # the codec / evaluate commands load it on one machine (the saved shardings name 8
     # devices of two processes): trained leaves moved away from the seeded init, frozen did not
@@ -505,18 +527,18 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     init = model.init_params(jax.random.key(cfg.seed))
     trained = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(params)[0])[0])
     start = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(init)[0])[0])
-    assert step == 2 and trained.keys() == start.keys()
+    assert step == stop and trained.keys() == start.keys()
     assert all(np.isfinite(np.asarray(v)).all() for v in trained.values())
     assert sum(not np.array_equal(trained[k], start[k]) for k in trained) > len(trained) // 2
-    saved = _saved_params(work, 2)
+    saved = _saved_params(work, stop)
     for k, v in trained.items():
         np.testing.assert_array_equal(np.asarray(v), saved[_path(k)])
 
     # training in one process cannot take over two processes' data positions: refused, named;
     # with restart_data it restores params and optimizer state onto its own mesh instead
     with pytest.raises(train.TrainConfigError, match="written by 2 processes, this run has 1"):
-        train.train_and_evaluate(_config(src, **{"train.steps": 3}), str(work))
+        train.train_and_evaluate(_config(src, **{"train.steps": stop + 1}), str(work))
     out = train.train_and_evaluate(
-        _config(src, **{"train.steps": 2, "train.on_process_count_change": "restart_data"}),
+        _config(src, **{"train.steps": stop, "train.on_process_count_change": "restart_data"}),
         str(work))
-    assert out == {"step": 2} and _steps(work) == [2]
+    assert out == {"step": stop} and _steps(work) == [stop]
