@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print("nothing to do: every output exists")
             return 0
         model, params, _ = train.restore_for_inference(load_config(args.config), args.workdir)
+        if args.command == "compress":  # a bad override fails once, not once per file
+            model.sampler_spec(args.steps, args.t_start, args.eta, args.seed)
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

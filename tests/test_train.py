@@ -452,6 +452,8 @@ def test_codec_command_does_folders_in_one_run(scenario, tmp_path, capsys):  # n
     assert (png / "sub" / "b.png").read_bytes() == b"finished earlier"
     assert codec.main(["decompress", str(fsd), f"--out_dir={png}", "--skip_existing"] + common) == 0
     assert "nothing to do" in capsys.readouterr().out
+    assert codec.main(["compress", str(src), f"--out_dir={tmp_path / 'x'}", "--eta=2"] + common) == 2
+    assert capsys.readouterr().err.count("eta must be in [0, 1]") == 1  # once, before any file
 
 
 # ------------------------------------------------------------------ several processes
