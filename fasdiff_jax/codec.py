@@ -48,6 +48,12 @@ def load_config(path: str):
     return mod.get_config()
 
 
+def add_sampler_flags(ap: argparse.ArgumentParser) -> None:
+    """``--steps/--t_start/--eta/--seed``: overrides of the config's sampler spec."""
+    for name, kind in (("steps", int), ("t_start", int), ("eta", float), ("seed", int)):
+        ap.add_argument(f"--{name}", type=kind, default=None, help="sampler spec override")
+
+
 def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str, str]]:
     """``[(input file, output file)]`` for ``--out_dir``; refuses (before any work) inputs
     that are missing, yield nothing, or would write the same output twice."""
@@ -115,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out_dir", default=None, help="write every input's output here")
     ap.add_argument("--skip_existing", action="store_true",
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
-    for name, kind in (("steps", int), ("t_start", int), ("eta", float), ("seed", int)):
-        ap.add_argument(f"--{name}", type=kind, default=None)
+    add_sampler_flags(ap)
     args = ap.parse_args(argv)
     if args.out_dir is None and len(args.paths) != 2:
         ap.error("give INPUT OUTPUT, or inputs and --out_dir")

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
     from fasdiff_jax import train
-    from fasdiff_jax.codec import load_config, write_atomically
+    from fasdiff_jax.codec import add_sampler_flags, load_config, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -296,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=None,
                     help="write the JSON here (default: stdout); an unfinished one is resumed")
-    for name, kind in (("steps", int), ("t_start", int), ("eta", float), ("seed", int)):
-        ap.add_argument(f"--{name}", type=kind, default=None, help="sampler spec override")
+    add_sampler_flags(ap)
     args = ap.parse_args(argv)
     try:
         config = load_config(args.config)
