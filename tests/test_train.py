@@ -507,7 +507,7 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
         assert procs[i].returncode == 0, err[-4000:]
         assert f"process {i}/2, 4 local / 8 global devices" in err
     stop = _steps(work)
-    assert len(stop) == 1 and 3 <= stop[0] < 8, stop  # saved once, where the notice stopped it
+    assert len(stop) == 1 and 2 <= stop[0] < 8, stop  # saved once, where the notice stopped it
     stop = stop[0]
     for err in logs:
         assert f"preemption notice: saving step {stop} and stopping" in err
