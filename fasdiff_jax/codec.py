@@ -1,13 +1,17 @@
-"""Compress and decompress image files with a trained FaSDiff model.
+"""Compress and decompress image files with a trained FaSDiff model (or the mbt2018-mean baseline).
 
     python -m fasdiff_jax.codec compress   --config=configs/tiny.py --workdir=DIR face.png face.fsd
     python -m fasdiff_jax.codec decompress --config=configs/tiny.py --workdir=DIR face.fsd out.png
     # many files, one model load and one compile per image size:
     python -m fasdiff_jax.codec compress   --config=... --workdir=DIR a.png photos/ --out_dir=fsd/
     python -m fasdiff_jax.codec decompress --config=... --workdir=DIR fsd/ --out_dir=png/
+    # the mbt2018-mean baseline (a folder from ``python -m fasdiff_jax.convert --compressai_checkpoint``):
+    python -m fasdiff_jax.codec compress   --model_dir=mbt3/ face.png face.fsd
 
 The model is the config's (frozen SD parts from ``model.sd_checkpoint`` or the config's seed)
-with the trained parts from the latest checkpoint in ``--workdir``. ``compress`` takes any
+with the trained parts from the latest checkpoint in ``--workdir``, or with ``--model_dir`` a
+mean-scale hyperprior (its files carry their own codec id and fingerprint, so neither model
+decodes the other's files). ``compress`` takes any
 image Pillow reads (odd modes and EXIF rotation handled); ``decompress`` writes an image of
 the original size (PNG, or the format the output name's extension names).
 ``--steps/--t_start/--eta/--seed`` override the config's sampler spec, which is stored in
@@ -26,10 +30,12 @@ readable line each; the exit status is 2 when any file failed, else 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -48,10 +54,65 @@ def load_config(path: str):
     return mod.get_config()
 
 
-def add_sampler_flags(ap: argparse.ArgumentParser) -> None:
-    """``--steps/--t_start/--eta/--seed``: overrides of the config's sampler spec."""
-    for name, kind in (("steps", int), ("t_start", int), ("eta", float), ("seed", int)):
-        ap.add_argument(f"--{name}", type=kind, default=None, help="sampler spec override")
+SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
+
+
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    """The model to code with: ``--config`` + ``--workdir`` (FaSDiff, with the sampler spec
+    overrides ``--steps/--t_start/--eta/--seed``) or ``--model_dir`` (the mbt2018-mean
+    baseline)."""
+    ap.add_argument("--config", default=None, help="FaSDiff: a config file with get_config()")
+    ap.add_argument("--workdir", default=None, help="FaSDiff: the training workdir (checkpoints)")
+    ap.add_argument("--model_dir", default=None,
+                    help="instead of --config/--workdir: an mbt2018-mean hyperprior folder "
+                         "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")
+    for name, kind in SAMPLER_FLAGS:
+        ap.add_argument(f"--{name}", type=kind, default=None, help="FaSDiff sampler spec override")
+
+
+@dataclass(frozen=True)
+class LoadedCodec:
+    """A model ready to code images, as the codec and evaluate commands use it."""
+
+    name: str
+    settings: dict  # what identifies the model and its coding settings (evaluate's JSON)
+    compress: Callable[[np.ndarray], bytes]
+    decompress: Callable[[bytes], np.ndarray]
+    source_options: dict = field(default_factory=dict)  # open_source's cache_dir / image_size
+
+
+def load_codec(args: argparse.Namespace) -> LoadedCodec:
+    """The model :func:`add_model_flags` names; a bad combination or sampler override fails
+    here, once, before any image is read."""
+    overrides = {name: getattr(args, name) for name, _ in SAMPLER_FLAGS}
+    if args.model_dir is not None:
+        if args.config is not None or args.workdir is not None:
+            raise FasdiffError("give --model_dir, or --config and --workdir, not both")
+        given = [f"--{k}" for k, v in overrides.items() if v is not None]
+        if given:
+            raise FasdiffError(f"{' '.join(given)}: sampler settings apply to FaSDiff models, "
+                               f"not to the hyperprior in --model_dir")
+        from fasdiff_jax.models import hyperprior as H
+
+        model, params = H.load_model(args.model_dir)
+        settings = {"model_dir": os.path.abspath(args.model_dir), "model": H.model_config(model),
+                    "fingerprint": H.prepare(model, params).fingerprint.hex()}
+        return LoadedCodec("mbt2018-mean", settings, lambda im: H.compress(model, params, im),
+                           lambda data: H.decompress(model, params, data))
+    if args.config is None or args.workdir is None:
+        raise FasdiffError("give --config and --workdir (a FaSDiff model), or --model_dir "
+                           "(the mbt2018-mean baseline)")
+    from fasdiff_jax import train
+
+    config = load_config(args.config)
+    model, params, step = train.restore_for_inference(config, args.workdir)
+    spec = dataclasses.asdict(model.sampler_spec(**overrides))
+    settings = {"config": os.path.abspath(args.config), "workdir": train._workdir(args.workdir),
+                "checkpoint_step": step, "sampler": spec}
+    return LoadedCodec(f"fasdiff@{step}", settings, lambda im: model.compress(params, im, **spec),
+                       lambda data: model.decompress(params, data),
+                       {"cache_dir": config.data.get("cache_dir"),
+                        "image_size": config.model.image_size})
 
 
 def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str, str]]:
@@ -116,31 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("compress", "decompress"))
     ap.add_argument("paths", nargs="+", metavar="path",
                     help="INPUT OUTPUT, or with --out_dir: inputs (files or folders)")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--workdir", required=True)
     ap.add_argument("--out_dir", default=None, help="write every input's output here")
     ap.add_argument("--skip_existing", action="store_true",
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
-    add_sampler_flags(ap)
+    add_model_flags(ap)
     args = ap.parse_args(argv)
     if args.out_dir is None and len(args.paths) != 2:
         ap.error("give INPUT OUTPUT, or inputs and --out_dir")
     if args.skip_existing and args.out_dir is None:
         ap.error("--skip_existing needs --out_dir")
 
-    from fasdiff_jax import train
     from fasdiff_jax.data.sources import read_image
 
     def compress(src: str, dst: str) -> str:
-        data = model.compress(params, read_image(src), steps=args.steps, t_start=args.t_start,
-                              eta=args.eta, seed=args.seed)
+        data = codec.compress(read_image(src))
         write_atomically(dst, data)
         return f"{dst}: {len(data)} bytes"
 
     def decompress(src: str, dst: str) -> str:
         fmt = _image_format(dst)
         with open(src, "rb") as f:
-            img = model.decompress(params, f.read())
+            img = codec.decompress(f.read())
         pil = Image.fromarray(np.squeeze(img, -1) if img.shape[-1] == 1 else img)
         write_atomically(dst, lambda tmp: pil.save(tmp, format=fmt))
         return f"{dst}: {img.shape[1]}x{img.shape[0]}"
@@ -154,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if not jobs:
             print("nothing to do: every output exists")
             return 0
-        model, params, _ = train.restore_for_inference(load_config(args.config), args.workdir)
-        if args.command == "compress":  # a bad override fails once, not once per file
-            model.sampler_spec(args.steps, args.t_start, args.eta, args.seed)
+        codec = load_codec(args)
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""diffusers-format weights -> our Flax parameter trees, strictly; and the conversion CLI.
+"""diffusers-format (and CompressAI mbt2018-mean) weights -> our Flax parameter trees,
+strictly; and the conversion CLI.
 
 One generic rule maps a diffusers state-dict key onto our tree because our modules reuse
 diffusers' attribute names (``down_blocks.0.resnets.1.conv1.weight`` ->
@@ -16,6 +17,12 @@ converts a whole pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``toke
 ``ckpt/null_text_embedding.safetensors`` (the empty-prompt CLIP embedding, computed once so
 no text encoder is needed afterwards). A single model folder (one with a ``config.json``)
 converts into ``--out`` directly.
+
+    python -m fasdiff_jax.convert --compressai_checkpoint mbt2018-mean-3-xxxx.pth.tar --out mbt3/
+
+converts a CompressAI ``MeanScaleHyperprior`` checkpoint into a folder that the codec and
+evaluate commands take as ``--model_dir`` (the mbt2018-mean baseline, coded by our exact
+integer entropy model; reading ``.pth`` files needs torch).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ MODEL_CLASSES: dict[str, str] = {
     "AutoencoderKL": "fasdiff_jax.models.sd.vae:AutoencoderKL",
     "ControlNetModel": "fasdiff_jax.models.sd.controlnet:ControlNetModel",
     "CLIPTextModel": "fasdiff_jax.models.sd.text_encoder:CLIPTextModel",
+    "MeanScaleHyperprior": "fasdiff_jax.models.hyperprior:MeanScaleHyperprior",  # ours, no diffusers
 }
 
 # Pre-0.14 diffusers attention names still found in SD VAE checkpoints.
@@ -261,16 +269,22 @@ def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
         raise ConversionError(f"{folder}: no {PARAMS_FILE}; convert the weights first "
                               f"(python -m fasdiff_jax.convert)")
     flat = {tuple(k.split("/")): v for k, v in safetensors_io.load_file(path).items()}
+    check_params(module, flat, path)
+    return module, unflatten_dict(flat)
+
+
+def check_params(module: nn.Module, flat: Mapping[tuple[str, ...], Any], where: str) -> None:
+    """Every parameter of ``module`` present with its shape, nothing else, or a
+    :class:`ConversionError` listing the offenders."""
     want = flatten_dict(abstract_params(module))
     missing = sorted("/".join(k) for k in set(want) - set(flat))
     extra = sorted("/".join(k) for k in set(flat) - set(want))
-    bad = sorted("/".join(k) for k in set(want) & set(flat) if want[k].shape != flat[k].shape)
+    bad = sorted("/".join(k) for k in set(want) & set(flat) if want[k].shape != np.shape(flat[k]))
     if missing or extra or bad:
         raise ConversionError(
-            f"{path} does not match its config: missing {missing[:_MAX_LISTED]}, "
+            f"{where} does not match its config: missing {missing[:_MAX_LISTED]}, "
             f"unexpected {extra[:_MAX_LISTED]}, wrong shape {bad[:_MAX_LISTED]}"
         )
-    return module, unflatten_dict(flat)
 
 
 def load_null_text_embedding(ckpt_dir: str) -> np.ndarray:
@@ -304,14 +318,74 @@ def convert_pipeline(src: str, out: str) -> dict[str, str]:
     return written
 
 
+def read_compressai_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """A CompressAI checkpoint's state dict as numpy arrays.
+
+    ``.safetensors`` and ``.npz`` are read without torch; anything else (CompressAI's
+    ``.pth.tar`` zoo files, its training script's checkpoints) with ``torch.load(...,
+    weights_only=True)``, which unpickles tensors and containers only. A training checkpoint's
+    ``{"state_dict": ...}`` wrapper and DataParallel's ``module.`` prefixes are removed."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            sd: Any = safetensors_io.load_file(path)
+        elif path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as f:
+                sd = {k: f[k] for k in f.files}
+        else:
+            try:
+                import torch
+            except ImportError as e:
+                raise ConversionError(f"{path}: reading a torch checkpoint needs torch (pip install "
+                                      f"torch), or save its state dict as .safetensors") from e
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch/zip/pickle raise many types for a bad file
+        raise ConversionError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ConversionError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    out = {}
+    for k, v in sd.items():
+        if not hasattr(v, "shape"):
+            raise ConversionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def convert_compressai(path: str, out: str) -> dict[str, Any]:
+    """A CompressAI ``MeanScaleHyperprior`` (mbt2018-mean) checkpoint -> a ``--model_dir``
+    folder of our hyperprior (N and M from the weights' shapes); returns its config."""
+    from fasdiff_jax.models import hyperprior
+
+    params = hyperprior.params_from_compressai(read_compressai_checkpoint(path))
+    p = params["params"]
+    model = hyperprior.MeanScaleHyperprior(N=p["g_a_0"]["kernel"].shape[-1],
+                                           M=p["g_a_6"]["kernel"].shape[-1],
+                                           hs_activation="leaky_relu")
+    check_params(model, flatten_dict(p), path)
+    hyperprior.save_model(out, model, params)
+    return hyperprior.model_config(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--diffusers_dir", required=True,
-                        help="a diffusers pipeline folder, or one model folder with config.json")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--diffusers_dir",
+                     help="a diffusers pipeline folder, or one model folder with config.json")
+    src.add_argument("--compressai_checkpoint",
+                     help="a CompressAI mbt2018-mean checkpoint (.pth.tar/.pth, .safetensors, .npz)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
-        if os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
+        if args.compressai_checkpoint:
+            cfg = convert_compressai(args.compressai_checkpoint, args.out)
+            written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']}": args.out}
+        elif os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
             _, params = load_diffusers(args.diffusers_dir)
             save_component(args.out, read_config(args.diffusers_dir), params)
             written = {"model": args.out}

@@ -15,6 +15,11 @@ was on: rerunning the same command goes on from there (the file's ``settings``: 
 workdir, checkpoint step, source and sampler spec, must match, else it refuses). ``bd-rate``
 refuses unfinished files.
 
+The mbt2018-mean baseline runs through the same code and metrics, from a folder converted
+from a CompressAI checkpoint (``python -m fasdiff_jax.convert --compressai_checkpoint``):
+
+    python -m fasdiff_jax.evaluate --model_dir=mbt3/ --source=embedded:heldout --out=mbt3.json
+
 Codecs are compared over several rate points with Bjontegaard deltas (:func:`bd_rate`):
 
     python -m fasdiff_jax.evaluate bd-rate --anchor a_*.json --test b_*.json
@@ -285,37 +290,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
-    from fasdiff_jax import train
-    from fasdiff_jax.codec import add_sampler_flags, load_config, write_atomically
+    from fasdiff_jax.codec import add_model_flags, load_codec, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="a config file with get_config()")
-    ap.add_argument("--workdir", required=True, help="training workdir with checkpoints")
     ap.add_argument("--source", default="embedded:heldout", help="data source spec")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=None,
                     help="write the JSON here (default: stdout); an unfinished one is resumed")
-    add_sampler_flags(ap)
+    add_model_flags(ap)
     args = ap.parse_args(argv)
     try:
-        config = load_config(args.config)
-        model, params, step = train.restore_for_inference(config, args.workdir)
-        spec = model.sampler_spec(args.steps, args.t_start, args.eta, args.seed)
-        settings = {"config": os.path.abspath(args.config), "workdir": train._workdir(args.workdir),
-                    "checkpoint_step": step, "source": args.source,
-                    "sampler": dataclasses.asdict(spec)}
+        codec = load_codec(args)
+        settings = {**codec.settings, "source": args.source}
         done = resume_rows(args.out, settings) if args.out else {}
-        src = open_source(args.source, cache_dir=config.data.get("cache_dir"),
-                          image_size=config.model.image_size)
+        src = open_source(args.source, **codec.source_options)
 
         def save(report: dict, complete: bool = False) -> None:
             text = json.dumps({**report, "settings": settings, "complete": complete}, indent=2)
             write_atomically(args.out, text.encode())
 
-        out = evaluate(lambda im: model.compress(params, im, **dataclasses.asdict(spec)),
-                       lambda d: model.decompress(params, d), images_from_source(src, args.limit),
-                       name=f"fasdiff@{step}", done=done, on_row=save if args.out else None)
+        out = evaluate(codec.compress, codec.decompress, images_from_source(src, args.limit),
+                       name=codec.name, done=done, on_row=save if args.out else None)
         if args.out:
             save(out, complete=True)
         else:

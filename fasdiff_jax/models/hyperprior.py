@@ -67,6 +67,7 @@ LEAK_NUM, LEAK_SHIFT = 655, 16  # 655 / 2**16 = 0.0099945
 HS_ACTIVATIONS = ("relu", "leaky_relu")
 MULTIPLE = 64
 CODEC_ID = 1
+MODEL_CONFIG_KEYS = ("N", "M", "num_scales", "hs_activation")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +232,24 @@ class MeanScaleHyperprior(nn.Module):
         self.h_s_4 = QConv(m * 2, name="h_s_4")
         self.entropy_bottleneck = E.EntropyBottleneck(n)
         self.gaussian_conditional = E.GaussianConditional()
+
+    def dummy_inputs(self) -> tuple:
+        """Inputs for ``init`` (the :mod:`fasdiff_jax.convert` folder protocol)."""
+        return jnp.zeros((1, MULTIPLE, MULTIPLE, 3)), "round"
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict, **overrides: Any) -> "MeanScaleHyperprior":
+        """The model a ``config.json`` of :func:`save_model` names (the name is the
+        :mod:`fasdiff_jax.convert` folder protocol; the keys are ours: N, M, num_scales,
+        hs_activation)."""
+        from fasdiff_jax.errors import UnsupportedConfigError
+
+        fields = {k: v for k, v in {**cfg, **overrides}.items() if k != "_class_name"}
+        unknown = sorted(set(fields) - set(MODEL_CONFIG_KEYS))
+        if unknown:
+            raise UnsupportedConfigError(f"MeanScaleHyperprior config has unknown keys {unknown}; "
+                                         f"expected {list(MODEL_CONFIG_KEYS)}")
+        return cls(**fields)
 
     def g_a(self, x):
         for i in range(0, 6, 2):
@@ -612,6 +631,15 @@ def init_params(model: MeanScaleHyperprior, rng: jax.Array, size: tuple[int, int
     return init(key)
 
 
+# CompressAI state-dict entries that are not parameters: its derived CDF tables, learned
+# quantiles (our tables are a pure function of the params) and reparametrisation constants.
+_COMPRESSAI_BUFFERS = ("quantiles", "_offset", "_quantized_cdf", "_cdf_length", "target",
+                       "likelihood_lower_bound.bound", "beta_reparam.pedestal",
+                       "beta_reparam.lower_bound.bound", "gamma_reparam.pedestal",
+                       "gamma_reparam.lower_bound.bound", "scale_table", "scale_bound",
+                       "lower_bound_scale.bound")
+
+
 def params_from_compressai(state_dict: dict) -> dict:
     """A CompressAI ``MeanScaleHyperprior`` state dict (tensor name -> numpy array) -> params
     for ``MeanScaleHyperprior(N, M, hs_activation="leaky_relu")`` computing the same model.
@@ -620,33 +648,78 @@ def params_from_compressai(state_dict: dict) -> dict:
     the HWIO kernel of our lhs-dilated form, i.e. spatially flipped; GDN and the entropy
     bottleneck keep CompressAI's reparametrised tensors under our names. CompressAI's learned
     quantiles and CDF buffers are not needed: our tables are a function of these params.
-    Missing tensors raise ``KeyError`` naming them.
+    Strict: a missing tensor, or one that is neither used nor a known CompressAI buffer (e.g.
+    the context model of ``mbt2018``), raises :class:`~fasdiff_jax.errors.ConversionError`
+    naming it, so another architecture's weights never load silently.
     """
+    from fasdiff_jax.errors import ConversionError
+
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     if "g_a.0.weight" not in sd:
-        raise KeyError("not a CompressAI MeanScaleHyperprior state dict: no 'g_a.0.weight'")
+        raise ConversionError("not a CompressAI MeanScaleHyperprior state dict: no 'g_a.0.weight'")
     layout = {"conv": lambda w: w.transpose(2, 3, 1, 0),
               "transposed": lambda w: w.transpose(2, 3, 0, 1)[::-1, ::-1]}
     kinds = {**{f"g_a_{i}": "conv" for i in (0, 2, 4, 6)}, **{f"h_a_{i}": "conv" for i in (0, 2, 4)},
              **{f"g_s_{i}": "transposed" for i in (0, 2, 4, 6)},
              "h_s_0": "transposed", "h_s_2": "transposed", "h_s_4": "conv"}
+    used: set[str] = set()
+    missing: list[str] = []
+
+    def take(key: str) -> np.ndarray | None:
+        used.add(key)
+        if key not in sd:
+            missing.append(key)
+        return sd.get(key)
+
     p = {}
     for name, kind in kinds.items():
         key = f"{name[:3]}.{name[4:]}"  # g_a_0 -> g_a.0
-        p[name] = {"kernel": np.ascontiguousarray(layout[kind](sd[f"{key}.weight"])),
-                   "bias": sd[f"{key}.bias"]}
+        w, b = take(f"{key}.weight"), take(f"{key}.bias")
+        if w is not None:
+            p[name] = {"kernel": np.ascontiguousarray(layout[kind](w)), "bias": b}
     for part in ("g_a", "g_s"):
         for i in (1, 3, 5):
-            p[f"{part}_{i}"] = {"beta": sd[f"{part}.{i}.beta"], "gamma": sd[f"{part}.{i}.gamma"]}
-    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("entropy_bottleneck.matrices."))
+            p[f"{part}_{i}"] = {"beta": take(f"{part}.{i}.beta"), "gamma": take(f"{part}.{i}.gamma")}
+    n_layers = 1 + max((int(k.split(".")[2]) for k in sd
+                        if k.startswith("entropy_bottleneck.matrices.")), default=0)
     eb = {}
     for i in range(n_layers):
-        eb[f"matrix_{i}"] = sd[f"entropy_bottleneck.matrices.{i}"]
-        eb[f"bias_{i}"] = sd[f"entropy_bottleneck.biases.{i}"]
+        eb[f"matrix_{i}"] = take(f"entropy_bottleneck.matrices.{i}")
+        eb[f"bias_{i}"] = take(f"entropy_bottleneck.biases.{i}")
         if i < n_layers - 1:
-            eb[f"factor_{i}"] = sd[f"entropy_bottleneck.factors.{i}"]
+            eb[f"factor_{i}"] = take(f"entropy_bottleneck.factors.{i}")
     p["entropy_bottleneck"] = eb
+    unexpected = sorted(k for k in sd if k not in used and not k.endswith(_COMPRESSAI_BUFFERS))
+    if missing or unexpected:
+        raise ConversionError(
+            f"not a CompressAI MeanScaleHyperprior (mbt2018-mean) state dict: missing "
+            f"{missing[:12]}, unexpected {unexpected[:12]}")
     return {"params": p}
+
+
+def model_config(model: MeanScaleHyperprior) -> dict:
+    """The ``config.json`` of :func:`save_model`."""
+    return {"_class_name": "MeanScaleHyperprior", **{k: getattr(model, k) for k in MODEL_CONFIG_KEYS}}
+
+
+def save_model(folder: str, model: MeanScaleHyperprior, params: dict) -> None:
+    """``folder/config.json`` + ``folder/params.safetensors``: what the codec and evaluate
+    commands load with ``--model_dir`` (:func:`load_model`)."""
+    from fasdiff_jax import convert
+
+    convert.save_component(folder, model_config(model), params["params"])
+
+
+def load_model(folder: str) -> tuple[MeanScaleHyperprior, dict]:
+    """(model, params) from a :func:`save_model` folder; every shape is checked against the
+    config (:class:`~fasdiff_jax.errors.ConversionError` otherwise)."""
+    from fasdiff_jax import convert
+
+    module, params = convert.load_component(folder)
+    if not isinstance(module, MeanScaleHyperprior):
+        raise convert.ConversionError(f"{folder}: holds a {type(module).__name__}, not a "
+                                      f"MeanScaleHyperprior")
+    return module, {"params": params}
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""The mbt2018-mean baseline end to end: a CompressAI checkpoint -> ``convert
+--compressai_checkpoint`` -> ``--model_dir`` in the codec and evaluate commands."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from fasdiff_jax import codec, convert, evaluate
+from fasdiff_jax.errors import ConversionError
+from fasdiff_jax.models import hyperprior as H
+from test_hyperprior import _compressai_state_dict
+
+N, M = 8, 12
+
+
+def _with_compressai_buffers(sd: dict) -> dict:
+    """CompressAI 1.2.8's non-parameter entries of a MeanScaleHyperprior state dict (names
+    and shapes as its ``state_dict()`` lists them after ``update()``); the converter skips them."""
+    sd = dict(sd)
+    sd.update({"entropy_bottleneck.quantiles": np.zeros((N, 1, 3), np.float32),
+               "entropy_bottleneck._offset": np.zeros(N, np.int32),
+               "entropy_bottleneck._quantized_cdf": np.zeros((N, 23), np.int32),
+               "entropy_bottleneck._cdf_length": np.zeros(N, np.int32),
+               "entropy_bottleneck.target": np.zeros(3, np.float32),
+               "entropy_bottleneck.likelihood_lower_bound.bound": np.ones(1, np.float32),
+               "gaussian_conditional._offset": np.zeros(64, np.int32),
+               "gaussian_conditional._quantized_cdf": np.zeros((64, 31), np.int32),
+               "gaussian_conditional._cdf_length": np.zeros(64, np.int32),
+               "gaussian_conditional.scale_table": np.ones(64, np.float32),
+               "gaussian_conditional.scale_bound": np.ones(1, np.float32),
+               "gaussian_conditional.likelihood_lower_bound.bound": np.ones(1, np.float32),
+               "gaussian_conditional.lower_bound_scale.bound": np.ones(1, np.float32)})
+    for part in ("g_a", "g_s"):
+        for i in (1, 3, 5):
+            for rep in ("beta_reparam", "gamma_reparam"):
+                sd[f"{part}.{i}.{rep}.pedestal"] = np.ones(1, np.float32)
+                sd[f"{part}.{i}.{rep}.lower_bound.bound"] = np.ones(1, np.float32)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """(model_dir, the CompressAI state dict it came from): converted from an .npz."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    sd = _with_compressai_buffers(_compressai_state_dict(N, M))
+    np.savez(tmp / "mbt.npz", **sd)
+    assert convert.main(["--compressai_checkpoint", str(tmp / "mbt.npz"), "--out", str(tmp / "mbt")]) == 0
+    return tmp / "mbt", sd
+
+
+def test_converted_folder_holds_exactly_the_compressai_weights(baseline):
+    folder, sd = baseline
+    model, params = H.load_model(str(folder))
+    assert (model.N, model.M, model.hs_activation) == (N, M, "leaky_relu")
+    want = H.params_from_compressai(sd)
+    got_leaves, got_tree = jax.tree_util.tree_flatten(params)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    assert got_tree == want_tree
+    for g, w in zip(got_leaves, want_leaves):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    img = skdata.astronaut()[100:196, 150:230]
+    assert H.compress(model, params, img) == H.compress(model, want, img)
+
+
+def test_torch_checkpoint_with_training_wrapper_converts(tmp_path, capsys):
+    """CompressAI's train script saves {"state_dict": ..., "epoch": ...}; DataParallel adds
+    ``module.``; both are undone, and the result equals the .npz route."""
+    torch = pytest.importorskip("torch")
+    sd = _with_compressai_buffers(_compressai_state_dict(N, M))
+    ckpt = {"epoch": 7, "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}}
+    torch.save(ckpt, tmp_path / "ckpt.pth.tar")
+    rc = convert.main(["--compressai_checkpoint", str(tmp_path / "ckpt.pth.tar"),
+                       "--out", str(tmp_path / "out")])
+    assert rc == 0 and f"N={N} M={M}" in capsys.readouterr().out
+    _, params = H.load_model(str(tmp_path / "out"))
+    want = H.params_from_compressai(sd)["params"]
+    np.testing.assert_array_equal(np.asarray(params["params"]["h_s_4"]["kernel"]), want["h_s_4"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(params["params"]["g_s_5"]["gamma"]), want["g_s_5"]["gamma"])
+    # a truncated checkpoint is one readable error, not a traceback
+    data = (tmp_path / "ckpt.pth.tar").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    rc = convert.main(["--compressai_checkpoint", str(tmp_path / "cut.pth"), "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.update({"context_prediction.weight": np.zeros((2 * M, M, 5, 5), np.float32)}),
+     "unexpected ['context_prediction.weight']"),
+    (lambda sd: sd.pop("g_s.3.gamma"), "missing ['g_s.3.gamma']"),
+    (lambda sd: sd.update({"h_s.4.weight": np.zeros((2 * M, 5, 3, 3), np.float32)}),
+     "wrong shape ['h_s_4/kernel']"),
+])
+def test_other_architectures_are_refused(tmp_path, capsys, change, message):
+    """mbt2018 (context model), a missing tensor, a wrong shape: exit 2 naming the tensor."""
+    sd = _with_compressai_buffers(_compressai_state_dict(N, M))
+    change(sd)
+    np.savez(tmp_path / "x.npz", **sd)
+    rc = convert.main(["--compressai_checkpoint", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+
+
+def test_load_model_refuses_folders_that_do_not_match(baseline, tmp_path):
+    folder, _ = baseline
+    cfg = json.loads((folder / "config.json").read_text())
+    (tmp_path / "params.safetensors").write_bytes((folder / "params.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "M": M + 4}))
+    with pytest.raises(ConversionError, match="does not match its config"):
+        H.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "channels": 3}))
+    with pytest.raises(ConversionError, match="unknown keys"):
+        H.load_model(str(tmp_path))
+
+
+def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys):
+    folder, _ = baseline
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(skdata.astronaut()[40:140, 180:300]).save(src / "a.png")  # 100x120 RGB
+    Image.fromarray(skdata.camera()[:70, :90]).save(src / "g.png")  # greyscale file
+    rc = codec.main(["compress", str(src), f"--out_dir={tmp_path / 'fsd'}", f"--model_dir={folder}"])
+    assert rc == 0, capsys.readouterr().err
+    rc = codec.main(["decompress", str(tmp_path / "fsd"), f"--out_dir={tmp_path / 'png'}",
+                     f"--model_dir={folder}"])
+    assert rc == 0, capsys.readouterr().err
+    model, params = H.load_model(str(folder))
+    for name, shape in (("a", (100, 120, 3)), ("g", (70, 90, 3))):  # read as RGB
+        data = (tmp_path / "fsd" / f"{name}.fsd").read_bytes()
+        out = np.asarray(Image.open(tmp_path / "png" / f"{name}.png"))
+        assert out.shape == shape
+        want = H.decompress(model, params, data)
+        np.testing.assert_array_equal(out, want.reshape(out.shape))
+    # another model's weights: its fingerprint does not match, the file is refused
+    other = tmp_path / "other"
+    H.save_model(str(other), model, H.params_from_compressai(
+        _with_compressai_buffers(_compressai_state_dict(N, M, seed=1))))
+    rc = codec.main(["decompress", str(tmp_path / "fsd" / "a.fsd"), str(tmp_path / "x.png"),
+                     f"--model_dir={other}"])
+    assert rc == 2 and "fingerprint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps=4"], "sampler settings apply to FaSDiff"),
+    (["--config=configs/tiny.py"], "not both"),
+    ([], "give --config and --workdir"),
+])
+def test_model_flags_are_checked_before_any_work(baseline, tmp_path, capsys, flags, message):
+    folder, _ = baseline
+    model_flag = [f"--model_dir={folder}"] if flags else []
+    Image.fromarray(skdata.astronaut()[:64, :64]).save(tmp_path / "a.png")
+    rc = codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"), *model_flag, *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "a.fsd").exists()
+
+
+def test_evaluate_command_measures_the_baseline(baseline, tmp_path, capsys):
+    """File-size bpp and the same metrics as FaSDiff; the settings name the weights."""
+    folder, _ = baseline
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    crops = {"a.png": skdata.astronaut()[0:128, 150:278], "b.png": skdata.astronaut()[60:188, 120:248]}
+    for name, img in crops.items():
+        Image.fromarray(img).save(faces / name)
+    out = tmp_path / "mbt.json"
+    rc = evaluate.main(["--model_dir", str(folder), "--source", f"folder:{faces}", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["name"] == "mbt2018-mean" and report["complete"] is True
+    model, params = H.load_model(str(folder))
+    assert report["settings"]["fingerprint"] == H.prepare(model, params).fingerprint.hex()
+    assert report["settings"]["model"]["M"] == M
+    rows = {r["image"]: r for r in report["images"]}
+    for name, img in crops.items():
+        data = H.compress(model, params, img)
+        assert rows[name]["bytes"] == len(data)
+        assert rows[name]["bpp"] == pytest.approx(8 * len(data) / (128 * 128))
+        assert rows[name]["psnr-rgb"] == pytest.approx(
+            evaluate.psnr(img, H.decompress(model, params, data)), abs=1e-9)
+        assert 0 <= rows[name]["lpips"] and -1 <= rows[name]["identity-cos"] <= 1
