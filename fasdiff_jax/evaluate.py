@@ -20,6 +20,10 @@ from a CompressAI checkpoint (``python -m fasdiff_jax.convert --compressai_check
 
     python -m fasdiff_jax.evaluate --model_dir=mbt3/ --source=embedded:heldout --out=mbt3.json
 
+and so do traditional anchors, Pillow's JPEG and WebP encoders at a quality:
+
+    python -m fasdiff_jax.evaluate --baseline=jpeg:30 --source=embedded:heldout --out=jpeg30.json
+
 Codecs are compared over several rate points with Bjontegaard deltas (:func:`bd_rate`):
 
     python -m fasdiff_jax.evaluate bd-rate --anchor a_*.json --test b_*.json
@@ -38,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fasdiff_jax.codec import LoadedCodec
 from fasdiff_jax.errors import FasdiffError
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
@@ -104,6 +109,43 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
         if on_row is not None:
             on_row(_report(name, list(rows)))
     return _report(name, rows)
+
+
+# Pillow's encoders as traditional anchors: format name, quality range, save options
+PILLOW_BASELINES = {"jpeg": ("JPEG", (1, 95), {"optimize": True}),
+                    "webp": ("WEBP", (0, 100), {"method": 6})}
+
+
+def pillow_codec(spec: str) -> LoadedCodec:
+    """``"jpeg:Q"`` / ``"webp:Q"`` -> a codec of Pillow's
+    encoder at quality Q (4:2:0, optimised Huffman tables / WebP method 6): rate points of a
+    traditional codec under the same metrics, file size including its headers."""
+    import io
+
+    from PIL import Image, features
+
+    fmt, _, q = spec.partition(":")
+    if fmt not in PILLOW_BASELINES or not q.isdigit():
+        raise FasdiffError(f"--baseline {spec!r}: expected jpeg:Q or webp:Q")
+    pil_format, (lo, hi), options = PILLOW_BASELINES[fmt]
+    quality = int(q)
+    if not lo <= quality <= hi:
+        raise FasdiffError(f"--baseline {spec!r}: {fmt} quality must be in {lo}..{hi}")
+    if fmt == "webp" and not features.check("webp"):
+        raise FasdiffError("--baseline webp: this Pillow was built without WebP")
+
+    def compress(img: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(to_rgb(img)[0]).save(buf, format=pil_format, quality=quality, **options)
+        return buf.getvalue()
+
+    def decompress(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    import PIL
+
+    settings = {"baseline": f"{fmt}:{quality}", "pillow": PIL.__version__, "options": options}
+    return LoadedCodec(f"{fmt}-q{quality}", settings, compress, decompress)
 
 
 def _report(name: str, rows: list[dict]) -> dict:
@@ -222,12 +264,19 @@ def _rate_points(runs: Sequence[Mapping]) -> list[Mapping]:
 
 def images_from_source(source: Sequence[Mapping], limit: int | None = None
                        ) -> Iterator[tuple[str, np.ndarray]]:
-    """``(key, image)`` of the first ``limit`` records, read one at a time (a large held-out
-    set never sits in memory whole)."""
+    """``(name, image)`` of the first ``limit`` records, read one at a time (a large held-out
+    set never sits in memory whole). The name is the record's key (its index if none); a key
+    met again (several crops of one photo, as in the embedded set) becomes ``key#index``, so
+    names stay unique and the same on every run (what resuming matches on)."""
     n = len(source) if limit is None else min(limit, len(source))
+    seen: set[str] = set()
     for i in range(n):
         rec = source[i]
-        yield str(rec.get("key", i)), np.asarray(rec["image"])
+        name = str(rec.get("key", i))
+        if name in seen:
+            name = f"{name}#{i}"
+        seen.add(name)
+        yield name, np.asarray(rec["image"])
 
 
 def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
@@ -290,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
-    from fasdiff_jax.codec import add_model_flags, load_codec, write_atomically
+    from fasdiff_jax.codec import SAMPLER_FLAGS, add_model_flags, load_codec, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -299,9 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="write the JSON here (default: stdout); an unfinished one is resumed")
     add_model_flags(ap)
+    ap.add_argument("--baseline", default=None, metavar="jpeg:Q|webp:Q",
+                    help="instead of a model: Pillow's JPEG or WebP encoder at quality Q")
     args = ap.parse_args(argv)
     try:
-        codec = load_codec(args)
+        if args.baseline is not None:
+            model_flags = ["--config", "--workdir", "--model_dir", *(f"--{n}" for n, _ in SAMPLER_FLAGS)]
+            given = [f for f in model_flags if getattr(args, f[2:]) is not None]
+            if given:
+                raise FasdiffError(f"--baseline codes without a model; drop {' '.join(given)}")
+            codec = pillow_codec(args.baseline)
+        else:
+            codec = load_codec(args)
         settings = {**codec.settings, "source": args.source}
         done = resume_rows(args.out, settings) if args.out else {}
         src = open_source(args.source, **codec.source_options)

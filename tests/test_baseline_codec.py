@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import codec, convert, evaluate
 from fasdiff_jax.errors import ConversionError
 from fasdiff_jax.models import hyperprior as H
@@ -184,3 +185,54 @@ def test_evaluate_command_measures_the_baseline(baseline, tmp_path, capsys):
         assert rows[name]["psnr-rgb"] == pytest.approx(
             evaluate.psnr(img, H.decompress(model, params, data)), abs=1e-9)
         assert 0 <= rows[name]["lpips"] and -1 <= rows[name]["identity-cos"] <= 1
+
+
+@pytest.mark.parametrize("fmt, pil_format", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_evaluate_command_measures_pillow_anchors(tmp_path, capsys, fmt, pil_format):
+    """``--baseline jpeg:Q`` / ``webp:Q``: the file is Pillow's encoding at that quality,
+    bpp from its size, a lower quality gives fewer bytes and a lower PSNR."""
+    import io
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    img = skdata.astronaut()[0:128, 150:278]
+    Image.fromarray(img).save(faces / "a.png")
+    reports = {}
+    for q in (20, 80):
+        out = tmp_path / f"{fmt}{q}.json"
+        rc = evaluate.main([f"--baseline={fmt}:{q}", f"--source=folder:{faces}", f"--out={out}"])
+        assert rc == 0, capsys.readouterr().err
+        reports[q] = json.loads(out.read_text())
+        row = reports[q]["images"][0]
+        assert reports[q]["name"] == f"{fmt}-q{q}" and reports[q]["settings"]["baseline"] == f"{fmt}:{q}"
+        data = evaluate.pillow_codec(f"{fmt}:{q}").compress(img)
+        assert Image.open(io.BytesIO(data)).format == pil_format
+        assert row["bytes"] == len(data) and row["bpp"] == pytest.approx(8 * len(data) / 128**2)
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert row["psnr-rgb"] == pytest.approx(evaluate.psnr(img, decoded), abs=1e-9)
+    lo, hi = reports[20]["images"][0], reports[80]["images"][0]
+    assert lo["bytes"] < hi["bytes"] and lo["psnr-rgb"] < hi["psnr-rgb"] < 60
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline=jpeg:0"], "quality must be in 1..95"),
+    (["--baseline=png:3"], "expected jpeg:Q or webp:Q"),
+    (["--baseline=jpeg:30", "--model_dir=x"], "drop --model_dir"),
+])
+def test_pillow_anchor_flags_are_checked(capsys, argv, message):
+    assert evaluate.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_takes_the_whole_embedded_heldout_set(embedded_dirs, tmp_path, capsys):  # noqa: F811
+    """All 9 held-out records, four crops of one photo among them: unique names, the same on
+    a rerun (which then finds every row done). Was: 'appears twice' after 2 images."""
+    out = tmp_path / "jpeg.json"
+    argv = ["--baseline=jpeg:30", f"--source=prepared:{embedded_dirs['heldout']}", f"--out={out}"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    names = [r["image"] for r in report["images"]]
+    assert len(names) == 9 == len(set(names)) and report["complete"]
+    assert "skimage/camera.png" in names and "skimage/camera.png#2" in names
+    assert evaluate.main(argv) == 0
+    assert json.loads(out.read_text())["images"] == report["images"]

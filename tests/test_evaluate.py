@@ -213,3 +213,11 @@ def test_bd_rate_command_reads_evaluate_jsons(tmp_path, capsys):
     assert out["metrics"]["lpips"]["bd_rate_percent"] == pytest.approx(-50.0)
     assert out["metrics"]["psnr-rgb"]["bd_quality"] > 0  # better PSNR at equal rate
     assert "identity-cos" not in out["metrics"]  # not finite in these runs: skipped
+
+
+def test_images_from_source_names_repeated_keys_by_index():
+    img = np.zeros((4, 4, 3), np.uint8)
+    source = [{"key": "a.png", "image": img}, {"key": "b.png", "image": img},
+              {"key": "a.png", "image": img}, {"image": img}]
+    assert [n for n, _ in evaluate.images_from_source(source)] == ["a.png", "b.png", "a.png#2", "3"]
+    assert [n for n, _ in evaluate.images_from_source(source, limit=2)] == ["a.png", "b.png"]
