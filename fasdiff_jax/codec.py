@@ -7,6 +7,8 @@
     python -m fasdiff_jax.codec decompress --config=... --workdir=DIR fsd/ --out_dir=png/
     # the mbt2018-mean baseline (a folder from ``python -m fasdiff_jax.convert --compressai_checkpoint``):
     python -m fasdiff_jax.codec compress   --model_dir=mbt3/ face.png face.fsd
+    # what a file's header says (codec, size, fingerprint, sampler spec), no model needed:
+    python -m fasdiff_jax.codec info face.fsd fsd/
 
 The model is the config's (frozen SD parts from ``model.sd_checkpoint`` or the config's seed)
 with the trained parts from the latest checkpoint in ``--workdir``, or with ``--model_dir`` a
@@ -123,8 +125,7 @@ def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str,
     suffix, jobs = SUFFIX[command], []
     for path in inputs:
         if os.path.isdir(path):
-            found = (list_images(path) if command == "compress" else
-                     [f for f in list_images(path, all_files=True) if f.lower().endswith(".fsd")])
+            found = list_images(path) if command == "compress" else _fsd_files(path)
             if not found:
                 raise FasdiffError(f"{path}: no {'image' if command == 'compress' else '.fsd'} files")
             jobs += [(os.path.join(path, rel), os.path.splitext(rel)[0] + suffix) for rel in found]
@@ -139,6 +140,12 @@ def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str,
                                f"{os.path.join(out_dir, rel)}")
         seen[rel] = src
     return [_not_onto_itself(src, os.path.join(out_dir, rel)) for src, rel in jobs]
+
+
+def _fsd_files(folder: str) -> list[str]:
+    from fasdiff_jax.data.sources import list_images
+
+    return [f for f in list_images(folder, all_files=True) if f.lower().endswith(".fsd")]
 
 
 def _not_onto_itself(src: str, dst: str) -> tuple[str, str]:
@@ -172,9 +179,29 @@ def _image_format(path: str) -> str:
     return fmt
 
 
+def _info(paths: list[str]) -> int:
+    """One JSON line per ``.fsd`` file (folders searched recursively): its header, no model."""
+    import json
+
+    from fasdiff_jax.coding.container import describe
+
+    failed = 0
+    for path in paths:
+        files = ([os.path.join(path, f) for f in _fsd_files(path)] if os.path.isdir(path)
+                 else [path])
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    print(json.dumps({"file": f, **describe(fh.read())}))
+            except (FasdiffError, OSError) as e:
+                failed += 1
+                print(f"error: {f}: {e}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("compress", "decompress"))
+    ap.add_argument("command", choices=("compress", "decompress", "info"))
     ap.add_argument("paths", nargs="+", metavar="path",
                     help="INPUT OUTPUT, or with --out_dir: inputs (files or folders)")
     ap.add_argument("--out_dir", default=None, help="write every input's output here")
@@ -182,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
     add_model_flags(ap)
     args = ap.parse_args(argv)
+    if args.command == "info":
+        return _info(args.paths)
     if args.out_dir is None and len(args.paths) != 2:
         ap.error("give INPUT OUTPUT, or inputs and --out_dir")
     if args.skip_existing and args.out_dir is None:

@@ -236,3 +236,21 @@ def test_evaluate_takes_the_whole_embedded_heldout_set(embedded_dirs, tmp_path, 
     assert "skimage/camera.png" in names and "skimage/camera.png#2" in names
     assert evaluate.main(argv) == 0
     assert json.loads(out.read_text())["images"] == report["images"]
+
+
+def test_info_command_reads_headers_without_a_model(baseline, tmp_path, capsys):
+    folder, _ = baseline
+    model, params = H.load_model(str(folder))
+    data = H.compress(model, params, skdata.astronaut()[:70, :90])
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.fsd").write_bytes(data)
+    (tmp_path / "f" / "cut.fsd").write_bytes(data[:-5])
+    assert codec.main(["info", str(tmp_path / "f")]) == 2  # one bad file: reported, exit 2
+    out, err = capsys.readouterr()
+    info = json.loads(out.strip())
+    assert info["codec"] == "mbt2018-mean" and (info["height"], info["width"]) == (70, 90)
+    assert info["fingerprint"] == H.prepare(model, params).fingerprint.hex()
+    assert info["bytes"] == len(data) == info["header_bytes"] + sum(info["stream_bytes"]) == 66 + sum(
+        info["stream_bytes"])
+    assert (info["pad_bottom"], info["pad_right"]) == (58, 38) and "sampler" not in info
+    assert "cut.fsd" in err and "checksum mismatch" in err

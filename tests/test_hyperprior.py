@@ -377,6 +377,10 @@ def test_bad_image_input_errors():
         H.compress(model, params, np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError):
         H.compress(model, params, np.zeros((8, 8, 2), np.uint8))
+    # larger than any decoder takes by default: refused at compress, not at decompress
+    with pytest.raises(ValueError, match="4097x4096 pixels .4160x4096 padded. exceeds"):
+        H.compress(model, params, np.zeros((4097, 4096), np.uint8))
+    assert H.pad_to_multiple(np.zeros((4096, 4096, 1), np.uint8))[0].shape == (4096, 4096, 1)
 
 
 # (a placeholder only while make_hyperprior_golden.py imports this module to write the file)

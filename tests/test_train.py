@@ -399,6 +399,10 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     assert codec.main(["decompress", str(tmp_path / "f.fsd"), str(tmp_path / "out.png")]
                       + common) == 0
     assert Image.open(tmp_path / "out.png").size == (50, 61)
+    assert codec.main(["info", str(tmp_path / "f.fsd")]) == 0  # the header, without the model
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["codec"] == "fasdiff" and (info["height"], info["width"]) == (61, 50)
+    assert info["sampler"]["steps"] == 2 and info["sampler"]["seed"] == 5
     (tmp_path / "bad.fsd").write_bytes((tmp_path / "f.fsd").read_bytes()[:-3])
     assert codec.main(["decompress", str(tmp_path / "bad.fsd"), str(tmp_path / "x.png")]
                       + common) == 2

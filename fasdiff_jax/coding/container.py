@@ -82,6 +82,25 @@ class Container:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
 
 
+CODEC_NAMES = {1: "mbt2018-mean", 2: "fasdiff"}
+
+
+def describe(data: bytes) -> dict:
+    """What a file's header says (validated, fingerprint not checked against any model): for
+    ``python -m fasdiff_jax.codec info`` and anyone asking "which model wrote this file?"."""
+    c = unpack(data)
+    info = {"bytes": len(data), "codec": CODEC_NAMES.get(c.codec_id, f"unknown ({c.codec_id})"),
+            "format_version": VERSION, "height": c.height, "width": c.width,
+            "channels": c.channels, "pad_bottom": c.pad_bottom, "pad_right": c.pad_right,
+            "fingerprint": c.fingerprint.hex(), "stream_bytes": [len(x) for x in c.streams],
+            "header_bytes": header_bytes(len(c.streams)),
+            "bpp": 8.0 * len(data) / (c.height * c.width)}
+    if c.sampler != SamplerSpec():
+        info["sampler"] = {"steps": c.sampler.steps, "t_start": c.sampler.t_start,
+                           "eta": c.sampler.eta, "seed": c.sampler.seed}
+    return info
+
+
 def pack(c: Container) -> bytes:
     """Serialise; raises ValueError for values the format cannot hold."""
     if not (1 <= c.height <= MAX_SIDE and 1 <= c.width <= MAX_SIDE):

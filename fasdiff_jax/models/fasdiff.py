@@ -356,7 +356,7 @@ class FaSDiff:
         if not (np.isfinite(spec.eta) and 0 <= spec.eta <= 1):
             raise ValueError(f"sampler eta must be in [0, 1], got {spec.eta}")
 
-    def decompress(self, params: Params, data: bytes, max_pixels: int = 1 << 24) -> np.ndarray:
+    def decompress(self, params: Params, data: bytes, max_pixels: int = H.MAX_PIXELS) -> np.ndarray:
         """Container bytes -> uint8 image of the original size and channel count."""
         _, fp, wrapped = self._prepared(params)
         c, y_hat = H.decode_file_latents(self.compressor, wrapped, data,

@@ -68,6 +68,7 @@ HS_ACTIVATIONS = ("relu", "leaky_relu")
 MULTIPLE = 64
 CODEC_ID = 1
 MODEL_CONFIG_KEYS = ("N", "M", "num_scales", "hs_activation")
+MAX_PIXELS = 1 << 24  # largest padded image a file may ask a decoder to synthesise (default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,9 +793,15 @@ def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> tuple[np.ndarray, int, int]:
-    """Edge-pad bottom/right to a multiple: -> (padded, pad_bottom, pad_right)."""
+    """Edge-pad bottom/right to a multiple: -> (padded, pad_bottom, pad_right).
+
+    Refuses (ValueError, before any model work) an image whose padded size the decoders
+    refuse by default (``MAX_PIXELS``): it would make a file nobody decodes as written."""
     h, w = img.shape[:2]
     pb, pr = (-h) % multiple, (-w) % multiple
+    if (h + pb) * (w + pr) > MAX_PIXELS:
+        raise ValueError(f"image of {h}x{w} pixels ({h + pb}x{w + pr} padded) exceeds the "
+                         f"decoders' limit of {MAX_PIXELS} pixels; code it in tiles")
     return np.pad(img, ((0, pb), (0, pr), (0, 0)), mode="edge"), pb, pr
 
 
@@ -835,7 +842,7 @@ def compress(model: MeanScaleHyperprior, params: dict, image: np.ndarray) -> byt
 
 
 def decode_file_latents(
-    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = 1 << 24, *,
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = MAX_PIXELS, *,
     codec_id: int = CODEC_ID, fingerprint: bytes | None = None,
 ) -> tuple[_ct.Container, np.ndarray]:
     """Parse and validate a file and decode its symbols: -> (container, y_hat (h, w, M)).
@@ -860,7 +867,7 @@ def decode_file_latents(
 
 
 def decompress(
-    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = 1 << 24
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
     """Container bytes -> uint8 HxWxC image (C as given to :func:`compress`; alpha = 255)."""
     c, y_hat = decode_file_latents(model, params, data, max_pixels)
