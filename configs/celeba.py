@@ -23,10 +23,17 @@ compressor/HLFE/control sizes and loss weights are our choices (the paper's are 
 Expected result: not yet measured (no run of this config has been made).
 """
 
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
 
-from configs import base, tiny
+try:
+    from configs import base, tiny
+except ImportError:  # loaded by path (--config=/abs/path) from outside the repository root
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import base, tiny
 
 
 def model_config() -> ml_collections.ConfigDict:

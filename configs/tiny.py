@@ -9,9 +9,16 @@ The SD UNet/VAE are random (no checkpoint), so reconstructions are not faces; th
 the ``celeba`` config with a converted SD checkpoint is for.
 """
 
+import os
+import sys
+
 import ml_collections
 
-from configs import base
+try:
+    from configs import base
+except ImportError:  # loaded by path (--config=/abs/path) from outside the repository root
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import base
 
 
 def model_config() -> ml_collections.ConfigDict:

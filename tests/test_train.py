@@ -376,6 +376,23 @@ def test_bad_configs_are_refused_early(tmp_path):
     assert not os.listdir(tmp_path)  # refused before writing anything
 
 
+def test_configs_load_by_path_from_any_directory(tmp_path):
+    """``--config=/abs/path/configs/tiny.py`` from outside the checkout: the configs import
+    their siblings (``configs.base``), which used to fail with ModuleNotFoundError there."""
+    code = ("import sys\n"
+            "from absl import flags\n"
+            "from ml_collections import config_flags\n"
+            "from fasdiff_jax.codec import load_config\n"
+            "config_flags.DEFINE_config_file('config')\n"
+            "flags.FLAGS(['main', '--config=' + sys.argv[1]])\n"
+            "print(flags.FLAGS.config.model.image_size, load_config(sys.argv[2]).model.image_size)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / "tiny.py"),
+                          str(ROOT / "configs" / "celeba.py")], cwd=tmp_path, capture_output=True,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["64", "256"]
+
+
 def test_workdir_urls_are_kept_and_local_paths_made_absolute(tmp_path, monkeypatch):
     assert train._workdir("gs://bucket/runs/celeba") == "gs://bucket/runs/celeba"
     monkeypatch.chdir(tmp_path)
