@@ -38,7 +38,7 @@ def test_notebook_trains_compresses_decompresses_and_evaluates(embedded_dirs, tm
     monkeypatch.setenv("FASDIFF_DEMO_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("FASDIFF_DEMO_STEPS", "3")
     monkeypatch.setenv("FASDIFF_DEMO_X0_EVERY", "1000")  # the x̂0 step is covered by test_fasdiff
-    monkeypatch.setenv("FASDIFF_DEMO_EVAL_LIMIT", "1")
+    monkeypatch.setenv("FASDIFF_DEMO_EVAL_LIMIT", "3")  # the 3rd repeats the 2nd's photo key
     monkeypatch.chdir(ROOT)
     ns: dict = {"__name__": "__notebook__"}
     for i, src in enumerate(_code_cells(NOTEBOOK)):
@@ -51,4 +51,6 @@ def test_notebook_trains_compresses_decompresses_and_evaluates(embedded_dirs, tm
     assert len(ns["blob"]) > 66  # header + a real payload
     res = ns["report"]["results"]
     assert res["bpp"] > 0 and 0 <= res["lpips"] and -1 <= res["identity-cos"] <= 1
+    assert len(ns["report"]["images"]) == len(ns["anchor"]["images"]) == 3
+    assert ns["anchor"]["name"] == "jpeg-q10" and ns["anchor"]["results"]["bpp"] > 0
     assert os.path.isdir(tmp_path / "work" / "checkpoints")
