@@ -444,7 +444,9 @@ def one_device_target(state_dir: Any) -> Any:
     """Abstract arrays, on this process's first device, for every leaf Orbax saved in
     ``state_dir``: a checkpoint written by any topology (a pod slice, 8 GPUs) then restores
     on one machine, where the saved shardings name devices that do not exist."""
-    meta = ocp.StandardCheckpointer().metadata(state_dir)
+    # the item's handler reads ``state_dir/_METADATA`` directly; StandardCheckpointer also
+    # looks for step-level metadata there and logs a WARNING on every codec/evaluate run
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
     tree = getattr(meta, "item_metadata", meta)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),

@@ -401,7 +401,7 @@ def test_workdir_urls_are_kept_and_local_paths_made_absolute(tmp_path, monkeypat
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
 def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedded_dirs,  # noqa: F811
-                                                                tmp_path, capsys):
+                                                                tmp_path, capsys, caplog):
     """``fasdiff_jax.codec`` and ``fasdiff_jax.evaluate`` on the workdir trained above."""
     from PIL import Image
     from skimage import data as skdata
@@ -416,6 +416,7 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     assert codec.main(["decompress", str(tmp_path / "f.fsd"), str(tmp_path / "out.png")]
                       + common) == 0
     assert Image.open(tmp_path / "out.png").size == (50, 61)
+    assert "does not exist" not in caplog.text  # no Orbax warning on a healthy checkpoint
     assert codec.main(["info", str(tmp_path / "f.fsd")]) == 0  # the header, without the model
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["codec"] == "fasdiff" and (info["height"], info["width"]) == (61, 50)
