@@ -13,9 +13,9 @@
 The model is the config's (frozen SD parts from ``model.sd_checkpoint`` or the config's seed)
 with the trained parts from the latest checkpoint in ``--workdir``, or with ``--model_dir`` a
 mean-scale hyperprior (its files carry their own codec id and fingerprint, so neither model
-decodes the other's files). ``compress`` takes any
-image Pillow reads (odd modes and EXIF rotation handled); ``decompress`` writes an image of
-the original size (PNG, or the format the output name's extension names).
+decodes the other's files). ``compress`` takes any image Pillow reads (odd modes and EXIF
+rotation handled); ``decompress`` writes an image of the original size (PNG, or the format
+the output name's extension names).
 ``--steps/--t_start/--eta/--seed`` override the config's sampler spec, which is stored in
 the file.
 

@@ -122,6 +122,7 @@ def pillow_codec(spec: str) -> LoadedCodec:
     traditional codec under the same metrics, file size including its headers."""
     import io
 
+    import PIL
     from PIL import Image, features
 
     fmt, _, q = spec.partition(":")
@@ -141,8 +142,6 @@ def pillow_codec(spec: str) -> LoadedCodec:
 
     def decompress(data: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-    import PIL
 
     settings = {"baseline": f"{fmt}:{quality}", "pillow": PIL.__version__, "options": options}
     return LoadedCodec(f"{fmt}-q{quality}", settings, compress, decompress)
@@ -353,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.baseline is not None:
-            model_flags = ["--config", "--workdir", "--model_dir", *(f"--{n}" for n, _ in SAMPLER_FLAGS)]
-            given = [f for f in model_flags if getattr(args, f[2:]) is not None]
+            model_flags = ["config", "workdir", "model_dir", *(n for n, _ in SAMPLER_FLAGS)]
+            given = [f"--{f}" for f in model_flags if getattr(args, f) is not None]
             if given:
                 raise FasdiffError(f"--baseline codes without a model; drop {' '.join(given)}")
             codec = pillow_codec(args.baseline)

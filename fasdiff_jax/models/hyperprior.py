@@ -713,14 +713,15 @@ def save_model(folder: str, model: MeanScaleHyperprior, params: dict) -> None:
 
 def load_model(folder: str) -> tuple[MeanScaleHyperprior, dict]:
     """(model, params) from a :func:`save_model` folder; every shape is checked against the
-    config (:class:`~fasdiff_jax.errors.ConversionError` otherwise)."""
+    config (:class:`~fasdiff_jax.errors.ConversionError` otherwise). The params are put on
+    the default device once (not re-sent from the memory-mapped file on every call)."""
     from fasdiff_jax import convert
 
     module, params = convert.load_component(folder)
     if not isinstance(module, MeanScaleHyperprior):
         raise convert.ConversionError(f"{folder}: holds a {type(module).__name__}, not a "
                                       f"MeanScaleHyperprior")
-    return module, {"params": params}
+    return module, {"params": jax.tree_util.tree_map(jnp.asarray, params)}
 
 
 @dataclass
