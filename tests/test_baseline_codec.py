@@ -150,11 +150,12 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
 @pytest.mark.parametrize("flags, message", [
     (["--steps=4"], "sampler settings apply to FaSDiff"),
     (["--config=configs/tiny.py"], "not both"),
+    (["--model_dir=/nonexistent/mbt"], "not a hyperprior folder (make one with"),
     ([], "give --config and --workdir"),
 ])
 def test_model_flags_are_checked_before_any_work(baseline, tmp_path, capsys, flags, message):
     folder, _ = baseline
-    model_flag = [f"--model_dir={folder}"] if flags else []
+    model_flag = [f"--model_dir={folder}"] if flags and "--model_dir" not in flags[0] else []
     Image.fromarray(skdata.astronaut()[:64, :64]).save(tmp_path / "a.png")
     rc = codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"), *model_flag, *flags])
     assert rc == 2 and message in capsys.readouterr().err

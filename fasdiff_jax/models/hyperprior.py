@@ -717,6 +717,10 @@ def load_model(folder: str) -> tuple[MeanScaleHyperprior, dict]:
     the default device once (not re-sent from the memory-mapped file on every call)."""
     from fasdiff_jax import convert
 
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise convert.ConversionError(
+            f"{folder}: no config.json, not a hyperprior folder (make one with python -m "
+            f"fasdiff_jax.convert --compressai_checkpoint CKPT --out {folder})")
     module, params = convert.load_component(folder)
     if not isinstance(module, MeanScaleHyperprior):
         raise convert.ConversionError(f"{folder}: holds a {type(module).__name__}, not a "
