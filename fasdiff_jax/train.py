@@ -473,10 +473,9 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
         raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen SD "
                                f"weights than this config's (model.sd_checkpoint, seed or SD config)")
     model = fasdiff.build(config.model)
-    params = model.init_params(jax.random.key(config.seed))
-    trained, frozen = fasdiff.FaSDiff.split(params)
+    frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
     got = restored["state"]["params"]
-    want = {k: np.shape(v) for k, v in flatten_dict(trained).items()}
+    want = {k: np.shape(v) for k, v in flatten_dict(model.trainable_shapes()).items()}
     have = {k: np.shape(v) for k, v in flatten_dict(got).items()}
     if want != have:
         diff = sorted("/".join(k) for k in set(want) ^ set(have)

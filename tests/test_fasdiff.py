@@ -233,6 +233,25 @@ def test_files_are_the_same_with_the_integer_hs_on_the_device(tiny_model, monkey
     assert np.array_equal(model.decompress(params, data), out)
 
 
+def test_inference_rebuilds_the_frozen_parts_without_the_trainable_ones(tiny_model):
+    """``frozen_params`` (what ``restore_for_inference`` uses) gives ``init_params``' frozen
+    parts bit for bit, and ``trainable_shapes`` their trainable shapes and dtypes, so a
+    checkpoint is checked and the frozen SD weights (and thus file fingerprints) match
+    training's, without drawing a ControlNet or compiling the initialisers."""
+    model, params = tiny_model
+    trainable, frozen = fasdiff.FaSDiff.split(params)
+    again = model.frozen_params(jax.random.key(0))
+    assert set(again) == set(frozen)
+    for k, v in flatten_dict(frozen).items():
+        np.testing.assert_array_equal(np.asarray(flatten_dict(again)[k]), np.asarray(v))
+    shapes = flatten_dict(model.trainable_shapes())
+    assert {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in shapes.items()} == {
+        k: (np.shape(v), np.asarray(v).dtype) for k, v in flatten_dict(trainable).items()}
+    other = model.frozen_params(jax.random.key(1))  # another seed: other random SD weights
+    assert not np.array_equal(np.asarray(flatten_dict(other)[("unet", "conv_in", "kernel")]),
+                              np.asarray(flatten_dict(frozen)[("unet", "conv_in", "kernel")]))
+
+
 def test_codec_rejects_bad_files(tiny_model):
     model, params = tiny_model
     data = model.compress(params, _photo_variants()["rgb"])

@@ -127,9 +127,24 @@ class FaSDiff:
         The loaded SD parts (UNet, VAE, the ControlNet's copy of the UNet encoder, null text)
         stay host numpy: ``jax.device_put(params, shardings)`` in the train loop puts each
         device's shard there straight from the file, with no full copy on a default device."""
+        frozen = self.frozen_params(rng)
         r = jax.random.split(rng, 6)
-        size = self.cfg["image_size"]
-        lat = size // self.vae_factor
+        control_only = {f: getattr(self.controlnet, f) for f in _CONTROL_ONLY}
+        _, cn_params = controlnet_lib.controlnet_from_unet(self.unet, frozen["unet"], rng=r[2],
+                                                           **control_only)
+        # 'rbg' keys for init: XLA:CPU compiles threefry init graphs ~4x slower (22 s vs 6 s
+        # for the tiny compressor); the init distribution is the same.
+        seeds = jax.random.randint(r[3], (2,), 0, 2**31 - 1)
+        comp, hlfe = jax.jit(lambda s: self._init_compressor_hlfe(
+            jax.random.key(s[0], impl="rbg"), jax.random.key(s[1], impl="rbg")))(seeds)
+        return {"compressor": nn.unbox(comp), "hlfe": nn.unbox(hlfe), "controlnet": cn_params,
+                **frozen}
+
+    def frozen_params(self, rng: jax.Array) -> Params:
+        """The frozen parts exactly as :meth:`init_params` makes them from ``rng`` (SD weights
+        from ``sd_checkpoint``, or drawn), without initialising the trainable ones: all that
+        inference needs besides a checkpoint (no ControlNet copy, no init compile)."""
+        r = jax.random.split(rng, 6)
         ckpt = self.cfg.get("sd_checkpoint") or ""
         if ckpt:
             unet_params, vae_params, null = _load_sd_checkpoint(self, ckpt)
@@ -139,27 +154,30 @@ class FaSDiff:
             vae_params = convert.random_params(self.vae, seed + 1)
             null = jax.random.normal(jax.random.key(1234), (
                 1, self.cfg["text_length"], self.unet.cross_attention_dim)) * 0.5
-        control_only = {f: getattr(self.controlnet, f) for f in _CONTROL_ONLY}
-        _, cn_params = controlnet_lib.controlnet_from_unet(self.unet, unet_params, rng=r[2],
-                                                           **control_only)
-        x = jnp.zeros((1, size, size, 3))
-        z = jnp.zeros((1, lat, lat, self.vae.latent_channels))
-        p = jnp.zeros((1, lat, lat, self.compressor.prompt_channels))
-        # 'rbg' keys for init: XLA:CPU compiles threefry init graphs ~4x slower (22 s vs 6 s
-        # for the tiny compressor); the init distribution is the same.
-        seeds = jax.random.randint(r[3], (2,), 0, 2**31 - 1)
-        comp, hlfe = jax.jit(lambda s: (
-            self.compressor.init(jax.random.key(s[0], impl="rbg"), x, z, "round")["params"],
-            self.hlfe.init(jax.random.key(s[1], impl="rbg"), z, p)["params"]))(seeds)
-        comp, hlfe = nn.unbox(comp), nn.unbox(hlfe)
-        params: Params = {"compressor": comp, "hlfe": hlfe, "controlnet": cn_params,
-                          "unet": unet_params, "vae": vae_params,
+        params: Params = {"unet": unet_params, "vae": vae_params,
                           "null_text": np.asarray(null, np.float32)}
         if self.identity is not None:
             params["identity"] = self._cache["identity_params"]
         if self.lpips is not None:
             params["lpips"] = self._cache["lpips_params"]
         return params
+
+    def trainable_shapes(self) -> Params:
+        """Shapes and dtypes of :meth:`init_params`' trainable parts (traced, nothing drawn
+        or compiled): what a checkpoint is checked against."""
+        key = jax.random.key(0, impl="rbg")
+        comp, hlfe = jax.eval_shape(lambda: self._init_compressor_hlfe(key, key))
+        return {"compressor": nn.unbox(comp), "hlfe": nn.unbox(hlfe),
+                "controlnet": convert.abstract_params(self.controlnet)}
+
+    def _init_compressor_hlfe(self, k_comp: jax.Array, k_hlfe: jax.Array) -> tuple[Any, Any]:
+        size = self.cfg["image_size"]
+        lat = size // self.vae_factor
+        x = jnp.zeros((1, size, size, 3))
+        z = jnp.zeros((1, lat, lat, self.vae.latent_channels))
+        p = jnp.zeros((1, lat, lat, self.compressor.prompt_channels))
+        return (self.compressor.init(k_comp, x, z, "round")["params"],
+                self.hlfe.init(k_hlfe, z, p)["params"])
 
     @staticmethod
     def trainable_mask(params: Params) -> Params:
