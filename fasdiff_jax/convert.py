@@ -322,8 +322,8 @@ def read_compressai_checkpoint(path: str) -> dict[str, np.ndarray]:
     """A CompressAI checkpoint's state dict as numpy arrays.
 
     ``.safetensors`` and ``.npz`` are read without torch; anything else (CompressAI's
-    ``.pth.tar`` zoo files, its training script's checkpoints) with ``torch.load(...,
-    weights_only=True)``, which unpickles tensors and containers only. A training checkpoint's
+    ``.pth.tar`` zoo files, its training script's checkpoints) with torch's loader in its
+    ``weights_only=True`` mode, which unpickles tensors and containers only. A training checkpoint's
     ``{"state_dict": ...}`` wrapper and DataParallel's ``module.`` prefixes are removed."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
