@@ -57,6 +57,12 @@ def load_config(path: str):
 
 
 SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
+MODEL_FLAGS = ("config", "workdir", "model_dir", *(name for name, _ in SAMPLER_FLAGS))
+
+
+def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> str:
+    """``"--a --b"`` for those of ``names`` set on the command line ("" if none)."""
+    return " ".join(f"--{n}" for n in names if getattr(args, n) is not None)
 
 
 def add_model_flags(ap: argparse.ArgumentParser) -> None:
@@ -90,9 +96,9 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     if args.model_dir is not None:
         if args.config is not None or args.workdir is not None:
             raise FasdiffError("give --model_dir, or --config and --workdir, not both")
-        given = [f"--{k}" for k, v in overrides.items() if v is not None]
+        given = given_flags(args, list(overrides))
         if given:
-            raise FasdiffError(f"{' '.join(given)}: sampler settings apply to FaSDiff models, "
+            raise FasdiffError(f"{given}: sampler settings apply to FaSDiff models, "
                                f"not to the hyperprior in --model_dir")
         from fasdiff_jax.models import hyperprior as H
 

@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
-    from fasdiff_jax.codec import SAMPLER_FLAGS, add_model_flags, load_codec, write_atomically
+    from fasdiff_jax.codec import (MODEL_FLAGS, add_model_flags, given_flags, load_codec,
+                                   write_atomically)
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -352,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.baseline is not None:
-            model_flags = ["config", "workdir", "model_dir", *(n for n, _ in SAMPLER_FLAGS)]
-            given = [f"--{f}" for f in model_flags if getattr(args, f) is not None]
+            given = given_flags(args, MODEL_FLAGS)
             if given:
-                raise FasdiffError(f"--baseline codes without a model; drop {' '.join(given)}")
+                raise FasdiffError(f"--baseline codes without a model; drop {given}")
             codec = pillow_codec(args.baseline)
         else:
             codec = load_codec(args)
