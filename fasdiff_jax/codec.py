@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from fasdiff_jax.data.sources import read_image
 
     def compress(src: str, dst: str) -> str:
-        data = codec.compress(read_image(src))
+        data = codec.compress(read_image(src, keep_gray=True))  # gray files come back gray
         write_atomically(dst, data)
         return f"{dst}: {len(data)} bytes"
 

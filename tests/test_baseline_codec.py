@@ -13,6 +13,7 @@ from skimage import data as skdata
 
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import codec, convert, evaluate
+from fasdiff_jax.coding import container
 from fasdiff_jax.errors import ConversionError
 from fasdiff_jax.models import hyperprior as H
 from test_hyperprior import _compressai_state_dict
@@ -125,19 +126,31 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(skdata.astronaut()[40:140, 180:300]).save(src / "a.png")  # 100x120 RGB
-    Image.fromarray(skdata.camera()[:70, :90]).save(src / "g.png")  # greyscale file
+    gray = skdata.camera()[:70, :90]
+    Image.fromarray(gray).save(src / "g.png")  # greyscale files stay greyscale
+    Image.fromarray(gray.astype(np.uint16) * 257).save(src / "g16.png")  # 16-bit: mode I;16
+    Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA").save(src / "la.png")
     rc = codec.main(["compress", str(src), f"--out_dir={tmp_path / 'fsd'}", f"--model_dir={folder}"])
     assert rc == 0, capsys.readouterr().err
     rc = codec.main(["decompress", str(tmp_path / "fsd"), f"--out_dir={tmp_path / 'png'}",
                      f"--model_dir={folder}"])
     assert rc == 0, capsys.readouterr().err
     model, params = H.load_model(str(folder))
-    for name, shape in (("a", (100, 120, 3)), ("g", (70, 90, 3))):  # read as RGB
+    assert Image.open(src / "g16.png").mode.startswith("I;16")
+    decoded = {}
+    for name, mode, shape in (("a", "RGB", (100, 120, 3)), ("g", "L", (70, 90)),
+                              ("g16", "L", (70, 90)), ("la", "L", (70, 90))):
         data = (tmp_path / "fsd" / f"{name}.fsd").read_bytes()
-        out = np.asarray(Image.open(tmp_path / "png" / f"{name}.png"))
+        assert container.unpack(data).channels == (3 if mode == "RGB" else 1)
+        with Image.open(tmp_path / "png" / f"{name}.png") as im:
+            assert im.mode == mode
+            decoded[name] = out = np.asarray(im)
         assert out.shape == shape
         want = H.decompress(model, params, data)
         np.testing.assert_array_equal(out, want.reshape(out.shape))
+    # the same grey pixels however the file stored them: the same file, the same decode
+    assert (tmp_path / "fsd" / "g.fsd").read_bytes() == (tmp_path / "fsd" / "g16.fsd").read_bytes()
+    np.testing.assert_array_equal(decoded["g"], decoded["la"])
     # another model's weights: its fingerprint does not match, the file is refused
     other = tmp_path / "other"
     H.save_model(str(other), model, H.params_from_compressai(

@@ -205,12 +205,23 @@ def align_face(
     return np.asarray(img), quad_to_affine(final_quad, output_size)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F")  # and every "I;16*" mode
+
+
+def is_gray_mode(mode: str) -> bool:
+    """Whether a PIL mode holds one colour channel (alpha aside)."""
+    return mode in GRAY_MODES or mode.startswith("I;16")
+
+
+def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
     """Any PIL mode (L, LA, P, PA, RGBA, CMYK, I;16, I, F, 1), EXIF-rotated, as 8-bit RGB.
 
     Alpha is composited over white; 16-bit and float images are scaled by their range.
+    ``keep_gray`` returns one-channel modes as 8-bit "L" instead, so a codec can hand back
+    a grayscale file as grayscale.
     """
     img = ImageOps.exif_transpose(img)
+    gray = keep_gray and is_gray_mode(img.mode)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F") or img.mode.startswith("I;16"):
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
@@ -225,4 +236,4 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
+    return img.convert("L" if gray else "RGB")

@@ -111,8 +111,9 @@ def list_images(directory: str, all_files: bool = False) -> list[str]:
     return sorted(out)
 
 
-def decode_image_file(path: str) -> np.ndarray:
-    """Decode an image file to uint8 RGB (EXIF-rotated, odd modes converted).
+def decode_image_file(path: str, keep_gray: bool = False) -> np.ndarray:
+    """Decode an image file to uint8 RGB HxWx3 (EXIF-rotated, odd modes converted), or with
+    ``keep_gray`` a grayscale file to HxWx1.
 
     Raises :class:`DataError` whose message is only the reason (``empty file``,
     ``unreadable: ...``, ``truncated image: ...``, ``corrupt image: ...``, ``unsupported
@@ -126,7 +127,8 @@ def decode_image_file(path: str) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             try:
-                return np.asarray(to_rgb(im))
+                arr = np.asarray(to_rgb(im, keep_gray))
+                return arr[..., None] if arr.ndim == 2 else arr
             except (ValueError, OSError) as e:
                 raise DataError(f"unsupported mode {im.mode}: {type(e).__name__}: {e}") from e
     except DataError:
@@ -142,10 +144,10 @@ def decode_image_file(path: str) -> np.ndarray:
         raise DataError(f"{kind} image: {type(e).__name__}: {e}") from e
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, keep_gray: bool = False) -> np.ndarray:
     """:func:`decode_image_file` with the path in the error message."""
     try:
-        return decode_image_file(path)
+        return decode_image_file(path, keep_gray)
     except DataError as e:
         raise DataError(f"cannot decode image {path}: {e}") from e
 
