@@ -1,19 +1,20 @@
 """Compress and decompress image files with a trained FaSDiff model (or the mbt2018-mean baseline).
 
-    python -m fasdiff_jax.codec compress   --config=configs/tiny.py --workdir=DIR face.png face.fsd
-    python -m fasdiff_jax.codec decompress --config=configs/tiny.py --workdir=DIR face.fsd out.png
+    python -m fasdiff_jax.codec compress   --workdir=DIR face.png face.fsd
+    python -m fasdiff_jax.codec decompress --workdir=DIR face.fsd out.png
     # many files, one model load and one compile per image size:
-    python -m fasdiff_jax.codec compress   --config=... --workdir=DIR a.png photos/ --out_dir=fsd/
-    python -m fasdiff_jax.codec decompress --config=... --workdir=DIR fsd/ --out_dir=png/
+    python -m fasdiff_jax.codec compress   --workdir=DIR a.png photos/ --out_dir=fsd/
+    python -m fasdiff_jax.codec decompress --workdir=DIR fsd/ --out_dir=png/
     # the mbt2018-mean baseline (a folder from ``python -m fasdiff_jax.convert --compressai_checkpoint``):
     python -m fasdiff_jax.codec compress   --model_dir=mbt3/ face.png face.fsd
     # what a file's header says (codec, size, fingerprint, sampler spec), no model needed:
     python -m fasdiff_jax.codec info face.fsd fsd/
 
-The model is the config's (frozen SD parts from ``model.sd_checkpoint`` or the config's seed)
-with the trained parts from the latest checkpoint in ``--workdir``, or with ``--model_dir`` a
-mean-scale hyperprior (its files carry their own codec id and fingerprint, so neither model
-decodes the other's files). ``compress`` takes any image Pillow reads (odd modes and EXIF
+The model is the training run's config (``DIR/config.json``, every ``--config.*`` override
+of the run included; ``--config=FILE`` names another) with its frozen SD parts (from
+``model.sd_checkpoint`` or the config's seed) and the trained parts from the latest
+checkpoint in ``--workdir``, or with ``--model_dir`` a mean-scale hyperprior (its files carry
+their own codec id and fingerprint, so neither model decodes the other's files). ``compress`` takes any image Pillow reads (odd modes and EXIF
 rotation handled); ``decompress`` writes an image of the original size (PNG, or the format
 the output name's extension names).
 ``--steps/--t_start/--eta/--seed`` override the config's sampler spec, which is stored in
@@ -69,7 +70,9 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     """The model to code with: ``--config`` + ``--workdir`` (FaSDiff, with the sampler spec
     overrides ``--steps/--t_start/--eta/--seed``) or ``--model_dir`` (the mbt2018-mean
     baseline)."""
-    ap.add_argument("--config", default=None, help="FaSDiff: a config file with get_config()")
+    ap.add_argument("--config", default=None,
+                    help="FaSDiff: a config file with get_config() (default: the config the "
+                         "workdir was trained with, its config.json)")
     ap.add_argument("--workdir", default=None, help="FaSDiff: the training workdir (checkpoints)")
     ap.add_argument("--model_dir", default=None,
                     help="instead of --config/--workdir: an mbt2018-mean hyperprior folder "
@@ -91,11 +94,12 @@ class LoadedCodec:
 
 def load_codec(args: argparse.Namespace) -> LoadedCodec:
     """The model :func:`add_model_flags` names; a bad combination or sampler override fails
-    here, once, before any image is read."""
+    here, once, before any image is read. Without ``--config`` a FaSDiff workdir's own
+    ``config.json`` (written by the training run, overrides included) is used."""
     overrides = {name: getattr(args, name) for name, _ in SAMPLER_FLAGS}
     if args.model_dir is not None:
         if args.config is not None or args.workdir is not None:
-            raise FasdiffError("give --model_dir, or --config and --workdir, not both")
+            raise FasdiffError("give --model_dir, or --workdir (and --config), not both")
         given = given_flags(args, list(overrides))
         if given:
             raise FasdiffError(f"{given}: sampler settings apply to FaSDiff models, "
@@ -107,15 +111,27 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
                     "fingerprint": H.prepare(model, params).fingerprint.hex()}
         return LoadedCodec("mbt2018-mean", settings, lambda im: H.compress(model, params, im),
                            lambda data: H.decompress(model, params, data))
-    if args.config is None or args.workdir is None:
-        raise FasdiffError("give --config and --workdir (a FaSDiff model), or --model_dir "
-                           "(the mbt2018-mean baseline)")
+    if args.workdir is None:
+        raise FasdiffError("give --workdir (a FaSDiff training workdir), or --model_dir (the "
+                           "mbt2018-mean baseline)")
     from fasdiff_jax import train
 
-    config = load_config(args.config)
-    model, params, step = train.restore_for_inference(config, args.workdir)
+    workdir = train._workdir(args.workdir)
+    if args.config is None:
+        config, config_path = train.load_run_config(workdir), f"{workdir}/{train.RUN_CONFIG}"
+    else:
+        config, config_path = load_config(args.config), os.path.abspath(args.config)
+    try:
+        model, params, step = train.restore_for_inference(config, workdir)
+    except train.TrainConfigError as e:
+        from etils import epath
+
+        if args.config is None or not (epath.Path(workdir) / train.RUN_CONFIG).exists():
+            raise
+        raise train.TrainConfigError(f"{e} (--config={args.config}; without --config the "
+                                     f"config the workdir was trained with is used)") from e
     spec = dataclasses.asdict(model.sampler_spec(**overrides))
-    settings = {"config": os.path.abspath(args.config), "workdir": train._workdir(args.workdir),
+    settings = {"config": config_path, "workdir": workdir,
                 "checkpoint_step": step, "sampler": spec}
     return LoadedCodec(f"fasdiff@{step}", settings, lambda im: model.compress(params, im, **spec),
                        lambda data: model.decompress(params, data),

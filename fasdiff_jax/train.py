@@ -245,6 +245,61 @@ def _workdir(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+MODEL_PATHS = ("sd_checkpoint", "identity_path")  # files ``config.model`` names
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the local files in :data:`MODEL_PATHS` made absolute (URLs kept): the
+    saved run config and the frozen-weights fingerprint then name the same files from any
+    working directory (a copy; ``config`` is left as it is)."""
+    relative = {k: v for k in MODEL_PATHS if (v := config.model.get(k)) and "://" not in v
+                and not os.path.isabs(v)}
+    if not relative:
+        return config
+    config = config.copy_and_resolve_references()
+    for k, v in relative.items():
+        config.model[k] = os.path.abspath(v)
+    return config
+
+
+RUN_CONFIG = "config.json"
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Process 0 writes the config this run trains with, every ``--config.*`` override
+    applied, to ``workdir/config.json``: the codec and evaluate commands rebuild the model
+    from it, so a run trained with e.g. ``--config.model.sd_checkpoint=...`` needs no flags
+    repeated. Written after a successful restore (a refused resume leaves the old one)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(workdir) / RUN_CONFIG
+    tmp = path.parent / f"{RUN_CONFIG}.tmp"
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _tuples(x: Any) -> Any:
+    """JSON lists back to the tuples configs hold (shapes, channel lists, axis rules)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config :func:`save_run_config` wrote to ``workdir``."""
+    path = epath.Path(_workdir(workdir)) / RUN_CONFIG
+    if not path.exists():
+        raise TrainConfigError(f"{workdir}: no {RUN_CONFIG} (not a training workdir, or one "
+                               f"written before runs saved their config): pass the config it "
+                               f"was trained with as --config=FILE")
+    try:
+        return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    except ValueError as e:
+        raise TrainConfigError(f"{path}: not a readable config: {e}") from e
+
+
 def _saved_process_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
     """How many processes wrote checkpoint ``step`` (one Grain state file each), or None."""
     data = mngr.directory / str(step) / "data"
@@ -287,6 +342,7 @@ def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train until ``config.train.steps`` (resuming from ``workdir``); the last logged metrics."""
+    config = with_absolute_paths(config)
     tc = train_settings(config)
     if config.model.get("sd_checkpoint", "") is None:
         raise TrainConfigError(
@@ -366,6 +422,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         step = int(meta["step"])
         logging.info("resumed from %s at step %d", workdir, step)
     opt_state = set_hyperparams(opt_state, tc, mesh)
+    save_run_config(config, workdir)
 
     def save(at: int) -> None:
         train_params = fasdiff.FaSDiff.split(params)[0]
@@ -457,6 +514,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                           ) -> tuple[fasdiff.FaSDiff, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from the latest
     checkpoint in ``workdir``; for the codec and evaluation commands (one host, no mesh)."""
+    config = with_absolute_paths(config)
     ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
     mngr = ocp.CheckpointManager(ckpt_dir) if epath.Path(ckpt_dir).is_dir() else None
     latest = mngr.latest_step() if mngr is not None else None

@@ -102,7 +102,7 @@ def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("train")
     a, b = root / "a", root / "b"
     argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={a}",
-            "--config.train.steps=6"]
+            "--config.train.steps=6", "--config.model.sampler.steps=3"]  # saved in config.json
     argv += [f"--config.{k}={v}" for k, v in _overrides(src).items()]
     with mock.patch.object(sys, "argv", argv):  # config_flags reads overrides from sys.argv
         main_lib.FLAGS(argv)
@@ -443,6 +443,67 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
                                    f"--out={out}"]) == 0
     res2 = json.loads(out.read_text())
     assert len(res2["images"]) == 2 and res2["images"][0] == row and res2["complete"]
+
+
+@pytest.mark.xdist_group("train_scenario")
+def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_path, capsys):
+    """``main`` saves its config, command-line overrides included, as ``workdir/config.json``;
+    the codec and evaluate commands use it when ``--config`` is left out."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec
+
+    a = scenario["a"]
+    saved = train.load_run_config(str(a))
+    want = _config(scenario["source"], **{"train.steps": 6, "model.sampler.steps": 3})
+    assert saved.to_dict() == want.to_dict()  # tuples come back as tuples
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:81, 150:200]).save(face)
+    assert codec.main(["compress", str(face), str(tmp_path / "f.fsd"), f"--workdir={a}"]) == 0
+    assert codec.main(["info", str(tmp_path / "f.fsd")]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["sampler"]["steps"] == 3  # the run's override, not configs/tiny.py's 4
+    assert codec.main(["decompress", str(tmp_path / "f.fsd"), str(tmp_path / "o.png"),
+                       f"--workdir={a}"]) == 0
+    assert Image.open(tmp_path / "o.png").size == (50, 61)
+
+    # --config names another config: one whose frozen weights differ is refused with a hint
+    other = tmp_path / "seed1.py"
+    other.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom configs import tiny\n\n\n"
+                     f"def get_config():\n    c = tiny.get_config()\n    c.seed = 1\n    return c\n")
+    assert codec.main(["compress", str(face), str(tmp_path / "g.fsd"), f"--workdir={a}",
+                       f"--config={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "other frozen SD weights" in err and "without --config" in err
+    # a workdir without a readable config.json: one readable line, nothing written
+    bare = tmp_path / "bare"
+    shutil.copytree(a / "checkpoints", bare / "checkpoints")
+    for content, message in ((None, "no config.json"), ("{", "not a readable config")):
+        if content is not None:
+            (bare / "config.json").write_text(content)
+        assert codec.main(["compress", str(face), str(tmp_path / "g.fsd"),
+                           f"--workdir={bare}"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "g.fsd").exists()
+
+
+def test_model_paths_are_made_absolute_once(tmp_path, monkeypatch):
+    """A relative ``model.sd_checkpoint`` is resolved where the run starts, so the saved
+    config (and the frozen-weights fingerprint) name the same folder from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny.get_config()
+    assert train.with_absolute_paths(cfg) is cfg  # nothing relative: no copy
+    cfg.model.sd_checkpoint = "ckpt/sd21"
+    cfg.lock()
+    out = train.with_absolute_paths(cfg)
+    assert out.model.sd_checkpoint == str(tmp_path / "ckpt" / "sd21")
+    assert cfg.model.sd_checkpoint == "ckpt/sd21" and out.is_locked
+    cfg2 = tiny.get_config()
+    cfg2.model.sd_checkpoint = "gs://bucket/sd21"
+    assert train.with_absolute_paths(cfg2).model.sd_checkpoint == "gs://bucket/sd21"
+    train.save_run_config(out, str(tmp_path))
+    assert train.load_run_config(str(tmp_path)).model.sd_checkpoint == str(tmp_path / "ckpt" / "sd21")
 
 
 @pytest.mark.xdist_group("train_scenario")
