@@ -20,6 +20,15 @@
 ``model.sd_checkpoint`` has no default: the run refuses to start until it is set. The
 compressor/HLFE/control sizes and loss weights are our choices (the paper's are not public).
 
+4. Code and evaluate with the trained model (the run saved its config, the override
+   included, as ``/ckpt/fasdiff_celeba/config.json``)::
+
+       python -m fasdiff_jax.codec compress --workdir=/ckpt/fasdiff_celeba faces/ --out_dir=fsd/
+       python -m fasdiff_jax.evaluate --workdir=/ckpt/fasdiff_celeba \\
+           --source=prepared:/data/faces_heldout --out=fasdiff_celeba.json
+
+   (held-out faces, not from the training split, prepared as in step 2).
+
 Expected result: not yet measured (no run of this config has been made).
 """
 
