@@ -39,6 +39,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -67,13 +68,13 @@ def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) ->
 
 
 def add_model_flags(ap: argparse.ArgumentParser) -> None:
-    """The model to code with: ``--config`` + ``--workdir`` (FaSDiff, with the sampler spec
-    overrides ``--steps/--t_start/--eta/--seed``) or ``--model_dir`` (the mbt2018-mean
-    baseline)."""
+    """The model to code with: ``--workdir`` (a training run: FaSDiff, with the sampler spec
+    overrides ``--steps/--t_start/--eta/--seed``, or the mbt2018-mean baseline trained by
+    ``configs/mbt2018_mean.py``) or ``--model_dir`` (a converted mbt2018-mean folder)."""
     ap.add_argument("--config", default=None,
-                    help="FaSDiff: a config file with get_config() (default: the config the "
-                         "workdir was trained with, its config.json)")
-    ap.add_argument("--workdir", default=None, help="FaSDiff: the training workdir (checkpoints)")
+                    help="a config file with get_config() (default: the config the workdir "
+                         "was trained with, its config.json)")
+    ap.add_argument("--workdir", default=None, help="a training workdir (checkpoints)")
     ap.add_argument("--model_dir", default=None,
                     help="instead of --config/--workdir: an mbt2018-mean hyperprior folder "
                          "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")
@@ -96,21 +97,19 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     """The model :func:`add_model_flags` names; a bad combination or sampler override fails
     here, once, before any image is read. Without ``--config`` a FaSDiff workdir's own
     ``config.json`` (written by the training run, overrides included) is used."""
+    from fasdiff_jax.models import hyperprior as H
+
     overrides = {name: getattr(args, name) for name, _ in SAMPLER_FLAGS}
+    sampler_given = given_flags(args, list(overrides))
     if args.model_dir is not None:
         if args.config is not None or args.workdir is not None:
             raise FasdiffError("give --model_dir, or --workdir (and --config), not both")
-        given = given_flags(args, list(overrides))
-        if given:
-            raise FasdiffError(f"{given}: sampler settings apply to FaSDiff models, "
+        if sampler_given:
+            raise FasdiffError(f"{sampler_given}: sampler settings apply to FaSDiff models, "
                                f"not to the hyperprior in --model_dir")
-        from fasdiff_jax.models import hyperprior as H
-
         model, params = H.load_model(args.model_dir)
-        settings = {"model_dir": os.path.abspath(args.model_dir), "model": H.model_config(model),
-                    "fingerprint": H.prepare(model, params).fingerprint.hex()}
-        return LoadedCodec("mbt2018-mean", settings, lambda im: H.compress(model, params, im),
-                           lambda data: H.decompress(model, params, data))
+        return _hyperprior_codec("mbt2018-mean", model, params,
+                                 {"model_dir": os.path.abspath(args.model_dir)})
     if args.workdir is None:
         raise FasdiffError("give --workdir (a FaSDiff training workdir), or --model_dir (the "
                            "mbt2018-mean baseline)")
@@ -130,13 +129,30 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
             raise
         raise train.TrainConfigError(f"{e} (--config={args.config}; without --config the "
                                      f"config the workdir was trained with is used)") from e
+    settings = {"config": config_path, "workdir": workdir, "checkpoint_step": step}
+    source_options = {"cache_dir": config.data.get("cache_dir"),
+                      "image_size": config.model.image_size}
+    if isinstance(model, H.TrainableHyperprior):  # the baseline trained by our loop
+        if sampler_given:
+            raise FasdiffError(f"{sampler_given}: sampler settings apply to FaSDiff models, "
+                               f"not to the hyperprior trained in {args.workdir}")
+        return _hyperprior_codec(f"mbt2018-mean@{step}", model.model, params[model.KEY],
+                                 settings, source_options)
     spec = dataclasses.asdict(model.sampler_spec(**overrides))
-    settings = {"config": config_path, "workdir": workdir,
-                "checkpoint_step": step, "sampler": spec}
+    settings["sampler"] = spec
     return LoadedCodec(f"fasdiff@{step}", settings, lambda im: model.compress(params, im, **spec),
-                       lambda data: model.decompress(params, data),
-                       {"cache_dir": config.data.get("cache_dir"),
-                        "image_size": config.model.image_size})
+                       lambda data: model.decompress(params, data), source_options)
+
+
+def _hyperprior_codec(name: str, model: Any, params: dict, settings: dict,
+                      source_options: dict | None = None) -> LoadedCodec:
+    """A mean-scale hyperprior (``hyperprior.MeanScaleHyperprior`` and its params) as a codec."""
+    from fasdiff_jax.models import hyperprior as H
+
+    settings = {**settings, "model": H.model_config(model),
+                "fingerprint": H.prepare(model, params).fingerprint.hex()}
+    return LoadedCodec(name, settings, lambda im: H.compress(model, params, im),
+                       lambda data: H.decompress(model, params, data), source_options or {})
 
 
 def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str, str]]:

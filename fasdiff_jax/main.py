@@ -1,4 +1,5 @@
-"""Train FaSDiff: ``python -m fasdiff_jax.main --config=configs/tiny.py --workdir=DIR``.
+"""Train FaSDiff: ``python -m fasdiff_jax.main --config=configs/tiny.py --workdir=DIR``
+(or the mbt2018-mean baseline: ``--config=configs/mbt2018_mean.py``).
 
 Any config field can be overridden on the command line (``--config.train.steps=50``). A
 workdir that holds checkpoints is resumed. Multi-host: pass ``--jax_distributed`` on every

@@ -1,6 +1,8 @@
 """The FaSDiff train loop: sharded state, CLU logging, Orbax checkpoints, exact resume.
 
-``train_and_evaluate(config, workdir)`` (driven by ``python -m fasdiff_jax.main``):
+``train_and_evaluate(config, workdir)`` (driven by ``python -m fasdiff_jax.main``) trains the
+model :func:`build_model` makes of ``config.model``: FaSDiff, or with ``kind="hyperprior"`` the
+mbt2018-mean baseline (all of it trainable, no x̂0 step):
 
 * mesh from ``config.mesh``; params placed with shardings from ``config.logical_axis_rules``
   (each component's logical names come from its module; components without names, e.g. the
@@ -20,6 +22,8 @@
   preemption notice) makes the loop save the step it is on and return early. A checkpoint
   from another number of processes is refused unless ``config.train.on_process_count_change``
   is ``"restart_data"`` (see :func:`_data_state_fits`);
+* the run's config goes to ``workdir/config.json`` (:func:`save_run_config`), the model the
+  codec and evaluate commands rebuild;
 * the workdir may be a local path or a URL Orbax and CLU can write (``gs://...``).
 """
 
@@ -50,6 +54,7 @@ from fasdiff_jax import sharding
 from fasdiff_jax.data.pipeline import make_train_iterator
 from fasdiff_jax.errors import FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
+from fasdiff_jax.models import hyperprior as H
 
 # Fields of ``config.train`` and their defaults (a config may omit any of them).
 TRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -75,6 +80,19 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
 
 class TrainConfigError(FasdiffError, ValueError):
     """``config.train`` has an unknown field or a value the loop cannot use."""
+
+
+MODEL_KINDS = ("fasdiff", "hyperprior")
+Model = fasdiff.FaSDiff | H.TrainableHyperprior
+
+
+def build_model(model_cfg: Any) -> Model:
+    """``config.model.kind``: "fasdiff" (default) or "hyperprior" (the mbt2018-mean baseline,
+    ``configs/mbt2018_mean.py``)."""
+    kind = model_cfg.get("kind", "fasdiff")
+    if kind not in MODEL_KINDS:
+        raise TrainConfigError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
+    return fasdiff.build(model_cfg) if kind == "fasdiff" else H.TrainableHyperprior.from_config(model_cfg)
 
 
 def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -154,8 +172,11 @@ def set_hyperparams(opt_state: Any, tc: Mapping[str, Any], mesh: Mesh) -> Any:
     return jax.tree.map(one, opt_state, is_leaf=_is_hyper)
 
 
-def _boxed_abstract_params(model: fasdiff.FaSDiff) -> dict[str, Any]:
-    """Per component, the shapes of its params *with* their logical-axis boxes."""
+def _boxed_abstract_params(model: Model) -> dict[str, Any]:
+    """Per component, the shapes of its params *with* their logical-axis boxes (none for the
+    hyperprior baseline: its few MB stay replicated, the batch is what is split)."""
+    if not isinstance(model, fasdiff.FaSDiff):
+        return {}
     size = model.cfg["image_size"]
     lat = size // model.vae_factor
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -172,7 +193,7 @@ def _boxed_abstract_params(model: fasdiff.FaSDiff) -> dict[str, Any]:
     return out
 
 
-def param_shardings(model: fasdiff.FaSDiff, params: Mapping[str, Any], mesh: Mesh,
+def param_shardings(model: Model, params: Mapping[str, Any], mesh: Mesh,
                     rules: Any) -> dict[str, Any]:
     """NamedShardings for ``params`` from the modules' logical names and ``rules``.
 
@@ -232,6 +253,8 @@ def _check_params_finite(train_params: Any, step: int) -> None:
 def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
     """What the frozen parts are rebuilt from: a resume with another one is refused."""
     m = config.model
+    if m.get("kind", "fasdiff") != "fasdiff":
+        return m.kind  # nothing frozen; a FaSDiff workdir is refused by this too
     src = {"sd_checkpoint": m.get("sd_checkpoint", "")}
     if not src["sd_checkpoint"]:
         src.update(seed=config.seed, unet=m.unet.to_dict() if hasattr(m.unet, "to_dict") else m.unet,
@@ -354,11 +377,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                  jax.process_count())
 
-    model = fasdiff.build(config.model)
+    model = build_model(config.model)
     params = model.init_params(jax.random.key(config.seed))
     p_sh = param_shardings(model, params, mesh, rules)
     params = jax.device_put(params, p_sh)
-    train_sh = fasdiff.FaSDiff.split(p_sh)[0]
+    train_sh = model.split(p_sh)[0]
     optimizer = make_optimizer(tc)
     opt_shape = jax.eval_shape(lambda p: model.init_opt_state(optimizer, p), params)
     o_sh = _opt_shardings(optimizer, opt_shape, train_sh, mesh)
@@ -398,25 +421,26 @@ def register_checkpoint_array_handler() -> None:
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
-          model: fasdiff.FaSDiff, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
+          model: Model, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
           step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager) -> dict[str, float]:
     """Restore (if a checkpoint exists), then train, log, check and save until the last step."""
     fingerprint = _frozen_fingerprint(config)
     step = 0
     latest = mngr.latest_step()
     if latest is not None:
-        train_params, frozen = fasdiff.FaSDiff.split(params)
+        # the fingerprint first: another model's state would fail inside Orbax, unreadably
+        meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("frozen") != fingerprint:
+            raise TrainConfigError(
+                f"{workdir}: checkpoint {latest} was trained on other frozen SD weights or as "
+                f"another model kind (fingerprint {meta.get('frozen')} != {fingerprint}: "
+                f"model.kind, model.sd_checkpoint, seed or SD config changed); use a fresh workdir")
+        train_params, frozen = model.split(params)
         target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
-        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        items = dict(state=ocp.args.StandardRestore(target))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
         restored = mngr.restore(latest, args=ocp.args.Composite(**items))
-        meta = restored["meta"]
-        if meta.get("frozen") != fingerprint:
-            raise TrainConfigError(
-                f"{workdir}: checkpoint {latest} was trained on other frozen SD weights "
-                f"(fingerprint {meta.get('frozen')} != {fingerprint}: model.sd_checkpoint, "
-                f"seed or SD config changed); use a fresh workdir")
         params = {**restored["state"]["params"], **frozen}
         opt_state = restored["state"]["opt_state"]
         step = int(meta["step"])
@@ -425,7 +449,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     save_run_config(config, workdir)
 
     def save(at: int) -> None:
-        train_params = fasdiff.FaSDiff.split(params)[0]
+        train_params = model.split(params)[0]
         _check_params_finite(train_params, at)
         mngr.save(at, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
@@ -442,7 +466,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                               if isinstance(v, (int, float, str, bool))})
     report = periodic_actions.ReportProgress(num_train_steps=tc["steps"], writer=writer)
     base_rng = jax.random.key(config.seed)
-    use_x0 = int(model.loss_cfg["stage"]) >= 2 and tc["x0_every"] > 0
+    use_x0 = int(model.loss_cfg.get("stage", 1)) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
         while step < tc["steps"]:
@@ -511,7 +535,7 @@ def one_device_target(state_dir: Any) -> Any:
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
-                          ) -> tuple[fasdiff.FaSDiff, dict[str, Any], int]:
+                          ) -> tuple[Model, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from the latest
     checkpoint in ``workdir``; for the codec and evaluation commands (one host, no mesh)."""
     config = with_absolute_paths(config)
@@ -529,8 +553,9 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
         mngr.close()
     if restored["meta"].get("frozen") != _frozen_fingerprint(config):
         raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen SD "
-                               f"weights than this config's (model.sd_checkpoint, seed or SD config)")
-    model = fasdiff.build(config.model)
+                               f"weights or as another model kind than this config's "
+                               f"(model.kind, model.sd_checkpoint, seed or SD config)")
+    model = build_model(config.model)
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
     got = restored["state"]["params"]
     want = {k: np.shape(v) for k, v in flatten_dict(model.trainable_shapes()).items()}

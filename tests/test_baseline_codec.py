@@ -164,7 +164,7 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     (["--steps=4"], "sampler settings apply to FaSDiff"),
     (["--config=configs/tiny.py"], "not both"),
     (["--model_dir=/nonexistent/mbt"], "not a hyperprior folder (make one with"),
-    ([], "give --config and --workdir"),
+    ([], "give --workdir (a FaSDiff training workdir), or --model_dir"),
 ])
 def test_model_flags_are_checked_before_any_work(baseline, tmp_path, capsys, flags, message):
     folder, _ = baseline

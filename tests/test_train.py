@@ -488,6 +488,20 @@ def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_pat
     assert not (tmp_path / "g.fsd").exists()
 
 
+@pytest.mark.xdist_group("train_scenario")
+def test_resuming_a_workdir_as_another_model_kind_is_refused(scenario, tmp_path):
+    """The mbt2018-mean config on a FaSDiff workdir: refused by the frozen fingerprint before
+    Orbax sees the other tree; the workdir's config.json is left as it was."""
+    from test_baseline_training import small_config
+
+    work = tmp_path / "w"
+    shutil.copytree(scenario["a"], work)
+    before = (work / "config.json").read_text()
+    with pytest.raises(train.TrainConfigError, match="another model kind"):
+        train.train_and_evaluate(small_config(scenario["source"]), str(work))
+    assert (work / "config.json").read_text() == before
+
+
 def test_model_paths_are_made_absolute_once(tmp_path, monkeypatch):
     """A relative ``model.sd_checkpoint`` is resolved where the run starts, so the saved
     config (and the frozen-weights fingerprint) name the same folder from anywhere."""

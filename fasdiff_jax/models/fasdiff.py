@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from fasdiff_jax import convert
 from fasdiff_jax.coding import container as ct
@@ -46,7 +46,7 @@ from fasdiff_jax.diffusion import samplers, schedules
 from fasdiff_jax.errors import ConversionError, NonFiniteLossError
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import identity as identity_lib
-from fasdiff_jax.models import perceptual, wavelets
+from fasdiff_jax.models import perceptual, train_step, wavelets
 from fasdiff_jax.models import entropy
 from fasdiff_jax.models.compressor import HFCompressor
 from fasdiff_jax.models.enhancement import HybridLowFrequencyEnhancement
@@ -262,34 +262,12 @@ class FaSDiff:
     def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
                         mesh: Mesh | None = None, param_shardings: Any = None,
                         opt_shardings: Any = None) -> Callable:
-        """``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``, jitted.
-
-        Only the trainable subtree is differentiated and updated; frozen leaves pass through
-        untouched (bit-identical). ``opt_state`` comes from :meth:`init_opt_state`. With a
-        ``mesh``, params/opt state keep their shardings across steps (default: replicated;
-        pass trees from :func:`fasdiff_jax.sharding.tree_shardings` to shard) and the batch
-        is split over the mesh's batch axes, so steps never recompile for a new layout.
-        """
-
-        def step(params, opt_state, batch, rng):
-            train, frozen = self.split(params)
-
-            def loss(tr):
-                return self.loss_fn({**tr, **frozen}, batch, rng, x0_terms)
-
-            (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            updates, opt_state = optimizer.update(grads, opt_state, train)
-            return {**optax.apply_updates(train, updates), **frozen}, opt_state, metrics
-
-        if mesh is None:
-            return jax.jit(step, donate_argnums=(0, 1))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        p_sh = replicated if param_shardings is None else param_shardings
-        o_sh = replicated if opt_shardings is None else opt_shardings
-        # The batch keeps the layout the input pipeline gave it (global, split over batch axes).
-        return jax.jit(step, donate_argnums=(0, 1), in_shardings=(p_sh, o_sh, None, replicated),
-                       out_shardings=(p_sh, o_sh, replicated))
+        """:func:`~fasdiff_jax.models.train_step.make_train_step` of :meth:`loss_fn` (the
+        SD/metric networks frozen); ``opt_state`` comes from :meth:`init_opt_state`. Pass
+        trees from :func:`fasdiff_jax.sharding.tree_shardings` as shardings to shard."""
+        return train_step.make_train_step(
+            lambda p, batch, rng: self.loss_fn(p, batch, rng, x0_terms), self.split, optimizer,
+            mesh, param_shardings, opt_shardings)
 
     def init_opt_state(self, optimizer: optax.GradientTransformation, params: Params):
         return optimizer.init(self.split(params)[0])

@@ -55,6 +55,7 @@ from fasdiff_jax.coding import container as _ct
 from fasdiff_jax.coding.errors import BitstreamError
 from fasdiff_jax.coding.symbols import SymbolDecoder, SymbolEncoder
 from fasdiff_jax.models import entropy as E
+from fasdiff_jax.models import train_step
 from fasdiff_jax.models.layers import CONV_KERNEL_AXES, Conv, conv2d
 
 W_FRAC = 12
@@ -916,12 +917,68 @@ def loss_fn(model: MeanScaleHyperprior, params: dict, batch: jax.Array, rng: jax
 
 def make_train_step(model: MeanScaleHyperprior, optimizer: optax.GradientTransformation,
                     lmbda: float = 0.01):
-    """A jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``."""
+    """A jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)`` on a
+    [0,1] NHWC batch; ``opt_state = optimizer.init(params)``."""
+    return train_step.make_train_step(lambda p, b, r: loss_fn(model, p, b, r, lmbda),
+                                      lambda p: (p, {}), optimizer, donate=False)
 
-    @jax.jit
-    def step(params, opt_state, batch, rng):
-        grads, metrics = jax.grad(lambda p: loss_fn(model, p, batch, rng, lmbda), has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
 
-    return step
+# CompressAI's MSE lambdas of mbt2018-mean's quality levels 1-8 (its model zoo).
+COMPRESSAI_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+
+
+@dataclass
+class TrainableHyperprior:
+    """The mbt2018-mean baseline in the train loop's model interface, so it trains with the
+    same mesh, input pipeline, CLU logging, Orbax checkpoints and resume as FaSDiff
+    (``config.model.kind = "hyperprior"``, ``configs/mbt2018_mean.py``) on rate +
+    lmbda·255²·MSE; every parameter is trained, nothing is frozen."""
+
+    model: MeanScaleHyperprior
+    lmbda: float
+    image_size: int
+
+    KEY = "hyperprior"  # the one entry of the loop's params: {KEY: {"params": ...}}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TrainableHyperprior":
+        """From ``config.model``: N, M, num_scales, hs_activation, lmbda, image_size."""
+        model = MeanScaleHyperprior(N=int(cfg["N"]), M=int(cfg["M"]),
+                                    num_scales=int(cfg.get("num_scales", 128)),
+                                    hs_activation=cfg.get("hs_activation", "relu"))
+        return cls(model, float(cfg["lmbda"]), int(cfg["image_size"]))
+
+    @property
+    def loss_cfg(self) -> dict:
+        return {"lmbda": self.lmbda}
+
+    def init_params(self, rng: jax.Array) -> dict:
+        return {self.KEY: init_params(self.model, rng)}
+
+    def frozen_params(self, rng: jax.Array) -> dict:
+        return {}
+
+    def trainable_shapes(self) -> dict:
+        key = jax.random.key(0, impl="rbg")
+        return {self.KEY: jax.eval_shape(lambda: nn.meta.unbox(
+            self.model.init({"params": key}, *self.model.dummy_inputs())))}
+
+    @staticmethod
+    def split(params: dict) -> tuple[dict, dict]:
+        return dict(params), {}
+
+    def loss_fn(self, params: dict, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """``batch["image"]``: uint8 NHWC, sides multiples of :data:`MULTIPLE`."""
+        img = batch["image"] if isinstance(batch, dict) else batch
+        return loss_fn(self.model, params[self.KEY], img.astype(jnp.float32) / 255.0, rng,
+                       self.lmbda)
+
+    def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
+                        mesh: Any = None, param_shardings: Any = None,
+                        opt_shardings: Any = None):
+        del x0_terms  # FaSDiff's stage-2 terms; the baseline has none
+        return train_step.make_train_step(self.loss_fn, self.split, optimizer, mesh,
+                                          param_shardings, opt_shardings)
+
+    def init_opt_state(self, optimizer: optax.GradientTransformation, params: dict):
+        return optimizer.init(params)

@@ -1,0 +1,44 @@
+"""The mbt2018-mean baseline (Minnen et al. 2018; CompressAI's ``MeanScaleHyperprior``)
+trained with the FaSDiff train loop: same mesh, input pipeline, logging, checkpoints and
+resume, on rate + lmbda·255²·MSE. A rate point per lmbda, on the same faces as FaSDiff, for
+BD-rate anchors:
+
+    python -m fasdiff_jax.main --config=configs/mbt2018_mean.py --workdir=runs/mbt_q4 \\
+        --config.data.source=prepared:data/faces256 --config.model.lmbda=0.0130
+    python -m fasdiff_jax.evaluate --workdir=runs/mbt_q4 --source=prepared:data/faces_heldout \\
+        --out=mbt_q4.json
+    python -m fasdiff_jax.codec compress --workdir=runs/mbt_q4 faces/ --out_dir=fsd_mbt_q4/
+
+``model.lmbda`` of CompressAI's quality levels 1-8: ``hyperprior.COMPRESSAI_LAMBDAS``
+(0.0018 ... 0.18). ``hs_activation="leaky_relu"`` is CompressAI's h_s; the files decode
+identically everywhere through our integer h_s either way.
+
+Expected result: not yet measured at this size (no accelerator here). On CPU the same loop
+with N=8, M=12 at 64 px (``tests/test_baseline_training.py``) lowers the loss within 40
+steps and its checkpoints code files through the codec and evaluate commands.
+"""
+
+import os
+import sys
+
+import ml_collections
+
+try:
+    from configs import base, tiny
+except ImportError:  # loaded by path (--config=/abs/path) from outside the repository root
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import base, tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    config.mesh.data = -1  # data parallel over every device; the ~5M params are replicated
+    config.model = ml_collections.ConfigDict(dict(
+        kind="hyperprior", N=128, M=192, num_scales=128, hs_activation="leaky_relu",
+        lmbda=0.0130, image_size=256))
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds:celeb_a_hq/256:train", image_size=256, global_batch_size=16, seed=0))
+    config.train = tiny.get_config().train  # every field, then the baseline's values
+    config.train.update(steps=500_000, optimizer="adam", learning_rate=1e-4, x0_every=0,
+                        log_every=100, checkpoint_every=5_000, max_to_keep=3)
+    return config

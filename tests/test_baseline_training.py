@@ -1,0 +1,104 @@
+"""The mbt2018-mean baseline trained by the FaSDiff train loop (``configs/mbt2018_mean.py``):
+data-parallel steps on an 8-device mesh, a falling loss, an exact resume, and the codec and
+evaluate commands coding with the trained checkpoint from its workdir alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from configs import mbt2018_mean
+from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
+from fasdiff_jax import codec, evaluate, train
+from fasdiff_jax.models import hyperprior as H
+
+STEPS = 30
+
+
+def small_config(source: str, **train_fields) -> "ml_collections.ConfigDict":  # noqa: F821
+    """configs/mbt2018_mean.py at N=8, M=12, 64 px, one batch of 8 over 8 devices."""
+    cfg = mbt2018_mean.get_config()
+    cfg.model.update(N=8, M=12, image_size=64)
+    cfg.data.update(source=source, image_size=64, global_batch_size=8)
+    cfg.mesh.data = 8
+    cfg.train.update(**{"steps": STEPS, "learning_rate": 1e-3, "log_every": 1,
+                        "checkpoint_every": STEPS // 2, **train_fields})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(embedded_dirs, tmp_path_factory):  # noqa: F811
+    source = f"prepared:{embedded_dirs['train']}"
+    root = tmp_path_factory.mktemp("mbt")
+    a, b = root / "a", root / "b"
+    first = train.train_and_evaluate(small_config(source, steps=1), str(root / "one"))
+    out = train.train_and_evaluate(small_config(source), str(a))
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / str(STEPS // 2), b / "checkpoints" / str(STEPS // 2))
+    resumed = train.train_and_evaluate(small_config(source), str(b))
+    return dict(a=a, first=first, out=out, resumed=resumed, source=source)
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_the_loop_trains_and_resumes_the_baseline(trained):
+    first, out, resumed = trained["first"], trained["out"], trained["resumed"]
+    assert set(out) >= {"loss", "bpp", "mse", "grad_norm", "learning_rate", "step"}
+    assert out["step"] == STEPS and resumed["step"] == STEPS
+    assert out["loss"] < 0.7 * first["loss"], (first, out)  # rate + lmbda·255²·MSE falls
+    for k in ("loss", "bpp", "mse"):  # resumed at STEPS/2: the same last step
+        assert resumed[k] == pytest.approx(out[k], rel=1e-5), k
+    saved = train.load_run_config(str(trained["a"]))
+    assert saved.model.kind == "hyperprior" and saved.model.N == 8
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_codec_and_evaluate_use_the_trained_baseline(trained, embedded_dirs, tmp_path, capsys):  # noqa: F811
+    work = str(trained["a"])
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:120, 150:230]).save(face)  # 100x80, padded to 128
+    assert codec.main(["compress", str(face), str(tmp_path / "f.fsd"), f"--workdir={work}"]) == 0
+    assert codec.main(["decompress", str(tmp_path / "f.fsd"), str(tmp_path / "o.png"),
+                       f"--workdir={work}"]) == 0
+    # the same bytes and pixels as the library with the checkpoint's params
+    model, params, step = train.restore_for_inference(train.load_run_config(work), work)
+    assert step == STEPS and isinstance(model, H.TrainableHyperprior)
+    img = np.asarray(Image.open(face))
+    data = (tmp_path / "f.fsd").read_bytes()
+    assert data == H.compress(model.model, params[model.KEY], img)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")),
+                                  H.decompress(model.model, params[model.KEY], data))
+    assert codec.main(["info", str(tmp_path / "f.fsd")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["codec"] == "mbt2018-mean"
+    assert codec.main(["compress", str(face), str(tmp_path / "g.fsd"), f"--workdir={work}",
+                       "--steps=3"]) == 2
+    assert "sampler settings apply to FaSDiff" in capsys.readouterr().err
+
+    out = tmp_path / "mbt.json"
+    assert evaluate.main([f"--workdir={work}", f"--source=prepared:{embedded_dirs['heldout']}",
+                          "--limit=2", f"--out={out}"]) == 0
+    res = json.loads(out.read_text())
+    assert res["name"] == f"mbt2018-mean@{STEPS}" and res["complete"] and len(res["images"]) == 2
+    assert res["settings"]["checkpoint_step"] == STEPS and len(res["settings"]["fingerprint"]) == 32
+    row = res["images"][0]
+    assert row["bpp"] == pytest.approx(8 * row["bytes"] / (row["height"] * row["width"]))
+    assert np.isfinite(row["psnr-rgb"]) and row["psnr-rgb"] > 10
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_a_fasdiff_config_does_not_load_the_baseline(trained):
+    from configs import tiny
+
+    with pytest.raises(train.TrainConfigError, match="another model kind"):
+        train.restore_for_inference(tiny.get_config(), str(trained["a"]))
+
+
+def test_unknown_model_kinds_are_refused():
+    cfg = mbt2018_mean.get_config()
+    cfg.model.kind = "mbt2018"
+    with pytest.raises(train.TrainConfigError, match="config.model.kind='mbt2018'"):
+        train.build_model(cfg.model)
