@@ -13,10 +13,12 @@
 The model is the training run's config (``DIR/config.json``, every ``--config.*`` override
 of the run included; ``--config=FILE`` names another) with its frozen SD parts (from
 ``model.sd_checkpoint`` or the config's seed) and the trained parts from the latest
-checkpoint in ``--workdir``, or with ``--model_dir`` a mean-scale hyperprior (its files carry
-their own codec id and fingerprint, so neither model decodes the other's files). ``compress`` takes any image Pillow reads (odd modes and EXIF
-rotation handled); ``decompress`` writes an image of the original size (PNG, or the format
-the output name's extension names).
+checkpoint in ``--workdir`` (a FaSDiff run, or the mbt2018-mean baseline trained with
+``configs/mbt2018_mean.py``), or with ``--model_dir`` a converted mean-scale hyperprior (files
+carry their codec id and model fingerprint, so no model decodes another's files).
+``compress`` takes any image Pillow reads (odd modes and EXIF rotation handled; greyscale
+files are coded as one channel and come back greyscale); ``decompress`` writes an image of
+the original size (PNG, or the format the output name's extension names).
 ``--steps/--t_start/--eta/--seed`` override the config's sampler spec, which is stored in
 the file.
 
@@ -76,7 +78,7 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                          "was trained with, its config.json)")
     ap.add_argument("--workdir", default=None, help="a training workdir (checkpoints)")
     ap.add_argument("--model_dir", default=None,
-                    help="instead of --config/--workdir: an mbt2018-mean hyperprior folder "
+                    help="instead of --workdir: an mbt2018-mean hyperprior folder "
                          "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")
     for name, kind in SAMPLER_FLAGS:
         ap.add_argument(f"--{name}", type=kind, default=None, help="FaSDiff sampler spec override")
@@ -95,7 +97,7 @@ class LoadedCodec:
 
 def load_codec(args: argparse.Namespace) -> LoadedCodec:
     """The model :func:`add_model_flags` names; a bad combination or sampler override fails
-    here, once, before any image is read. Without ``--config`` a FaSDiff workdir's own
+    here, once, before any image is read. Without ``--config`` the workdir's own
     ``config.json`` (written by the training run, overrides included) is used."""
     from fasdiff_jax.models import hyperprior as H
 

@@ -936,17 +936,16 @@ class TrainableHyperprior:
 
     model: MeanScaleHyperprior
     lmbda: float
-    image_size: int
 
     KEY = "hyperprior"  # the one entry of the loop's params: {KEY: {"params": ...}}
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TrainableHyperprior":
-        """From ``config.model``: N, M, num_scales, hs_activation, lmbda, image_size."""
+        """From ``config.model``: N, M, num_scales, hs_activation, lmbda."""
         model = MeanScaleHyperprior(N=int(cfg["N"]), M=int(cfg["M"]),
                                     num_scales=int(cfg.get("num_scales", 128)),
                                     hs_activation=cfg.get("hs_activation", "relu"))
-        return cls(model, float(cfg["lmbda"]), int(cfg["image_size"]))
+        return cls(model, float(cfg["lmbda"]))
 
     @property
     def loss_cfg(self) -> dict:
