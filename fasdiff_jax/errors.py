@@ -21,6 +21,10 @@ class DataError(FasdiffError, ValueError):
     """A data source, prepared folder or image file cannot be read or used as asked."""
 
 
+class CheckpointError(FasdiffError, OSError):
+    """A training checkpoint's files cannot be read: damaged, truncated or incomplete."""
+
+
 class NonFiniteLossError(FasdiffError, FloatingPointError):
     """A loss term became NaN or Inf; ``terms`` names which."""
 

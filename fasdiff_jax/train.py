@@ -29,13 +29,14 @@ mbt2018-mean baseline (all of it trainable, no x̂0 step):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import signal
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import grain
@@ -52,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fasdiff_jax import sharding
 from fasdiff_jax.data.pipeline import make_train_iterator
-from fasdiff_jax.errors import FasdiffError, NonFiniteLossError
+from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
 
@@ -420,6 +421,43 @@ def register_checkpoint_array_handler() -> None:
             min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
+@contextlib.contextmanager
+def _reading(workdir: str, step: int) -> Iterator[None]:
+    """Whatever Orbax/TensorStore raise while reading checkpoint ``step`` (ValueError,
+    RuntimeError, OSError, JSON errors, with pages of async traces) becomes one
+    :class:`CheckpointError` with the innermost message. Callers check first that the
+    checkpoint fits the model, so what is left is damage."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - see above
+        root = e
+        while root.__cause__ is not None:  # TensorStore's own message is the innermost one
+            root = root.__cause__
+        text = str(root).strip()
+        first = text.splitlines()[0][:300] if text else ""
+        raise CheckpointError(
+            f"{workdir}: checkpoint {step} cannot be read ({type(root).__name__}: {first}): its "
+            f"files are damaged or incomplete; restore an intact copy, or move "
+            f"checkpoints/{step} aside to use the one before it") from e
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, workdir: str, **items: Any) -> Any:
+    with _reading(workdir, step):
+        return mngr.restore(step, args=ocp.args.Composite(**items))
+
+
+def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
+    """Refuse a checkpoint whose saved trainable params differ in names or shapes from the
+    model's (another config), before anything is restored into it."""
+    want = {k: np.shape(v) for k, v in flatten_dict(want).items()}
+    have = {k: np.shape(v) for k, v in flatten_dict(have).items()}
+    if want != have:
+        diff = sorted("/".join(k) for k in set(want) ^ set(have)
+                      | {k for k in set(want) & set(have) if want[k] != have[k]})
+        raise TrainConfigError(f"{workdir}: checkpoint {step} does not fit this config's "
+                               f"model: {diff[:8]}")
+
+
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
           model: Model, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
           step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager) -> dict[str, float]:
@@ -428,19 +466,20 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     step = 0
     latest = mngr.latest_step()
     if latest is not None:
-        # the fingerprint first: another model's state would fail inside Orbax, unreadably
-        meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        # fingerprint and shapes first: another model's state would fail inside Orbax, unreadably
+        meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
         if meta.get("frozen") != fingerprint:
             raise TrainConfigError(
                 f"{workdir}: checkpoint {latest} was trained on other frozen SD weights or as "
                 f"another model kind (fingerprint {meta.get('frozen')} != {fingerprint}: "
                 f"model.kind, model.sd_checkpoint, seed or SD config changed); use a fresh workdir")
         train_params, frozen = model.split(params)
+        _check_fits(train_params, _saved_tree(mngr, latest, workdir)["params"], workdir, latest)
         target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
         items = dict(state=ocp.args.StandardRestore(target))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
-        restored = mngr.restore(latest, args=ocp.args.Composite(**items))
+        restored = _restore(mngr, latest, workdir, **items)
         params = {**restored["state"]["params"], **frozen}
         opt_state = restored["state"]["opt_state"]
         step = int(meta["step"])
@@ -534,6 +573,24 @@ def one_device_target(state_dir: Any) -> Any:
                         getattr(tree, "tree", tree))
 
 
+def _saved_tree(mngr: ocp.CheckpointManager, step: int, workdir: str) -> Any:
+    """:func:`one_device_target` of checkpoint ``step``'s state (from its metadata)."""
+    with _reading(workdir, step):
+        return one_device_target(mngr.directory / str(step) / "state")
+
+
+def _read_params(mngr: ocp.CheckpointManager, step: int, workdir: str, saved: Any) -> Any:
+    """Only the params of checkpoint ``step``'s state, not the optimizer state beside them
+    (Adam's moments: twice the params' bytes); ``saved``: their :func:`_saved_tree` part."""
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
+        sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), saved)
+    with _reading(workdir, step):
+        return ocp.PyTreeCheckpointer().restore(
+            mngr.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item={"params": saved}, restore_args={"params": restore_args},
+                partial_restore=True))["params"]
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                           ) -> tuple[Model, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from the latest
@@ -546,23 +603,16 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
         raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
                                f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
     try:
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(one_device_target(mngr.directory / str(latest) / "state")),
-            meta=ocp.args.JsonRestore()))
+        meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
+        if meta.get("frozen") != _frozen_fingerprint(config):
+            raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen "
+                                   f"SD weights or as another model kind than this config's "
+                                   f"(model.kind, model.sd_checkpoint, seed or SD config)")
+        model = build_model(config.model)
+        saved = _saved_tree(mngr, latest, workdir)["params"]
+        _check_fits(model.trainable_shapes(), saved, workdir, latest)
+        got = _read_params(mngr, latest, workdir, saved)
     finally:
         mngr.close()
-    if restored["meta"].get("frozen") != _frozen_fingerprint(config):
-        raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen SD "
-                               f"weights or as another model kind than this config's "
-                               f"(model.kind, model.sd_checkpoint, seed or SD config)")
-    model = build_model(config.model)
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
-    got = restored["state"]["params"]
-    want = {k: np.shape(v) for k, v in flatten_dict(model.trainable_shapes()).items()}
-    have = {k: np.shape(v) for k, v in flatten_dict(got).items()}
-    if want != have:
-        diff = sorted("/".join(k) for k in set(want) ^ set(have)
-                      | {k for k in set(want) & set(have) if want[k] != have[k]})
-        raise TrainConfigError(f"{workdir}: checkpoint {latest} does not fit this config's "
-                               f"model: {diff[:8]}")
     return model, jax.device_put({**got, **frozen}), int(latest)  # host SD weights: once

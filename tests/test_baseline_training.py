@@ -102,3 +102,49 @@ def test_unknown_model_kinds_are_refused():
     cfg.model.kind = "mbt2018"
     with pytest.raises(train.TrainConfigError, match="config.model.kind='mbt2018'"):
         train.build_model(cfg.model)
+
+
+def _damaged_copy(src, dst, how: str):
+    """A copy of workdir ``src`` whose last checkpoint has every array data file cut in half
+    (``"shard"``) or its array metadata made invalid JSON (``"metadata"``)."""
+    shutil.copytree(src, dst)
+    state = dst / "checkpoints" / str(STEPS) / "state"
+    if how == "metadata":
+        (state / "_METADATA").write_text("{")
+    else:
+        data = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+        assert data  # OCDBT's data files
+        for p in data:
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return dst
+
+
+@pytest.mark.xdist_group("baseline_training")
+@pytest.mark.parametrize("how", ["shard", "metadata"])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's reads
+# still in flight when the first one fails are dropped with their own traces
+def test_damaged_checkpoints_are_one_readable_error(trained, tmp_path, capsys, how):
+    """Truncated or corrupt checkpoint files: a CheckpointError naming the step, from the
+    codec command (exit 2, nothing written), inference and a resumed training run alike."""
+    from fasdiff_jax.errors import CheckpointError
+
+    work = _damaged_copy(trained["a"], tmp_path / "w", how)
+    with pytest.raises(CheckpointError, match=f"checkpoint {STEPS} cannot be read"):
+        train.restore_for_inference(train.load_run_config(str(work)), str(work))
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[:64, :64]).save(face)
+    assert codec.main(["compress", str(face), str(tmp_path / "f.fsd"), f"--workdir={work}"]) == 2
+    assert "damaged or incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "f.fsd").exists()
+    with pytest.raises(CheckpointError, match=f"move checkpoints/{STEPS} aside"):
+        train.train_and_evaluate(small_config(trained["source"], steps=STEPS + 1), str(work))
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_resuming_with_another_architecture_is_refused_before_restoring(trained, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(trained["a"], work)
+    cfg = small_config(trained["source"], steps=STEPS + 1)
+    cfg.model.N = 16
+    with pytest.raises(train.TrainConfigError, match="does not fit this config's model"):
+        train.train_and_evaluate(cfg, str(work))
