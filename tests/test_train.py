@@ -622,6 +622,7 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     # the codec / evaluate commands load it on one machine (the saved shardings name 8
     # devices of two processes): trained leaves moved away from the seeded init, frozen did not
     cfg = _config(src)
+    assert train.load_run_config(str(work)).mesh.data == 8  # written once, by process 0
     model, params, step = train.restore_for_inference(cfg, str(work))
     init = model.init_params(jax.random.key(cfg.seed))
     trained = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(params)[0])[0])

@@ -43,7 +43,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -968,7 +968,7 @@ class TrainableHyperprior:
 
     def loss_fn(self, params: dict, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict]:
         """``batch["image"]``: uint8 NHWC, sides multiples of :data:`MULTIPLE`."""
-        img = batch["image"] if isinstance(batch, dict) else batch
+        img = batch["image"] if isinstance(batch, Mapping) else batch
         return loss_fn(self.model, params[self.KEY], img.astype(jnp.float32) / 255.0, rng,
                        self.lmbda)
 
