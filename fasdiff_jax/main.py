@@ -6,11 +6,16 @@ workdir that holds checkpoints is resumed. Multi-host: pass ``--jax_distributed`
 host (see ``launch/``); ``jax.distributed.initialize()`` then finds the coordinator itself
 on Cloud TPU VMs and under SLURM, or from ``JAX_COORDINATOR_ADDRESS`` +
 ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` anywhere else.
+
+Errors the user can fix (a config field, data, a checkpoint, a NaN loss: every
+``fasdiff_jax.errors.FasdiffError``) end the run with one ``error: ...`` line on stderr and exit
+status 2; the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,8 +43,13 @@ def main(argv: list[str]) -> None:
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     from fasdiff_jax import train
+    from fasdiff_jax.errors import FasdiffError
 
-    out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except FasdiffError as e:  # a config, data or checkpoint to fix: the message, not a trace
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
     if out["step"] < FLAGS.config.train.steps:
         logging.warning("stopped at step %d of %d after a preemption notice (checkpoint saved); "
                         "rerun the same command to resume", out["step"], FLAGS.config.train.steps)

@@ -376,6 +376,25 @@ def test_bad_configs_are_refused_early(tmp_path):
     assert not os.listdir(tmp_path)  # refused before writing anything
 
 
+def test_main_reports_our_errors_as_one_line(tmp_path, capsys):
+    """``python -m fasdiff_jax.main`` with a config the user must fix: exit status 2 and the
+    typed error's message on stderr, no traceback."""
+    from fasdiff_jax import main as main_lib
+
+    argv = ["main", f"--config={ROOT / 'configs' / 'celeba.py'}", f"--workdir={tmp_path / 'w'}"]
+    with mock.patch.object(sys, "argv", argv):
+        main_lib.FLAGS(argv)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main_lib.main(argv[:1])
+    finally:
+        main_lib.FLAGS.unparse_flags()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: TrainConfigError: config.model.sd_checkpoint is required" in err
+    assert "Traceback" not in err
+
+
 def test_configs_load_by_path_from_any_directory(tmp_path):
     """``--config=/abs/path/configs/tiny.py`` from outside the checkout: the configs import
     their siblings (``configs.base``), which used to fail with ModuleNotFoundError there."""
