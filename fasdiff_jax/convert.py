@@ -23,6 +23,11 @@ converts into ``--out`` directly.
 converts a CompressAI ``MeanScaleHyperprior`` checkpoint into a folder that the codec and
 evaluate commands take as ``--model_dir`` (the mbt2018-mean baseline, coded by our exact
 integer entropy model; reading ``.pth`` files needs torch).
+
+    python -m fasdiff_jax.convert --hyperprior_workdir runs/mbt_q4 --out mbt_q4/
+
+writes the same kind of folder from the latest checkpoint of a baseline trained with
+``configs/mbt2018_mean.py`` (its params only: a file to share, without the optimizer state).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fasdiff_jax import safetensors_io
-from fasdiff_jax.errors import ConversionError, UnsupportedConfigError
+from fasdiff_jax.errors import ConversionError, FasdiffError, UnsupportedConfigError
 
 # diffusers class name -> "module:Class" of our implementation (imported lazily).
 MODEL_CLASSES: dict[str, str] = {
@@ -372,6 +377,20 @@ def convert_compressai(path: str, out: str) -> dict[str, Any]:
     return hyperprior.model_config(model)
 
 
+def export_hyperprior(workdir: str, out: str) -> tuple[dict[str, Any], int]:
+    """The latest checkpoint of an mbt2018-mean run (``model.kind="hyperprior"``) -> a
+    ``--model_dir`` folder; returns its config and the checkpoint step."""
+    from fasdiff_jax import train
+    from fasdiff_jax.models import hyperprior
+
+    model, params, step = train.restore_for_inference(train.load_run_config(workdir), workdir)
+    if not isinstance(model, hyperprior.TrainableHyperprior):
+        raise ConversionError(f"{workdir}: a {type(model).__name__} run, not the mbt2018-mean "
+                              f"baseline (config.model.kind='hyperprior')")
+    hyperprior.save_model(out, model.model, params[model.KEY])
+    return hyperprior.model_config(model.model), step
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
@@ -379,19 +398,24 @@ def main(argv: list[str] | None = None) -> int:
                      help="a diffusers pipeline folder, or one model folder with config.json")
     src.add_argument("--compressai_checkpoint",
                      help="a CompressAI mbt2018-mean checkpoint (.pth.tar/.pth, .safetensors, .npz)")
+    src.add_argument("--hyperprior_workdir",
+                     help="the workdir of a baseline trained with configs/mbt2018_mean.py")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
         if args.compressai_checkpoint:
             cfg = convert_compressai(args.compressai_checkpoint, args.out)
             written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']}": args.out}
+        elif args.hyperprior_workdir:
+            cfg, step = export_hyperprior(args.hyperprior_workdir, args.out)
+            written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']} (step {step})": args.out}
         elif os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
             _, params = load_diffusers(args.diffusers_dir)
             save_component(args.out, read_config(args.diffusers_dir), params)
             written = {"model": args.out}
         else:
             written = convert_pipeline(args.diffusers_dir, args.out)
-    except ConversionError as e:
+    except FasdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for what, where in written.items():

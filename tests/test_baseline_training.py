@@ -90,6 +90,25 @@ def test_codec_and_evaluate_use_the_trained_baseline(trained, embedded_dirs, tmp
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_the_trained_baseline_exports_to_a_model_dir(trained, tmp_path, capsys):
+    """``convert --hyperprior_workdir``: the params of the latest checkpoint as a
+    ``--model_dir`` folder that codes the same bytes as the workdir."""
+    from fasdiff_jax import convert
+
+    out = tmp_path / "mbt"
+    assert convert.main(["--hyperprior_workdir", str(trained["a"]), "--out", str(out)]) == 0
+    assert f"N=8 M=12 (step {STEPS})" in capsys.readouterr().out
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.chelsea()[:90, :110]).save(face)
+    assert codec.main(["compress", str(face), str(tmp_path / "w.fsd"), f"--workdir={trained['a']}"]) == 0
+    assert codec.main(["compress", str(face), str(tmp_path / "m.fsd"), f"--model_dir={out}"]) == 0
+    assert (tmp_path / "w.fsd").read_bytes() == (tmp_path / "m.fsd").read_bytes()
+    # a workdir that is not a baseline run: refused by name
+    assert convert.main(["--hyperprior_workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_a_fasdiff_config_does_not_load_the_baseline(trained):
     from configs import tiny
 

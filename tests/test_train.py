@@ -521,6 +521,13 @@ def test_resuming_a_workdir_as_another_model_kind_is_refused(scenario, tmp_path)
     assert (work / "config.json").read_text() == before
 
 
+@pytest.mark.xdist_group("train_scenario")
+def test_a_fasdiff_run_does_not_export_as_the_baseline(scenario, tmp_path, capsys):
+    assert convert.main(["--hyperprior_workdir", str(scenario["a"]), "--out", str(tmp_path / "x")]) == 2
+    assert "FaSDiff run, not the mbt2018-mean baseline" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_model_paths_are_made_absolute_once(tmp_path, monkeypatch):
     """A relative ``model.sd_checkpoint`` is resolved where the run starts, so the saved
     config (and the frozen-weights fingerprint) name the same folder from anywhere."""
