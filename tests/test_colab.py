@@ -53,4 +53,6 @@ def test_notebook_trains_compresses_decompresses_and_evaluates(embedded_dirs, tm
     assert res["bpp"] > 0 and 0 <= res["lpips"] and -1 <= res["identity-cos"] <= 1
     assert len(ns["report"]["images"]) == len(ns["anchor"]["images"]) == 3
     assert ns["anchor"]["name"] == "jpeg-q10" and ns["anchor"]["results"]["bpp"] > 0
+    assert ns["learned"]["name"] == "mbt2018-mean@15" and len(ns["learned"]["images"]) == 3
+    assert ns["learned"]["results"]["bpp"] > 0 and math.isfinite(ns["mbt_metrics"]["loss"])
     assert os.path.isdir(tmp_path / "work" / "checkpoints")
