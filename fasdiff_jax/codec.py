@@ -103,12 +103,16 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
 
     overrides = {name: getattr(args, name) for name, _ in SAMPLER_FLAGS}
     sampler_given = given_flags(args, list(overrides))
+
+    def no_sampler(where: str) -> None:
+        if sampler_given:
+            raise FasdiffError(f"{sampler_given}: sampler settings apply to FaSDiff models, "
+                               f"not to the hyperprior {where}")
+
     if args.model_dir is not None:
         if args.config is not None or args.workdir is not None:
             raise FasdiffError("give --model_dir, or --workdir (and --config), not both")
-        if sampler_given:
-            raise FasdiffError(f"{sampler_given}: sampler settings apply to FaSDiff models, "
-                               f"not to the hyperprior in --model_dir")
+        no_sampler("in --model_dir")
         model, params = H.load_model(args.model_dir)
         return _hyperprior_codec("mbt2018-mean", model, params,
                                  {"model_dir": os.path.abspath(args.model_dir)})
@@ -135,9 +139,7 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     source_options = {"cache_dir": config.data.get("cache_dir"),
                       "image_size": config.model.image_size}
     if isinstance(model, H.TrainableHyperprior):  # the baseline trained by our loop
-        if sampler_given:
-            raise FasdiffError(f"{sampler_given}: sampler settings apply to FaSDiff models, "
-                               f"not to the hyperprior trained in {args.workdir}")
+        no_sampler(f"trained in {args.workdir}")
         return _hyperprior_codec(f"mbt2018-mean@{step}", model.model, params[model.KEY],
                                  settings, source_options)
     spec = dataclasses.asdict(model.sampler_spec(**overrides))
