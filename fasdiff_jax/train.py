@@ -178,15 +178,9 @@ def _boxed_abstract_params(model: Model) -> dict[str, Any]:
     hyperprior baseline: its few MB stay replicated, the batch is what is split)."""
     if not isinstance(model, fasdiff.FaSDiff):
         return {}
-    size = model.cfg["image_size"]
-    lat = size // model.vae_factor
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    z = jax.ShapeDtypeStruct((1, lat, lat, model.vae.latent_channels), jnp.float32)
-    p = jax.ShapeDtypeStruct((1, lat, lat, model.compressor.prompt_channels), jnp.float32)
     key = jax.random.key(0)
-    out = {"compressor": jax.eval_shape(
-               lambda x, z: model.compressor.init(key, x, z, "round"), x, z)["params"],
-           "hlfe": jax.eval_shape(lambda z, p: model.hlfe.init(key, z, p), z, p)["params"]}
+    comp, hlfe = jax.eval_shape(lambda: model._init_compressor_hlfe(key, key))  # still boxed
+    out = {"compressor": comp, "hlfe": hlfe}
     for name in ("unet", "vae", "controlnet", "identity"):
         mod = getattr(model, name)
         if mod is not None and hasattr(mod, "dummy_inputs"):
