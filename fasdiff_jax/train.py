@@ -35,6 +35,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 from typing import Any, Iterator, Mapping
 
@@ -409,10 +410,38 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
 def register_checkpoint_array_handler() -> None:
-    """Orbax's handler for jax.Array, replica-parallel only from ``MIN_REPLICA_SLICE_BYTES``."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    """Orbax's handler for jax.Array, replica-parallel only from ``MIN_REPLICA_SLICE_BYTES``
+    (without Orbax's warning that it replaces its default: that is the point)."""
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    absl_logger.setLevel("ERROR")
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _is_orbax_late_callback(unraisable: Any) -> bool:
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _drop_late_read_callbacks() -> None:
+    """After a failed read Orbax closes its event loop while TensorStore's other reads are in
+    flight; each of their completions then prints an "Event loop is closed" traceback from
+    TensorStore's threads (pages of them, after our one error line). Drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fasdiff_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_orbax_late_callback(unraisable):
+            previous(unraisable)
+
+    hook._fasdiff_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -424,6 +453,7 @@ def _reading(workdir: str, step: int) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - see above
+        _drop_late_read_callbacks()
         root = e
         while root.__cause__ is not None:  # TensorStore's own message is the innermost one
             root = root.__cause__

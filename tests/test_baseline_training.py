@@ -5,7 +5,10 @@ evaluate commands coding with the trained checkpoint from its workdir alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -157,6 +160,46 @@ def test_damaged_checkpoints_are_one_readable_error(trained, tmp_path, capsys, h
     assert not (tmp_path / "f.fsd").exists()
     with pytest.raises(CheckpointError, match=f"move checkpoints/{STEPS} aside"):
         train.train_and_evaluate(small_config(trained["source"], steps=STEPS + 1), str(work))
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_a_damaged_checkpoint_ends_the_command_in_one_error_line(trained, tmp_path):
+    """Not followed by TensorStore's "Event loop is closed" tracebacks (it printed up to a
+    page of them, from its reads still in flight when Orbax gave up)."""
+    work = _damaged_copy(trained["a"], tmp_path / "w", "shard")
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[:64, :64]).save(face)
+    run = subprocess.run(
+        [sys.executable, "-m", "fasdiff_jax.codec", "compress", str(face),
+         str(tmp_path / "f.fsd"), f"--workdir={work}"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"checkpoint {STEPS} cannot be read" in run.stderr
+    assert "Traceback" not in run.stderr and "Event loop is closed" not in run.stderr
+
+
+def test_only_late_callbacks_of_a_failed_read_are_silenced(monkeypatch):
+    from fasdiff_jax.errors import CheckpointError
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+
+    class RaisesWhenCollected:
+        def __init__(self, message):
+            self.message = message
+
+        def __del__(self):
+            raise RuntimeError(self.message)
+
+    RaisesWhenCollected("Event loop is closed")
+    assert seen == ["Event loop is closed"]  # untouched before any failed read
+    with pytest.raises(CheckpointError, match="checkpoint 3 cannot be read"):
+        with train._reading("w", 3):
+            raise ValueError("OUT_OF_RANGE: Error reading byte range")
+    RaisesWhenCollected("Event loop is closed")
+    RaisesWhenCollected("another error")
+    assert seen == ["Event loop is closed", "another error"]
 
 
 @pytest.mark.xdist_group("baseline_training")

@@ -56,13 +56,13 @@ def test_timesteps_match(spacing, n):
 
 def _diffusers_ddim(ref, x, n, eta, noises, t_start=None):
     ref.set_timesteps(n)
-    xt = torch.from_numpy(np.asarray(x))
+    xt = torch.from_numpy(np.array(x))  # a writable copy
     ts = [int(t) for t in ref.timesteps if t_start is None or int(t) <= t_start]
     for i, t in enumerate(ts):
         out = toy_model(xt.numpy().astype(np.float64), t).astype(np.float32)
         kw = {}
         if eta > 0:
-            kw["variance_noise"] = torch.from_numpy(np.asarray(noises[i]))
+            kw["variance_noise"] = torch.from_numpy(np.array(noises[i]))
         xt = ref.step(torch.from_numpy(out), t, xt, eta=eta, **kw).prev_sample
     return xt.numpy()
 
@@ -86,7 +86,7 @@ def test_ddim_trajectory_matches_diffusers(n, eta, pred, spacing, clip):
         cfg.update(steps_offset=0, set_alpha_to_one=True)
     ref = DDIMScheduler(**cfg)
     sched = Schedule.from_diffusers_config(dict(ref.config))
-    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 8, 8, 4)))
+    x = np.array(jax.random.normal(jax.random.key(1), (2, 8, 8, 4)))
     rng = jax.random.key(7)
     ts = schedules.ddim_timesteps(sched, n)
     noises = [np.asarray(samplers.step_noise(rng, i, x.shape)) for i in range(len(ts))]
@@ -125,11 +125,11 @@ def test_ddpm_steps_match(variance_type, pred):
     ref.set_timesteps(25)
     ts = schedules.ddpm_timesteps(sched, 25)
     np.testing.assert_array_equal(ts, ref.timesteps.numpy())
-    x = np.asarray(jax.random.normal(jax.random.key(4), (2, 4, 4, 3)))
+    x = np.array(jax.random.normal(jax.random.key(4), (2, 4, 4, 3)))
     xt_ref = torch.from_numpy(x)
     xt = jnp.asarray(x)
     for i, t in enumerate(ts):
-        noise = np.asarray(jax.random.normal(jax.random.key(100 + i), x.shape))
+        noise = np.array(jax.random.normal(jax.random.key(100 + i), x.shape))
         out = toy_model(np.asarray(xt), float(t)).astype(np.float32)
         prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
         xt = samplers.ddpm_step(sched, jnp.asarray(out), int(t), xt, prev_t, jnp.asarray(noise))
@@ -164,8 +164,8 @@ def test_ddpm_batched_timesteps():
 def test_add_noise_velocity_and_x0(pred):
     ref = DDPMScheduler(**SD_DDPM, prediction_type=pred)
     sched = Schedule.from_diffusers_config(dict(ref.config))
-    x0 = np.asarray(jax.random.normal(jax.random.key(5), (4, 3, 3, 2)))
-    noise = np.asarray(jax.random.normal(jax.random.key(6), x0.shape))
+    x0 = np.array(jax.random.normal(jax.random.key(5), (4, 3, 3, 2)))
+    noise = np.array(jax.random.normal(jax.random.key(6), x0.shape))
     t = np.array([0, 17, 500, 999])
     # diffusers is NCHW-agnostic here: it broadcasts over trailing dims.
     want = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -228,7 +229,8 @@ def _save_compiles(tmp_path: Path, devices, first_dim: int) -> tuple[int, dict, 
     return compiles.count("/jax/core/compile/backend_compile_duration"), tree, restored
 
 
-def test_checkpoint_saves_compile_nothing_for_small_replicated_arrays(devices8, tmp_path):
+def test_checkpoint_saves_compile_nothing_for_small_replicated_arrays(devices8, tmp_path,
+                                                                      caplog):
     """Orbax's default writes each replicated array in 8 slices cut by eager ops (a compile per
     new shape); ours writes arrays under 1 MiB whole (benchmarks/checkpoint_save.py: 16.9 s
     -> 2.0 s for the tiny model's first save)."""
@@ -237,11 +239,16 @@ def test_checkpoint_saves_compile_nothing_for_small_replicated_arrays(devices8, 
         ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(),
                                                 override=True)
         default_compiles, _, _ = _save_compiles(tmp_path, devices8, 101)
-        train.register_checkpoint_array_handler()
+        with caplog.at_level("DEBUG", logger="absl"):
+            caplog.clear()
+            train.register_checkpoint_array_handler()
+            assert logging.getLogger("absl").level == logging.DEBUG  # restored
+            warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         ours_compiles, tree, restored = _save_compiles(tmp_path, devices8, 111)
     finally:
         ocp.type_handlers.register_type_handler(jax.Array, original, override=True)
     assert default_compiles >= 6 and ours_compiles == 0, (default_compiles, ours_compiles)
+    assert not warned, warned  # Orbax's "... overriding jax.Array"
     for k in tree:
         np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(tree[k]))
 
