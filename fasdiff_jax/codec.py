@@ -30,6 +30,10 @@ temporary name, then renamed), so ``--skip_existing`` resumes an interrupted run
 
 Errors (unreadable image, malformed file, other model's file, missing checkpoint) are one
 readable line each; the exit status is 2 when any file failed, else 0.
+
+Compiled programs are kept for the next run (``--compile_cache=DIR|none``, default
+``~/.cache/fasdiff_jax/xla``; :mod:`fasdiff_jax.compile_cache`): a later run with the same
+model and image size starts coding without compiling.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fasdiff_jax import compile_cache
 from fasdiff_jax.errors import FasdiffError
 
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip_existing", action="store_true",
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
     add_model_flags(ap)
+    compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
     if args.command == "info":
         return _info(args.paths)
@@ -257,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give INPUT OUTPUT, or inputs and --out_dir")
     if args.skip_existing and args.out_dir is None:
         ap.error("--skip_existing needs --out_dir")
+    compile_cache.enable(args.compile_cache)
 
     from fasdiff_jax.data.sources import read_image
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
 from fasdiff_jax.errors import FasdiffError
 from fasdiff_jax.models import identity as identity_lib
@@ -353,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(ap)
     ap.add_argument("--baseline", default=None, metavar="jpeg:Q|webp:Q",
                     help="instead of a model: Pillow's JPEG or WebP encoder at quality Q")
+    compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)
     try:
         if args.baseline is not None:
             given = given_flags(args, MODEL_FLAGS)

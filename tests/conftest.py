@@ -35,9 +35,13 @@ def compilation_cache_per_worker(tmp_path_factory):
     in place, so another process could read one half-written."""
     from jax.experimental.compilation_cache import compilation_cache
 
+    from fasdiff_jax import compile_cache
+
     old = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     compilation_cache.reset_cache()
+    # commands run as subprocesses share another one (locked), never the user's ~/.cache
+    os.environ[compile_cache.ENV] = str(tmp_path_factory.mktemp("command_cache"))
     yield
     jax.config.update("jax_compilation_cache_dir", old)
     compilation_cache.reset_cache()

@@ -605,7 +605,8 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     argv = [sys.executable, "-m", "fasdiff_jax.main", "--jax_distributed",
-            f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=8"]
+            f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=8",
+            f"--compile_cache={tmp_path / 'xla'}"]
     argv += [f"--config.{k}={v}"
              for k, v in {**_overrides(src), "train.checkpoint_every": 100}.items()]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -636,6 +637,8 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     for i, err in enumerate(logs):
         assert procs[i].returncode == 0, err[-4000:]
         assert f"process {i}/2, 4 local / 8 global devices" in err
+        assert f"compilation cache: {tmp_path / 'xla'}" in err
+    assert list((tmp_path / "xla").glob("*-cache"))  # written by process 0 (JAX's rule)
     stop = _steps(work)
     assert len(stop) == 1 and 2 <= stop[0] < 8, stop  # saved once, where the notice stopped it
     stop = stop[0]

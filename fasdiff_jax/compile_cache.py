@@ -1,0 +1,73 @@
+"""A persistent XLA compilation cache for the commands (train, codec, evaluate).
+
+Without it every run compiles all its programs again: the tiny FaSDiff model's
+``codec decompress`` of one face spends half of its 12 s compiling the sampler, and a full-size
+model's programs compile for minutes. With it, a later run with the same model, image size and
+devices loads the executables (tiny model, this project's 2-core CPU: decompress 12.3 -> 6.2 s,
+compress 7.5 -> 5.3 s per command).
+
+Where: ``--compile_cache=DIR``, else ``$FASDIFF_COMPILE_CACHE``, else
+``$XDG_CACHE_HOME/fasdiff_jax/xla`` (``~/.cache/fasdiff_jax/xla``); ``none`` turns it off. A
+process that already has JAX's own cache folder set (``JAX_COMPILATION_CACHE_DIR``, or a program
+that runs these commands in-process) keeps it unless ``--compile_cache`` names one.
+
+Every compile is cached (not only those over JAX's default 1 s: the many small ones add up to
+2.6 s of the tiny model's compress). The folder has a size cap (``MAX_BYTES``, least recently
+used entries go first), which also makes JAX lock the folder around each read and write, so
+commands running at the same time can share it. An unreadable entry is compiled again (JAX
+warns). Like any JAX compilation cache the folder holds code that will run: keep it private.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ENV = "FASDIFF_COMPILE_CACHE"
+OFF = "none"
+MAX_BYTES = 4 << 30
+HELP = (f"persistent compilation cache folder (default ${ENV}, else "
+        f"~/.cache/fasdiff_jax/xla); '{OFF}' compiles everything afresh")
+
+
+def default_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fasdiff_jax", "xla")
+
+
+def add_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--compile_cache", default=None, metavar=f"DIR|{OFF}", help=HELP)
+
+
+def enable(cache_dir: str | None = None) -> str | None:
+    """Compile through the cache folder the module docstring describes; returns that folder,
+    or None when off or unusable (then a warning on stderr and no cache). Call it before the
+    process compiles anything: JAX opens its cache once, at the first compile."""
+    import jax
+    from etils import epath
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if cache_dir is None:
+        if jax.config.jax_compilation_cache_dir:
+            return jax.config.jax_compilation_cache_dir
+        cache_dir = os.environ.get(ENV) or default_dir()
+    if cache_dir == OFF:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+        return None
+    try:  # an unwritable folder would make every compile wait out JAX's 10 s lock timeout
+        folder = epath.Path(cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        print(f"warning: compilation cache {cache_dir} is not a writable folder ({e}); "
+              f"compiling without it", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    return cache_dir
