@@ -12,10 +12,13 @@ process that already has JAX's own cache folder set (``JAX_COMPILATION_CACHE_DIR
 that runs these commands in-process) keeps it unless ``--compile_cache`` names one.
 
 Every compile is cached (not only those over JAX's default 1 s: the many small ones add up to
-2.6 s of the tiny model's compress). The folder has a size cap (``MAX_BYTES``, least recently
-used entries go first), which also makes JAX lock the folder around each read and write, so
-commands running at the same time can share it. An unreadable entry is compiled again (JAX
-warns). Like any JAX compilation cache the folder holds code that will run: keep it private.
+2.6 s of the tiny model's compress). A local folder has a size cap (``MAX_BYTES``, least
+recently used entries go first), which also makes JAX lock the folder around each read and
+write, so commands running at the same time can share it (without the lock one could read an
+entry another is still writing). A bucket (``gs://...``, e.g. one cache for every host of a
+pod) has no cap and no lock: objects appear whole, and only process 0 writes. An unreadable
+entry is compiled again. Like any JAX compilation cache, the folder holds code that will
+run: keep it private.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 ENV = "FASDIFF_COMPILE_CACHE"
 OFF = "none"
@@ -62,12 +66,19 @@ def enable(cache_dir: str | None = None) -> str | None:
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, or a bucket's auth/HTTP errors
         print(f"warning: compilation cache {cache_dir} is not a writable folder ({e}); "
               f"compiling without it", file=sys.stderr)
         return None
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    for name, value in jax_settings(cache_dir).items():
+        jax.config.update(name, value)
     compilation_cache.reset_cache()
     return cache_dir
+
+
+def jax_settings(cache_dir: str) -> dict[str, Any]:
+    """The JAX options :func:`enable` sets for ``cache_dir``."""
+    local = "://" not in cache_dir  # capped and locked; a bucket stores whole objects
+    return {"jax_compilation_cache_dir": cache_dir,
+            "jax_compilation_cache_max_size": MAX_BYTES if local else -1,  # -1: no cap
+            "jax_persistent_cache_min_compile_time_secs": 0.0}

@@ -9,9 +9,11 @@
 # (install with the same --command once), and that data and the SD checkpoint are readable
 # from every worker. --jax_distributed makes main call jax.distributed.initialize(), which
 # finds the coordinator and process ids itself on TPU VMs. WORKDIR should be shared (GCS):
-# Orbax writes one checkpoint from all hosts; only process 0 writes summaries.
+# Orbax writes one checkpoint from all hosts; only process 0 writes summaries. Compiled
+# steps are kept in each worker's ~/.cache/fasdiff_jax/xla, so a restarted run skips
+# compiling; an extra --compile_cache=gs://bucket/xla shares one cache across workers.
 set -euo pipefail
-if [ $# -lt 3 ]; then sed -n 2,13p "$0"; exit 2; fi
+if [ $# -lt 3 ]; then sed -n 2,14p "$0"; exit 2; fi
 TPU_NAME=$1; ZONE=$2; WORKDIR=$3; CONFIG=${4:-configs/celeba.py}; shift $(( $# < 4 ? $# : 4 ))
 EXTRA=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "

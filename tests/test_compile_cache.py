@@ -59,6 +59,15 @@ def test_where_the_cache_goes(jax_settings, monkeypatch, tmp_path):
     assert compile_cache.enable() == str(tmp_path / "xdg" / "fasdiff_jax" / "xla")
 
 
+def test_local_folders_are_locked_and_buckets_are_not():
+    """JAX locks only a capped cache, and its lock is a local file: a gs:// folder must stay
+    uncapped (a lock there would fail and make each compile wait out the lock timeout)."""
+    assert compile_cache.jax_settings("/tmp/x")["jax_compilation_cache_max_size"] > 0
+    remote = compile_cache.jax_settings("gs://bucket/xla")
+    assert remote["jax_compilation_cache_dir"] == "gs://bucket/xla"
+    assert remote["jax_compilation_cache_max_size"] == -1  # JAX's "no cap": no lock
+
+
 @pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
 def test_an_unusable_folder_is_a_warning_not_a_failure(jax_settings, tmp_path, capsys, where):
     """Unwritable (here /proc/self, where even root cannot create files) matters most: JAX
