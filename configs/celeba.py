@@ -27,7 +27,9 @@ compressor/HLFE/control sizes and loss weights are our choices (the paper's are 
        python -m fasdiff_jax.evaluate --workdir=/ckpt/fasdiff_celeba \\
            --source=prepared:/data/faces_heldout --out=fasdiff_celeba.json
 
-   (held-out faces, not from the training split, prepared as in step 2).
+   (held-out faces, not from the training split, prepared as in step 2). On another
+   machine, copy the workdir and the converted SD folder anywhere and name the folder with
+   ``--sd_checkpoint=DIR``: checkpoints name their SD weights by content, not by path.
 
 Expected result: not yet measured (no run of this config has been made).
 """

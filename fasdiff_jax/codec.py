@@ -20,7 +20,8 @@ carry their codec id and model fingerprint, so no model decodes another's files)
 files are coded as one channel and come back greyscale); ``decompress`` writes an image of
 the original size (PNG, or the format the output name's extension names).
 ``--steps/--t_start/--eta/--seed`` override the config's sampler spec, which is stored in
-the file.
+the file. ``--sd_checkpoint=DIR`` names where the run's converted SD weights are on this
+machine when they are not at the path the run was trained with (checked by content).
 
 With ``--out_dir`` every input (a file, or a folder searched recursively for images, or for
 ``.fsd`` files when decompressing) is written to ``out_dir`` under its own name (for folders,
@@ -66,7 +67,8 @@ def load_config(path: str):
 
 
 SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
-MODEL_FLAGS = ("config", "workdir", "model_dir", *(name for name, _ in SAMPLER_FLAGS))
+FASDIFF_FLAGS = ("sd_checkpoint", *(name for name, _ in SAMPLER_FLAGS))
+MODEL_FLAGS = ("config", "workdir", "model_dir", *FASDIFF_FLAGS)
 
 
 def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> str:
@@ -85,6 +87,9 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model_dir", default=None,
                     help="instead of --workdir: an mbt2018-mean hyperprior folder "
                          "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")
+    ap.add_argument("--sd_checkpoint", default=None, metavar="DIR",
+                    help="where the run's converted SD weights are on this machine (default: "
+                         "the config's model.sd_checkpoint); checked by content")
     for name, kind in SAMPLER_FLAGS:
         ap.add_argument(f"--{name}", type=kind, default=None, help="FaSDiff sampler spec override")
 
@@ -107,12 +112,12 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     from fasdiff_jax.models import hyperprior as H
 
     overrides = {name: getattr(args, name) for name, _ in SAMPLER_FLAGS}
-    sampler_given = given_flags(args, list(overrides))
+    fasdiff_given = given_flags(args, FASDIFF_FLAGS)
 
     def no_sampler(where: str) -> None:
-        if sampler_given:
-            raise FasdiffError(f"{sampler_given}: sampler settings apply to FaSDiff models, "
-                               f"not to the hyperprior {where}")
+        if fasdiff_given:
+            raise FasdiffError(f"{fasdiff_given}: sampler and SD settings apply to FaSDiff "
+                               f"models, not to the hyperprior {where}")
 
     if args.model_dir is not None:
         if args.config is not None or args.workdir is not None:
@@ -131,6 +136,7 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
         config, config_path = train.load_run_config(workdir), f"{workdir}/{train.RUN_CONFIG}"
     else:
         config, config_path = load_config(args.config), os.path.abspath(args.config)
+    config = _with_sd_checkpoint(config, args.sd_checkpoint)
     try:
         model, params, step = train.restore_for_inference(config, workdir)
     except train.TrainConfigError as e:
@@ -151,6 +157,20 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     settings["sampler"] = spec
     return LoadedCodec(f"fasdiff@{step}", settings, lambda im: model.compress(params, im, **spec),
                        lambda data: model.decompress(params, data), source_options)
+
+
+def _with_sd_checkpoint(config: Any, flag: str | None) -> Any:
+    """``config`` with ``--sd_checkpoint`` (a copy), or a readable error where the SD folder
+    it names is not on this machine (runs trained elsewhere)."""
+    if flag is not None:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.model.sd_checkpoint = os.path.abspath(flag)
+    ckpt = config.model.get("sd_checkpoint") or ""
+    if config.model.get("kind", "fasdiff") == "fasdiff" and ckpt and not os.path.isdir(ckpt):
+        raise FasdiffError(f"model.sd_checkpoint {ckpt!r} is not a folder on this machine: "
+                           f"name the run's converted SD weights with --sd_checkpoint=DIR")
+    return config
 
 
 def _hyperprior_codec(name: str, model: Any, params: dict, settings: dict,

@@ -247,15 +247,35 @@ def _check_params_finite(train_params: Any, step: int) -> None:
 
 
 def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
-    """What the frozen parts are rebuilt from: a resume with another one is refused."""
+    """What the frozen parts are: a resume, codec or evaluate run with others is refused.
+    Converted SD weights are named by their content (:func:`convert.sd_fingerprint`), so a
+    run's checkpoints load wherever the folder is copied to; random ones by seed and config."""
     m = config.model
     if m.get("kind", "fasdiff") != "fasdiff":
         return m.kind  # nothing frozen; a FaSDiff workdir is refused by this too
-    src = {"sd_checkpoint": m.get("sd_checkpoint", "")}
-    if not src["sd_checkpoint"]:
-        src.update(seed=config.seed, unet=m.unet.to_dict() if hasattr(m.unet, "to_dict") else m.unet,
-                   vae=m.vae.to_dict() if hasattr(m.vae, "to_dict") else m.vae)
+    if m.get("sd_checkpoint", ""):
+        from fasdiff_jax import convert
+
+        return "sd-" + convert.sd_fingerprint(m.sd_checkpoint)[:16]
+    return _fingerprint_of({"sd_checkpoint": "", "seed": config.seed, "unet": _plain(m.unet),
+                            "vae": _plain(m.vae)})
+
+
+def _fingerprint_of(src: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def _fingerprint_fits(saved: str | None, config: ml_collections.ConfigDict) -> bool:
+    """``saved`` (a checkpoint's) names ``config``'s frozen parts; checkpoints written before
+    content fingerprints named the SD folder by its path (still accepted from that path)."""
+    if saved == _frozen_fingerprint(config):
+        return True
+    ckpt = config.model.get("sd_checkpoint", "")
+    return bool(ckpt) and saved == _fingerprint_of({"sd_checkpoint": ckpt})
 
 
 def _workdir(path: str) -> str:
@@ -492,11 +512,12 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     if latest is not None:
         # fingerprint and shapes first: another model's state would fail inside Orbax, unreadably
         meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
-        if meta.get("frozen") != fingerprint:
+        if not _fingerprint_fits(meta.get("frozen"), config):
             raise TrainConfigError(
                 f"{workdir}: checkpoint {latest} was trained on other frozen SD weights or as "
                 f"another model kind (fingerprint {meta.get('frozen')} != {fingerprint}: "
-                f"model.kind, model.sd_checkpoint, seed or SD config changed); use a fresh workdir")
+                f"model.kind, the weights in model.sd_checkpoint, seed or SD config changed); "
+                f"use a fresh workdir")
         train_params, frozen = model.split(params)
         _check_fits(train_params, _saved_tree(mngr, latest, workdir)["params"], workdir, latest)
         target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
@@ -628,10 +649,11 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                                f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
     try:
         meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
-        if meta.get("frozen") != _frozen_fingerprint(config):
+        if not _fingerprint_fits(meta.get("frozen"), config):
             raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen "
                                    f"SD weights or as another model kind than this config's "
-                                   f"(model.kind, model.sd_checkpoint, seed or SD config)")
+                                   f"(model.kind, the weights in model.sd_checkpoint, seed or "
+                                   f"SD config)")
         model = build_model(config.model)
         saved = _saved_tree(mngr, latest, workdir)["params"]
         _check_fits(model.trainable_shapes(), saved, workdir, latest)

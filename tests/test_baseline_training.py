@@ -79,7 +79,7 @@ def test_codec_and_evaluate_use_the_trained_baseline(trained, embedded_dirs, tmp
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["codec"] == "mbt2018-mean"
     assert codec.main(["compress", str(face), str(tmp_path / "g.fsd"), f"--workdir={work}",
                        "--steps=3"]) == 2
-    assert "sampler settings apply to FaSDiff" in capsys.readouterr().err
+    assert "sampler and SD settings apply to FaSDiff" in capsys.readouterr().err
 
     out = tmp_path / "mbt.json"
     assert evaluate.main([f"--workdir={work}", f"--source=prepared:{embedded_dirs['heldout']}",

@@ -18,6 +18,7 @@ preemption notice, and one process resumes their checkpoint
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -320,17 +321,26 @@ def test_param_shardings_follow_the_logical_rules(devices8):
     assert o_sh.hyperparams["learning_rate"].spec == P()
 
 
+def _converted_sd(ckpt: Path, seed: int = 3) -> Path:
+    """A folder as ``python -m fasdiff_jax.convert`` writes it, with configs/tiny.py's SD
+    shapes and random weights."""
+    cfg = tiny.get_config()
+    base = fasdiff.build(cfg.model)
+    for name, mod in (("unet", base.unet), ("vae", base.vae)):
+        convert.save_component(str(ckpt / name), dict(cfg.model[name]),
+                               convert.random_params(mod, seed))
+    null = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
+    safetensors_io.save_file({"null_text": null}, ckpt / convert.NULL_TEXT_FILE)
+    return ckpt
+
+
 def test_sd_checkpoint_weights_go_from_the_file_into_their_shards(devices8, tmp_path):
     """Loaded SD parts stay host numpy (memory-mapped) until the train loop's device_put puts
     each device's shard in place: no device holds a staging copy of a whole weight."""
     cfg = tiny.get_config()
     base = fasdiff.build(cfg.model)
-    ckpt = tmp_path / "ckpt"
-    for name, mod in (("unet", base.unet), ("vae", base.vae)):
-        convert.save_component(str(ckpt / name), dict(cfg.model[name]),
-                               convert.random_params(mod, 3))
-    null = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
-    safetensors_io.save_file({"null_text": null}, ckpt / convert.NULL_TEXT_FILE)
+    ckpt = _converted_sd(tmp_path / "ckpt")
+    null = safetensors_io.load_file(ckpt / convert.NULL_TEXT_FILE)["null_text"]
     cfg.model.sd_checkpoint = str(ckpt)
     model = fasdiff.build(cfg.model)
     params = model.init_params(jax.random.key(0))
@@ -533,6 +543,75 @@ def test_a_fasdiff_run_does_not_export_as_the_baseline(scenario, tmp_path, capsy
     assert convert.main(["--hyperprior_workdir", str(scenario["a"]), "--out", str(tmp_path / "x")]) == 2
     assert "FaSDiff run, not the mbt2018-mean baseline" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.xdist_group("train_scenario")  # its train step: compiled by the scenario
+def test_a_run_on_converted_sd_weights_loads_wherever_they_are_copied(scenario, tmp_path,
+                                                                      capsys):
+    """Checkpoints name their frozen SD weights by content (not by the folder's path): the
+    codec on another machine takes the folder's new place with --sd_checkpoint and codes the
+    same bytes; a resumed run takes it from its config; other weights are refused."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec
+
+    ckpt = _converted_sd(tmp_path / "machine_a" / "sd")
+    work = tmp_path / "w"
+    cfg = _config(scenario["source"], **{"train.steps": 1, "model.sd_checkpoint": str(ckpt),
+                                          "model.sampler.steps": 2})
+    train.train_and_evaluate(cfg, str(work))
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:81, 150:200]).save(face)
+    assert codec.main(["compress", str(face), str(tmp_path / "a.fsd"), f"--workdir={work}"]) == 0
+
+    moved = tmp_path / "machine_b" / "weights"
+    moved.parent.mkdir()
+    shutil.move(ckpt, moved)
+    assert codec.main(["compress", str(face), str(tmp_path / "b.fsd"), f"--workdir={work}"]) == 2
+    assert "is not a folder on this machine" in capsys.readouterr().err
+    for out in ("b.fsd", "c.fsd"):  # again from the same process: memoised fingerprint
+        assert codec.main(["compress", str(face), str(tmp_path / out), f"--workdir={work}",
+                           f"--sd_checkpoint={moved}"]) == 0
+        assert (tmp_path / out).read_bytes() == (tmp_path / "a.fsd").read_bytes()
+    assert codec.main(["decompress", str(tmp_path / "b.fsd"), str(tmp_path / "b.png"),
+                       f"--workdir={work}", f"--sd_checkpoint={moved}"]) == 0
+    assert Image.open(tmp_path / "b.png").size == (50, 61)
+    with cfg.unlocked():
+        cfg.model.sd_checkpoint = str(moved)
+        cfg.train.steps = 2
+    assert train.train_and_evaluate(cfg, str(work))["step"] == 2  # resumed from step 1
+
+    other = _converted_sd(tmp_path / "other", seed=4)
+    assert codec.main(["compress", str(face), str(tmp_path / "d.fsd"), f"--workdir={work}",
+                       f"--sd_checkpoint={other}"]) == 2
+    assert "other frozen SD weights" in capsys.readouterr().err
+    assert not (tmp_path / "d.fsd").exists()
+
+
+def test_fingerprints_name_sd_weights_by_content_and_old_ones_by_path(tmp_path):
+    cfg = tiny.get_config()
+    cfg.model.sd_checkpoint = str(_converted_sd(tmp_path / "a"))
+    new = train._frozen_fingerprint(cfg)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    same = cfg.copy_and_resolve_references()
+    same.model.sd_checkpoint = str(tmp_path / "b")
+    assert train._frozen_fingerprint(same) == new and new.startswith("sd-")
+    (tmp_path / "b" / "vae" / "config.json").write_text(
+        (tmp_path / "a" / "vae" / "config.json").read_text() + " ")  # any byte counts
+    assert train._frozen_fingerprint(same) != new  # (size and mtime changed: hashed again)
+    def old_rule(src: dict) -> str:  # the fingerprint checkpoints were saved with until now
+        return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # checkpoints written before content fingerprints named the folder by its path
+    legacy = old_rule({"sd_checkpoint": str(tmp_path / "a")})
+    assert train._fingerprint_fits(legacy, cfg) and train._fingerprint_fits(new, cfg)
+    assert not train._fingerprint_fits(legacy, same)
+    # random frozen weights (no sd_checkpoint): named by seed and SD config, as before
+    plain = tiny.get_config()
+    assert train._frozen_fingerprint(plain) == old_rule(
+        {"sd_checkpoint": "", "seed": plain.seed, "unet": plain.model.unet.to_dict(),
+         "vae": plain.model.vae.to_dict()})
 
 
 def test_model_paths_are_made_absolute_once(tmp_path, monkeypatch):
