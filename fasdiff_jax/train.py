@@ -636,6 +636,17 @@ def _read_params(mngr: ocp.CheckpointManager, step: int, workdir: str, saved: An
                 partial_restore=True))["params"]
 
 
+def _without_loss_networks(model_cfg: Any) -> Any:
+    """Coding runs no loss: a FaSDiff config with its identity and LPIPS weights at 0, so
+    dlib's and LPIPS' networks are not loaded (``model.identity_path``, a training-time file,
+    need not exist where files are coded). Neither fingerprint depends on them."""
+    if model_cfg.get("kind", "fasdiff") != "fasdiff":
+        return model_cfg
+    cfg = ml_collections.ConfigDict(_plain(model_cfg))
+    cfg.loss.identity = cfg.loss.lpips = 0.0
+    return cfg
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                           ) -> tuple[Model, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from the latest
@@ -654,7 +665,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                                    f"SD weights or as another model kind than this config's "
                                    f"(model.kind, the weights in model.sd_checkpoint, seed or "
                                    f"SD config)")
-        model = build_model(config.model)
+        model = build_model(_without_loss_networks(config.model))
         saved = _saved_tree(mngr, latest, workdir)["params"]
         _check_fits(model.trainable_shapes(), saved, workdir, latest)
         got = _read_params(mngr, latest, workdir, saved)

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from configs import celeba, tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import convert, safetensors_io, sharding, train
-from fasdiff_jax.errors import NonFiniteLossError
+from fasdiff_jax.errors import IdentityWeightsError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -522,6 +522,32 @@ def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_pat
                            f"--workdir={bare}"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "g.fsd").exists()
+
+
+@pytest.mark.xdist_group("train_scenario")
+def test_coding_needs_no_loss_networks(scenario, tmp_path):
+    """A training-time file (``model.identity_path``, dlib's network for the identity loss)
+    missing where files are coded: the codec does not load it and codes the same bytes."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec
+
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:81, 150:200]).save(face)
+    moved = tmp_path / "w"
+    shutil.copytree(scenario["a"], moved)
+    saved = json.loads((moved / "config.json").read_text())
+    assert saved["model"]["loss"]["identity"] > 0 and saved["model"]["loss"]["lpips"] > 0
+    saved["model"]["identity_path"] = str(tmp_path / "gone" / "dlib_face_recognition.dat")
+    (moved / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(IdentityWeightsError):  # what training (the loss) would need
+        fasdiff.build(train.load_run_config(str(moved)).model)
+    for work, out in ((scenario["a"], "a.fsd"), (moved, "b.fsd")):
+        assert codec.main(["compress", str(face), str(tmp_path / out), f"--workdir={work}"]) == 0
+    assert (tmp_path / "a.fsd").read_bytes() == (tmp_path / "b.fsd").read_bytes()
+    model, _, _ = train.restore_for_inference(train.load_run_config(str(moved)), str(moved))
+    assert model.identity is None and model.lpips is None
 
 
 @pytest.mark.xdist_group("train_scenario")
