@@ -257,16 +257,13 @@ def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
         from fasdiff_jax import convert
 
         return "sd-" + convert.sd_fingerprint(m.sd_checkpoint)[:16]
-    return _fingerprint_of({"sd_checkpoint": "", "seed": config.seed, "unet": _plain(m.unet),
-                            "vae": _plain(m.vae)})
+    return _fingerprint_of({"sd_checkpoint": "", "seed": config.seed,
+                            "unet": m.unet.to_dict() if hasattr(m.unet, "to_dict") else m.unet,
+                            "vae": m.vae.to_dict() if hasattr(m.vae, "to_dict") else m.vae})
 
 
 def _fingerprint_of(src: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _plain(value: Any) -> Any:
-    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def _fingerprint_fits(saved: str | None, config: ml_collections.ConfigDict) -> bool:
@@ -449,9 +446,11 @@ def _is_orbax_late_callback(unraisable: Any) -> bool:
 
 
 def _drop_late_read_callbacks() -> None:
-    """After a failed read Orbax closes its event loop while TensorStore's other reads are in
-    flight; each of their completions then prints an "Event loop is closed" traceback from
-    TensorStore's threads (pages of them, after our one error line). Drop exactly those."""
+    """When a read fails Orbax closes its event loop while TensorStore's other reads are in
+    flight; each of their completions then reports an "Event loop is closed" RuntimeError as
+    unraisable from TensorStore's threads (pages of tracebacks around our one error line).
+    Drop exactly those; installed before reading, since they may come before the error
+    reaches us (they did under load)."""
     previous = sys.unraisablehook
     if getattr(previous, "_fasdiff_filter", False):
         return
@@ -470,10 +469,10 @@ def _reading(workdir: str, step: int) -> Iterator[None]:
     RuntimeError, OSError, JSON errors, with pages of async traces) becomes one
     :class:`CheckpointError` with the innermost message. Callers check first that the
     checkpoint fits the model, so what is left is damage."""
+    _drop_late_read_callbacks()
     try:
         yield
     except Exception as e:  # noqa: BLE001 - see above
-        _drop_late_read_callbacks()
         root = e
         while root.__cause__ is not None:  # TensorStore's own message is the innermost one
             root = root.__cause__
@@ -642,7 +641,7 @@ def _without_loss_networks(model_cfg: Any) -> Any:
     need not exist where files are coded). Neither fingerprint depends on them."""
     if model_cfg.get("kind", "fasdiff") != "fasdiff":
         return model_cfg
-    cfg = ml_collections.ConfigDict(_plain(model_cfg))
+    cfg = ml_collections.ConfigDict(fasdiff._as_dict(model_cfg))
     cfg.loss.identity = cfg.loss.lpips = 0.0
     return cfg
 
