@@ -1,10 +1,10 @@
 """A persistent XLA compilation cache for the commands (train, codec, evaluate).
 
 Without it every run compiles all its programs again: the tiny FaSDiff model's
-``codec decompress`` of one face spends half of its 12 s compiling the sampler, and a full-size
-model's programs compile for minutes. With it, a later run with the same model, image size and
-devices loads the executables (tiny model, this project's 2-core CPU: decompress 12.3 -> 6.2 s,
-compress 7.5 -> 5.3 s per command).
+``codec decompress`` spends ~5 s of its ~12 s compiling, and a full-size model's programs
+compile for minutes. With it, a later run with the same model, image size and devices loads
+the executables (tiny model, 8 faces, this project's 2-core CPU: decompress 12.4 -> 7.3 s,
+compress 6.5 -> 4.8 s per command; ``benchmarks/command_startup.py``).
 
 Where: ``--compile_cache=DIR``, else ``$FASDIFF_COMPILE_CACHE``, else
 ``$XDG_CACHE_HOME/fasdiff_jax/xla`` (``~/.cache/fasdiff_jax/xla``); ``none`` turns it off. A
