@@ -633,6 +633,13 @@ def test_fingerprints_name_sd_weights_by_content_and_old_ones_by_path(tmp_path):
     legacy = old_rule({"sd_checkpoint": str(tmp_path / "a")})
     assert train._fingerprint_fits(legacy, cfg) and train._fingerprint_fits(new, cfg)
     assert not train._fingerprint_fits(legacy, same)
+    # a folder that lost a file, or no folder: a ConversionError naming it
+    (tmp_path / "b" / "vae" / "params.safetensors").unlink()
+    with pytest.raises(convert.ConversionError, match="vae/params.safetensors is missing"):
+        train._frozen_fingerprint(same)
+    same.model.sd_checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(convert.ConversionError, match="is not a folder"):
+        train._frozen_fingerprint(same)
     # random frozen weights (no sd_checkpoint): named by seed and SD config, as before
     plain = tiny.get_config()
     assert train._frozen_fingerprint(plain) == old_rule(
