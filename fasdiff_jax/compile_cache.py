@@ -15,9 +15,10 @@ Every compile is cached (not only those over JAX's default 1 s: the many small o
 2.6 s of the tiny model's compress). A local folder has a size cap (``MAX_BYTES``, least
 recently used entries go first), which also makes JAX lock the folder around each read and
 write, so commands running at the same time can share it (without the lock one could read an
-entry another is still writing). A bucket (``gs://...``, e.g. one cache for every host of a
-pod) has no cap and no lock: objects appear whole, and only process 0 writes. An unreadable
-entry is compiled again. Like any JAX compilation cache, the folder holds code that will
+entry another is still writing). With several processes JAX writes entries from process 0
+only, so a multi-host run needs one folder every host reads (a shared file system, or a
+bucket) for all hosts to skip compiling. A bucket (``gs://...``) has no cap and no lock:
+objects appear whole. An unreadable entry is compiled again. Like any JAX compilation cache, the folder holds code that will
 run: keep it private.
 """
 

@@ -7,11 +7,12 @@
 # --jax_distributed makes main call jax.distributed.initialize(), which reads the coordinator
 # (first node), process count and process id from SLURM's environment and binds each process
 # to its local GPU. Run from the repo root with the venv active; WORKDIR must be on a file
-# system every node sees.
+# system every node sees. Compiled programs go to ~/.cache/fasdiff_jax/xla (JAX writes them
+# from process 0 only): if home is not shared, add --compile_cache=/shared/path/xla.
 #SBATCH --job-name=fasdiff
 #SBATCH --exclusive
 set -euo pipefail
-if [ $# -lt 1 ]; then sed -n 2,11p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,12p "$0"; exit 2; fi
 WORKDIR=$1; CONFIG=${2:-configs/celeba.py}; shift $(( $# < 2 ? $# : 2 ))
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 srun --kill-on-bad-exit=1 python -m fasdiff_jax.main --jax_distributed \

@@ -9,9 +9,9 @@
 # (install with the same --command once), and that data and the SD checkpoint are readable
 # from every worker. --jax_distributed makes main call jax.distributed.initialize(), which
 # finds the coordinator and process ids itself on TPU VMs. WORKDIR should be shared (GCS):
-# Orbax writes one checkpoint from all hosts; only process 0 writes summaries. Compiled
-# steps are kept in each worker's ~/.cache/fasdiff_jax/xla, so a restarted run skips
-# compiling; an extra --compile_cache=gs://bucket/xla shares one cache across workers.
+# Orbax writes one checkpoint from all hosts; only process 0 writes summaries. JAX writes
+# compiled programs from process 0 only, so for a restarted run to skip compiling on every
+# worker, add --compile_cache=gs://bucket/xla (one cache all workers read).
 set -euo pipefail
 if [ $# -lt 3 ]; then sed -n 2,14p "$0"; exit 2; fi
 TPU_NAME=$1; ZONE=$2; WORKDIR=$3; CONFIG=${4:-configs/celeba.py}; shift $(( $# < 4 ? $# : 4 ))
