@@ -154,7 +154,7 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
         return _hyperprior_codec(f"mbt2018-mean@{step}", model.model, params[model.KEY],
                                  settings, source_options)
     spec = dataclasses.asdict(model.sampler_spec(**overrides))
-    settings["sampler"] = spec
+    settings.update(sampler=spec, fingerprint=model.fingerprint(params).hex())
     return LoadedCodec(f"fasdiff@{step}", settings, lambda im: model.compress(params, im, **spec),
                        lambda data: model.decompress(params, data), source_options)
 

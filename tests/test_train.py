@@ -471,6 +471,7 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     res = json.loads(out.read_text())
     assert res["name"] == "fasdiff@6" and len(res["images"]) == 1 and res["complete"]
     assert res["settings"]["checkpoint_step"] == 6 and res["settings"]["sampler"]["steps"] >= 1
+    assert res["settings"]["fingerprint"] == info["fingerprint"]  # the weights its files carry
     row = res["images"][0]
     assert row["bpp"] == pytest.approx(8 * row["bytes"] / (row["height"] * row["width"]))
     assert np.isfinite(row["psnr-rgb"]) and 0 <= row["lpips"] and -1 <= row["identity-cos"] <= 1

@@ -307,6 +307,11 @@ class FaSDiff:
             self._cache["prep"] = hit
         return H.prepare(self.compressor, hit[3]), hit[2], hit[3]
 
+    def fingerprint(self, params: Params) -> bytes:
+        """What this model's files carry to refuse other weights (16 bytes; ``codec info``
+        prints it): evaluation results name the weights by it."""
+        return self._prepared(params)[1]
+
     def _jit(self, name: str, fn: Callable, static: tuple[str, ...] = ()) -> Callable:
         if name not in self._cache:
             self._cache[name] = jax.jit(fn, static_argnames=static)
