@@ -11,8 +11,8 @@ Where: ``--compile_cache=DIR``, else ``$FASDIFF_COMPILE_CACHE``, else
 process that already has JAX's own cache folder set (``JAX_COMPILATION_CACHE_DIR``, or a program
 that runs these commands in-process) keeps it unless ``--compile_cache`` names one.
 
-Every compile is cached (not only those over JAX's default 1 s: the many small ones add up to
-2.6 s of the tiny model's compress). A local folder has a size cap (``MAX_BYTES``, least
+In a local folder every compile is cached (not only those over JAX's default 1 s: the many
+small ones add up to 2.6 s of the tiny model's compress). A local folder has a size cap (``MAX_BYTES``, least
 recently used entries go first), which also makes JAX lock the folder around each read and
 write, so commands running at the same time can share it (without the lock one could read an
 entry another is still writing). With several processes JAX writes entries from process 0
@@ -82,4 +82,5 @@ def jax_settings(cache_dir: str) -> dict[str, Any]:
     local = "://" not in cache_dir  # capped and locked; a bucket stores whole objects
     return {"jax_compilation_cache_dir": cache_dir,
             "jax_compilation_cache_max_size": MAX_BYTES if local else -1,  # -1: no cap
-            "jax_persistent_cache_min_compile_time_secs": 0.0}
+            # a bucket write is a network round trip: there only compiles over JAX's 1 s
+            "jax_persistent_cache_min_compile_time_secs": 0.0 if local else 1.0}

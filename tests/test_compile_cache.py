@@ -66,6 +66,7 @@ def test_local_folders_are_locked_and_buckets_are_not():
     remote = compile_cache.jax_settings("gs://bucket/xla")
     assert remote["jax_compilation_cache_dir"] == "gs://bucket/xla"
     assert remote["jax_compilation_cache_max_size"] == -1  # JAX's "no cap": no lock
+    assert remote["jax_persistent_cache_min_compile_time_secs"] == 1.0  # no tiny uploads
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
