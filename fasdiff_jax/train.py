@@ -275,6 +275,18 @@ def _fingerprint_fits(saved: str | None, config: ml_collections.ConfigDict) -> b
     return bool(ckpt) and saved == _fingerprint_of({"sd_checkpoint": ckpt})
 
 
+def _check_frozen(meta: Mapping[str, Any], config: ml_collections.ConfigDict, workdir: str,
+                  step: int) -> None:
+    """Refuse checkpoint ``step`` (its ``meta``) when trained on other frozen parts or as
+    another model kind (resume, codec and evaluate alike), before its state is read."""
+    if not _fingerprint_fits(meta.get("frozen"), config):
+        raise TrainConfigError(
+            f"{workdir}: checkpoint {step} was trained on other frozen SD weights or as another "
+            f"model kind than this config's (fingerprint {meta.get('frozen')} != "
+            f"{_frozen_fingerprint(config)}: model.kind, the weights in model.sd_checkpoint, "
+            f"seed or SD config); use the config it was trained with, or a fresh workdir")
+
+
 def _workdir(path: str) -> str:
     """Local paths made absolute; URLs (``gs://bucket/run``, the TPU pod launch's shared
     workdir) left as they are: Orbax and CLU write to them through their own file systems."""
@@ -511,12 +523,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     if latest is not None:
         # fingerprint and shapes first: another model's state would fail inside Orbax, unreadably
         meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
-        if not _fingerprint_fits(meta.get("frozen"), config):
-            raise TrainConfigError(
-                f"{workdir}: checkpoint {latest} was trained on other frozen SD weights or as "
-                f"another model kind (fingerprint {meta.get('frozen')} != {fingerprint}: "
-                f"model.kind, the weights in model.sd_checkpoint, seed or SD config changed); "
-                f"use a fresh workdir")
+        _check_frozen(meta, config, workdir, latest)
         train_params, frozen = model.split(params)
         _check_fits(train_params, _saved_tree(mngr, latest, workdir)["params"], workdir, latest)
         target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
@@ -659,11 +666,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
                                f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
     try:
         meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
-        if not _fingerprint_fits(meta.get("frozen"), config):
-            raise TrainConfigError(f"{workdir}: checkpoint {latest} was trained on other frozen "
-                                   f"SD weights or as another model kind than this config's "
-                                   f"(model.kind, the weights in model.sd_checkpoint, seed or "
-                                   f"SD config)")
+        _check_frozen(meta, config, workdir, latest)
         model = build_model(_without_loss_networks(config.model))
         saved = _saved_tree(mngr, latest, workdir)["params"]
         _check_fits(model.trainable_shapes(), saved, workdir, latest)
