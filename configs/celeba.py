@@ -10,7 +10,9 @@
        tfds build celeb_a_hq/256 --file_format=array_record --manual_dir=/data/celeba_hq_manual
 
    (or align your own faces: ``python -m fasdiff_jax.data.prepare --input DIR --output
-   /data/faces --size 256`` and pass ``--config.data.source=prepared:/data/faces``).
+   /data/faces --size 256`` and pass ``--config.data.source=prepared:/data/faces`` with
+   held-out faces as ``--config.eval.source=prepared:/data/faces_heldout``, or
+   ``--config.eval.source=`` for no held-out evaluation).
 
 3. Train (one host; for pods and clusters see ``launch/``)::
 
@@ -27,7 +29,9 @@ compressor/HLFE/control sizes and loss weights are our choices (the paper's are 
        python -m fasdiff_jax.evaluate --workdir=/ckpt/fasdiff_celeba \\
            --source=prepared:/data/faces_heldout --out=fasdiff_celeba.json
 
-   (held-out faces, not from the training split, prepared as in step 2). On another
+   (held-out faces, not from the training split, prepared as in step 2; or CelebA-HQ's
+   last 1000, which training leaves out and logs as ``eval/*`` every 2000 steps:
+   ``--source=tfds:celeb_a_hq/256:train[29000:]``). On another
    machine, copy the workdir and the converted SD folder anywhere and name the folder with
    ``--sd_checkpoint=DIR``: checkpoints name their SD weights by content, not by path.
 
@@ -71,8 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # pure data parallelism over every device of every host
     config.model = model_config()
     config.data = ml_collections.ConfigDict(dict(
-        source="tfds:celeb_a_hq/256:train", image_size=256, global_batch_size=64, seed=0,
-        num_workers=8, tfds_data_dir=config_dict.placeholder(str)))
+        source="tfds:celeb_a_hq/256:train[:29000]", image_size=256, global_batch_size=64,
+        seed=0, num_workers=8, tfds_data_dir=config_dict.placeholder(str)))
+    # the last 1000 faces are held out: their loss terms every 2000 steps (15 batches of 64)
+    config.eval = ml_collections.ConfigDict(dict(
+        source="tfds:celeb_a_hq/256:train[29000:]", every_steps=2_000, batch_size=64,
+        num_batches=0, seed=0, x0_terms=True))
     config.train = tiny.get_config().train  # every field, then the real-run values
     config.train.update(steps=200_000, optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2,
                         schedule="warmup_cosine", warmup_steps=2_000, end_learning_rate_ratio=0.1,

@@ -4,7 +4,8 @@ resume, on rate + lmbda·255²·MSE. A rate point per lmbda, on the same faces a
 BD-rate anchors:
 
     python -m fasdiff_jax.main --config=configs/mbt2018_mean.py --workdir=runs/mbt_q4 \\
-        --config.data.source=prepared:data/faces256 --config.model.lmbda=0.0130
+        --config.data.source=prepared:data/faces256 --config.model.lmbda=0.0130 \\
+        --config.eval.source=prepared:data/faces_heldout
     python -m fasdiff_jax.evaluate --workdir=runs/mbt_q4 --source=prepared:data/faces_heldout \\
         --out=mbt_q4.json
     python -m fasdiff_jax.codec compress --workdir=runs/mbt_q4 faces/ --out_dir=fsd_mbt_q4/
@@ -37,7 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
         kind="hyperprior", N=128, M=192, num_scales=128, hs_activation="leaky_relu",
         lmbda=0.0130, image_size=256))
     config.data = ml_collections.ConfigDict(dict(
-        source="tfds:celeb_a_hq/256:train", image_size=256, global_batch_size=16, seed=0))
+        source="tfds:celeb_a_hq/256:train[:29000]", image_size=256, global_batch_size=16,
+        seed=0))
+    # held-out rate, MSE and PSNR (latents rounded as coded) on the last 1000 faces
+    config.eval = ml_collections.ConfigDict(dict(
+        source="tfds:celeb_a_hq/256:train[29000:]", every_steps=5_000, batch_size=16,
+        num_batches=0, seed=0, x0_terms=False))
     config.train = tiny.get_config().train  # every field, then the baseline's values
     config.train.update(steps=500_000, optimizer="adam", learning_rate=1e-4, x0_every=0,
                         log_every=100, checkpoint_every=5_000, max_to_keep=3)

@@ -2,9 +2,10 @@
 
     python -m fasdiff_jax.main --config=configs/tiny.py --workdir=/tmp/fasdiff_tiny
 
-Expected: 64x64 faces from the embedded default; every loss term finite; rate, diffusion,
-latent and high-frequency fall over a few hundred CPU steps. Identity and LPIPS on x̂0 (every
-``x0_every`` steps) are logged but stay near 0.065 / 0.71 on fresh batches with random SD.
+Expected: 64x64 faces from the embedded default (its held-out split: ``eval/*`` every 100
+steps, 8 images); every loss term finite; rate, diffusion, latent and high-frequency fall
+over a few hundred CPU steps. Identity and LPIPS on x̂0 (every ``x0_every`` steps) are
+logged but stay near 0.065 / 0.71 on fresh batches with random SD.
 The SD UNet/VAE are random (no checkpoint), so reconstructions are not faces; that is what
 the ``celeba`` config with a converted SD checkpoint is for.
 """
@@ -63,4 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
         optimizer="adam", b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant",
         warmup_steps=0, end_learning_rate_ratio=0.0, grad_clip_norm=0.0, max_to_keep=3,
         on_process_count_change="error"))
+    # held-out loss terms every 100 steps on the embedded default's held-out faces and crops
+    config.eval = ml_collections.ConfigDict(dict(
+        source="embedded:heldout", every_steps=100, batch_size=8, num_batches=0, seed=0,
+        x0_terms=True))
     return config

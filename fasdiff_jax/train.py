@@ -14,6 +14,10 @@ mbt2018-mean baseline (all of it trainable, no x̂0 step):
   ``ReportProgress``; every logged step goes through :func:`fasdiff.check_finite`, and the
   trainable params are checked before every save, so a NaN stops the run with
   :class:`NonFiniteLossError` and the last good checkpoint stays the latest one;
+* held-out evaluation (``config.eval``, :data:`EVAL_DEFAULTS`): every ``every_steps`` steps
+  the loss terms on the same held-out images (no augmentation), latents rounded as in
+  coding and the diffusion terms' timesteps/noise drawn from ``eval.seed``, logged as
+  ``eval/*`` (bpp, each term, ``psnr`` for the baseline), so the curves compare across steps;
 * Orbax checkpoints of the *trainable* params, optimizer state, step and the Grain iterator
   state (one JSON file per process). Frozen SD/metric networks are rebuilt from the config
   (``model.sd_checkpoint`` or the seeded random stand-ins), never re-saved. A run started in
@@ -30,6 +34,7 @@ mbt2018-mean baseline (all of it trainable, no x̂0 step):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,7 +58,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fasdiff_jax import sharding
-from fasdiff_jax.data.pipeline import make_train_iterator
+from fasdiff_jax.data.pipeline import DataConfig, make_train_iterator
 from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
@@ -77,6 +82,18 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     # A checkpoint written by another number of processes (hosts): "error", or "restart_data"
     # (params and optimizer state resume; each process's data stream starts afresh).
     on_process_count_change="error",
+)
+
+
+# Fields of ``config.eval`` (held-out metrics while training) and their defaults; a config
+# without ``eval`` (e.g. a run config saved before it existed) evaluates nothing.
+EVAL_DEFAULTS: dict[str, Any] = dict(
+    source="",  # held-out images, a spec as config.data.source takes; "" = no evaluation
+    every_steps=0,  # evaluate after every this many steps; 0 = never
+    batch_size=0,  # global batch; 0 = config.data.global_batch_size
+    num_batches=0,  # at most this many batches per evaluation; 0 = all whole batches
+    seed=0,  # the diffusion terms' timesteps and noise: the same draw at every evaluation
+    x0_terms=True,  # FaSDiff: identity and LPIPS on x̂0 too (where their weights are > 0)
 )
 
 
@@ -119,6 +136,80 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         raise TrainConfigError("config.train.on_process_count_change must be 'error' or "
                                f"'restart_data', got {tc['on_process_count_change']!r}")
     return tc
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """What :func:`evaluate_held_out` reads: the pipeline settings (no shuffle, no
+    augmentation, one pass), the opened source and the number of batches per evaluation."""
+
+    data: DataConfig
+    source: Any
+    batches: int
+    every_steps: int
+    seed: int
+    x0_terms: bool
+
+
+def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
+                      ) -> HeldOut | None:
+    """``config.eval`` merged over :data:`EVAL_DEFAULTS`; None when evaluation is off or
+    comes after the run's last step (``steps``). The source is opened here, so a bad one
+    fails at the start, not after ``every_steps``."""
+    given = config.get("eval")
+    given = dict(given.to_dict() if hasattr(given, "to_dict") else given or {})
+    unknown = sorted(set(given) - set(EVAL_DEFAULTS))
+    if unknown:
+        raise TrainConfigError(f"config.eval: unknown fields {unknown}; known: {sorted(EVAL_DEFAULTS)}")
+    ec = {**EVAL_DEFAULTS, **given}
+    for k in ("every_steps", "batch_size", "num_batches"):
+        if int(ec[k]) != ec[k] or ec[k] < 0:
+            raise TrainConfigError(f"config.eval.{k} must be a non-negative integer, got {ec[k]!r}")
+    if not ec["source"] or not ec["every_steps"] or ec["every_steps"] > steps:
+        return None
+    from fasdiff_jax.data.sources import open_source
+
+    train_data = DataConfig.from_config(config.data)
+    data = dataclasses.replace(
+        train_data, source=ec["source"], seed=0, shuffle=False, num_epochs=1, augment=False,
+        num_workers=0, global_batch_size=int(ec["batch_size"]) or train_data.global_batch_size)
+    source = open_source(data.source, data_dir=data.tfds_data_dir, cache_dir=data.cache_dir,
+                         image_size=data.image_size)
+    shards = int(np.prod([mesh.shape[a] for a in data.batch_axes if a in mesh.shape]))
+    procs = jax.process_count()
+    if data.global_batch_size % shards or data.global_batch_size % procs:
+        raise TrainConfigError(
+            f"config.eval.batch_size {data.global_batch_size} is not divisible by the {shards} "
+            f"shards of the mesh's batch axes and the {procs} processes")
+    whole = (len(source) // procs) // (data.global_batch_size // procs)
+    if whole < 1:
+        raise TrainConfigError(
+            f"config.eval.source {data.source!r} has {len(source)} images, fewer than one "
+            f"batch of {data.global_batch_size} (set config.eval.batch_size lower)")
+    batches = min(whole, int(ec["num_batches"]) or whole)
+    logging.info("held-out evaluation every %d steps: %d images of %s", ec["every_steps"],
+                 batches * data.global_batch_size, data.source)
+    return HeldOut(data, source, batches, int(ec["every_steps"]), int(ec["seed"]),
+                   bool(ec["x0_terms"]))
+
+
+def evaluate_held_out(eval_step: Any, params: Any, held_out: HeldOut, mesh: Mesh
+                      ) -> dict[str, float]:
+    """Mean of every metric over the held-out batches (equal sizes, so the mean over images;
+    ``psnr`` from the mean MSE where there is one); the same images and random draws every
+    time, so evaluations at different steps compare."""
+    it = make_train_iterator(held_out.data, mesh, source=held_out.source)
+    sums: dict[str, Any] = {}
+    try:
+        for i in range(held_out.batches):
+            m = eval_step(params, next(it), jax.random.fold_in(jax.random.key(held_out.seed), i))
+            sums = m if not sums else jax.tree.map(jnp.add, sums, m)
+    finally:
+        it.close()
+    out = {k: v / held_out.batches for k, v in _host_metrics(sums).items()}
+    if "mse" in out:
+        out["psnr"] = float(10 * np.log10(1.0 / max(out["mse"], 1e-12)))
+    return out
 
 
 def make_optimizer(tc: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -415,6 +506,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
                                           opt_shardings=o_sh) for x0 in (False, True)}
 
+    held_out = held_out_settings(config, mesh, int(tc["steps"]))
+    eval_step = None if held_out is None else model.make_eval_step(
+        held_out.x0_terms, mesh=mesh, param_shardings=p_sh)
     it = make_train_iterator(config.data, mesh)
     register_checkpoint_array_handler()
     mngr = ocp.CheckpointManager(
@@ -422,7 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         options=ocp.CheckpointManagerOptions(max_to_keep=int(tc["max_to_keep"]), create=True))
     try:
         return _loop(config, workdir, tc, mesh, model, params, opt_state, train_sh, o_sh,
-                     step_fns, it, mngr)
+                     step_fns, it, mngr, held_out, eval_step)
     finally:
         mngr.wait_until_finished()  # an async save of a good step completes even on error
         mngr.close()
@@ -515,8 +609,10 @@ def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
           model: Model, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
-          step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager) -> dict[str, float]:
-    """Restore (if a checkpoint exists), then train, log, check and save until the last step."""
+          step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager,
+          held_out: HeldOut | None = None, eval_step: Any = None) -> dict[str, float]:
+    """Restore (if a checkpoint exists), then train, log, evaluate, check and save until the
+    last step."""
     fingerprint = _frozen_fingerprint(config)
     step = 0
     latest = mngr.latest_step()
@@ -558,6 +654,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     base_rng = jax.random.key(config.seed)
     use_x0 = int(model.loss_cfg.get("stage", 1)) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
         while step < tc["steps"]:
             x0 = use_x0 and (step + 1) % tc["x0_every"] == 0
@@ -572,6 +669,11 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 fasdiff.check_finite(last, step)
                 last["learning_rate"] = float(hyperparams(opt_state)["learning_rate"])
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
+            if held_out is not None and step % held_out.every_steps == 0:
+                with jax.profiler.StepTraceAnnotation("eval", step_num=step):
+                    last_eval = evaluate_held_out(eval_step, params, held_out, mesh)
+                logging.info("step %d held-out: %s", step, last_eval)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
             if step % tc["checkpoint_every"] == 0 and step != tc["steps"]:
                 save(step)
             if step < tc["steps"] and preemption.reached(mngr, step):
@@ -580,7 +682,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 break
         if mngr.latest_step() != step:
             save(step)
-    return {**last, "step": step}
+    return {**last, **{f"eval/{k}": v for k, v in last_eval.items()}, "step": step}
 
 
 class _Preemption:

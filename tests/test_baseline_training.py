@@ -40,11 +40,14 @@ def trained(embedded_dirs, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("mbt")
     a, b = root / "a", root / "b"
     first = train.train_and_evaluate(small_config(source, steps=1), str(root / "one"))
-    out = train.train_and_evaluate(small_config(source), str(a))
+    held_out = small_config(source)
+    held_out.eval.update(source=f"prepared:{embedded_dirs['heldout']}", every_steps=STEPS // 2,
+                         batch_size=8)
+    out = train.train_and_evaluate(held_out, str(a))
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / str(STEPS // 2), b / "checkpoints" / str(STEPS // 2))
-    resumed = train.train_and_evaluate(small_config(source), str(b))
-    return dict(a=a, first=first, out=out, resumed=resumed, source=source)
+    resumed = train.train_and_evaluate(held_out, str(b))
+    return dict(a=a, first=first, out=out, resumed=resumed, source=source, held_out=held_out)
 
 
 @pytest.mark.xdist_group("baseline_training")
@@ -55,8 +58,33 @@ def test_the_loop_trains_and_resumes_the_baseline(trained):
     assert out["loss"] < 0.7 * first["loss"], (first, out)  # rate + lmbda·255²·MSE falls
     for k in ("loss", "bpp", "mse"):  # resumed at STEPS/2: the same last step
         assert resumed[k] == pytest.approx(out[k], rel=1e-5), k
+        assert resumed[f"eval/{k}"] == pytest.approx(out[f"eval/{k}"], rel=1e-5), k
+    assert out["eval/psnr"] == pytest.approx(10 * np.log10(1 / out["eval/mse"]))
     saved = train.load_run_config(str(trained["a"]))
     assert saved.model.kind == "hyperprior" and saved.model.N == 8
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
+    """The loop's held-out bpp (rounded latents) is what the codec writes for those images:
+    the same 8 images, coded with the last step's params, within 1% of it plus up to one
+    32-bit word per file (the range coder's granularity; the payload here is ~80 bytes per
+    image; 66-byte headers excluded, they are not part of the model's rate)."""
+    from fasdiff_jax.data.pipeline import make_dataset
+    from fasdiff_jax.sharding import create_mesh
+
+    out, work = trained["out"], str(trained["a"])
+    mesh = create_mesh({"data": 8})
+    held = train.held_out_settings(trained["held_out"], mesh, STEPS)
+    assert held.batches == 1  # 9 held-out images: one whole batch of 8
+    images = next(iter(make_dataset(held.data, held.source, 0, 1)))["image"]
+    model, params, step = train.restore_for_inference(train.load_run_config(work), work)
+    assert step == STEPS and images.shape == (8, 64, 64, 3)
+    payload_bits = sum(8 * (len(H.compress(model.model, params[model.KEY], im)) - 66)
+                       for im in images)
+    model_bits = out["eval/bpp"] * images[..., 0].size
+    assert abs(payload_bits - model_bits) <= 0.01 * model_bits + 32 * len(images), (
+        payload_bits, model_bits)
 
 
 @pytest.mark.xdist_group("baseline_training")

@@ -3,9 +3,10 @@
 One scenario, run once per module (the FaSDiff step compiles once; the test session's
 persistent compilation cache, see ``conftest.py``, serves the later runs):
 
-A. ``main`` (absl flags, config overrides) trains 6 steps in ``a/``, checkpoints at 3 and 6;
+A. ``main`` (absl flags, config overrides) trains 6 steps in ``a/``, checkpoints at 3 and 6,
+   held-out evaluation after steps 3 and 6;
 B. a copy of A's step-3 checkpoint only (as if A had been killed after step 3) is resumed
-   in ``b/`` to step 6: steps 4-6 must match A's exactly;
+   in ``b/`` to step 6: steps 4-6 and the evaluation after step 6 must match A's exactly;
 N. ``b/`` is resumed with ``learning_rate=nan`` to step 8: the params go NaN after step 7,
    the loss at step 8 is NaN, the run stops naming the terms and step 6 stays the latest
    (finite) checkpoint.
@@ -54,6 +55,10 @@ TERMS = ("bpp", "diffusion", "latent", "high_freq", "loss", "grad_norm")
 def _overrides(source: str) -> dict:
     return {"data.source": source, "mesh.data": 8, "train.x0_every": 1000, "train.log_every": 1,
             "train.checkpoint_every": 3, "train.max_to_keep": 5}
+
+
+def _eval_overrides(heldout: str) -> dict:
+    return {"eval.source": f"prepared:{heldout}", "eval.every_steps": 3}
 
 
 def _config(source: str, **extra):
@@ -105,7 +110,8 @@ def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
     a, b = root / "a", root / "b"
     argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={a}",
             "--config.train.steps=6", "--config.model.sampler.steps=3"]  # saved in config.json
-    argv += [f"--config.{k}={v}" for k, v in _overrides(src).items()]
+    held = _eval_overrides(embedded_dirs["heldout"])
+    argv += [f"--config.{k}={v}" for k, v in {**_overrides(src), **held}.items()]
     with mock.patch.object(sys, "argv", argv):  # config_flags reads overrides from sys.argv
         main_lib.FLAGS(argv)
     try:
@@ -114,13 +120,13 @@ def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
         main_lib.FLAGS.unparse_flags()
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "3", b / "checkpoints" / "3")
-    resumed = train.train_and_evaluate(_config(src, **{"train.steps": 6}), str(b))
+    resumed = train.train_and_evaluate(_config(src, **{"train.steps": 6, **held}), str(b))
     b_scalars = _scalars(b)
     with pytest.raises(NonFiniteLossError) as nan_error:
         train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": float("nan"),
                                                  "train.checkpoint_every": 2}), str(b))
     return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value,
-                source=src)
+                source=src, held=held)
 
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
@@ -142,6 +148,11 @@ def test_main_writes_checkpoints_and_summaries(scenario):
     assert "train/identity" not in s  # x0_every=1000: the x̂0 step never ran
     assert any(t.startswith("steps_per_sec") for t in s)  # ReportProgress
     assert s["train/loss"][6] < s["train/loss"][1]
+    # held-out terms after steps 3 and 6 (x̂0 terms included: eval.x0_terms), all finite
+    for term in ("bpp", "diffusion", "latent", "high_freq", "identity", "lpips", "loss"):
+        assert sorted(s[f"eval/{term}"]) == [3, 6], term
+        assert all(np.isfinite(list(s[f"eval/{term}"].values()))), term
+    assert s["eval/loss"][6] != s["eval/loss"][3]  # the params changed in between
 
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
@@ -153,6 +164,11 @@ def test_resume_equals_uninterrupted_run(scenario):
             assert b_s[f"train/{term}"][step] == pytest.approx(a_s[f"train/{term}"][step],
                                                                rel=1e-6, abs=1e-7), (term, step)
     assert scenario["resumed"]["step"] == 6
+    for term in ("bpp", "diffusion", "identity", "lpips", "loss"):  # same images, same draws
+        assert sorted(b_s[f"eval/{term}"]) == [6]
+        assert b_s[f"eval/{term}"][6] == pytest.approx(a_s[f"eval/{term}"][6], rel=1e-5,
+                                                       abs=1e-7), term
+        assert scenario["resumed"][f"eval/{term}"] == pytest.approx(b_s[f"eval/{term}"][6])
     want, got = _saved_params(scenario["a"], 6), _saved_params(scenario["b"], 6)
     assert want.keys() == got.keys()
     for k in want:
@@ -252,6 +268,42 @@ def test_checkpoint_saves_compile_nothing_for_small_replicated_arrays(devices8, 
     assert not warned, warned  # Orbax's "... overriding jax.Array"
     for k in tree:
         np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(tree[k]))
+
+
+def test_held_out_settings(embedded_dirs):  # noqa: F811
+    """config.eval: off when unset, empty or after the last step; the whole batches of the
+    held-out source, capped by num_batches; what cannot work is refused at the start."""
+    from fasdiff_jax.errors import DataError
+
+    mesh8 = sharding.create_mesh({"data": 8})
+    mesh2 = sharding.create_mesh({"data": 2, "tensor": 4})  # batch split over 2 shards
+    cfg = tiny.get_config()
+    cfg.eval.source = f"prepared:{embedded_dirs['heldout']}"  # 9 images
+    assert train.held_out_settings(cfg, mesh8, 99) is None  # every 100 steps, run ends at 99
+    held = train.held_out_settings(cfg, mesh8, 100)
+    assert (held.batches, held.data.global_batch_size, held.x0_terms) == (1, 8, True)
+    assert not held.data.shuffle and not held.data.augment and held.data.num_epochs == 1
+    assert held.data.image_size == cfg.data.image_size
+    cfg.eval.batch_size = 2
+    assert train.held_out_settings(cfg, mesh2, 100).batches == 4  # 9 // 2
+    cfg.eval.num_batches = 3
+    assert train.held_out_settings(cfg, mesh2, 100).batches == 3
+    with pytest.raises(train.TrainConfigError, match="not divisible by the 8 shards"):
+        train.held_out_settings(cfg, mesh8, 100)
+    cfg.eval.batch_size = 16
+    with pytest.raises(train.TrainConfigError, match="9 images, fewer than one batch of 16"):
+        train.held_out_settings(cfg, mesh8, 100)
+    cfg.eval.source = "prepared:/nonexistent/faces"
+    with pytest.raises(DataError):
+        train.held_out_settings(cfg, mesh8, 100)
+    cfg.eval.source = ""
+    assert train.held_out_settings(cfg, mesh8, 100) is None
+    with cfg.unlocked():
+        cfg.eval.every = 5
+    with pytest.raises(train.TrainConfigError, match=r"unknown fields \['every'\]"):
+        train.held_out_settings(cfg, mesh8, 100)
+    del cfg.eval
+    assert train.held_out_settings(cfg, mesh8, 100) is None  # a run config from before eval
 
 
 def test_params_are_checked_before_saving():
@@ -493,7 +545,8 @@ def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_pat
 
     a = scenario["a"]
     saved = train.load_run_config(str(a))
-    want = _config(scenario["source"], **{"train.steps": 6, "model.sampler.steps": 3})
+    want = _config(scenario["source"], **{"train.steps": 6, "model.sampler.steps": 3,
+                                          **scenario["held"]})
     assert saved.to_dict() == want.to_dict()  # tuples come back as tuples
     face = tmp_path / "face.png"
     Image.fromarray(skdata.astronaut()[20:81, 150:200]).save(face)
@@ -720,8 +773,10 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     argv = [sys.executable, "-m", "fasdiff_jax.main", "--jax_distributed",
             f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=8",
             f"--compile_cache={tmp_path / 'xla'}"]
+    held = {**_eval_overrides(embedded_dirs["heldout"]), "eval.every_steps": 1,
+            "eval.x0_terms": False}  # each process evaluates its half of the batch
     argv += [f"--config.{k}={v}"
-             for k, v in {**_overrides(src), "train.checkpoint_every": 100}.items()]
+             for k, v in {**_overrides(src), "train.checkpoint_every": 100, **held}.items()]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env=dict(
                                   os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
@@ -760,6 +815,10 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     # the metrics are global arrays: both processes log the same values, every step
     assert sorted(_logged(logs[0])) == list(range(1, stop + 1))
     assert _logged(logs[0]) == _logged(logs[1])
+    held_out = [dict(re.findall(r"step (\d+) held-out: (\{[^\n]*\})", "".join(log)))
+                for log in logs]
+    assert sorted(map(int, held_out[0])) == list(range(1, stop + 1))
+    assert held_out[0] == held_out[1]  # one global result, whichever process logs it
     s = _scalars(work)  # summaries: process 0 only
     assert all(np.isfinite(s[f"train/{t}"][stop]) for t in TERMS)
     d = work / "checkpoints" / str(stop) / "data"

@@ -209,9 +209,12 @@ class FaSDiff:
 
     # ------------------------------------------------------------------ training
     def loss_fn(self, params: Params, batch: Mapping[str, jax.Array] | jax.Array, rng: jax.Array,
-                x0_terms: bool | None = None) -> tuple[jax.Array, dict]:
+                x0_terms: bool | None = None, quantization: str = "noise"
+                ) -> tuple[jax.Array, dict]:
         """Total loss and every term. ``batch['image']``: uint8 (B,H,W,3), H, W multiples of
-        :attr:`multiple`. ``x0_terms`` (static) adds identity + LPIPS; default: stage 2."""
+        :attr:`multiple`. ``x0_terms`` (static) adds identity + LPIPS; default: stage 2.
+        ``quantization``: the latents' ``"noise"`` (training) or ``"round"`` (what coding
+        does: held-out evaluation, where bpp is then the model's estimate of the file)."""
         lc = self.loss_cfg
         if x0_terms is None:
             x0_terms = lc["stage"] >= 2
@@ -221,7 +224,7 @@ class FaSDiff:
         r_q, r_t, r_n = jax.random.split(rng, 3)
         z0 = self.encode_z0(params, x)
         prompt, z_coarse, y_lik, z_lik = self.compressor.apply(
-            {"params": params["compressor"]}, x, z0, "noise", r_q)
+            {"params": params["compressor"]}, x, z0, quantization, r_q)
         bpp = entropy.bits_from_likelihoods(y_lik, z_lik) / (b * hgt * wid)
         modulation, _ = self.hlfe.apply({"params": params["hlfe"]}, z_coarse, prompt)
         with_x0 = x0_terms and (lc["identity"] > 0 or lc["lpips"] > 0)
@@ -268,6 +271,15 @@ class FaSDiff:
         return train_step.make_train_step(
             lambda p, batch, rng: self.loss_fn(p, batch, rng, x0_terms), self.split, optimizer,
             mesh, param_shardings, opt_shardings)
+
+    def make_eval_step(self, x0_terms: bool | None = None, mesh: Mesh | None = None,
+                       param_shardings: Any = None) -> Callable:
+        """``eval_step(params, batch, rng) -> metrics``: :meth:`loss_fn`'s terms with rounded
+        latents (as coded), for held-out batches; the train loop passes a fixed ``rng`` so
+        every evaluation draws the same timesteps and noise."""
+        return train_step.make_eval_step(
+            lambda p, batch, rng: self.loss_fn(p, batch, rng, x0_terms, "round"), mesh,
+            param_shardings)
 
     def init_opt_state(self, optimizer: optax.GradientTransformation, params: Params):
         return optimizer.init(self.split(params)[0])

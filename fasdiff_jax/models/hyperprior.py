@@ -905,9 +905,10 @@ def estimate_bits(model: MeanScaleHyperprior, params: dict, image: np.ndarray,
 # training
 # --------------------------------------------------------------------------------------------
 def loss_fn(model: MeanScaleHyperprior, params: dict, batch: jax.Array, rng: jax.Array,
-            lmbda: float = 0.01) -> tuple[jax.Array, dict]:
-    """Rate (bpp, additive noise) + lmbda * 255² * MSE on a [0,1] NHWC batch (multiple of 64)."""
-    x_hat, y_lik, z_lik = model.apply(params, batch, "noise", rng)
+            lmbda: float = 0.01, quantization: str = "noise") -> tuple[jax.Array, dict]:
+    """Rate (bpp) + lmbda * 255² * MSE on a [0,1] NHWC batch (multiple of 64); latents with
+    additive noise (``quantization="noise"``, training) or rounded (``"round"``, as coded)."""
+    x_hat, y_lik, z_lik = model.apply(params, batch, quantization, rng)
     n_px = batch.shape[0] * batch.shape[1] * batch.shape[2]
     bpp = E.bits_from_likelihoods(y_lik, z_lik) / n_px
     mse = jnp.mean((x_hat - batch) ** 2)
@@ -966,11 +967,12 @@ class TrainableHyperprior:
     def split(params: dict) -> tuple[dict, dict]:
         return dict(params), {}
 
-    def loss_fn(self, params: dict, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss_fn(self, params: dict, batch: Any, rng: jax.Array,
+                quantization: str = "noise") -> tuple[jax.Array, dict]:
         """``batch["image"]``: uint8 NHWC, sides multiples of :data:`MULTIPLE`."""
         img = batch["image"] if isinstance(batch, Mapping) else batch
         return loss_fn(self.model, params[self.KEY], img.astype(jnp.float32) / 255.0, rng,
-                       self.lmbda)
+                       self.lmbda, quantization)
 
     def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
                         mesh: Any = None, param_shardings: Any = None,
@@ -978,6 +980,13 @@ class TrainableHyperprior:
         del x0_terms  # FaSDiff's stage-2 terms; the baseline has none
         return train_step.make_train_step(self.loss_fn, self.split, optimizer, mesh,
                                           param_shardings, opt_shardings)
+
+    def make_eval_step(self, x0_terms: bool | None = None, mesh: Any = None,
+                       param_shardings: Any = None):
+        """Held-out metrics with rounded latents (bpp: the model's estimate of the files)."""
+        del x0_terms
+        return train_step.make_eval_step(lambda p, b, r: self.loss_fn(p, b, r, "round"),
+                                         mesh, param_shardings)
 
     def init_opt_state(self, optimizer: optax.GradientTransformation, params: dict):
         return optimizer.init(params)

@@ -47,3 +47,19 @@ def make_train_step(loss_fn: LossFn, split: SplitFn, optimizer: optax.GradientTr
     o_sh = replicated if opt_shardings is None else opt_shardings
     return jax.jit(step, donate_argnums=donated, in_shardings=(p_sh, o_sh, None, replicated),
                    out_shardings=(p_sh, o_sh, replicated))
+
+
+def make_eval_step(metrics_fn: LossFn, mesh: Mesh | None = None,
+                   param_shardings: Any = None) -> Callable:
+    """``eval_step(params, batch, rng) -> metrics``, jitted: ``metrics_fn``'s metrics (its
+    loss and terms) without gradients. With a ``mesh``, params keep ``param_shardings``
+    (default: replicated) and the batch the input pipeline's layout, as in the train step."""
+
+    def step(params, batch, rng):
+        return metrics_fn(params, batch, rng)[1]
+
+    if mesh is None:
+        return jax.jit(step)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    p_sh = replicated if param_shardings is None else param_shardings
+    return jax.jit(step, in_shardings=(p_sh, None, replicated), out_shardings=replicated)
