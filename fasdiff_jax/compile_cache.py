@@ -6,8 +6,8 @@ compile for minutes. With it, a later run with the same model, image size and de
 the executables (tiny model, 8 faces, this project's 2-core CPU: decompress 12.4 -> 7.3 s,
 compress 6.5 -> 4.8 s per command; ``benchmarks/command_startup.py``).
 
-Where: ``--compile_cache=DIR``, else ``$FASDIFF_COMPILE_CACHE``, else
-``$XDG_CACHE_HOME/fasdiff_jax/xla`` (``~/.cache/fasdiff_jax/xla``); ``none`` turns it off. A
+Where: ``--compile_cache=DIR``, else ``$FASDIFF_COMPILE_CACHE``, else ``xla`` in
+:func:`fasdiff_jax.cache_home` (``~/.cache/fasdiff_jax/xla``); ``none`` turns it off. A
 process that already has JAX's own cache folder set (``JAX_COMPILATION_CACHE_DIR``, or a program
 that runs these commands in-process) keeps it unless ``--compile_cache`` names one.
 
@@ -37,8 +37,9 @@ HELP = (f"persistent compilation cache folder (default ${ENV}, else "
 
 
 def default_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fasdiff_jax", "xla")
+    from fasdiff_jax import cache_home
+
+    return os.path.join(cache_home(), "xla")
 
 
 def add_flag(ap: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ writes the same kind of folder from the latest checkpoint of a baseline trained 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
@@ -303,31 +304,72 @@ def load_null_text_embedding(ckpt_dir: str) -> np.ndarray:
 SD_FILES = ("unet/config.json", f"unet/{PARAMS_FILE}", "vae/config.json", f"vae/{PARAMS_FILE}",
             NULL_TEXT_FILE)  # what a run's frozen parts are read from
 _SD_FINGERPRINTS: dict[tuple, str] = {}
+SD_FINGERPRINT_MEMO = "sd_fingerprints.json"  # in fasdiff_jax.cache_home()
 
 
 def sd_fingerprint(ckpt_dir: str) -> str:
     """sha256 of a converted SD folder's :data:`SD_FILES` (names, sizes, bytes): names the
     frozen weights a run was trained with wherever the folder is copied to. Reads every byte
     (files in the page cache hash at ~1.35 GB/s on this project's CPU: ~2.8 s for SD-2.1's
-    3.8 GB); memoised per file, size and modification time."""
+    3.8 GB), so the result is memoised per file path, size, inode and modification and change
+    times, in this process and in ``sd_fingerprints.json`` under
+    :func:`fasdiff_jax.cache_home` for the next command. Any write to a file changes its
+    change time (which no tool sets back), so a memo never outlives the bytes it names; a
+    copied folder is hashed again."""
     if not os.path.isdir(ckpt_dir):
         raise ConversionError(f"sd_checkpoint {ckpt_dir!r} is not a folder (convert a diffusers "
                               f"SD pipeline with python -m fasdiff_jax.convert)")
     paths = [os.path.join(os.path.abspath(ckpt_dir), rel) for rel in SD_FILES]
     try:
-        key = tuple((p, st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)])
+        key = tuple((p, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                    for p in paths for st in [os.stat(p)])
     except OSError as e:
         raise ConversionError(f"{ckpt_dir}: {e.filename} is missing ({e.strerror}); convert "
                               f"the SD pipeline again (python -m fasdiff_jax.convert)") from e
     if key not in _SD_FINGERPRINTS:
-        h = hashlib.sha256()
-        for rel, (path, size, _) in zip(SD_FILES, key):
-            h.update(f"{rel}\0{size}\0".encode())
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-        _SD_FINGERPRINTS[key] = h.hexdigest()
+        memo_key = json.dumps(key)
+        memo = _read_fingerprint_memo()
+        if memo.get(memo_key) is None:
+            h = hashlib.sha256()
+            for rel, (path, size, *_) in zip(SD_FILES, key):
+                h.update(f"{rel}\0{size}\0".encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        h.update(chunk)
+            memo[memo_key] = h.hexdigest()
+            _write_fingerprint_memo(memo)
+        _SD_FINGERPRINTS[key] = memo[memo_key]
     return _SD_FINGERPRINTS[key]
+
+
+def _fingerprint_memo_path() -> str:
+    from fasdiff_jax import cache_home
+
+    return os.path.join(cache_home(), SD_FINGERPRINT_MEMO)
+
+
+def _read_fingerprint_memo() -> dict[str, str]:
+    try:
+        with open(_fingerprint_memo_path()) as f:
+            memo = json.load(f)
+        return {k: v for k, v in memo.items() if isinstance(v, str)} if isinstance(memo, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: hash, and write a good one
+        return {}
+
+
+def _write_fingerprint_memo(memo: dict[str, str]) -> None:
+    """Whole or not at all (a concurrent command may write too: the last one wins, and either
+    memo is right); the newest 64 folders' entries kept. Unwritable: no memo, no error."""
+    path = _fingerprint_memo_path()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(dict(list(memo.items())[-64:]), f)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def convert_pipeline(src: str, out: str) -> dict[str, str]:

@@ -40,8 +40,10 @@ def compilation_cache_per_worker(tmp_path_factory):
     old = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     compilation_cache.reset_cache()
-    # commands run as subprocesses share another one (locked), never the user's ~/.cache
+    # commands run as subprocesses share another one (locked), never the user's ~/.cache;
+    # nor do the embedded dataset and memoised fingerprints (fasdiff_jax.cache_home)
     os.environ[compile_cache.ENV] = str(tmp_path_factory.mktemp("command_cache"))
+    os.environ["FASDIFF_CACHE"] = str(tmp_path_factory.mktemp("fasdiff_cache"))
     yield
     jax.config.update("jax_compilation_cache_dir", old)
     compilation_cache.reset_cache()

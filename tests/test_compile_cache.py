@@ -33,6 +33,9 @@ def jax_settings():
 
 
 def test_the_default_folder_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASDIFF_CACHE", str(tmp_path / "ours"))  # fasdiff_jax.cache_home
+    assert compile_cache.default_dir() == str(tmp_path / "ours" / "xla")
+    monkeypatch.delenv("FASDIFF_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compile_cache.default_dir() == str(tmp_path / "fasdiff_jax" / "xla")
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -40,6 +43,7 @@ def test_the_default_folder_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_where_the_cache_goes(jax_settings, monkeypatch, tmp_path):
+    monkeypatch.delenv("FASDIFF_CACHE")  # conftest's, which the XDG default gives way to
     kept = jax.config.jax_compilation_cache_dir
     assert kept  # conftest's: a folder the process already has is kept when none is named
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from configs import tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import convert, sharding
 from fasdiff_jax.coding import BitstreamError
+from fasdiff_jax.coding import container as ct
 from fasdiff_jax.data.pipeline import make_train_iterator
 from fasdiff_jax.errors import ConversionError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
@@ -264,6 +266,27 @@ def test_codec_rejects_bad_files(tiny_model):
         model.decompress(other, data)
     with pytest.raises(ValueError, match="sampler"):
         model.compress(params, _photo_variants()["rgb"], steps=0)
+
+
+def test_fingerprint_covers_frozen_weights_and_files_of_the_first_scheme_decode(tiny_model):
+    """Files carry fingerprint scheme 2 (per-array sha256 in parallel); one frozen weight
+    changed changes it; a file written with scheme 1 (before 2026-11-27, forged here by
+    swapping the header's fingerprint) still decodes, to the same pixels."""
+    model, params = tiny_model
+    img = _photo_variants()["rgb"]
+    data = model.compress(params, img, seed=5, steps=2)
+    c = ct.unpack(data)
+    assert c.fingerprint == model.fingerprint(params) != model._first_fingerprint(params)
+    old_file = ct.pack(dataclasses.replace(c, fingerprint=model._first_fingerprint(params)))
+    assert np.array_equal(model.decompress(params, old_file), model.decompress(params, data))
+    other = jax.tree.map(lambda a: a, params)
+    kernel = np.array(other["unet"]["conv_in"]["kernel"])
+    kernel.flat[7] = np.nextafter(kernel.flat[7], np.float32(np.inf))  # one ulp
+    other["unet"]["conv_in"]["kernel"] = jnp.asarray(kernel)
+    assert model.fingerprint(other) != model.fingerprint(params)
+    for file in (data, old_file):
+        with pytest.raises(BitstreamError, match="fingerprint"):
+            model.decompress(other, file)
 
 
 def test_missing_or_mismatched_sd_checkpoint(tmp_path):

@@ -701,6 +701,38 @@ def test_fingerprints_name_sd_weights_by_content_and_old_ones_by_path(tmp_path):
          "vae": plain.model.vae.to_dict()})
 
 
+def test_sd_fingerprints_are_memoised_across_commands_until_a_file_changes(tmp_path,
+                                                                          monkeypatch):
+    """A later command reads the folder's fingerprint from ``sd_fingerprints.json`` instead
+    of hashing every byte again; rewriting a file (even with the same bytes, size and
+    modification time) invalidates it; a damaged or unwritable memo only costs a re-hash."""
+    ckpt = _converted_sd(tmp_path / "sd")
+    monkeypatch.setenv("FASDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(convert, "_SD_FINGERPRINTS", {})  # a fresh process
+    want = convert.sd_fingerprint(str(ckpt))
+    memo_file = tmp_path / "cache" / convert.SD_FINGERPRINT_MEMO
+    memo = json.loads(memo_file.read_text())
+    assert list(memo.values()) == [want]
+    memo_file.write_text(json.dumps({k: "f" * 64 for k in memo}))  # marks a memo hit
+    monkeypatch.setattr(convert, "_SD_FINGERPRINTS", {})
+    assert convert.sd_fingerprint(str(ckpt)) == "f" * 64  # read, not hashed
+    time.sleep(0.05)  # past the file system's clock tick for change times
+    weights = ckpt / "vae" / "params.safetensors"
+    st = weights.stat()
+    weights.write_bytes(weights.read_bytes())  # same bytes, in place (same inode and size)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old modification time
+    monkeypatch.setattr(convert, "_SD_FINGERPRINTS", {})
+    assert convert.sd_fingerprint(str(ckpt)) == want  # hashed again: the change time moved
+    memo_file.write_text("{not json")
+    monkeypatch.setattr(convert, "_SD_FINGERPRINTS", {})
+    assert convert.sd_fingerprint(str(ckpt)) == want
+    assert list(json.loads(memo_file.read_text()).values()) == [want]  # rewritten whole
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FASDIFF_CACHE", str(tmp_path / "file"))  # cannot hold a memo
+    monkeypatch.setattr(convert, "_SD_FINGERPRINTS", {})
+    assert convert.sd_fingerprint(str(ckpt)) == want
+
+
 def test_model_paths_are_made_absolute_once(tmp_path, monkeypatch):
     """A relative ``model.sd_checkpoint`` is resolved where the run starts, so the saved
     config (and the frozen-weights fingerprint) name the same folder from anywhere."""

@@ -61,7 +61,9 @@ def photo_path(package: str, name: str) -> str:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("FASDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fasdiff_jax"))
+    from fasdiff_jax import cache_home
+
+    return cache_home()
 
 
 def _texture_crops(image: np.ndarray, size: int, count: int, seed: int) -> list[np.ndarray]:
