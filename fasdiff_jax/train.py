@@ -17,7 +17,9 @@ mbt2018-mean baseline (all of it trainable, no x̂0 step):
 * held-out evaluation (``config.eval``, :data:`EVAL_DEFAULTS`): every ``every_steps`` steps
   the loss terms on the same held-out images (no augmentation), latents rounded as in
   coding and the diffusion terms' timesteps/noise drawn from ``eval.seed``, logged as
-  ``eval/*`` (bpp, each term, ``psnr`` for the baseline), so the curves compare across steps;
+  ``eval/*`` (bpp, each term, ``psnr`` for the baseline), so the curves compare across steps,
+  and ``eval.images`` held-out faces beside their reconstructions (FaSDiff: the config's
+  sampler from the rounded latents) as ``eval/reconstructions`` pictures;
 * Orbax checkpoints of the *trainable* params, optimizer state, step and the Grain iterator
   state (one JSON file per process). Frozen SD/metric networks are rebuilt from the config
   (``model.sd_checkpoint`` or the seeded random stand-ins), never re-saved. A run started in
@@ -94,6 +96,7 @@ EVAL_DEFAULTS: dict[str, Any] = dict(
     num_batches=0,  # at most this many batches per evaluation; 0 = all whole batches
     seed=0,  # the diffusion terms' timesteps and noise: the same draw at every evaluation
     x0_terms=True,  # FaSDiff: identity and LPIPS on x̂0 too (where their weights are > 0)
+    images=4,  # this many held-out faces and their reconstructions logged as pictures; 0 = none
 )
 
 
@@ -149,6 +152,7 @@ class HeldOut:
     every_steps: int
     seed: int
     x0_terms: bool
+    images: int
 
 
 def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
@@ -162,7 +166,7 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
     if unknown:
         raise TrainConfigError(f"config.eval: unknown fields {unknown}; known: {sorted(EVAL_DEFAULTS)}")
     ec = {**EVAL_DEFAULTS, **given}
-    for k in ("every_steps", "batch_size", "num_batches"):
+    for k in ("every_steps", "batch_size", "num_batches", "images"):
         if int(ec[k]) != ec[k] or ec[k] < 0:
             raise TrainConfigError(f"config.eval.{k} must be a non-negative integer, got {ec[k]!r}")
     if not ec["source"] or not ec["every_steps"] or ec["every_steps"] > steps:
@@ -190,26 +194,36 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
     logging.info("held-out evaluation every %d steps: %d images of %s", ec["every_steps"],
                  batches * data.global_batch_size, data.source)
     return HeldOut(data, source, batches, int(ec["every_steps"]), int(ec["seed"]),
-                   bool(ec["x0_terms"]))
+                   bool(ec["x0_terms"]), min(int(ec["images"]), data.global_batch_size))
 
 
-def evaluate_held_out(eval_step: Any, params: Any, held_out: HeldOut, mesh: Mesh
-                      ) -> dict[str, float]:
-    """Mean of every metric over the held-out batches (equal sizes, so the mean over images;
-    ``psnr`` from the mean MSE where there is one); the same images and random draws every
-    time, so evaluations at different steps compare."""
+def evaluate_held_out(eval_step: Any, params: Any, held_out: HeldOut, mesh: Mesh,
+                      sample_step: Any = None) -> tuple[dict[str, float], np.ndarray | None]:
+    """``(metrics, pictures)``: the mean of every metric over the held-out batches (equal
+    sizes, so the mean over images; ``psnr`` from the mean MSE where there is one), and with
+    a ``sample_step`` the first batch's first ``held_out.images`` faces beside their
+    reconstructions, uint8 (n, H, 2W, 3). The same images and random draws every time, so
+    evaluations at different steps compare."""
     it = make_train_iterator(held_out.data, mesh, source=held_out.source)
+    key = jax.random.key(held_out.seed)
     sums: dict[str, Any] = {}
+    pictures = None
     try:
         for i in range(held_out.batches):
-            m = eval_step(params, next(it), jax.random.fold_in(jax.random.key(held_out.seed), i))
+            batch = next(it)
+            m = eval_step(params, batch, jax.random.fold_in(key, i))
             sums = m if not sums else jax.tree.map(jnp.add, sums, m)
+            if i == 0 and sample_step is not None:
+                originals, recons = sample_step(params, batch,
+                                                jax.random.fold_in(key, held_out.batches))
+                recons = np.round(np.asarray(recons) * 255.0).astype(np.uint8)
+                pictures = np.concatenate([np.asarray(originals), recons], axis=2)
     finally:
         it.close()
     out = {k: v / held_out.batches for k, v in _host_metrics(sums).items()}
     if "mse" in out:
         out["psnr"] = float(10 * np.log10(1.0 / max(out["mse"], 1e-12)))
-    return out
+    return out, pictures
 
 
 def make_optimizer(tc: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -507,8 +521,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           opt_shardings=o_sh) for x0 in (False, True)}
 
     held_out = held_out_settings(config, mesh, int(tc["steps"]))
-    eval_step = None if held_out is None else model.make_eval_step(
-        held_out.x0_terms, mesh=mesh, param_shardings=p_sh)
+    eval_step = sample_step = None
+    if held_out is not None:
+        eval_step = model.make_eval_step(held_out.x0_terms, mesh=mesh, param_shardings=p_sh)
+        if held_out.images:
+            sample_step = model.make_sample_step(held_out.images, mesh=mesh, param_shardings=p_sh)
     it = make_train_iterator(config.data, mesh)
     register_checkpoint_array_handler()
     mngr = ocp.CheckpointManager(
@@ -516,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         options=ocp.CheckpointManagerOptions(max_to_keep=int(tc["max_to_keep"]), create=True))
     try:
         return _loop(config, workdir, tc, mesh, model, params, opt_state, train_sh, o_sh,
-                     step_fns, it, mngr, held_out, eval_step)
+                     step_fns, it, mngr, held_out, eval_step, sample_step)
     finally:
         mngr.wait_until_finished()  # an async save of a good step completes even on error
         mngr.close()
@@ -610,7 +627,8 @@ def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
           model: Model, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
           step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager,
-          held_out: HeldOut | None = None, eval_step: Any = None) -> dict[str, float]:
+          held_out: HeldOut | None = None, eval_step: Any = None,
+          sample_step: Any = None) -> dict[str, float]:
     """Restore (if a checkpoint exists), then train, log, evaluate, check and save until the
     last step."""
     fingerprint = _frozen_fingerprint(config)
@@ -671,9 +689,12 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
             if held_out is not None and step % held_out.every_steps == 0:
                 with jax.profiler.StepTraceAnnotation("eval", step_num=step):
-                    last_eval = evaluate_held_out(eval_step, params, held_out, mesh)
+                    last_eval, pictures = evaluate_held_out(eval_step, params, held_out, mesh,
+                                                            sample_step)
                 logging.info("step %d held-out: %s", step, last_eval)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                if pictures is not None:  # left: the held-out face, right: its reconstruction
+                    writer.write_images(step, {"eval/reconstructions": pictures})
             if step % tc["checkpoint_every"] == 0 and step != tc["steps"]:
                 save(step)
             if step < tc["steps"] and preemption.reached(mngr, step):

@@ -85,6 +85,14 @@ def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     model_bits = out["eval/bpp"] * images[..., 0].size
     assert abs(payload_bits - model_bits) <= 0.01 * model_bits + 32 * len(images), (
         payload_bits, model_bits)
+    # the logged pictures: the first 4 of these images beside the model's reconstructions
+    from test_train import _pictures
+
+    pictures = _pictures(trained["a"])["eval/reconstructions"]
+    assert sorted(pictures) == [STEPS // 2, STEPS] and pictures[STEPS].shape == (4, 64, 128, 3)
+    np.testing.assert_array_equal(pictures[STEPS][:, :, :64], images[:4])
+    recon = np.round(np.asarray(model.reconstruct(params, images[:4], None)) * 255)
+    assert np.abs(pictures[STEPS][:, :, 64:] - recon).max() <= 1  # 8 devices there, 1 here
 
 
 @pytest.mark.xdist_group("baseline_training")

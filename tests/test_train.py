@@ -86,6 +86,24 @@ def _scalars(workdir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def _pictures(workdir: Path) -> dict[str, dict[int, np.ndarray]]:
+    """Every image summary in ``workdir``: tag -> step -> uint8 (n, H, W, 3)."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for path in sorted(glob.glob(str(workdir / "events.out.tfevents*"))):
+        for ev in tf.compat.v1.train.summary_iterator(path):
+            for v in ev.summary.value:
+                if v.metadata.plugin_data.plugin_name == "images":  # [width, height, png...]
+                    pngs = tf.make_ndarray(v.tensor)[2:]
+                    out.setdefault(v.tag, {})[ev.step] = np.stack(
+                        [np.asarray(Image.open(io.BytesIO(p))) for p in pngs])
+    return out
+
+
 def _saved_state(workdir: Path, step: int) -> dict:
     """A checkpoint's params and optimizer state on one device, whatever topology wrote it."""
     path = workdir / "checkpoints" / str(step) / "state"
@@ -120,7 +138,8 @@ def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
         main_lib.FLAGS.unparse_flags()
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "3", b / "checkpoints" / "3")
-    resumed = train.train_and_evaluate(_config(src, **{"train.steps": 6, **held}), str(b))
+    resumed = train.train_and_evaluate(
+        _config(src, **{"train.steps": 6, "model.sampler.steps": 3, **held}), str(b))
     b_scalars = _scalars(b)
     with pytest.raises(NonFiniteLossError) as nan_error:
         train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": float("nan"),
@@ -153,6 +172,10 @@ def test_main_writes_checkpoints_and_summaries(scenario):
         assert sorted(s[f"eval/{term}"]) == [3, 6], term
         assert all(np.isfinite(list(s[f"eval/{term}"].values()))), term
     assert s["eval/loss"][6] != s["eval/loss"][3]  # the params changed in between
+    pictures = _pictures(a)["eval/reconstructions"]  # 4 held-out faces | reconstructions
+    assert sorted(pictures) == [3, 6] and pictures[6].shape == (4, 64, 128, 3)
+    np.testing.assert_array_equal(pictures[3][:, :, :64], pictures[6][:, :, :64])  # same faces
+    assert not np.array_equal(pictures[3][:, :, 64:], pictures[6][:, :, 64:])
 
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
@@ -169,6 +192,11 @@ def test_resume_equals_uninterrupted_run(scenario):
         assert b_s[f"eval/{term}"][6] == pytest.approx(a_s[f"eval/{term}"][6], rel=1e-5,
                                                        abs=1e-7), term
         assert scenario["resumed"][f"eval/{term}"] == pytest.approx(b_s[f"eval/{term}"][6])
+    a_pictures = _pictures(scenario["a"])["eval/reconstructions"]
+    b_pictures = _pictures(scenario["b"])["eval/reconstructions"]
+    assert sorted(b_pictures) == [6]
+    # same faces, sampler and draws; params equal to ~1e-6, which could flip a rounded latent
+    assert np.abs(b_pictures[6].astype(int) - a_pictures[6]).mean() < 0.5
     want, got = _saved_params(scenario["a"], 6), _saved_params(scenario["b"], 6)
     assert want.keys() == got.keys()
     for k in want:
@@ -281,11 +309,13 @@ def test_held_out_settings(embedded_dirs):  # noqa: F811
     cfg.eval.source = f"prepared:{embedded_dirs['heldout']}"  # 9 images
     assert train.held_out_settings(cfg, mesh8, 99) is None  # every 100 steps, run ends at 99
     held = train.held_out_settings(cfg, mesh8, 100)
-    assert (held.batches, held.data.global_batch_size, held.x0_terms) == (1, 8, True)
+    assert (held.batches, held.data.global_batch_size, held.x0_terms, held.images) == (
+        1, 8, True, 4)
     assert not held.data.shuffle and not held.data.augment and held.data.num_epochs == 1
     assert held.data.image_size == cfg.data.image_size
     cfg.eval.batch_size = 2
-    assert train.held_out_settings(cfg, mesh2, 100).batches == 4  # 9 // 2
+    held = train.held_out_settings(cfg, mesh2, 100)
+    assert (held.batches, held.images) == (4, 2)  # 9 // 2 batches; pictures: one batch's
     cfg.eval.num_batches = 3
     assert train.held_out_settings(cfg, mesh2, 100).batches == 3
     with pytest.raises(train.TrainConfigError, match="not divisible by the 8 shards"):
@@ -806,7 +836,7 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
             f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=8",
             f"--compile_cache={tmp_path / 'xla'}"]
     held = {**_eval_overrides(embedded_dirs["heldout"]), "eval.every_steps": 1,
-            "eval.x0_terms": False}  # each process evaluates its half of the batch
+            "eval.x0_terms": False, "eval.images": 0}  # each process evaluates half a batch
     argv += [f"--config.{k}={v}"
              for k, v in {**_overrides(src), "train.checkpoint_every": 100, **held}.items()]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

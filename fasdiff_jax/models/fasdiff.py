@@ -281,6 +281,23 @@ class FaSDiff:
             lambda p, batch, rng: self.loss_fn(p, batch, rng, x0_terms, "round"), mesh,
             param_shardings)
 
+    def make_sample_step(self, count: int, mesh: Mesh | None = None,
+                         param_shardings: Any = None) -> Callable:
+        """:func:`~fasdiff_jax.models.train_step.make_sample_step` of :meth:`reconstruct`."""
+        return train_step.make_sample_step(self.reconstruct, count, mesh, param_shardings)
+
+    def reconstruct(self, params: Params, images: jax.Array, rng: jax.Array) -> jax.Array:
+        """uint8 (B,H,W,3) -> float [0, 1]: what decoding makes of them (latents rounded, the
+        config's sampler), traceable, for the held-out pictures the train loop logs. Not the
+        codec's exact pixels: files take their means and scales from the integer h_s."""
+        spec = self.sampler_spec()
+        x = to_model_input(images)
+        z0 = self.encode_z0(params, x)
+        prompt, z_coarse, _, _ = self.compressor.apply({"params": params["compressor"]}, x, z0,
+                                                       "round")
+        z = self.sample(params, prompt, z_coarse, rng, spec.steps, spec.t_start, spec.eta)
+        return jnp.clip((self.decode_latent(params, z) + 1.0) / 2.0, 0.0, 1.0)
+
     def init_opt_state(self, optimizer: optax.GradientTransformation, params: Params):
         return optimizer.init(self.split(params)[0])
 

@@ -988,5 +988,15 @@ class TrainableHyperprior:
         return train_step.make_eval_step(lambda p, b, r: self.loss_fn(p, b, r, "round"),
                                          mesh, param_shardings)
 
+    def reconstruct(self, params: dict, images: Any, rng: jax.Array) -> jax.Array:
+        """uint8 NHWC -> float [0, 1] with rounded latents (g_s of what files code)."""
+        del rng
+        x_hat = self.model.apply(params[self.KEY], images.astype(jnp.float32) / 255.0,
+                                 "round")[0]
+        return jnp.clip(x_hat, 0.0, 1.0)
+
+    def make_sample_step(self, count: int, mesh: Any = None, param_shardings: Any = None):
+        return train_step.make_sample_step(self.reconstruct, count, mesh, param_shardings)
+
     def init_opt_state(self, optimizer: optax.GradientTransformation, params: dict):
         return optimizer.init(params)

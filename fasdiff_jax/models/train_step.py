@@ -63,3 +63,20 @@ def make_eval_step(metrics_fn: LossFn, mesh: Mesh | None = None,
     replicated = NamedSharding(mesh, PartitionSpec())
     p_sh = replicated if param_shardings is None else param_shardings
     return jax.jit(step, in_shardings=(p_sh, None, replicated), out_shardings=replicated)
+
+
+def make_sample_step(reconstruct_fn: Callable[[Params, Any, jax.Array], jax.Array], count: int,
+                     mesh: Mesh | None = None, param_shardings: Any = None) -> Callable:
+    """``step(params, batch, rng) -> (originals, reconstructions)`` of the batch's first
+    ``count`` images, jitted; replicated, so every process holds them whole (process 0 writes
+    them). ``reconstruct_fn(params, uint8 images, rng)`` returns floats in [0, 1]."""
+
+    def step(params, batch, rng):
+        images = batch["image"][:count]
+        return images, reconstruct_fn(params, images, rng)
+
+    if mesh is None:
+        return jax.jit(step)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    p_sh = replicated if param_shardings is None else param_shardings
+    return jax.jit(step, in_shardings=(p_sh, None, replicated), out_shardings=replicated)
