@@ -85,5 +85,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.update(steps=200_000, optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2,
                         schedule="warmup_cosine", warmup_steps=2_000, end_learning_rate_ratio=0.1,
                         grad_clip_norm=1.0, x0_every=4, log_every=100, checkpoint_every=2_000,
-                        max_to_keep=3)
+                        max_to_keep=3, keep_period=20_000)  # and every 20k-th for --step
     return config

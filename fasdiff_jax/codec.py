@@ -68,7 +68,7 @@ def load_config(path: str):
 
 SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
 FASDIFF_FLAGS = ("sd_checkpoint", *(name for name, _ in SAMPLER_FLAGS))
-MODEL_FLAGS = ("config", "workdir", "model_dir", *FASDIFF_FLAGS)
+MODEL_FLAGS = ("config", "workdir", "model_dir", "step", *FASDIFF_FLAGS)
 
 
 def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> str:
@@ -84,6 +84,8 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                     help="a config file with get_config() (default: the config the workdir "
                          "was trained with, its config.json)")
     ap.add_argument("--workdir", default=None, help="a training workdir (checkpoints)")
+    ap.add_argument("--step", type=int, default=None,
+                    help="which of the workdir's checkpoints (default: the latest)")
     ap.add_argument("--model_dir", default=None,
                     help="instead of --workdir: an mbt2018-mean hyperprior folder "
                          "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")
@@ -120,8 +122,8 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
                                f"models, not to the hyperprior {where}")
 
     if args.model_dir is not None:
-        if args.config is not None or args.workdir is not None:
-            raise FasdiffError("give --model_dir, or --workdir (and --config), not both")
+        if args.config is not None or args.workdir is not None or args.step is not None:
+            raise FasdiffError("give --model_dir, or --workdir (and --config, --step), not both")
         no_sampler("in --model_dir")
         model, params = H.load_model(args.model_dir)
         return _hyperprior_codec("mbt2018-mean", model, params,
@@ -138,7 +140,7 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
         config, config_path = load_config(args.config), os.path.abspath(args.config)
     config = _with_sd_checkpoint(config, args.sd_checkpoint)
     try:
-        model, params, step = train.restore_for_inference(config, workdir)
+        model, params, step = train.restore_for_inference(config, workdir, args.step)
     except train.TrainConfigError as e:
         from etils import epath
 

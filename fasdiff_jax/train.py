@@ -81,6 +81,7 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     log_every=20,
     checkpoint_every=100,
     max_to_keep=3,
+    keep_period=0,  # also keep every checkpoint whose step is a multiple of this; 0 = none
     # A checkpoint written by another number of processes (hosts): "error", or "restart_data"
     # (params and optimizer state resume; each process's data stream starts afresh).
     on_process_count_change="error",
@@ -124,7 +125,8 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if unknown:
         raise TrainConfigError(f"config.train: unknown fields {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
     tc = {**TRAIN_DEFAULTS, **given}
-    for k in ("steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep"):
+    for k in ("steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep",
+              "keep_period"):
         if int(tc[k]) != tc[k] or tc[k] < 0:
             raise TrainConfigError(f"config.train.{k} must be a non-negative integer, got {tc[k]!r}")
     for k in ("log_every", "checkpoint_every", "max_to_keep"):
@@ -530,7 +532,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     register_checkpoint_array_handler()
     mngr = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=int(tc["max_to_keep"]), create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=int(tc["max_to_keep"]),
+                                             keep_period=int(tc["keep_period"]) or None,
+                                             create=True))
     try:
         return _loop(config, workdir, tc, mesh, model, params, opt_state, train_sh, o_sh,
                      step_fns, it, mngr, held_out, eval_step, sample_step)
@@ -776,25 +780,33 @@ def _without_loss_networks(model_cfg: Any) -> Any:
     return cfg
 
 
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
-                          ) -> tuple[Model, dict[str, Any], int]:
-    """``(model, params, step)``: frozen parts from the config, trained parts from the latest
-    checkpoint in ``workdir``; for the codec and evaluation commands (one host, no mesh)."""
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                          step: int | None = None) -> tuple[Model, dict[str, Any], int]:
+    """``(model, params, step)``: frozen parts from the config, trained parts from checkpoint
+    ``step`` (default: the latest) in ``workdir``; for the codec and evaluation commands (one
+    host, no mesh)."""
     config = with_absolute_paths(config)
     ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
     mngr = ocp.CheckpointManager(ckpt_dir) if epath.Path(ckpt_dir).is_dir() else None
-    latest = mngr.latest_step() if mngr is not None else None
-    if latest is None:
+    steps = sorted(mngr.all_steps()) if mngr is not None else []
+    if not steps:
+        if mngr is not None:
+            mngr.close()
         raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
                                f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
+    if step is not None and step not in steps:
+        mngr.close()
+        raise TrainConfigError(f"{workdir}: no checkpoint of step {step}; it has {steps} "
+                               f"(config.train.keep_period keeps more of them)")
+    step = steps[-1] if step is None else step
     try:
-        meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
-        _check_frozen(meta, config, workdir, latest)
+        meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]
+        _check_frozen(meta, config, workdir, step)
         model = build_model(_without_loss_networks(config.model))
-        saved = _saved_tree(mngr, latest, workdir)["params"]
-        _check_fits(model.trainable_shapes(), saved, workdir, latest)
-        got = _read_params(mngr, latest, workdir, saved)
+        saved = _saved_tree(mngr, step, workdir)["params"]
+        _check_fits(model.trainable_shapes(), saved, workdir, step)
+        got = _read_params(mngr, step, workdir, saved)
     finally:
         mngr.close()
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
-    return model, jax.device_put({**got, **frozen}), int(latest)  # host SD weights: once
+    return model, jax.device_put({**got, **frozen}), int(step)  # host SD weights: once

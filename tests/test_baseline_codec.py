@@ -164,6 +164,7 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     (["--steps=4"], "sampler and SD settings apply to FaSDiff"),
     (["--sd_checkpoint=/somewhere/sd21"], "--sd_checkpoint: sampler and SD settings apply"),
     (["--config=configs/tiny.py"], "not both"),
+    (["--step=3"], "not both"),
     (["--model_dir=/nonexistent/mbt"], "not a hyperprior folder (make one with"),
     ([], "give --workdir (a FaSDiff training workdir), or --model_dir"),
 ])

@@ -65,6 +65,20 @@ def test_the_loop_trains_and_resumes_the_baseline(trained):
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_keep_period_keeps_milestone_checkpoints(trained, tmp_path):
+    """``train.keep_period`` keeps every checkpoint whose step is a multiple of it besides the
+    ``max_to_keep`` latest; the codec and evaluate commands take any of them with --step."""
+    work = tmp_path / "w"
+    train.train_and_evaluate(small_config(trained["source"], steps=5, checkpoint_every=1,
+                                          max_to_keep=1, keep_period=2), str(work))
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [2, 4, 5]
+    cfg = train.load_run_config(str(work))
+    assert train.restore_for_inference(cfg, str(work), 2)[2] == 2
+    with pytest.raises(train.TrainConfigError, match=r"no checkpoint of step 3; it has \[2, 4, 5\]"):
+        train.restore_for_inference(cfg, str(work), 3)
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     """The loop's held-out bpp (rounded latents) is what the codec writes for those images:
     the same 8 images, coded with the last step's params, within 1% of it plus up to one

@@ -565,6 +565,41 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
 
 
 @pytest.mark.xdist_group("train_scenario")
+@pytest.mark.xdist_group("train_scenario")  # after the scenario: its programs are cached
+def test_codec_and_evaluate_take_an_earlier_checkpoint(scenario, embedded_dirs, tmp_path,  # noqa: F811
+                                                       capsys):
+    """``--step`` picks one of a workdir's checkpoints (default: the latest); evaluate's JSON
+    names it; a step the workdir does not have is one error line listing those it has."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec, evaluate
+
+    a = scenario["a"]
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:84, 150:214]).save(face)
+    files = {}
+    for step in (None, 3, 6):
+        out = tmp_path / f"{step}.fsd"
+        flags = [] if step is None else [f"--step={step}"]
+        assert codec.main(["compress", str(face), str(out), f"--workdir={a}", *flags]) == 0
+        files[step] = out.read_bytes()
+    assert files[None] == files[6] != files[3]  # step 3's compressor: another fingerprint
+    assert codec.main(["decompress", str(tmp_path / "3.fsd"), str(tmp_path / "3.png"),
+                       f"--workdir={a}", "--step=3"]) == 0
+    capsys.readouterr()
+    assert codec.main(["decompress", str(tmp_path / "3.fsd"), str(tmp_path / "x.png"),
+                       f"--workdir={a}"]) == 2  # the latest checkpoint refuses step 3's file
+    assert "fingerprint" in capsys.readouterr().err
+    assert codec.main(["compress", str(face), str(tmp_path / "y.fsd"), f"--workdir={a}",
+                       "--step=4"]) == 2
+    assert "no checkpoint of step 4; it has [3, 6]" in capsys.readouterr().err
+    res = tmp_path / "eval3.json"
+    assert evaluate.main([f"--workdir={a}", "--step=3", f"--source=prepared:{embedded_dirs['heldout']}",
+                          "--limit=1", f"--out={res}"]) == 0
+    assert json.loads(res.read_text())["settings"]["checkpoint_step"] == 3
+
+
 def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_path, capsys):
     """``main`` saves its config, command-line overrides included, as ``workdir/config.json``;
     the codec and evaluate commands use it when ``--config`` is left out."""
