@@ -82,6 +82,10 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     checkpoint_every=100,
     max_to_keep=3,
     keep_period=0,  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    # a jax.profiler trace (TensorBoard's profile plugin, workdir/plugins/profile) of this
+    # many steps from step profile_first_step on (after compilation); 0 = none
+    profile_steps=0,
+    profile_first_step=10,
     # A checkpoint written by another number of processes (hosts): "error", or "restart_data"
     # (params and optimizer state resume; each process's data stream starts afresh).
     on_process_count_change="error",
@@ -126,7 +130,7 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         raise TrainConfigError(f"config.train: unknown fields {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
     tc = {**TRAIN_DEFAULTS, **given}
     for k in ("steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep",
-              "keep_period"):
+              "keep_period", "profile_steps", "profile_first_step"):
         if int(tc[k]) != tc[k] or tc[k] < 0:
             raise TrainConfigError(f"config.train.{k} must be a non-negative integer, got {tc[k]!r}")
     for k in ("log_every", "checkpoint_every", "max_to_keep"):
@@ -677,13 +681,16 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     use_x0 = int(model.loss_cfg.get("stage", 1)) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
-    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+    trace = _StepTrace(workdir, tc["profile_first_step"], tc["profile_steps"])
+    with _Preemption() as preemption, metric_writers.ensure_flushes(writer), trace:
         while step < tc["steps"]:
             x0 = use_x0 and (step + 1) % tc["x0_every"] == 0
+            trace.before(step + 1)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 params, opt_state, metrics = step_fns[x0](
                     params, opt_state, next(it), jax.random.fold_in(base_rng, step))
             step += 1
+            trace.after(step, metrics)
             report(step)
             if (x0 or step % tc["log_every"] == 0 or step % tc["checkpoint_every"] == 0
                     or step == tc["steps"]):
@@ -708,6 +715,38 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         if mngr.latest_step() != step:
             save(step)
     return {**last, **{f"eval/{k}": v for k, v in last_eval.items()}, "step": step}
+
+
+class _StepTrace:
+    """A ``jax.profiler`` trace of steps ``first .. first + count - 1`` into the workdir, where
+    TensorBoard's profile plugin finds it; stopped however the loop ends."""
+
+    def __init__(self, workdir: str, first: int, count: int) -> None:
+        self._dir, self._first, self._last = workdir, first, first + count - 1
+        self._on = False
+
+    def before(self, step: int) -> None:
+        if self._last >= self._first and step == self._first:
+            jax.profiler.start_trace(self._dir)
+            self._on = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self._on and step >= self._last:
+            jax.block_until_ready(outputs)  # the traced steps' device work, not only dispatch
+            self._stop()
+            logging.info("profile of steps %d-%d written to %s/plugins/profile", self._first,
+                         self._last, self._dir)
+
+    def _stop(self) -> None:
+        self._on = False
+        jax.profiler.stop_trace()
+
+    def __enter__(self) -> "_StepTrace":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._on:
+            self._stop()
 
 
 class _Preemption:

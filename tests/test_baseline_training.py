@@ -65,13 +65,17 @@ def test_the_loop_trains_and_resumes_the_baseline(trained):
 
 
 @pytest.mark.xdist_group("baseline_training")
-def test_keep_period_keeps_milestone_checkpoints(trained, tmp_path):
+def test_keep_period_keeps_milestone_checkpoints_and_steps_are_profiled(trained, tmp_path):
     """``train.keep_period`` keeps every checkpoint whose step is a multiple of it besides the
-    ``max_to_keep`` latest; the codec and evaluate commands take any of them with --step."""
+    ``max_to_keep`` latest; the codec and evaluate commands take any of them with --step.
+    ``train.profile_steps`` writes a jax.profiler trace of those steps for TensorBoard."""
     work = tmp_path / "w"
     train.train_and_evaluate(small_config(trained["source"], steps=5, checkpoint_every=1,
-                                          max_to_keep=1, keep_period=2), str(work))
+                                          max_to_keep=1, keep_period=2, profile_first_step=3,
+                                          profile_steps=2), str(work))
     assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [2, 4, 5]
+    traces = list(work.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and b"train" in traces[0].read_bytes()  # the steps' annotation
     cfg = train.load_run_config(str(work))
     assert train.restore_for_inference(cfg, str(work), 2)[2] == 2
     with pytest.raises(train.TrainConfigError, match=r"no checkpoint of step 3; it has \[2, 4, 5\]"):
