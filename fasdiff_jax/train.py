@@ -44,6 +44,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
@@ -699,10 +700,12 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 last["learning_rate"] = float(hyperparams(opt_state)["learning_rate"])
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
             if held_out is not None and step % held_out.every_steps == 0:
+                started = time.monotonic()
                 with jax.profiler.StepTraceAnnotation("eval", step_num=step):
                     last_eval, pictures = evaluate_held_out(eval_step, params, held_out, mesh,
                                                             sample_step)
-                logging.info("step %d held-out: %s", step, last_eval)
+                logging.info("step %d held-out: %s (%.1f s)", step, last_eval,
+                             time.monotonic() - started)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
                 if pictures is not None:  # left: the held-out face, right: its reconstruction
                     writer.write_images(step, {"eval/reconstructions": pictures})
