@@ -564,7 +564,6 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
     assert len(res2["images"]) == 2 and res2["images"][0] == row and res2["complete"]
 
 
-@pytest.mark.xdist_group("train_scenario")
 @pytest.mark.xdist_group("train_scenario")  # after the scenario: its programs are cached
 def test_codec_and_evaluate_take_an_earlier_checkpoint(scenario, embedded_dirs, tmp_path,  # noqa: F811
                                                        capsys):
@@ -600,6 +599,7 @@ def test_codec_and_evaluate_take_an_earlier_checkpoint(scenario, embedded_dirs, 
     assert json.loads(res.read_text())["settings"]["checkpoint_step"] == 3
 
 
+@pytest.mark.xdist_group("train_scenario")
 def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_path, capsys):
     """``main`` saves its config, command-line overrides included, as ``workdir/config.json``;
     the codec and evaluate commands use it when ``--config`` is left out."""
