@@ -65,6 +65,7 @@ from fasdiff_jax.data.pipeline import DataConfig, make_train_iterator
 from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
+from fasdiff_jax.models import train_step
 
 # Fields of ``config.train`` and their defaults (a config may omit any of them).
 TRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -532,7 +533,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if held_out is not None:
         eval_step = model.make_eval_step(held_out.x0_terms, mesh=mesh, param_shardings=p_sh)
         if held_out.images:
-            sample_step = model.make_sample_step(held_out.images, mesh=mesh, param_shardings=p_sh)
+            sample_step = train_step.make_sample_step(model.reconstruct, held_out.images,
+                                                      mesh=mesh, param_shardings=p_sh)
     it = make_train_iterator(config.data, mesh)
     register_checkpoint_array_handler()
     mngr = ocp.CheckpointManager(

@@ -281,11 +281,6 @@ class FaSDiff:
             lambda p, batch, rng: self.loss_fn(p, batch, rng, x0_terms, "round"), mesh,
             param_shardings)
 
-    def make_sample_step(self, count: int, mesh: Mesh | None = None,
-                         param_shardings: Any = None) -> Callable:
-        """:func:`~fasdiff_jax.models.train_step.make_sample_step` of :meth:`reconstruct`."""
-        return train_step.make_sample_step(self.reconstruct, count, mesh, param_shardings)
-
     def reconstruct(self, params: Params, images: jax.Array, rng: jax.Array) -> jax.Array:
         """uint8 (B,H,W,3) -> float [0, 1]: what decoding makes of them (latents rounded, the
         config's sampler), traceable, for the held-out pictures the train loop logs. Not the

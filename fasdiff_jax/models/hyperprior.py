@@ -995,8 +995,5 @@ class TrainableHyperprior:
                                  "round")[0]
         return jnp.clip(x_hat, 0.0, 1.0)
 
-    def make_sample_step(self, count: int, mesh: Any = None, param_shardings: Any = None):
-        return train_step.make_sample_step(self.reconstruct, count, mesh, param_shardings)
-
     def init_opt_state(self, optimizer: optax.GradientTransformation, params: dict):
         return optimizer.init(params)

@@ -1,6 +1,7 @@
-"""One jitted train step for every model the train loop runs (FaSDiff, the mbt2018-mean
-baseline): only the trainable subtree is differentiated and updated, and with a mesh the
-state keeps its shardings across steps."""
+"""The jitted steps of the train loop for every model it runs (FaSDiff, the mbt2018-mean
+baseline): the train step (only the trainable subtree is differentiated and updated, and
+with a mesh the state keeps its shardings across steps), and the held-out evaluation and
+picture steps."""
 
 from __future__ import annotations
 
@@ -52,17 +53,9 @@ def make_train_step(loss_fn: LossFn, split: SplitFn, optimizer: optax.GradientTr
 def make_eval_step(metrics_fn: LossFn, mesh: Mesh | None = None,
                    param_shardings: Any = None) -> Callable:
     """``eval_step(params, batch, rng) -> metrics``, jitted: ``metrics_fn``'s metrics (its
-    loss and terms) without gradients. With a ``mesh``, params keep ``param_shardings``
-    (default: replicated) and the batch the input pipeline's layout, as in the train step."""
-
-    def step(params, batch, rng):
-        return metrics_fn(params, batch, rng)[1]
-
-    if mesh is None:
-        return jax.jit(step)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    p_sh = replicated if param_shardings is None else param_shardings
-    return jax.jit(step, in_shardings=(p_sh, None, replicated), out_shardings=replicated)
+    loss and terms) without gradients."""
+    return _jit_on_params(lambda params, batch, rng: metrics_fn(params, batch, rng)[1], mesh,
+                          param_shardings)
 
 
 def make_sample_step(reconstruct_fn: Callable[[Params, Any, jax.Array], jax.Array], count: int,
@@ -75,6 +68,13 @@ def make_sample_step(reconstruct_fn: Callable[[Params, Any, jax.Array], jax.Arra
         images = batch["image"][:count]
         return images, reconstruct_fn(params, images, rng)
 
+    return _jit_on_params(step, mesh, param_shardings)
+
+
+def _jit_on_params(step: Callable, mesh: Mesh | None, param_shardings: Any) -> Callable:
+    """``step(params, batch, rng)`` jitted; with a ``mesh``, params keep ``param_shardings``
+    (default: replicated), the batch the input pipeline's layout (as in the train step), and
+    the outputs are replicated."""
     if mesh is None:
         return jax.jit(step)
     replicated = NamedSharding(mesh, PartitionSpec())
