@@ -20,14 +20,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fasdiff_jax import compile_cache  # no JAX import: flags first, then jax.distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints and summaries go here; resumed if present.")
 flags.DEFINE_bool("jax_distributed", False,
                   "Call jax.distributed.initialize() first (one process per host).")
-flags.DEFINE_string("compile_cache", None, "Persistent compilation cache folder (default "
-                    "$FASDIFF_COMPILE_CACHE, else ~/.cache/fasdiff_jax/xla; 'none': off); "
-                    "a resumed or restarted run loads its compiled steps from it.")
+flags.DEFINE_string("compile_cache", None, f"{compile_cache.HELP}; a resumed or restarted run "
+                    "loads its compiled steps from it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(**kwargs)
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-    from fasdiff_jax import compile_cache, train
+    from fasdiff_jax import train
 
     logging.info("compilation cache: %s", compile_cache.enable(FLAGS.compile_cache))
     from fasdiff_jax.errors import FasdiffError

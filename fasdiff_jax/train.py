@@ -124,17 +124,28 @@ def build_model(model_cfg: Any) -> Model:
     return fasdiff.build(model_cfg) if kind == "fasdiff" else H.TrainableHyperprior.from_config(model_cfg)
 
 
+def _merged_section(config: ml_collections.ConfigDict, name: str, defaults: Mapping[str, Any],
+                    counts: tuple[str, ...]) -> dict[str, Any]:
+    """``config.<name>`` (absent: empty) over ``defaults``; an unknown field, or one of
+    ``counts`` that is not a non-negative integer, raises."""
+    given = config.get(name)
+    given = dict(given.to_dict() if hasattr(given, "to_dict") else given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TrainConfigError(f"config.{name}: unknown fields {unknown}; known: {sorted(defaults)}")
+    merged = {**defaults, **given}
+    for k in counts:
+        if int(merged[k]) != merged[k] or merged[k] < 0:
+            raise TrainConfigError(f"config.{name}.{k} must be a non-negative integer, got "
+                                   f"{merged[k]!r}")
+    return merged
+
+
 def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``config.train`` merged over :data:`TRAIN_DEFAULTS`; unknown or bad fields raise."""
-    given = dict(config.train.to_dict() if hasattr(config.train, "to_dict") else config.train)
-    unknown = sorted(set(given) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise TrainConfigError(f"config.train: unknown fields {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
-    tc = {**TRAIN_DEFAULTS, **given}
-    for k in ("steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep",
-              "keep_period", "profile_steps", "profile_first_step"):
-        if int(tc[k]) != tc[k] or tc[k] < 0:
-            raise TrainConfigError(f"config.train.{k} must be a non-negative integer, got {tc[k]!r}")
+    tc = _merged_section(config, "train", TRAIN_DEFAULTS, (
+        "steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep",
+        "keep_period", "profile_steps", "profile_first_step"))
     for k in ("log_every", "checkpoint_every", "max_to_keep"):
         if tc[k] < 1:
             raise TrainConfigError(f"config.train.{k} must be >= 1, got {tc[k]!r}")
@@ -168,15 +179,8 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
     """``config.eval`` merged over :data:`EVAL_DEFAULTS`; None when evaluation is off or
     comes after the run's last step (``steps``). The source is opened here, so a bad one
     fails at the start, not after ``every_steps``."""
-    given = config.get("eval")
-    given = dict(given.to_dict() if hasattr(given, "to_dict") else given or {})
-    unknown = sorted(set(given) - set(EVAL_DEFAULTS))
-    if unknown:
-        raise TrainConfigError(f"config.eval: unknown fields {unknown}; known: {sorted(EVAL_DEFAULTS)}")
-    ec = {**EVAL_DEFAULTS, **given}
-    for k in ("every_steps", "batch_size", "num_batches", "images"):
-        if int(ec[k]) != ec[k] or ec[k] < 0:
-            raise TrainConfigError(f"config.eval.{k} must be a non-negative integer, got {ec[k]!r}")
+    ec = _merged_section(config, "eval", EVAL_DEFAULTS,
+                         ("every_steps", "batch_size", "num_batches", "images"))
     if not ec["source"] or not ec["every_steps"] or ec["every_steps"] > steps:
         return None
     from fasdiff_jax.data.sources import open_source
