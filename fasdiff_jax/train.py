@@ -583,12 +583,25 @@ def _is_orbax_late_callback(unraisable: Any) -> bool:
             and str(unraisable.exc_value) == "Event loop is closed")
 
 
+def _is_orbax_unretrieved_task(record: Any) -> bool:
+    """asyncio's "Task exception was never retrieved" for a task of Orbax's (TensorStore's) reads."""
+    if "Task exception was never retrieved" not in str(record.msg) or not record.exc_info:
+        return False
+    tb = record.exc_info[2]
+    while tb is not None:
+        if any(lib in tb.tb_frame.f_code.co_filename for lib in ("orbax", "tensorstore")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _drop_late_read_callbacks() -> None:
     """When a read fails Orbax closes its event loop while TensorStore's other reads are in
     flight; each of their completions then reports an "Event loop is closed" RuntimeError as
-    unraisable from TensorStore's threads (pages of tracebacks around our one error line).
-    Drop exactly those; installed before reading, since they may come before the error
-    reaches us (they did under load)."""
+    unraisable from TensorStore's threads, and read tasks that failed too are reported by
+    asyncio's logger when collected (pages of tracebacks around our one error line). Drop
+    exactly those; installed before reading, since they may come before the error reaches
+    us (they did under load)."""
     previous = sys.unraisablehook
     if getattr(previous, "_fasdiff_filter", False):
         return
@@ -599,6 +612,9 @@ def _drop_late_read_callbacks() -> None:
 
     hook._fasdiff_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    import logging as std_logging
+
+    std_logging.getLogger("asyncio").addFilter(lambda r: not _is_orbax_unretrieved_task(r))
 
 
 @contextlib.contextmanager

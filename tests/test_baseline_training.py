@@ -258,6 +258,33 @@ def test_only_late_callbacks_of_a_failed_read_are_silenced(monkeypatch):
     assert seen == ["Event loop is closed", "another error"]
 
 
+def test_unretrieved_orbax_read_tasks_are_not_logged_after_a_failed_read(caplog):
+    """asyncio logs "Task exception was never retrieved" (with a traceback) for read tasks
+    that failed beside the one reported: after a checkpoint read those of Orbax's frames are
+    dropped, others still logged."""
+    import logging
+
+    def failure(filename):  # an exception raised in code that lives in ``filename``
+        try:
+            exec(compile("raise ValueError('read failed')", filename, "exec"))
+        except ValueError:
+            return sys.exc_info()
+
+    def report(filename):
+        logging.getLogger("asyncio").error("Task exception was never retrieved\nfuture: <Task>",
+                                           exc_info=failure(filename))
+
+    with pytest.raises(Exception):
+        with train._reading("w", 3):
+            raise ValueError("OUT_OF_RANGE")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        report("/site-packages/orbax/checkpoint/_src/serialization/fake.py")
+        report("/somewhere/else.py")
+        logging.getLogger("asyncio").error("Task exception was never retrieved")  # no traceback
+    assert len(caplog.records) == 2 and "orbax" not in caplog.text
+
+
 @pytest.mark.xdist_group("baseline_training")
 def test_resuming_with_another_architecture_is_refused_before_restoring(trained, tmp_path):
     work = tmp_path / "w"
