@@ -76,6 +76,15 @@ def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) ->
     return " ".join(f"--{n}" for n in names if getattr(args, n) is not None)
 
 
+def _checkpoint_step(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {text!r}") from None
+
+
 def add_model_flags(ap: argparse.ArgumentParser) -> None:
     """The model to code with: ``--workdir`` (a training run: FaSDiff, with the sampler spec
     overrides ``--steps/--t_start/--eta/--seed``, or the mbt2018-mean baseline trained by
@@ -84,8 +93,9 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                     help="a config file with get_config() (default: the config the workdir "
                          "was trained with, its config.json)")
     ap.add_argument("--workdir", default=None, help="a training workdir (checkpoints)")
-    ap.add_argument("--step", type=int, default=None,
-                    help="which of the workdir's checkpoints (default: the latest)")
+    ap.add_argument("--step", type=_checkpoint_step, default=None,
+                    help="which of the workdir's checkpoints: a step, or 'best' (the best "
+                         "held-out evaluation's, config.eval.best_metric; default: the latest)")
     ap.add_argument("--model_dir", default=None,
                     help="instead of --workdir: an mbt2018-mean hyperprior folder "
                          "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")

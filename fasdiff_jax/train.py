@@ -19,7 +19,9 @@ mbt2018-mean baseline (all of it trainable, no x̂0 step):
   coding and the diffusion terms' timesteps/noise drawn from ``eval.seed``, logged as
   ``eval/*`` (bpp, each term, ``psnr`` for the baseline), so the curves compare across steps,
   and ``eval.images`` held-out faces beside their reconstructions (FaSDiff: the config's
-  sampler from the rounded latents) as ``eval/reconstructions`` pictures;
+  sampler from the rounded latents) as ``eval/reconstructions`` pictures; each evaluation
+  saves a checkpoint with its metrics, and the best by ``eval.best_metric`` is kept
+  (:func:`checkpoint_options`; ``--step=best`` in the codec and evaluate commands);
 * Orbax checkpoints of the *trainable* params, optimizer state, step and the Grain iterator
   state (one JSON file per process). Frozen SD/metric networks are rebuilt from the config
   (``model.sd_checkpoint`` or the seeded random stand-ins), never re-saved. A run started in
@@ -39,6 +41,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -104,6 +107,11 @@ EVAL_DEFAULTS: dict[str, Any] = dict(
     seed=0,  # the diffusion terms' timesteps and noise: the same draw at every evaluation
     x0_terms=True,  # FaSDiff: identity and LPIPS on x̂0 too (where their weights are > 0)
     images=4,  # this many held-out faces and their reconstructions logged as pictures; 0 = none
+    # Every evaluation saves a checkpoint with its metrics, and the one with the best value of
+    # this eval metric is kept besides the max_to_keep latest and keep_period's milestones
+    # (codec / evaluate --step=best); "" = none of that.
+    best_metric="loss",
+    best_mode="min",  # "min" | "max" (e.g. for "psnr")
 )
 
 
@@ -172,6 +180,8 @@ class HeldOut:
     seed: int
     x0_terms: bool
     images: int
+    best_metric: str = ""
+    best_mode: str = "min"
 
 
 def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
@@ -181,6 +191,9 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
     fails at the start, not after ``every_steps``."""
     ec = _merged_section(config, "eval", EVAL_DEFAULTS,
                          ("every_steps", "batch_size", "num_batches", "images"))
+    if ec["best_mode"] not in ("min", "max"):
+        raise TrainConfigError(f"config.eval.best_mode must be 'min' or 'max', got "
+                               f"{ec['best_mode']!r}")
     if not ec["source"] or not ec["every_steps"] or ec["every_steps"] > steps:
         return None
     from fasdiff_jax.data.sources import open_source
@@ -206,7 +219,57 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
     logging.info("held-out evaluation every %d steps: %d images of %s", ec["every_steps"],
                  batches * data.global_batch_size, data.source)
     return HeldOut(data, source, batches, int(ec["every_steps"]), int(ec["seed"]),
-                   bool(ec["x0_terms"]), min(int(ec["images"]), data.global_batch_size))
+                   bool(ec["x0_terms"]), min(int(ec["images"]), data.global_batch_size),
+                   str(ec["best_metric"]), str(ec["best_mode"]))
+
+
+def _check_best_metric(eval_step: Any, params: Any, held_out: HeldOut) -> None:
+    """Refuse a ``best_metric`` the evaluation does not log, at the start rather than at the
+    first evaluation (``every_steps`` into the run); the names come from tracing, not running."""
+    if not held_out.best_metric:
+        return
+    d = held_out.data
+    batch = {"image": jax.ShapeDtypeStruct((d.global_batch_size, d.image_size, d.image_size, 3),
+                                           jnp.uint8)}
+    names = set(jax.eval_shape(eval_step, params, batch, jax.random.key(0)))
+    if "mse" in names:
+        names.add("psnr")  # evaluate_held_out adds it
+    if held_out.best_metric not in names:
+        raise TrainConfigError(f"config.eval.best_metric={held_out.best_metric!r} is not among "
+                               f"the held-out metrics {sorted(names)} (\"\" keeps no best "
+                               f"checkpoint)")
+
+
+def _ranked_metric(name: str, mode: str) -> Any:
+    """``metrics -> float`` for ranking checkpoints: a NaN ranks worst (a NaN would make the
+    sort, and so which checkpoint Orbax deletes, arbitrary)."""
+    worst = math.inf if mode == "min" else -math.inf
+
+    def value(metrics: Mapping[str, Any]) -> float:
+        v = float(metrics[name])
+        return v if math.isfinite(v) else worst
+
+    return value
+
+
+def checkpoint_options(tc: Mapping[str, Any], held_out: HeldOut | None
+                       ) -> ocp.CheckpointManagerOptions:
+    """Which checkpoints stay: the ``max_to_keep`` latest, ``keep_period``'s milestones, and
+    with a held-out ``best_metric`` the one whose evaluation was best (Orbax keeps each
+    checkpoint's metrics beside it, so a resumed run still knows it)."""
+    keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=int(tc["max_to_keep"]))]
+    if tc["keep_period"]:
+        keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(tc["keep_period"])))
+    if held_out is None or not held_out.best_metric:
+        return ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep), create=True)
+    best_fn = _ranked_metric(held_out.best_metric, held_out.best_mode)
+    keep.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=best_fn, reverse=held_out.best_mode == "min", n=1,
+        keep_checkpoints_without_metrics=False))
+    return ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode=held_out.best_mode, create=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep))
 
 
 def evaluate_held_out(eval_step: Any, params: Any, held_out: HeldOut, mesh: Mesh,
@@ -539,13 +602,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if held_out.images:
             sample_step = train_step.make_sample_step(model.reconstruct, held_out.images,
                                                       mesh=mesh, param_shardings=p_sh)
+        _check_best_metric(eval_step, params, held_out)
     it = make_train_iterator(config.data, mesh)
     register_checkpoint_array_handler()
-    mngr = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=int(tc["max_to_keep"]),
-                                             keep_period=int(tc["keep_period"]) or None,
-                                             create=True))
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                 options=checkpoint_options(tc, held_out))
     try:
         return _loop(config, workdir, tc, mesh, model, params, opt_state, train_sh, o_sh,
                      step_fns, it, mngr, held_out, eval_step, sample_step)
@@ -683,13 +744,14 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     opt_state = set_hyperparams(opt_state, tc, mesh)
     save_run_config(config, workdir)
 
-    def save(at: int) -> None:
+    def save(at: int, eval_metrics: Mapping[str, float] | None = None) -> None:
         train_params = model.split(params)[0]
         _check_params_finite(train_params, at)
         mngr.save(at, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
             data=grain.checkpoint.CheckpointSave(it.grain_iterator),
-            meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint})))
+            meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint})),
+            metrics=dict(eval_metrics) if eval_metrics else None)
 
     # CLU's writers import TensorFlow (~10 s here): only training pays it, not the codec and
     # evaluate commands that import this module for restore_for_inference.
@@ -704,6 +766,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     use_x0 = int(model.loss_cfg.get("stage", 1)) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    keep_best = held_out is not None and bool(held_out.best_metric)
+    best = _best_so_far(mngr, held_out) if keep_best else None
     trace = _StepTrace(workdir, tc["profile_first_step"], tc["profile_steps"])
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer), trace:
         while step < tc["steps"]:
@@ -721,7 +785,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 fasdiff.check_finite(last, step)
                 last["learning_rate"] = float(hyperparams(opt_state)["learning_rate"])
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
-            if held_out is not None and step % held_out.every_steps == 0:
+            evaluated = held_out is not None and step % held_out.every_steps == 0
+            if evaluated:
                 started = time.monotonic()
                 with jax.profiler.StepTraceAnnotation("eval", step_num=step):
                     last_eval, pictures = evaluate_held_out(eval_step, params, held_out, mesh,
@@ -731,15 +796,41 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
                 if pictures is not None:  # left: the held-out face, right: its reconstruction
                     writer.write_images(step, {"eval/reconstructions": pictures})
-            if step % tc["checkpoint_every"] == 0 and step != tc["steps"]:
-                save(step)
+                if keep_best:
+                    best = _note_best(best, step, last_eval, held_out)
+            if step != tc["steps"] and (step % tc["checkpoint_every"] == 0
+                                        or (evaluated and keep_best)):
+                save(step, last_eval if evaluated else None)
             if step < tc["steps"] and preemption.reached(mngr, step):
                 logging.warning("preemption notice: saving step %d and stopping; the same "
                                 "command resumes from there", step)
                 break
         if mngr.latest_step() != step:
-            save(step)
+            save(step, last_eval if held_out is not None and step % held_out.every_steps == 0
+                 else None)
     return {**last, **{f"eval/{k}": v for k, v in last_eval.items()}, "step": step}
+
+
+def _best_so_far(mngr: ocp.CheckpointManager, held_out: HeldOut) -> tuple[int, float] | None:
+    """``(step, value)`` of the kept checkpoint with the best held-out metric (a resumed run's
+    earlier evaluations), or None."""
+    step = mngr.best_step()
+    metrics = mngr.metrics(step) if step is not None else None
+    if not metrics or held_out.best_metric not in metrics:
+        return None
+    return step, _ranked_metric(held_out.best_metric, held_out.best_mode)(metrics)
+
+
+def _note_best(best: tuple[int, float] | None, step: int, metrics: Mapping[str, float],
+               held_out: HeldOut) -> tuple[int, float]:
+    value = _ranked_metric(held_out.best_metric, held_out.best_mode)(metrics)
+    better = (best is None or (value < best[1] if held_out.best_mode == "min"
+                               else value > best[1]))
+    if better:
+        logging.info("step %d: best held-out %s so far (%.6g); its checkpoint is kept "
+                     "(--step=best)", step, held_out.best_metric, value)
+        return step, value
+    return best
 
 
 class _StepTrace:
@@ -844,10 +935,29 @@ def _without_loss_networks(model_cfg: Any) -> Any:
     return cfg
 
 
+def _best_step(mngr: ocp.CheckpointManager, config: ml_collections.ConfigDict,
+               workdir: str) -> int:
+    """The kept checkpoint whose held-out evaluation was best by the run's
+    ``eval.best_metric`` / ``best_mode``."""
+    ec = _merged_section(config, "eval", EVAL_DEFAULTS, ())
+    name, mode = ec["best_metric"], ec["best_mode"]
+    rank = _ranked_metric(name, mode)
+    scored = {s: rank(m) for s in mngr.all_steps()
+              if (m := mngr.metrics(s)) is not None and name in m}
+    if not name or not scored:
+        raise TrainConfigError(
+            f"{workdir}: no checkpoint has held-out metrics{f' with {name!r}' if name else ''} "
+            f"to pick the best by (runs with config.eval.source, every_steps and best_metric "
+            f"set save them); give --step=N or leave --step out for the latest")
+    pick = min if mode == "min" else max
+    return pick(sorted(scored), key=lambda s: scored[s])
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          step: int | None = None) -> tuple[Model, dict[str, Any], int]:
+                          step: int | str | None = None) -> tuple[Model, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from checkpoint
-    ``step`` (default: the latest) in ``workdir``; for the codec and evaluation commands (one
+    ``step`` (default: the latest; ``"best"``: the best held-out evaluation's, see
+    ``config.eval.best_metric``) in ``workdir``; for the codec and evaluation commands (one
     host, no mesh)."""
     config = with_absolute_paths(config)
     ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
@@ -858,6 +968,12 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
             mngr.close()
         raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
                                f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
+    if step == "best":
+        try:
+            step = _best_step(mngr, config, workdir)
+        except TrainConfigError:
+            mngr.close()
+            raise
     if step is not None and step not in steps:
         mngr.close()
         raise TrainConfigError(f"{workdir}: no checkpoint of step {step}; it has {steps} "

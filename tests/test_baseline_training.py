@@ -83,6 +83,67 @@ def test_keep_period_keeps_milestone_checkpoints_and_steps_are_profiled(trained,
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_the_best_held_out_checkpoint_is_kept_and_coded_with(trained, embedded_dirs, tmp_path,  # noqa: F811
+                                                             capsys):
+    """``eval.best_metric``: every evaluation saves a checkpoint with its metrics; the one with
+    the best value stays beside the ``max_to_keep`` latest, across a resume, and
+    ``--step=best`` codes with it. (``best_mode="max"`` on the falling loss, so the best is
+    an early one that max_to_keep=1 alone would delete.)"""
+    from test_train import _scalars
+
+    work = tmp_path / "w"
+    cfg = small_config(trained["source"], steps=6, checkpoint_every=3, max_to_keep=1)
+    cfg.eval.update(source=f"prepared:{embedded_dirs['heldout']}", every_steps=2, batch_size=8,
+                    images=0, best_metric="loss", best_mode="max")
+    train.train_and_evaluate(cfg, str(work))
+    losses = _scalars(work)["eval/loss"]
+    assert sorted(losses) == [2, 4, 6]
+    best = max(losses, key=losses.get)
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == sorted({best, 6})
+    saved = json.loads((work / "checkpoints" / str(best) / "metrics" / "metrics").read_text())
+    assert saved["loss"] == pytest.approx(losses[best], rel=1e-6)  # what the policy ranks by
+
+    run_cfg = train.load_run_config(str(work))
+    assert train.restore_for_inference(run_cfg, str(work), "best")[2] == best
+    cfg.train.steps = 8  # resumed: step 8's evaluation joins the ranking, step 6 goes
+    train.train_and_evaluate(cfg, str(work))
+    losses = _scalars(work)["eval/loss"]
+    best = max(losses, key=losses.get)
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == sorted({best, 8})
+
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:84, 150:214]).save(face)
+    for step in ("best", str(best)):
+        assert codec.main(["compress", str(face), str(tmp_path / f"{step}.fsd"),
+                           f"--workdir={work}", f"--step={step}"]) == 0
+    assert (tmp_path / "best.fsd").read_bytes() == (tmp_path / f"{best}.fsd").read_bytes()
+    res = tmp_path / "best.json"
+    assert evaluate.main([f"--workdir={work}", "--step=best", f"--out={res}", "--limit=1",
+                          f"--source=prepared:{embedded_dirs['heldout']}"]) == 0
+    assert json.loads(res.read_text())["settings"]["checkpoint_step"] == best
+
+    # a run without held-out metrics has no best; a metric the evaluation does not log is
+    # refused before the first step; so is a mode other than min and max
+    capsys.readouterr()
+    assert codec.main(["compress", str(face), str(tmp_path / "x.fsd"),
+                       f"--workdir={trained['a'].parent / 'one'}", "--step=best"]) == 2
+    assert "no checkpoint has held-out metrics with 'loss'" in capsys.readouterr().err
+    cfg.eval.best_metric = "lpips"
+    with pytest.raises(train.TrainConfigError,
+                       match=r"best_metric='lpips' is not among the held-out metrics \['bpp', "
+                             r"'loss', 'mse', 'psnr'\]"):
+        train.train_and_evaluate(cfg, str(tmp_path / "other"))
+    assert not (tmp_path / "other" / "checkpoints").exists()
+    cfg.eval.update(best_metric="psnr", best_mode="highest")
+    with pytest.raises(train.TrainConfigError, match="best_mode must be 'min' or 'max'"):
+        train.train_and_evaluate(cfg, str(tmp_path / "other"))
+    with pytest.raises(SystemExit):
+        codec.main(["compress", str(face), str(tmp_path / "x.fsd"), f"--workdir={work}",
+                    "--step=good"])
+    assert "expected a step number or 'best', got 'good'" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     """The loop's held-out bpp (rounded latents) is what the codec writes for those images:
     the same 8 images, coded with the last step's params, within 1% of it plus up to one

@@ -298,6 +298,32 @@ def test_checkpoint_saves_compile_nothing_for_small_replicated_arrays(devices8, 
         np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(tree[k]))
 
 
+@pytest.mark.parametrize("mode, kept", [("min", [3, 5]), ("max", [5])])
+def test_checkpoints_kept_by_held_out_metric(mode, kept):
+    """Orbax's policy from config: the max_to_keep latest plus the best evaluated checkpoint;
+    one without metrics is not ranked, and a NaN ranks worst in either mode (a NaN in the
+    sort would make which checkpoint goes arbitrary)."""
+    import datetime
+    from types import SimpleNamespace
+
+    held_out = train.HeldOut(data=None, source=None, batches=1, every_steps=1, seed=0,
+                             x0_terms=False, images=0, best_metric="loss", best_mode=mode)
+    options = train.checkpoint_options({"max_to_keep": 1, "keep_period": 0}, held_out)
+    losses = {1: 2.0, 2: float("nan"), 3: 1.0, 4: None, 5: 3.0}
+    infos = [SimpleNamespace(step=s, time=datetime.datetime.now(),
+                             metrics=None if v is None else {"loss": v, "bpp": 0.1})
+             for s, v in losses.items()]
+    keep = options.preservation_policy.should_preserve(
+        infos, context=ocp.checkpoint_managers.PreservationContext())
+    assert [s for s, k in zip(losses, keep) if k] == kept
+    assert options.best_mode == mode
+    plain = train.checkpoint_options({"max_to_keep": 2, "keep_period": 2}, None)
+    assert plain.best_fn is None
+    keep = plain.preservation_policy.should_preserve(
+        infos, context=ocp.checkpoint_managers.PreservationContext())
+    assert [s for s, k in zip(losses, keep) if k] == [2, 4, 5]  # keep_period 2 + latest 2
+
+
 def test_held_out_settings(embedded_dirs):  # noqa: F811
     """config.eval: off when unset, empty or after the last step; the whole batches of the
     held-out source, capped by num_batches; what cannot work is refused at the start."""
@@ -871,7 +897,8 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
             f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}", "--config.train.steps=8",
             f"--compile_cache={tmp_path / 'xla'}"]
     held = {**_eval_overrides(embedded_dirs["heldout"]), "eval.every_steps": 1,
-            "eval.x0_terms": False, "eval.images": 0}  # each process evaluates half a batch
+            "eval.x0_terms": False, "eval.images": 0,  # each process evaluates half a batch
+            "eval.best_metric": ""}  # no save per evaluation: only the preemption's
     argv += [f"--config.{k}={v}"
              for k, v in {**_overrides(src), "train.checkpoint_every": 100, **held}.items()]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
