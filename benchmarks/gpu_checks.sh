@@ -9,7 +9,7 @@
 #     importlib-metadata ml-collections
 #   python benchmarks/cross_device_files.py run .gpu/xdev --precision default   # and highest
 # Run there with .whl and .gpu carried:  bash benchmarks/gpu_checks.sh [STAGE ...]
-# stages (default: all, in this order): xdev codec tests probe unet fasdiff
+# stages (default: all, in this order): xdev codec tests probe unet fasdiff decode
 # Then here: untar $OUT/xdev.tar into .gpu/xdev, run cross_device_files.py run (both
 # precisions) and compare.
 #
@@ -27,7 +27,7 @@ lscpu | grep -E "Model name|^CPU\(s\)"
 python3 -c "import jax, flax, torch, numpy; print('jax', jax.__version__, 'flax', flax.__version__,
 'torch', torch.__version__, 'numpy', numpy.__version__, jax.devices())"
 
-STAGES=${*:-xdev codec tests probe unet fasdiff}
+STAGES=${*:-xdev codec tests probe unet fasdiff decode}
 for stage in $STAGES; do
 case $stage in
 xdev)
@@ -58,6 +58,10 @@ fasdiff)
   echo "== FaSDiff train step (reduced SD-2.1 shape, 256 px, batch 8) on the GPU"
   JAX_PLATFORMS=cuda timeout 170 python3 benchmarks/fasdiff_step.py --skip_tiny --reduced_batch 8 \
     --repeats 5 2>&1 | tee "$OUT/fasdiff_step_gpu.log" | tail -8 ;;
+decode)
+  echo "== FaSDiff decoding, files one at a time vs batched (reduced SD-2.1 shape, 256 px) on the GPU"
+  JAX_PLATFORMS=cuda timeout 170 python3 benchmarks/batched_decoding.py --reduced --files 8 \
+    --batches 2,4,8 --repeats 3 2>&1 | tee "$OUT/batched_decoding_gpu.log" | grep '^{' ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
 done

@@ -875,6 +875,64 @@ def test_codec_command_does_folders_in_one_run(scenario, tmp_path, capsys):  # n
     assert capsys.readouterr().err.count("eta must be in [0, 1]") == 1  # once, before any file
 
 
+@pytest.mark.xdist_group("train_scenario")
+def test_decompress_runs_files_of_one_size_and_sampler_together(scenario, tmp_path, capsys):  # noqa: F811
+    """``decompress --batch_size``: files of one latent size and sampler spec go through the
+    sampler together, each with its own seed's noise, so every file decodes as it does alone
+    (within one grey level: float rounding of batched convolutions); a file of another size
+    or sampler spec runs in its own group, and a damaged one is reported in its place while
+    the others are written."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec
+
+    cfg, work = _config(scenario["source"]), str(scenario["a"])
+    model, params, _ = train.restore_for_inference(cfg, work)
+    photo = skdata.astronaut()
+    files = {f"s{i}": model.compress(params, photo[20 + 9 * i:81 + 9 * i, 150:200], steps=2,
+                                     seed=i) for i in range(5)}  # 61x50, five seeds
+    files["other_size"] = model.compress(params, photo[:40, :70], steps=2, seed=1)
+    files["other_steps"] = model.compress(params, photo[20:81, 150:200], steps=3, seed=1)
+    files["damaged"] = files["s0"][:-3]
+    names = list(files)
+    alone = {}
+    for n in names:
+        try:
+            alone[n] = model.decompress(params, files[n])
+        except Exception as e:  # noqa: BLE001 - compared below
+            alone[n] = e
+    together = dict(zip(names, model.decompress_batch(params, [files[n] for n in names])))
+    for n in names:
+        if n == "damaged":
+            assert type(together[n]) is type(alone[n]) and "checksum" in str(together[n])
+            continue
+        assert together[n].shape == alone[n].shape
+        assert np.abs(together[n].astype(int) - alone[n]).max() <= 1, n
+    assert np.abs(together["s0"].astype(int) - together["s1"]).mean() > 1  # their own noise
+
+    fsd = tmp_path / "fsd"
+    fsd.mkdir()
+    for n in names:
+        (fsd / f"{n}.fsd").write_bytes(files[n])
+    common = [f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}"]
+    decoded = {}
+    for size in (1, 4):
+        out = tmp_path / f"png{size}"
+        assert codec.main(["decompress", str(fsd), f"--out_dir={out}", f"--batch_size={size}"]
+                          + common) == 2
+        stdout, err = capsys.readouterr()
+        assert "decompressed 7 of 8 files, 1 failed" in stdout and "damaged.fsd" in err
+        decoded[size] = {n: np.asarray(Image.open(out / f"{n}.png")) for n in names
+                         if n != "damaged"}
+        assert not (out / "damaged.png").exists()
+    for n, img in decoded[4].items():
+        assert np.abs(img.astype(int) - decoded[1][n]).max() <= 1, n
+    with pytest.raises(SystemExit):
+        codec.main(["decompress", str(fsd), f"--out_dir={tmp_path / 'x'}", "--batch_size=0"]
+                   + common)
+
+
 # ------------------------------------------------------------------ several processes
 def _logged(stderr: str) -> dict[int, str]:
     """step -> the ``train/...`` scalars line CLU logged (every process logs them)."""

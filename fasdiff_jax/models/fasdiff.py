@@ -29,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,7 @@ from fasdiff_jax.coding import container as ct
 from fasdiff_jax.coding.errors import BitstreamError
 from fasdiff_jax.data.pipeline import to_model_input
 from fasdiff_jax.diffusion import samplers, schedules
-from fasdiff_jax.errors import ConversionError, NonFiniteLossError
+from fasdiff_jax.errors import ConversionError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models import perceptual, train_step, wavelets
@@ -413,6 +413,35 @@ class FaSDiff:
 
     def decompress(self, params: Params, data: bytes, max_pixels: int = H.MAX_PIXELS) -> np.ndarray:
         """Container bytes -> uint8 image of the original size and channel count."""
+        return self._reconstruct(params, [self._decoded(params, data, max_pixels)])[0]
+
+    def decompress_batch(self, params: Params, datas: Sequence[bytes],
+                         max_pixels: int = H.MAX_PIXELS) -> list[np.ndarray | Exception]:
+        """:meth:`decompress` of several files, those of one latent size and sampler (steps,
+        t_start, eta) in one sampler run: the device works on a batch instead of one image
+        at a time. Each file draws its noise from its own seed, so it decodes as it would
+        alone. A file that cannot be decoded gets its error in its place; the others go on."""
+        out: list[Any] = [None] * len(datas)
+        decoded: dict[int, tuple[ct.Container, np.ndarray]] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, data in enumerate(datas):
+            try:
+                decoded[i] = self._decoded(params, data, max_pixels)
+            except (FasdiffError, ValueError) as e:  # BitstreamError and what decompress raises
+                out[i] = e
+                continue
+            c, y_hat = decoded[i]
+            key = (y_hat.shape, c.sampler.steps, c.sampler.t_start, c.sampler.eta)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            for i, image in zip(members, self._reconstruct(params, [decoded[i] for i in members])):
+                out[i] = image
+        return out
+
+    def _decoded(self, params: Params, data: bytes, max_pixels: int
+                 ) -> tuple[ct.Container, np.ndarray]:
+        """A file's container and latents: the host's part of decoding (header, fingerprint,
+        entropy decoding with the integer h_s)."""
         wrapped = self._prepared(params)[2]
         c, y_hat = H.decode_file_latents(self.compressor, wrapped, data, max_pixels,
                                          codec_id=CODEC_ID,
@@ -421,19 +450,34 @@ class FaSDiff:
             self._check_spec(c.sampler)
         except ValueError as e:
             raise BitstreamError(str(e)) from e
-        s = c.sampler
+        return c, y_hat
+
+    def _reconstruct(self, params: Params, decoded: list[tuple[ct.Container, np.ndarray]]
+                     ) -> list[np.ndarray]:
+        """The device's part for files of one latent shape and sampler: one vmapped sampler
+        run, the batch padded to a power of two (one compiled program per size 1, 2, 4, ...)."""
 
         def reconstruct(params, y_hat, seed_lo, seed_hi, steps, t_start, eta):
-            prompt, z_coarse = self.compressor.apply({"params": params["compressor"]}, y_hat,
-                                                     method=HFCompressor.synthesis)
-            rng = jax.random.fold_in(jax.random.key(seed_lo), seed_hi)
-            z = self.sample(params, prompt, z_coarse, rng, steps, t_start, eta)
-            return (self.decode_latent(params, z) + 1.0) / 2.0
+            def one(y, lo, hi):
+                prompt, z_coarse = self.compressor.apply({"params": params["compressor"]},
+                                                         y[None], method=HFCompressor.synthesis)
+                rng = jax.random.fold_in(jax.random.key(lo), hi)
+                z = self.sample(params, prompt, z_coarse, rng, steps, t_start, eta)
+                return (self.decode_latent(params, z)[0] + 1.0) / 2.0
 
+            return jax.vmap(one)(y_hat, seed_lo, seed_hi)
+
+        n = len(decoded)
+        padded = decoded + decoded[-1:] * ((1 << (n - 1).bit_length()) - n)
+        seeds = [c.sampler.seed for c, _ in padded]
+        s = decoded[0][0].sampler
         out = self._jit("reconstruct", reconstruct, ("steps", "t_start", "eta"))(
-            params, jnp.asarray(y_hat[None], jnp.float32), np.uint32(s.seed & 0xFFFFFFFF),
-            np.uint32(s.seed >> 32), steps=s.steps, t_start=s.t_start, eta=s.eta)
-        return H.to_uint8(np.asarray(out[0]), c)
+            params, jnp.asarray(np.stack([y for _, y in padded]), jnp.float32),
+            np.asarray([x & 0xFFFFFFFF for x in seeds], np.uint32),
+            np.asarray([x >> 32 for x in seeds], np.uint32),
+            steps=s.steps, t_start=s.t_start, eta=s.eta)
+        out = np.asarray(out[:n])
+        return [H.to_uint8(image, c) for image, (c, _) in zip(out, decoded)]
 
 
 # What a file's fingerprint covers besides the compressor (the loss networks are not part
