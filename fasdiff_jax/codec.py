@@ -9,6 +9,9 @@
     python -m fasdiff_jax.codec compress   --model_dir=mbt3/ face.png face.fsd
     # what a file's header says (codec, size, fingerprint, sampler spec), no model needed:
     python -m fasdiff_jax.codec info face.fsd fsd/
+    # one checkpoint of a run (--step=N|best, default the latest) as a folder to share for
+    # coding: its config and trained params, no optimizer state; use it as --workdir
+    python -m fasdiff_jax.codec export --workdir=DIR --step=best model/
 
 The model is the training run's config (``DIR/config.json``, every ``--config.*`` override
 of the run included; ``--config=FILE`` names another) with its frozen SD parts (from
@@ -48,6 +51,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,9 +301,29 @@ def _info(paths: list[str]) -> int:
     return 2 if failed else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """``export --workdir=RUN [--step=N|best] OUT``: one checkpoint of a training run as a
+    folder for coding (its config and trained params, no optimizer state)."""
+    from fasdiff_jax import train
+
+    extra = given_flags(args, [f for f in MODEL_FLAGS if f not in ("workdir", "step")])
+    try:
+        if args.workdir is None or len(args.paths) != 1 or extra or args.out_dir is not None:
+            raise FasdiffError("export takes --workdir (a training run), optionally --step, "
+                               f"and one output folder{f'; not {extra}' if extra else ''}")
+        step = train.export_for_coding(args.workdir, args.paths[0], args.step)
+    except (FasdiffError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in Path(args.paths[0]).rglob("*") if f.is_file())
+    print(f"{args.paths[0]}: checkpoint {step} of {args.workdir} for coding "
+          f"({size / 2**20:.1f} MiB; use it as --workdir)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("compress", "decompress", "info"))
+    ap.add_argument("command", choices=("compress", "decompress", "info", "export"))
     ap.add_argument("paths", nargs="+", metavar="path",
                     help="INPUT OUTPUT, or with --out_dir: inputs (files or folders)")
     ap.add_argument("--out_dir", default=None, help="write every input's output here")
@@ -313,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "info":
         return _info(args.paths)
+    if args.command == "export":
+        return _export(args)
     if args.out_dir is None and len(args.paths) != 2:
         ap.error("give INPUT OUTPUT, or inputs and --out_dir")
     if args.skip_existing and args.out_dir is None:

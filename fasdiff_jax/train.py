@@ -729,6 +729,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     if latest is not None:
         # fingerprint and shapes first: another model's state would fail inside Orbax, unreadably
         meta = _restore(mngr, latest, workdir, meta=ocp.args.JsonRestore())["meta"]
+        if meta.get("export_of"):
+            raise TrainConfigError(
+                f"{workdir}: an export for coding of {meta['export_of']} (trained params "
+                f"only, no optimizer or data state); training resumes in the run's own workdir")
         _check_frozen(meta, config, workdir, latest)
         train_params, frozen = model.split(params)
         _check_fits(train_params, _saved_tree(mngr, latest, workdir)["params"], workdir, latest)
@@ -952,6 +956,29 @@ def _best_step(mngr: ocp.CheckpointManager, config: ml_collections.ConfigDict,
     return best[0]
 
 
+def _open_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                     step: int | str | None) -> tuple[ocp.CheckpointManager, int]:
+    """The workdir's checkpoint manager (the caller closes it) and the step ``step`` names:
+    None the latest, ``"best"`` the best held-out evaluation's, else that step."""
+    ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
+    mngr = ocp.CheckpointManager(ckpt_dir) if epath.Path(ckpt_dir).is_dir() else None
+    steps = sorted(mngr.all_steps()) if mngr is not None else []
+    try:
+        if not steps:
+            raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
+                                   f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
+        if step == "best":
+            step = _best_step(mngr, config, workdir)
+        if step is not None and step not in steps:
+            raise TrainConfigError(f"{workdir}: no checkpoint of step {step}; it has {steps} "
+                                   f"(config.train.keep_period keeps more of them)")
+    except TrainConfigError:
+        if mngr is not None:
+            mngr.close()
+        raise
+    return mngr, int(steps[-1] if step is None else step)
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           step: int | str | None = None) -> tuple[Model, dict[str, Any], int]:
     """``(model, params, step)``: frozen parts from the config, trained parts from checkpoint
@@ -959,25 +986,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     ``config.eval.best_metric``) in ``workdir``; for the codec and evaluation commands (one
     host, no mesh)."""
     config = with_absolute_paths(config)
-    ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
-    mngr = ocp.CheckpointManager(ckpt_dir) if epath.Path(ckpt_dir).is_dir() else None
-    steps = sorted(mngr.all_steps()) if mngr is not None else []
-    if not steps:
-        if mngr is not None:
-            mngr.close()
-        raise TrainConfigError(f"{workdir}: no checkpoint to load (train first: "
-                               f"python -m fasdiff_jax.main --config=... --workdir={workdir})")
-    if step == "best":
-        try:
-            step = _best_step(mngr, config, workdir)
-        except TrainConfigError:
-            mngr.close()
-            raise
-    if step is not None and step not in steps:
-        mngr.close()
-        raise TrainConfigError(f"{workdir}: no checkpoint of step {step}; it has {steps} "
-                               f"(config.train.keep_period keeps more of them)")
-    step = steps[-1] if step is None else step
+    mngr, step = _open_checkpoint(config, workdir, step)
     try:
         meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]
         _check_frozen(meta, config, workdir, step)
@@ -988,4 +997,30 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     finally:
         mngr.close()
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
-    return model, jax.device_put({**got, **frozen}), int(step)  # host SD weights: once
+    return model, jax.device_put({**got, **frozen}), step  # host SD weights: once
+
+
+def export_for_coding(workdir: str, out: str, step: int | str | None = None) -> int:
+    """Checkpoint ``step`` of a training run (as :func:`restore_for_inference` names it) as a
+    workdir for the codec and evaluate commands: the run's ``config.json`` and that one
+    checkpoint with its trained params only (no optimizer or data state: with Adam a third of
+    the bytes), a folder to share. Training does not resume from it (refused by name).
+    Returns the step."""
+    config = load_run_config(workdir)
+    if epath.Path(out, "checkpoints").exists():
+        raise TrainConfigError(f"{out}: already has checkpoints; export into a new folder")
+    mngr, step = _open_checkpoint(config, workdir, step)
+    try:
+        meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]
+        params = _read_params(mngr, step, workdir, _saved_tree(mngr, step, workdir)["params"])
+    finally:
+        mngr.close()
+    register_checkpoint_array_handler()
+    with ocp.CheckpointManager(os.path.join(out, "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(create=True)) as exported:
+        exported.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params}),
+            meta=ocp.args.JsonSave({**meta, "export_of": f"{_workdir(workdir)}@{step}"})))
+        exported.wait_until_finished()
+    save_run_config(config, out)
+    return step

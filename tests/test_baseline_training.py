@@ -227,6 +227,38 @@ def test_the_trained_baseline_exports_to_a_model_dir(trained, tmp_path, capsys):
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_a_checkpoint_exports_to_a_folder_for_coding(trained, tmp_path, capsys):
+    """``codec export``: one checkpoint of a run (the latest, or --step=N|best) with its config
+    and trained params only; it codes the same bytes as the run's workdir, and training does
+    not resume from it."""
+    work, out = trained["a"], tmp_path / "export"
+    assert codec.main(["export", f"--workdir={work}", str(out)]) == 0
+    assert f"checkpoint {STEPS} of {work} for coding" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints" / str(STEPS)).iterdir()
+                  if p.is_dir()) == ["meta", "state"]  # no data iterator state
+    assert set(train.one_device_target(out / "checkpoints" / str(STEPS) / "state")) == {"params"}
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.chelsea()[:90, :110]).save(face)
+    for name, where in (("run", work), ("export", out)):
+        assert codec.main(["compress", str(face), str(tmp_path / f"{name}.fsd"),
+                           f"--workdir={where}"]) == 0
+    assert (tmp_path / "run.fsd").read_bytes() == (tmp_path / "export.fsd").read_bytes()
+    assert codec.main(["decompress", str(tmp_path / "run.fsd"), str(tmp_path / "face_out.png"),
+                       f"--workdir={out}"]) == 0
+
+    resumed = trained["held_out"].copy_and_resolve_references()
+    resumed.train.steps = STEPS + 1
+    with pytest.raises(train.TrainConfigError, match=rf"an export for coding of .*@{STEPS}"):
+        train.train_and_evaluate(resumed, str(out))
+    capsys.readouterr()
+    assert codec.main(["export", f"--workdir={work}", str(out)]) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    assert codec.main(["export", f"--workdir={work}", "--step=best", str(tmp_path / "b")]) == 0
+    assert codec.main(["export", f"--workdir={work}", "--model_dir=m", str(tmp_path / "c")]) == 2
+    assert "not --model_dir" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_a_fasdiff_config_does_not_load_the_baseline(trained):
     from configs import tiny
 

@@ -635,6 +635,11 @@ def test_codec_and_evaluate_take_an_earlier_checkpoint(scenario, embedded_dirs, 
     assert evaluate.main([f"--workdir={a}", "--step=3", f"--source=prepared:{embedded_dirs['heldout']}",
                           "--limit=1", f"--out={res}"]) == 0
     assert json.loads(res.read_text())["settings"]["checkpoint_step"] == 3
+    # step 3 exported for coding (codec export): the same file as from the run's workdir
+    assert codec.main(["export", f"--workdir={a}", "--step=3", str(tmp_path / "export3")]) == 0
+    assert codec.main(["compress", str(face), str(tmp_path / "e3.fsd"),
+                       f"--workdir={tmp_path / 'export3'}"]) == 0
+    assert (tmp_path / "e3.fsd").read_bytes() == files[3]
 
 
 @pytest.mark.xdist_group("train_scenario")
