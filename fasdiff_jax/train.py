@@ -772,6 +772,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     last_eval: dict[str, float] = {}
     keep_best = held_out is not None and bool(held_out.best_metric)
     best = _best_kept(mngr, held_out.best_metric, held_out.best_mode) if keep_best else None
+    evaluated = False  # at the step the loop is on (the final save passes its metrics)
     trace = _StepTrace(workdir, tc["profile_first_step"], tc["profile_steps"])
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer), trace:
         while step < tc["steps"]:
@@ -810,8 +811,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                                 "command resumes from there", step)
                 break
         if mngr.latest_step() != step:
-            save(step, last_eval if held_out is not None and step % held_out.every_steps == 0
-                 else None)
+            save(step, last_eval if evaluated else None)
     return {**last, **{f"eval/{k}": v for k, v in last_eval.items()}, "step": step}
 
 
