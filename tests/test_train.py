@@ -18,6 +18,7 @@ preemption notice, and one process resumes their checkpoint
 
 from __future__ import annotations
 
+import ast
 import glob
 import hashlib
 import json
@@ -959,10 +960,11 @@ def _logged(stderr: str) -> dict[int, str]:
 
 @pytest.mark.run_early
 def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  # noqa: F811
-    """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8. After
-    step 2 one process gets SIGTERM (a host's preemption notice): both reach JAX's preemption
-    sync point at the same step, save it together and exit cleanly. Then this process
-    (1 x 8 devices) loads and resumes that checkpoint."""
+    """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8, a
+    held-out evaluation and a checkpoint with its metrics every step, the best kept besides
+    the latest. After step 2 one process gets SIGTERM (a host's preemption notice): both reach
+    JAX's preemption sync point at the same step, stop there together and exit cleanly. Then
+    this process (1 x 8 devices) loads the best and the last checkpoint and resumes the last."""
     src = f"prepared:{embedded_dirs['train']}"
     work = tmp_path / "w"
     with socket.socket() as sock:
@@ -973,9 +975,9 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
             f"--compile_cache={tmp_path / 'xla'}"]
     held = {**_eval_overrides(embedded_dirs["heldout"]), "eval.every_steps": 1,
             "eval.x0_terms": False, "eval.images": 0,  # each process evaluates half a batch
-            "eval.best_metric": ""}  # no save per evaluation: only the preemption's
-    argv += [f"--config.{k}={v}"
-             for k, v in {**_overrides(src), "train.checkpoint_every": 100, **held}.items()]
+            "eval.best_metric": "loss", "eval.best_mode": "max"}  # max: not the latest
+    argv += [f"--config.{k}={v}" for k, v in {**_overrides(src), "train.checkpoint_every": 100,
+                                              "train.max_to_keep": 1, **held}.items()]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env=dict(
                                   os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
@@ -1006,18 +1008,28 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
         assert f"process {i}/2, 4 local / 8 global devices" in err
         assert f"compilation cache: {tmp_path / 'xla'}" in err
     assert list((tmp_path / "xla").glob("*-cache"))  # written by process 0 (JAX's rule)
-    stop = _steps(work)
-    assert len(stop) == 1 and 2 <= stop[0] < 8, stop  # saved once, where the notice stopped it
-    stop = stop[0]
+    kept = _steps(work)
+    stop = kept[-1]
+    assert 2 <= stop < 8, kept  # where the notice stopped it
     for err in logs:
         assert f"preemption notice: saving step {stop} and stopping" in err
     # the metrics are global arrays: both processes log the same values, every step
     assert sorted(_logged(logs[0])) == list(range(1, stop + 1))
     assert _logged(logs[0]) == _logged(logs[1])
-    held_out = [dict(re.findall(r"step (\d+) held-out: (\{[^\n]*\})", "".join(log)))
-                for log in logs]
-    assert sorted(map(int, held_out[0])) == list(range(1, stop + 1))
+    held_out = [{int(k): ast.literal_eval(v) for k, v in
+                 re.findall(r"step (\d+) held-out: (\{[^\n]*\})", "".join(log))} for log in logs]
+    assert sorted(held_out[0]) == list(range(1, stop + 1))
     assert held_out[0] == held_out[1]  # one global result, whichever process logs it
+    # the best (highest held-out loss, the earliest of equals) is kept besides the latest,
+    # both processes name the same steps as new bests, and its metrics were saved with it
+    losses = {s: m["loss"] for s, m in held_out[0].items()}
+    best = max(losses, key=lambda s: (losses[s], -s))
+    assert kept == sorted({best, stop}), (kept, losses)
+    news = [re.findall(r"step (\d+): best held-out loss so far", err) for err in logs]
+    assert news[0] == news[1] and int(news[0][-1]) == best, news
+    saved_metrics = json.loads((work / "checkpoints" / str(best) / "metrics" / "metrics")
+                               .read_text())
+    assert saved_metrics["loss"] == pytest.approx(losses[best], rel=1e-5)
     s = _scalars(work)  # summaries: process 0 only
     assert all(np.isfinite(s[f"train/{t}"][stop]) for t in TERMS)
     d = work / "checkpoints" / str(stop) / "data"
@@ -1035,6 +1047,8 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     trained = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(params)[0])[0])
     start = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(init)[0])[0])
     assert step == stop and trained.keys() == start.keys()
+    run_cfg = train.load_run_config(str(work))  # its eval.best_mode: max
+    assert train.restore_for_inference(run_cfg, str(work), step="best")[2] == best
     assert all(np.isfinite(np.asarray(v)).all() for v in trained.values())
     assert sum(not np.array_equal(trained[k], start[k]) for k in trained) > len(trained) // 2
     saved = _saved_params(work, stop)
@@ -1048,4 +1062,4 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     out = train.train_and_evaluate(
         _config(src, **{"train.steps": stop, "train.on_process_count_change": "restart_data"}),
         str(work))
-    assert out == {"step": stop} and _steps(work) == [stop]
+    assert out == {"step": stop} and _steps(work) == kept
