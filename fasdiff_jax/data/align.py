@@ -89,10 +89,25 @@ def detect_faces(
         rect = dlib.rectangle(*box)
         if min(box[2] - box[0], box[3] - box[1]) < min_face_size:
             continue
-        shape = predictor(image, rect)
-        lm = np.array([(shape.part(i).x, shape.part(i).y) for i in range(68)], np.float64)
-        faces.append(Face(box=box, landmarks=lm, score=float(score)))
+        faces.append(Face(box=box, landmarks=_fit_landmarks(predictor, image, rect),
+                          score=float(score)))
     return faces
+
+
+def _fit_landmarks(predictor: Any, image: np.ndarray, rect: Any) -> np.ndarray:
+    shape = predictor(image, rect)
+    return np.array([(shape.part(i).x, shape.part(i).y) for i in range(68)], np.float64)
+
+
+def landmarks_in_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """dlib's 68 landmarks (x, y) fitted in ``box`` (left, top, right, bottom) of a uint8 RGB
+    image, without detecting: e.g. in a reconstruction, in the box found in its original."""
+    import dlib
+
+    image = np.ascontiguousarray(np.asarray(image)[..., :3])
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise DataError(f"landmarks_in_box needs a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    return _fit_landmarks(_models()[1], image, dlib.rectangle(*(int(v) for v in box)))
 
 
 def eye_centres(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
