@@ -145,6 +145,11 @@ def shard_tree(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
+def batch_shards(mesh: Mesh, batch_axes: Sequence[str] = ("data", "fsdp")) -> int:
+    """How many parts :func:`batch_sharding` splits a batch into on ``mesh``."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.shape]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
     """Shard the leading (batch) dimension over the given mesh axes that exist."""
     axes = tuple(a for a in batch_axes if a in mesh.shape)

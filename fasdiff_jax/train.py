@@ -82,6 +82,9 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     warmup_steps=0,
     end_learning_rate_ratio=0.0,  # cosine end value / learning_rate
     grad_clip_norm=0.0,  # global-norm clipping; 0 = off
+    # gradient accumulation: each step's batch in this many parts, one after another (less
+    # activation memory, one optimizer update per step); the batch each device holds must split
+    microbatches=1,
     x0_every=10,  # identity + LPIPS step every this many steps (stage 2); 0 = never
     log_every=20,
     checkpoint_every=100,
@@ -153,8 +156,8 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``config.train`` merged over :data:`TRAIN_DEFAULTS`; unknown or bad fields raise."""
     tc = _merged_section(config, "train", TRAIN_DEFAULTS, (
         "steps", "warmup_steps", "x0_every", "log_every", "checkpoint_every", "max_to_keep",
-        "keep_period", "profile_steps", "profile_first_step"))
-    for k in ("log_every", "checkpoint_every", "max_to_keep"):
+        "keep_period", "profile_steps", "profile_first_step", "microbatches"))
+    for k in ("log_every", "checkpoint_every", "max_to_keep", "microbatches"):
         if tc[k] < 1:
             raise TrainConfigError(f"config.train.{k} must be >= 1, got {tc[k]!r}")
     if tc["optimizer"] not in ("adam", "adamw"):
@@ -166,6 +169,17 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         raise TrainConfigError("config.train.on_process_count_change must be 'error' or "
                                f"'restart_data', got {tc['on_process_count_change']!r}")
     return tc
+
+
+def _check_microbatches(config: ml_collections.ConfigDict, mesh: Mesh, count: int) -> None:
+    """Each device's part of the batch must split into ``count`` equal microbatches."""
+    data = DataConfig.from_config(config.data)
+    shards = sharding.batch_shards(mesh, data.batch_axes)
+    if data.global_batch_size % (shards * count):
+        raise TrainConfigError(
+            f"config.train.microbatches={count}: the global batch {data.global_batch_size} "
+            f"over {shards} batch shards is {data.global_batch_size / shards:g} per shard, "
+            f"which does not split into {count} equal parts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +218,7 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
         num_workers=0, global_batch_size=int(ec["batch_size"]) or train_data.global_batch_size)
     source = open_source(data.source, data_dir=data.tfds_data_dir, cache_dir=data.cache_dir,
                          image_size=data.image_size)
-    shards = int(np.prod([mesh.shape[a] for a in data.batch_axes if a in mesh.shape]))
+    shards = sharding.batch_shards(mesh, data.batch_axes)
     procs = jax.process_count()
     if data.global_batch_size % shards or data.global_batch_size % procs:
         raise TrainConfigError(
@@ -592,8 +606,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     o_sh = _opt_shardings(optimizer, opt_shape, train_sh, mesh)
     opt_state = jax.jit(lambda p: model.init_opt_state(optimizer, p), out_shardings=o_sh)(params)
 
+    _check_microbatches(config, mesh, tc["microbatches"])
     step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
-                                          opt_shardings=o_sh) for x0 in (False, True)}
+                                          opt_shardings=o_sh, microbatches=tc["microbatches"])
+                for x0 in (False, True)}
 
     held_out = held_out_settings(config, mesh, int(tc["steps"]))
     eval_step = sample_step = None

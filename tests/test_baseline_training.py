@@ -65,6 +65,26 @@ def test_the_loop_trains_and_resumes_the_baseline(trained):
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_the_loop_trains_with_microbatches(trained, tmp_path, monkeypatch):
+    """``train.microbatches``: the loop builds its steps with it (16 images over 8 devices in
+    2 parts) and trains; a batch that does not split is refused before the first step."""
+    from fasdiff_jax.models import train_step
+
+    built = []
+    real = train_step.make_train_step
+    monkeypatch.setattr(train_step, "make_train_step",
+                        lambda *a, **k: built.append(k.get("microbatches")) or real(*a, **k))
+    cfg = small_config(trained["source"], steps=2, microbatches=2)
+    cfg.data.global_batch_size = 16
+    out = train.train_and_evaluate(cfg, str(tmp_path / "w"))
+    assert built == [2, 2] and out["step"] == 2  # the plain and the x̂0 step
+    assert np.isfinite(out["loss"]) and out["grad_norm"] > 0
+    cfg.train.microbatches = 4
+    with pytest.raises(train.TrainConfigError, match="2 per shard, which does not split into 4"):
+        train.train_and_evaluate(cfg, str(tmp_path / "x"))
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_keep_period_keeps_milestone_checkpoints_and_steps_are_profiled(trained, tmp_path):
     """``train.keep_period`` keeps every checkpoint whose step is a multiple of it besides the
     ``max_to_keep`` latest; the codec and evaluate commands take any of them with --step.

@@ -48,6 +48,7 @@ from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import convert, safetensors_io, sharding, train
 from fasdiff_jax.errors import IdentityWeightsError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
+from fasdiff_jax.models import hyperprior as H
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = ("bpp", "diffusion", "latent", "high_freq", "loss", "grad_norm")
@@ -323,6 +324,45 @@ def test_checkpoints_kept_by_held_out_metric(mode, kept):
     keep = plain.preservation_policy.should_preserve(
         infos, context=ocp.checkpoint_managers.PreservationContext())
     assert [s for s, k in zip(losses, keep) if k] == [2, 4, 5]  # keep_period 2 + latest 2
+
+
+def test_microbatched_steps_make_the_whole_batch_update_with_less_memory(devices8):
+    """``train.microbatches``: the batch (32 images sharded over 8 devices) in 2 or 4 parts
+    summed by one lax.scan gives the whole batch's update, metrics and grad_norm (the
+    mbt2018-mean loss with rounded latents draws nothing at random, so they must agree up to
+    float rounding), and the compiled step holds less temporary memory."""
+    from fasdiff_jax.models import train_step
+
+    model = H.TrainableHyperprior.from_config({"N": 8, "M": 12, "lmbda": 0.01})
+    mesh = sharding.create_mesh({"data": 8})
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    params = jax.device_put(model.init_params(jax.random.key(0)), replicated)
+    optimizer = optax.adam(1e-3)
+    opt_state = jax.device_put(optimizer.init(params), replicated)
+    images = np.asarray(jax.random.randint(jax.random.key(1), (32, 64, 64, 3), 0, 256), np.uint8)
+    batch = {"image": jax.device_put(images, sharding.batch_sharding(mesh, 4))}
+    rng = jax.random.key(2)
+    out, temp = {}, {}
+    for k in (1, 2, 4):
+        step = train_step.make_train_step(lambda p, b, r: model.loss_fn(p, b, r, "round"),
+                                          model.split, optimizer, mesh, donate=False,
+                                          microbatches=k)
+        temp[k] = step.lower(params, opt_state, batch, rng).compile().memory_analysis().temp_size_in_bytes
+        out[k] = jax.device_get(step(params, opt_state, batch, rng))
+    for k in (2, 4):
+        for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[k])):
+            np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-7)
+    assert out[1][2]["grad_norm"] > 0 and not np.allclose(
+        jax.tree.leaves(out[1][0])[0], jax.tree.leaves(params)[0])  # a real update
+    assert temp[4] < temp[2] < temp[1], temp
+    with pytest.raises(ValueError, match="does not split into 3"):
+        train_step.split_microbatches(batch["image"], 3)
+    cfg = _config("embedded:train", **{"train.microbatches": 3})
+    with pytest.raises(train.TrainConfigError, match="8 per shard, which does not split into 3"):
+        train._check_microbatches(cfg, sharding.create_mesh({"data": 1}, devices=devices8[:1]), 3)
+    cfg.train.microbatches = 0
+    with pytest.raises(train.TrainConfigError, match="microbatches must be >= 1"):
+        train.train_settings(cfg)
 
 
 def test_held_out_settings(embedded_dirs):  # noqa: F811

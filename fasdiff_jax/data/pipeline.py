@@ -240,8 +240,10 @@ def make_train_iterator(
     ``source`` overrides ``config.source`` (any random-access sequence of dicts with
     ``image``). Process index/count default to JAX's.
     """
+    from fasdiff_jax.sharding import batch_shards
+
     cfg = DataConfig.from_config(config)
-    shards = int(np.prod([mesh.shape[a] for a in cfg.batch_axes if a in mesh.shape]))
+    shards = batch_shards(mesh, cfg.batch_axes)
     if cfg.global_batch_size % shards:
         raise DataError(
             f"global_batch_size {cfg.global_batch_size} is not divisible by the {shards} "

@@ -976,10 +976,11 @@ class TrainableHyperprior:
 
     def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
                         mesh: Any = None, param_shardings: Any = None,
-                        opt_shardings: Any = None):
+                        opt_shardings: Any = None, microbatches: int = 1):
         del x0_terms  # FaSDiff's stage-2 terms; the baseline has none
         return train_step.make_train_step(self.loss_fn, self.split, optimizer, mesh,
-                                          param_shardings, opt_shardings)
+                                          param_shardings, opt_shardings,
+                                          microbatches=microbatches)
 
     def make_eval_step(self, x0_terms: bool | None = None, mesh: Any = None,
                        param_shardings: Any = None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -16,9 +17,19 @@ LossFn = Callable[[Params, Any, jax.Array], tuple[jax.Array, dict]]
 SplitFn = Callable[[Params], tuple[Params, Params]]
 
 
+def split_microbatches(x: jax.Array, count: int) -> jax.Array:
+    """(B, ...) -> (count, B // count, ...): microbatch m holds examples m, m + count, ...,
+    so each device's shard of a batch split over devices gives each microbatch an equal part
+    of its own examples (no data moves between devices)."""
+    if x.shape[0] % count:
+        raise ValueError(f"a batch of {x.shape[0]} does not split into {count} microbatches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
 def make_train_step(loss_fn: LossFn, split: SplitFn, optimizer: optax.GradientTransformation,
                     mesh: Mesh | None = None, param_shardings: Any = None,
-                    opt_shardings: Any = None, donate: bool = True) -> Callable:
+                    opt_shardings: Any = None, donate: bool = True,
+                    microbatches: int = 1) -> Callable:
     """``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``, jitted.
 
     ``loss_fn(params, batch, rng) -> (loss, metrics)``; ``split(params) -> (trainable,
@@ -27,15 +38,42 @@ def make_train_step(loss_fn: LossFn, split: SplitFn, optimizer: optax.GradientTr
     params/opt state keep their shardings (default: replicated) and the batch keeps the
     layout the input pipeline gave it, so steps never recompile for a new layout.
     ``donate`` reuses the buffers of the params and optimizer state passed in.
+
+    ``microbatches`` > 1 (gradient accumulation): the batch is split
+    (:func:`split_microbatches`) and a ``lax.scan`` sums each part's gradients and metrics,
+    then divides by their count, so activations are held for one part at a time; one optimizer
+    update per step, as with the whole batch (equal for mean losses up to float rounding; each
+    part draws from its own fold of ``rng``). A scan, not an unrolled loop: unrolled, XLA
+    overlaps the parts and saves no memory. XLA:CPU runs convolution kernel gradients slowly
+    inside loops (2.6-5.7x slower steps; benchmarks/RESULTS.md): the option is for
+    accelerators.
     """
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
 
     def step(params, opt_state, batch, rng):
         train, frozen = split(params)
 
-        def loss(tr):
-            return loss_fn({**tr, **frozen}, batch, rng)
+        def grads_of(b, r):
+            def loss(tr):
+                return loss_fn({**tr, **frozen}, b, r)
 
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train)
+            (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train)
+            return grads, metrics
+
+        if microbatches == 1:
+            grads, metrics = grads_of(batch, rng)
+        else:
+            parts = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
+            rngs = jax.random.split(rng, microbatches)
+            shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], parts), rngs[0])
+
+            def accumulate(total, part):
+                return jax.tree.map(jnp.add, total, grads_of(*part)), None
+
+            total, _ = jax.lax.scan(accumulate, jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), shapes), (parts, rngs))
+            grads, metrics = jax.tree.map(lambda v: v / microbatches, total)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, train)
         return {**optax.apply_updates(train, updates), **frozen}, opt_state, metrics
