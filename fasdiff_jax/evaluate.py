@@ -138,7 +138,7 @@ def face_analysis(orig: np.ndarray, recon: np.ndarray) -> dict[str, float | None
     >= 0.5), else 0.0; ``landmark-nme`` the mean distance of the 68 landmarks fitted in the
     original's box on the reconstruction from those on the original, over the original's
     outer-eye-corner distance (300-W's inter-ocular normalisation). Both None where no face
-    is detected in the original."""
+    is detected in the original (the error also where its eye corners coincide)."""
     from fasdiff_jax.data import align
 
     faces = align.detect_faces(orig, min_face_size=0)
@@ -149,8 +149,8 @@ def face_analysis(orig: np.ndarray, recon: np.ndarray) -> dict[str, float | None
                 for f in align.detect_faces(recon, min_face_size=0))
     moved = align.landmarks_in_box(recon, face.box) - face.landmarks
     inter_ocular = float(np.linalg.norm(face.landmarks[36] - face.landmarks[45]))
-    return {"face-detected": float(found),
-            "landmark-nme": float(np.linalg.norm(moved, axis=1).mean() / inter_ocular)}
+    nme = float(np.linalg.norm(moved, axis=1).mean() / inter_ocular) if inter_ocular else None
+    return {"face-detected": float(found), "landmark-nme": nme}
 
 
 def dists_weights(flag: str = "auto") -> str | None:

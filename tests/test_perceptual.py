@@ -170,6 +170,7 @@ def test_dists_matches_the_reference_package(dists, monkeypatch):
 
 def test_dists_properties_and_bad_weights(dists, tmp_path):
     import pickle
+    import struct
 
     from fasdiff_jax.models.perceptual import dists_weights_path, read_torch_legacy_file
 
@@ -183,7 +184,11 @@ def test_dists_properties_and_bad_weights(dists, tmp_path):
         module.apply({"params": params}, x, x[..., :1])
 
     good = open(dists_weights_path(), "rb").read()
+    count = struct.pack("<q", 1475)  # the first storage's element count, after the pickles
+    assert good.count(count) == 2
     for name, data, match in (
+            ("first_pickle_global", pickle.dumps(print, 2) + good, "not allowed"),
+            ("count_lies", good.replace(count, struct.pack("<q", 1 << 40), 1), "expected 1475"),
             ("truncated", good[:-100], "truncated"),
             ("empty", b"", "unreadable"),
             ("zip", b"PK\x03\x04" + bytes(60), "unreadable"),

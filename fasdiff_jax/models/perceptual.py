@@ -178,7 +178,6 @@ _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _TORCH_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64,
                          "HalfStorage": np.float16, "LongStorage": np.int64,
                          "IntStorage": np.int32}
-_MAX_TORCH_LEGACY_ELEMENTS = 1 << 28
 
 
 class _TensorRef:
@@ -220,17 +219,19 @@ def read_torch_legacy_file(path: str) -> dict[str, np.ndarray]:
     numpy arrays, without torch. ConversionError for anything else, truncated or corrupt."""
     try:
         with open(path, "rb") as f:
-            if pickle.load(f) != _TORCH_LEGACY_MAGIC:
+            size = os.fstat(f.fileno()).st_size
+            load = lambda: _TorchLegacyUnpickler(f).load()  # noqa: E731 - every pickle restricted
+            if load() != _TORCH_LEGACY_MAGIC:
                 raise ValueError("not a torch legacy file (magic number)")
-            if pickle.load(f) != 1001:
+            if load() != 1001:
                 raise ValueError("unknown torch legacy protocol version")
-            info = pickle.load(f)
+            info = load()
             if not (isinstance(info, dict) and info.get("little_endian") is True):
                 raise ValueError("not a little-endian torch file")
-            obj = _TorchLegacyUnpickler(f).load()
+            obj = load()
             if not isinstance(obj, dict) or not all(isinstance(v, _TensorRef) for v in obj.values()):
                 raise ValueError("not a flat dict of tensors")
-            keys = pickle.load(f)
+            keys = load()
             wanted = {ref.storage[1]: ref.storage for ref in obj.values()}
             if not isinstance(keys, list) or set(keys) != set(wanted):
                 raise ValueError("storage keys do not match the tensors")
@@ -238,10 +239,13 @@ def read_torch_legacy_file(path: str) -> dict[str, np.ndarray]:
             for key in keys:
                 dtype, _, numel = wanted[key]
                 (count,) = struct.unpack("<q", _read_exactly(f, 8))
-                if count != numel or not 0 <= count <= _MAX_TORCH_LEGACY_ELEMENTS:
+                nbytes = count * np.dtype(dtype).itemsize
+                if count != numel or count < 0:
                     raise ValueError(f"storage {key}: {count} elements, expected {numel}")
-                storages[key] = np.frombuffer(_read_exactly(f, count * np.dtype(dtype).itemsize),
-                                              dtype).copy()
+                if nbytes > size - f.tell():  # before reading: no allocation for a lie
+                    raise ValueError(f"truncated: storage {key} wants {nbytes} bytes, "
+                                     f"{size - f.tell()} left")
+                storages[key] = np.frombuffer(_read_exactly(f, nbytes), dtype).copy()
         out = {}
         for name, ref in obj.items():
             flat = storages[ref.storage[1]]
