@@ -14,9 +14,7 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -28,17 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
+from benchmarks.fasdiff_step import _median  # noqa: E402
 from fasdiff_jax.models.perceptual import load_dists  # noqa: E402
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -61,8 +50,8 @@ def main() -> None:
     ta, tb = (torch.from_numpy(v).permute(0, 3, 1, 2).contiguous() for v in (a, b))
     with torch.no_grad():
         ours, theirs = float(fn(params, ja, jb)[0]), float(ref(ta, tb))
-        t_ref = _median_seconds(lambda: ref(ta, tb), args.repeats)
-    t_ours = _median_seconds(lambda: fn(params, ja, jb).block_until_ready(), args.repeats)
+        t_ref = _median(lambda: ref(ta, tb), args.repeats)[0]
+    t_ours = _median(lambda: fn(params, ja, jb).block_until_ready(), args.repeats)[0]
     print(json.dumps({"size": s, "ours_s": round(t_ours, 4), "dists_pytorch_s": round(t_ref, 4),
                       "dists": ours, "rel_diff": abs(ours - theirs) / theirs,
                       "device": jax.devices()[0].device_kind, "torch": torch.__version__}))

@@ -183,10 +183,10 @@ class Metrics:
         self.crop = tuple(identity_crop)
         self._lp = jax.jit(lambda p, a, b: self.lpips_mod.apply({"params": p}, a, b))
         self._id = jax.jit(lambda p, x: self.id_mod.apply({"params": p}, identity_lib.aligned_face_chips(x, self.crop)))
-        self.dists_path = dists_weights(dists)
+        dists_path = dists_weights(dists)
         self._dists = None
-        if self.dists_path is not None:
-            mod, self.dists_params = perceptual.load_dists(self.dists_path)
+        if dists_path is not None:
+            mod, self.dists_params = perceptual.load_dists(dists_path)
             self._dists = jax.jit(lambda p, a, b: mod.apply({"params": p}, a, b))
 
     def __call__(self, orig: np.ndarray, recon: np.ndarray) -> dict[str, float]:
