@@ -1,12 +1,14 @@
 """FaSDiff train-step cost (time, XLA FLOPs, compiled memory) and decode time vs sampler steps.
 
-    python benchmarks/fasdiff_step.py [--repeats 3] [--skip_reduced]
+    python benchmarks/fasdiff_step.py [--repeats 3] [--skip_reduced] [--ema_decay 0.9999]
     JAX_PLATFORMS=cuda python benchmarks/fasdiff_step.py --skip_tiny --reduced_batch 8   # GPU
 
 Configs: ``tiny`` (configs/tiny.py, 64 px, batch 8) and ``reduced-sd21``: SD-2.1-base-shaped
 UNet at reduced width (block_out_channels (128, 256, 512, 512), 64-dim heads, linear
 projection, cross-attention dim 1024, 77 null-text tokens, v-prediction), an SD-shaped VAE
 at reduced width (32, 64, 128, 128), 256 px images, batch 1; random frozen SD weights.
+``--ema_decay``: each train step is also timed with the trainable params' moving average in
+the optimizer state (``train.with_params_ema``), right after the one without.
 Prints one JSON line per measurement (and a table at the end).
 """
 
@@ -28,6 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import tiny  # noqa: E402
+from fasdiff_jax import train  # noqa: E402
 from fasdiff_jax.models import fasdiff  # noqa: E402
 
 
@@ -60,12 +63,14 @@ def _median(fn, repeats):
     return statistics.median(ts), ts
 
 
-def bench_train(name, mcfg, batch, repeats, x0_terms):
+def bench_train(name, mcfg, batch, repeats, x0_terms, ema_decay=0.0):
     model = fasdiff.build(mcfg)
     t = time.perf_counter()
     params = model.init_params(jax.random.key(0))
     init_s = time.perf_counter() - t
     opt = optax.adam(1e-4)
+    if ema_decay:
+        opt = train.with_params_ema(opt, ema_decay)
     opt_state = model.init_opt_state(opt, params)
     size = mcfg.image_size
     imgs = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)), jnp.uint8)
@@ -85,7 +90,8 @@ def bench_train(name, mcfg, batch, repeats, x0_terms):
 
     med, runs = _median(run, repeats)
     n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in params.items()}
-    out = dict(config=name, batch=batch, image=size, x0_terms=x0_terms, step_s=med,
+    out = dict(config=name, batch=batch, image=size, x0_terms=x0_terms, ema_decay=ema_decay,
+               step_s=med,
                runs_s=[round(r, 3) for r in runs], images_per_s=batch / med,
                compile_s=compile_s, init_s=init_s, gflop_per_step=cost.get("flops", 0) / 1e9,
                temp_mib=mem.temp_size_in_bytes / 2**20,
@@ -117,23 +123,33 @@ def main():
     ap.add_argument("--skip_reduced", action="store_true")
     ap.add_argument("--skip_tiny", action="store_true")
     ap.add_argument("--reduced_batch", type=int, default=1)
+    ap.add_argument("--ema_decay", type=float, default=0.0,
+                    help="also time each train step with a moving average of the params")
     args = ap.parse_args()
+    emas = (0.0, args.ema_decay) if args.ema_decay else (0.0,)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; cpus {os.cpu_count()}; "
           f"load {os.getloadavg()}", flush=True)
     results, dec = [], []
     if not args.skip_tiny:
         model, params, r = bench_train("tiny", tiny.model_config(), 8, args.repeats, False)
         results.append(r)
-        results.append(bench_train("tiny", tiny.model_config(), 8, args.repeats, True)[2])
+        results += [bench_train("tiny", tiny.model_config(), 8, args.repeats, False, e)[2]
+                    for e in emas[1:]]
+        for e in emas:
+            results.append(bench_train("tiny", tiny.model_config(), 8, args.repeats, True, e)[2])
         dec = bench_decode(model, params, (1, 4, 16), args.repeats)
     if not args.skip_reduced:
         mcfg = reduced_sd21_model_config()
         mcfg.loss = dict(mcfg.loss, identity=0.0, lpips=0.0)
-        results.append(bench_train("reduced-sd21", mcfg, args.reduced_batch, args.repeats, False)[2])
-    print("\n| config | batch | px | x0 terms | step s | img/s | compile s | GFLOP/step | temp MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        for e in emas:
+            results.append(bench_train("reduced-sd21", mcfg, args.reduced_batch, args.repeats,
+                                       False, e)[2])
+    print("\n| config | batch | px | x0 terms | EMA | step s | img/s | compile s | GFLOP/step "
+          "| temp MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['config']} | {r['batch']} | {r['image']} | {r['x0_terms']} | {r['step_s']:.3f} "
+        print(f"| {r['config']} | {r['batch']} | {r['image']} | {r['x0_terms']} "
+              f"| {r['ema_decay'] or '-'} | {r['step_s']:.3f} "
               f"| {r['images_per_s']:.1f} | {r['compile_s']:.0f} | {r['gflop_per_step']:.1f} "
               f"| {r['temp_mib']:.0f} |")
     print("\n| sampler steps | decode s (tiny, 64 px) | file bytes |")

@@ -31,7 +31,9 @@ compressor/HLFE/control sizes and loss weights are our choices (the paper's are 
 
    (held-out faces, not from the training split, prepared as in step 2; or CelebA-HQ's
    last 1000, which training leaves out and logs as ``eval/*`` every 2000 steps:
-   ``--source=tfds:celeb_a_hq/256:train[29000:]``). On another
+   ``--source=tfds:celeb_a_hq/256:train[29000:]``). Both code with the moving average of
+   the trained params the run keeps (``train.ema_decay``; ``--weights=params``: the last
+   update's). On another
    machine, copy the workdir and the converted SD folder anywhere and name the folder with
    ``--sd_checkpoint=DIR``: checkpoints name their SD weights by content, not by path.
 
@@ -86,5 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.update(steps=200_000, optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2,
                         schedule="warmup_cosine", warmup_steps=2_000, end_learning_rate_ratio=0.1,
                         grad_clip_norm=1.0, x0_every=4, log_every=100, checkpoint_every=2_000,
-                        max_to_keep=3, keep_period=20_000)  # and every 20k-th for --step
+                        max_to_keep=3, keep_period=20_000,  # and every 20k-th for --step
+                        ema_decay=0.9999)  # evaluated and coded with by default (--weights)
     return config

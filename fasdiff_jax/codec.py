@@ -75,7 +75,7 @@ def load_config(path: str):
 
 SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
 FASDIFF_FLAGS = ("sd_checkpoint", *(name for name, _ in SAMPLER_FLAGS))
-MODEL_FLAGS = ("config", "workdir", "model_dir", "step", *FASDIFF_FLAGS)
+MODEL_FLAGS = ("config", "workdir", "model_dir", "step", "weights", *FASDIFF_FLAGS)
 
 
 def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> str:
@@ -103,6 +103,10 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--step", type=_checkpoint_step, default=None,
                     help="which of the workdir's checkpoints: a step, or 'best' (the best "
                          "held-out evaluation's, config.eval.best_metric; default: the latest)")
+    ap.add_argument("--weights", choices=("auto", "ema", "params"), default=None,
+                    help="which trained weights of the checkpoint: 'ema' (their moving average, "
+                         "config.train.ema_decay > 0), 'params' (the last update's); default "
+                         "auto: the moving average where the run kept one")
     ap.add_argument("--model_dir", default=None,
                     help="instead of --workdir: an mbt2018-mean hyperprior folder "
                          "(python -m fasdiff_jax.convert --compressai_checkpoint ... --out DIR)")
@@ -154,8 +158,9 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
                                f"models, not to the hyperprior {where}")
 
     if args.model_dir is not None:
-        if args.config is not None or args.workdir is not None or args.step is not None:
-            raise FasdiffError("give --model_dir, or --workdir (and --config, --step), not both")
+        if given_flags(args, ("config", "workdir", "step", "weights")):
+            raise FasdiffError("give --model_dir, or --workdir (and --config, --step, "
+                               "--weights), not both")
         no_sampler("in --model_dir")
         model, params = H.load_model(args.model_dir)
         return _hyperprior_codec("mbt2018-mean", model, params,
@@ -172,7 +177,8 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
         config, config_path = load_config(args.config), os.path.abspath(args.config)
     config = _with_sd_checkpoint(config, args.sd_checkpoint)
     try:
-        model, params, step = train.restore_for_inference(config, workdir, args.step)
+        model, params, step, weights = train.restore_for_inference(config, workdir, args.step,
+                                                                    args.weights)
     except train.TrainConfigError as e:
         from etils import epath
 
@@ -180,7 +186,8 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
             raise
         raise train.TrainConfigError(f"{e} (--config={args.config}; without --config the "
                                      f"config the workdir was trained with is used)") from e
-    settings = {"config": config_path, "workdir": workdir, "checkpoint_step": step}
+    settings = {"config": config_path, "workdir": workdir, "checkpoint_step": step,
+                "weights": weights}
     source_options = {"cache_dir": config.data.get("cache_dir"),
                       "image_size": config.model.image_size}
     if isinstance(model, H.TrainableHyperprior):  # the baseline trained by our loop
@@ -302,22 +309,25 @@ def _info(paths: list[str]) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """``export --workdir=RUN [--step=N|best] OUT``: one checkpoint of a training run as a
-    folder for coding (its config and trained params, no optimizer state)."""
+    """``export --workdir=RUN [--step=N|best] [--weights=ema|params] OUT``: one checkpoint of
+    a training run as a folder for coding (its config and one set of trained params, no
+    optimizer state)."""
     from fasdiff_jax import train
 
-    extra = given_flags(args, [f for f in MODEL_FLAGS if f not in ("workdir", "step")])
+    extra = given_flags(args, [f for f in MODEL_FLAGS if f not in ("workdir", "step", "weights")])
     try:
         if args.workdir is None or len(args.paths) != 1 or extra or args.out_dir is not None:
-            raise FasdiffError("export takes --workdir (a training run), optionally --step, "
-                               f"and one output folder{f'; not {extra}' if extra else ''}")
-        step = train.export_for_coding(args.workdir, args.paths[0], args.step)
+            raise FasdiffError("export takes --workdir (a training run), optionally --step "
+                               "and --weights, and one output folder"
+                               f"{f'; not {extra}' if extra else ''}")
+        step, weights = train.export_for_coding(args.workdir, args.paths[0], args.step,
+                                                args.weights)
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in Path(args.paths[0]).rglob("*") if f.is_file())
-    print(f"{args.paths[0]}: checkpoint {step} of {args.workdir} for coding "
-          f"({size / 2**20:.1f} MiB; use it as --workdir)")
+    print(f"{args.paths[0]}: checkpoint {step} of {args.workdir} for coding, its {weights!r} "
+          f"weights ({size / 2**20:.1f} MiB; use it as --workdir)")
     return 0
 
 

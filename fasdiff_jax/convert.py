@@ -456,7 +456,7 @@ def export_hyperprior(workdir: str, out: str) -> tuple[dict[str, Any], int]:
     from fasdiff_jax import train
     from fasdiff_jax.models import hyperprior
 
-    model, params, step = train.restore_for_inference(train.load_run_config(workdir), workdir)
+    model, params, step, _ = train.restore_for_inference(train.load_run_config(workdir), workdir)
     if not isinstance(model, hyperprior.TrainableHyperprior):
         raise ConversionError(f"{workdir}: a {type(model).__name__} run, not the mbt2018-mean "
                               f"baseline (config.model.kind='hyperprior')")

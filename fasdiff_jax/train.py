@@ -48,7 +48,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import flax.linen as nn
 import grain
@@ -82,6 +82,10 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     warmup_steps=0,
     end_learning_rate_ratio=0.0,  # cosine end value / learning_rate
     grad_clip_norm=0.0,  # global-norm clipping; 0 = off
+    # > 0: keep an exponential moving average of the trainable params with this decay (e.g.
+    # 0.999), bias-corrected (:func:`with_params_ema`); held-out evaluation, the best checkpoint
+    # and by default the codec and evaluate commands use it; 0 = none
+    ema_decay=0.0,
     # gradient accumulation: each step's batch in this many parts, one after another (less
     # activation memory, one optimizer update per step); the batch each device holds must split
     microbatches=1,
@@ -165,6 +169,9 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if tc["schedule"] not in ("constant", "warmup_cosine"):
         raise TrainConfigError(
             f"config.train.schedule must be 'constant' or 'warmup_cosine', got {tc['schedule']!r}")
+    if not 0.0 <= float(tc["ema_decay"]) < 1.0:
+        raise TrainConfigError(f"config.train.ema_decay must be in [0, 1) (0: no EMA), got "
+                               f"{tc['ema_decay']!r}")
     if tc["on_process_count_change"] not in ("error", "restart_data"):
         raise TrainConfigError("config.train.on_process_count_change must be 'error' or "
                                f"'restart_data', got {tc['on_process_count_change']!r}")
@@ -334,7 +341,56 @@ def make_optimizer(tc: Mapping[str, Any]) -> optax.GradientTransformation:
         opt = optax.inject_hyperparams(optax.adam)(**kw)
     if tc["grad_clip_norm"] > 0:
         opt = optax.chain(optax.clip_by_global_norm(float(tc["grad_clip_norm"])), opt)
+    if tc["ema_decay"] > 0:
+        opt = with_params_ema(opt, float(tc["ema_decay"]))
     return opt
+
+
+class ParamsEmaState(NamedTuple):
+    """An optimizer's state with a moving average of the params it updates beside it."""
+
+    inner_state: Any
+    count: jax.Array  # updates so far
+    ema_params: Any
+
+
+def with_params_ema(inner: optax.GradientTransformation, decay: float
+                    ) -> optax.GradientTransformation:
+    """``inner``, also keeping an exponential moving average of the params after each update.
+
+    ``ema_t = (1 - w_t) ema_(t-1) + w_t p_t`` with ``w_t = (1 - decay) / (1 - decay^t)``:
+    the average of the iterates p_1..p_t weighted by decay^(t-i) and normalised (Adam's bias
+    correction), so it is a usable model from the first step (w_1 = 1) instead of being pulled
+    toward the random init for ~1/(1-decay) steps. It lives in the optimizer state, so it is
+    sharded like the params (:func:`_opt_shardings`), checkpointed and restored with them, and
+    the train step is unchanged; :func:`ema_params` reads it.
+    """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+    log_decay = math.log1p(-(1.0 - decay))  # in float64: 1 - decay^t as -expm1(t·log decay)
+
+    def init(params):
+        return ParamsEmaState(inner.init(params), jnp.zeros([], jnp.int32),
+                              jax.tree.map(jnp.copy, params))  # own buffers: params are donated
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("with_params_ema needs the params in update()")
+        updates, inner_state = inner.update(updates, state.inner_state, params)
+        count = optax.safe_increment(state.count)
+        weight = jnp.where(count == 1, 1.0,  # exactly: the first average is the params
+                           (1.0 - decay) / -jnp.expm1(count.astype(jnp.float32) * log_decay))
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: ((1 - weight) * e + weight * p).astype(e.dtype),
+                           state.ema_params, new)
+        return updates, ParamsEmaState(inner_state, count, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any:
+    """The moving average of the trainable params in ``opt_state`` (None without one)."""
+    return opt_state.ema_params if isinstance(opt_state, ParamsEmaState) else None
 
 
 def _is_hyper(x: Any) -> bool:
@@ -751,14 +807,29 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 f"only, no optimizer or data state); training resumes in the run's own workdir")
         _check_frozen(meta, config, workdir, latest)
         train_params, frozen = model.split(params)
-        _check_fits(train_params, _saved_tree(mngr, latest, workdir)["params"], workdir, latest)
-        target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(opt_state, o_sh)}
+        saved = _saved_tree(mngr, latest, workdir)
+        _check_fits(train_params, saved["params"], workdir, latest)
+        if _has_ema(saved) and ema_params(opt_state) is None:
+            raise TrainConfigError(
+                f"{workdir}: checkpoint {latest} holds a moving average of the params, which "
+                f"config.train.ema_decay=0 would drop; resume with a decay > 0, or start a "
+                f"new workdir (python -m fasdiff_jax.codec export --workdir={workdir} "
+                f"--weights=ema OUT keeps the average for coding)")
+        starts_ema = ema_params(opt_state) is not None and not _has_ema(saved)
+        inner, inner_sh = (opt_state.inner_state, o_sh.inner_state) if starts_ema else (opt_state, o_sh)
+        target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(inner, inner_sh)}
         items = dict(state=ocp.args.StandardRestore(target))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
         restored = _restore(mngr, latest, workdir, **items)
         params = {**restored["state"]["params"], **frozen}
         opt_state = restored["state"]["opt_state"]
+        if starts_ema:  # switched on: the average starts from the restored params
+            opt_state = jax.jit(lambda o, p: ParamsEmaState(o, jnp.zeros([], jnp.int32),
+                                                            jax.tree.map(jnp.copy, p)),
+                                out_shardings=o_sh)(opt_state, restored["state"]["params"])
+            logging.warning("checkpoint %d has no moving average of the params: one starts "
+                            "from its params (config.train.ema_decay=%s)", latest, tc["ema_decay"])
         step = int(meta["step"])
         logging.info("resumed from %s at step %d", workdir, step)
     opt_state = set_hyperparams(opt_state, tc, mesh)
@@ -809,9 +880,11 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
             evaluated = held_out is not None and step % held_out.every_steps == 0
             if evaluated:
                 started = time.monotonic()
+                ema = ema_params(opt_state)  # with one, it is what is evaluated
                 with jax.profiler.StepTraceAnnotation("eval", step_num=step):
-                    last_eval, pictures = evaluate_held_out(eval_step, params, held_out, mesh,
-                                                            sample_step)
+                    last_eval, pictures = evaluate_held_out(
+                        eval_step, params if ema is None else {**params, **ema}, held_out,
+                        mesh, sample_step)
                 logging.info("step %d held-out: %s (%.1f s)", step, last_eval,
                              time.monotonic() - started)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
@@ -934,16 +1007,59 @@ def _saved_tree(mngr: ocp.CheckpointManager, step: int, workdir: str) -> Any:
         return one_device_target(mngr.directory / str(step) / "state")
 
 
-def _read_params(mngr: ocp.CheckpointManager, step: int, workdir: str, saved: Any) -> Any:
-    """Only the params of checkpoint ``step``'s state, not the optimizer state beside them
-    (Adam's moments: twice the params' bytes); ``saved``: their :func:`_saved_tree` part."""
+def _has_ema(saved: Any) -> bool:
+    """Whether a checkpoint's saved state tree holds a moving average of the params."""
+    opt = saved.get("opt_state")
+    return isinstance(opt, dict) and "ema_params" in opt
+
+
+WEIGHTS = ("auto", "ema", "params")
+
+
+def _chosen_weights(saved: Any, meta: Mapping[str, Any], weights: str | None, workdir: str,
+                    step: int) -> str:
+    """Which trained weights of checkpoint ``step`` to use: ``"ema"`` (the moving average,
+    ``config.train.ema_decay``) or ``"params"`` (the last update's); ``"auto"``/None: the
+    moving average where the run kept one. An export holds one of them, named in its meta."""
+    weights = weights or "auto"
+    if weights not in WEIGHTS:
+        raise TrainConfigError(f"weights={weights!r}: expected one of {WEIGHTS}")
+    if "opt_state" not in saved:  # an export for coding
+        held = meta.get("weights", "params")
+        if weights not in ("auto", held):
+            raise TrainConfigError(f"{workdir}: an export of the run's {held!r} weights only; "
+                                   f"the {weights!r} weights are in the run's own workdir")
+        return held
+    if weights == "auto":
+        return "ema" if _has_ema(saved) else "params"
+    if weights == "ema" and not _has_ema(saved):
+        raise TrainConfigError(f"{workdir}: checkpoint {step} has no moving average of the "
+                               f"params (train with config.train.ema_decay > 0)")
+    return weights
+
+
+def _read_params(mngr: ocp.CheckpointManager, step: int, workdir: str, saved: Any,
+                 weights: str = "params") -> Any:
+    """Only the trained params (``weights="ema"``: their moving average) of checkpoint
+    ``step``'s state, not the optimizer state beside them (Adam's moments: twice the params'
+    bytes); ``saved``: its :func:`_saved_tree`."""
+    # an export holds the weights it names (meta) as its params
+    path = ("opt_state", "ema_params") if weights == "ema" and _has_ema(saved) else ("params",)
+    part = saved
+    for key in path:
+        part = part[key]
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
-        sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), saved)
+        sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), part)
+    item, args = part, restore_args
+    for key in reversed(path):
+        item, args = {key: item}, {key: args}
     with _reading(workdir, step):
-        return ocp.PyTreeCheckpointer().restore(
+        got = ocp.PyTreeCheckpointer().restore(
             mngr.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-                item={"params": saved}, restore_args={"params": restore_args},
-                partial_restore=True))["params"]
+                item=item, restore_args=args, partial_restore=True))
+    for key in path:
+        got = got[key]
+    return got
 
 
 def _without_loss_networks(model_cfg: Any) -> Any:
@@ -995,11 +1111,22 @@ def _open_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     return mngr, int(steps[-1] if step is None else step)
 
 
+class Restored(NamedTuple):
+    """What :func:`restore_for_inference` gives the codec and evaluate commands."""
+
+    model: Model
+    params: dict[str, Any]
+    step: int
+    weights: str  # "ema" or "params": which trained weights (see :func:`_chosen_weights`)
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          step: int | str | None = None) -> tuple[Model, dict[str, Any], int]:
-    """``(model, params, step)``: frozen parts from the config, trained parts from checkpoint
-    ``step`` (default: the latest; ``"best"``: the best held-out evaluation's, see
-    ``config.eval.best_metric``) in ``workdir``; for the codec and evaluation commands (one
+                          step: int | str | None = None, weights: str | None = None
+                          ) -> Restored:
+    """Frozen parts from the config, trained parts from checkpoint ``step`` (default: the
+    latest; ``"best"``: the best held-out evaluation's, see ``config.eval.best_metric``) in
+    ``workdir``; ``weights``: "ema" (the params' moving average), "params", or None/"auto"
+    (the moving average where the run kept one); for the codec and evaluation commands (one
     host, no mesh)."""
     config = with_absolute_paths(config)
     mngr, step = _open_checkpoint(config, workdir, step)
@@ -1007,28 +1134,32 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
         meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]
         _check_frozen(meta, config, workdir, step)
         model = build_model(_without_loss_networks(config.model))
-        saved = _saved_tree(mngr, step, workdir)["params"]
-        _check_fits(model.trainable_shapes(), saved, workdir, step)
-        got = _read_params(mngr, step, workdir, saved)
+        saved = _saved_tree(mngr, step, workdir)
+        weights = _chosen_weights(saved, meta, weights, workdir, step)
+        _check_fits(model.trainable_shapes(), saved["params"], workdir, step)
+        got = _read_params(mngr, step, workdir, saved, weights)
     finally:
         mngr.close()
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
-    return model, jax.device_put({**got, **frozen}), step  # host SD weights: once
+    return Restored(model, jax.device_put({**got, **frozen}), step, weights)  # host SD weights: once
 
 
-def export_for_coding(workdir: str, out: str, step: int | str | None = None) -> int:
+def export_for_coding(workdir: str, out: str, step: int | str | None = None,
+                      weights: str | None = None) -> tuple[int, str]:
     """Checkpoint ``step`` of a training run (as :func:`restore_for_inference` names it) as a
     workdir for the codec and evaluate commands: the run's ``config.json`` and that one
-    checkpoint with its trained params only (no optimizer or data state: with Adam a third of
-    the bytes), a folder to share. Training does not resume from it (refused by name).
-    Returns the step."""
+    checkpoint with one set of trained params (``weights`` as there; its meta names which), no
+    optimizer or data state (with Adam a third of the bytes), a folder to share. Training does
+    not resume from it (refused by name). Returns the step and the weights exported."""
     config = load_run_config(workdir)
     if epath.Path(out, "checkpoints").exists():
         raise TrainConfigError(f"{out}: already has checkpoints; export into a new folder")
     mngr, step = _open_checkpoint(config, workdir, step)
     try:
         meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]
-        params = _read_params(mngr, step, workdir, _saved_tree(mngr, step, workdir)["params"])
+        saved = _saved_tree(mngr, step, workdir)
+        weights = _chosen_weights(saved, meta, weights, workdir, step)
+        params = _read_params(mngr, step, workdir, saved, weights)
     finally:
         mngr.close()
     register_checkpoint_array_handler()
@@ -1036,7 +1167,8 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None) -> 
                                options=ocp.CheckpointManagerOptions(create=True)) as exported:
         exported.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params}),
-            meta=ocp.args.JsonSave({**meta, "export_of": f"{_workdir(workdir)}@{step}"})))
+            meta=ocp.args.JsonSave({**meta, "export_of": f"{_workdir(workdir)}@{step}",
+                                    "weights": weights})))
         exported.wait_until_finished()
     save_run_config(config, out)
-    return step
+    return step, weights

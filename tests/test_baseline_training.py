@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 from skimage import data as skdata
@@ -164,6 +166,99 @@ def test_the_best_held_out_checkpoint_is_kept_and_coded_with(trained, embedded_d
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_a_moving_average_of_the_params_is_trained_evaluated_and_coded_with(
+        trained, embedded_dirs, tmp_path, capsys):  # noqa: F811
+    """``train.ema_decay``: the run keeps the params' moving average in its checkpoints, a
+    resumed run reproduces it, the held-out metrics are the average's, and the codec and
+    evaluate commands (and ``codec export``) code with it by default or with the last params
+    on request. Resuming without it is refused (it would be lost); switching it on when
+    resuming a run without one starts it from the restored params."""
+    from fasdiff_jax.data.pipeline import make_dataset
+    from fasdiff_jax.sharding import create_mesh
+
+    work, again = tmp_path / "w", tmp_path / "again"
+    cfg = small_config(trained["source"], steps=4, checkpoint_every=2, ema_decay=0.5)
+    cfg.eval.update(source=f"prepared:{embedded_dirs['heldout']}", every_steps=2, batch_size=8,
+                    images=0)
+    out = train.train_and_evaluate(cfg, str(work))
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copytree(work / "checkpoints" / "2", again / "checkpoints" / "2")
+    train.train_and_evaluate(cfg, str(again))
+
+    run_cfg = train.load_run_config(str(work))
+    ema = train.restore_for_inference(run_cfg, str(work))
+    last = train.restore_for_inference(run_cfg, str(work), weights="params")
+    assert (ema.step, ema.weights, last.weights) == (4, "ema", "params")
+    resumed = train.restore_for_inference(run_cfg, str(again), weights="ema")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 resumed.params, ema.params)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(ema.params), jax.tree.leaves(last.params))) > 1e-4  # it lags
+    # the partial read is the average in the whole saved state
+    state_dir = work / "checkpoints" / "4" / "state"
+    whole = ocp.StandardCheckpointer().restore(state_dir, train.one_device_target(state_dir))
+    jax.tree.map(np.testing.assert_array_equal, whole["opt_state"]["ema_params"],
+                 {k: ema.params[k] for k in whole["params"]})
+    # held-out metrics at step 4: the average's, not the last params'
+    held = train.held_out_settings(cfg, create_mesh({"data": 8}), 4)
+    images = next(iter(make_dataset(held.data, held.source, 0, 1)))["image"]
+    eval_step = ema.model.make_eval_step()
+    key = jax.random.key(held.seed)
+    got = {w.weights: float(eval_step(w.params, {"image": images}, jax.random.fold_in(key, 0))
+                            ["loss"]) for w in (ema, last)}
+    assert got["ema"] == pytest.approx(out["eval/loss"], rel=1e-4), (got, out["eval/loss"])
+    assert got["params"] != pytest.approx(out["eval/loss"], rel=1e-3)
+
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:84, 150:214]).save(face)
+    files = {}
+    for flags in ([], ["--weights=ema"], ["--weights=params"]):
+        name = "-".join(flags) or "default"
+        assert codec.main(["compress", str(face), str(tmp_path / f"{name}.fsd"),
+                           f"--workdir={work}", *flags]) == 0
+        files[name] = (tmp_path / f"{name}.fsd").read_bytes()
+    assert files["default"] == files["--weights=ema"] != files["--weights=params"]
+    assert files["default"] == H.compress(ema.model.model, ema.params[ema.model.KEY],
+                                          np.asarray(Image.open(face)))
+    res = tmp_path / "ema.json"
+    assert evaluate.main([f"--workdir={work}", f"--out={res}", "--limit=1",
+                          f"--source=prepared:{embedded_dirs['heldout']}"]) == 0
+    assert json.loads(res.read_text())["settings"]["weights"] == "ema"
+
+    exported = tmp_path / "export"
+    capsys.readouterr()
+    assert codec.main(["export", f"--workdir={work}", "--weights=params", str(exported)]) == 0
+    assert "its 'params' weights" in capsys.readouterr().out
+    assert train.restore_for_inference(run_cfg, str(exported)).weights == "params"
+    assert codec.main(["compress", str(face), str(tmp_path / "x.fsd"),
+                       f"--workdir={exported}"]) == 0
+    assert (tmp_path / "x.fsd").read_bytes() == files["--weights=params"]
+    with pytest.raises(train.TrainConfigError, match="an export of the run's 'params' weights"):
+        train.restore_for_inference(run_cfg, str(exported), weights="ema")
+
+    plain = trained["a"].parent / "one"  # trained without an average
+    assert codec.main(["compress", str(face), str(tmp_path / "y.fsd"), f"--workdir={plain}",
+                       "--weights=ema"]) == 2
+    assert "checkpoint 1 has no moving average of the params" in capsys.readouterr().err
+    assert codec.main(["compress", str(face), str(tmp_path / "y.fsd"), "--model_dir=m",
+                       "--weights=ema"]) == 2
+    assert "not both" in capsys.readouterr().err
+    cfg.train.update(steps=6, ema_decay=0.0)  # would drop the average: refused
+    with pytest.raises(train.TrainConfigError, match="checkpoint 4 holds a moving average of "
+                                                     "the params, which config.train.ema_decay=0"):
+        train.train_and_evaluate(cfg, str(work))
+    # switched on when resuming a run without one: the average starts from the restored params
+    shutil.copytree(plain, tmp_path / "plain")
+    train.train_and_evaluate(small_config(trained["source"], steps=2, ema_decay=0.9),
+                             str(tmp_path / "plain"))
+    cfg_plain = train.load_run_config(str(tmp_path / "plain"))
+    started = train.restore_for_inference(cfg_plain, str(tmp_path / "plain"))
+    assert (started.step, started.weights) == (2, "ema")
+    jax.tree.map(np.testing.assert_array_equal, started.params,  # one update: the params
+                 train.restore_for_inference(cfg_plain, str(tmp_path / "plain"), None, "params").params)
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     """The loop's held-out bpp (rounded latents) is what the codec writes for those images:
     the same 8 images, coded with the last step's params, within 1% of it plus up to one
@@ -177,7 +272,7 @@ def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     held = train.held_out_settings(trained["held_out"], mesh, STEPS)
     assert held.batches == 1  # 9 held-out images: one whole batch of 8
     images = next(iter(make_dataset(held.data, held.source, 0, 1)))["image"]
-    model, params, step = train.restore_for_inference(train.load_run_config(work), work)
+    model, params, step, _ = train.restore_for_inference(train.load_run_config(work), work)
     assert step == STEPS and images.shape == (8, 64, 64, 3)
     payload_bits = sum(8 * (len(H.compress(model.model, params[model.KEY], im)) - 66)
                        for im in images)
@@ -203,7 +298,7 @@ def test_codec_and_evaluate_use_the_trained_baseline(trained, embedded_dirs, tmp
     assert codec.main(["decompress", str(tmp_path / "f.fsd"), str(tmp_path / "o.png"),
                        f"--workdir={work}"]) == 0
     # the same bytes and pixels as the library with the checkpoint's params
-    model, params, step = train.restore_for_inference(train.load_run_config(work), work)
+    model, params, step, _ = train.restore_for_inference(train.load_run_config(work), work)
     assert step == STEPS and isinstance(model, H.TrainableHyperprior)
     img = np.asarray(Image.open(face))
     data = (tmp_path / "f.fsd").read_bytes()

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import celeba, tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
@@ -56,7 +56,8 @@ TERMS = ("bpp", "diffusion", "latent", "high_freq", "loss", "grad_norm")
 
 def _overrides(source: str) -> dict:
     return {"data.source": source, "mesh.data": 8, "train.x0_every": 1000, "train.log_every": 1,
-            "train.checkpoint_every": 3, "train.max_to_keep": 5}
+            "train.checkpoint_every": 3, "train.max_to_keep": 5,
+            "train.ema_decay": 0.9}  # held-out metrics and coding: the params' moving average
 
 
 def _eval_overrides(heldout: str) -> dict:
@@ -112,9 +113,11 @@ def _saved_state(workdir: Path, step: int) -> dict:
     return ocp.StandardCheckpointer().restore(path, train.one_device_target(path))
 
 
-def _saved_params(workdir: Path, step: int) -> dict:
-    return {_path(k): np.asarray(v) for k, v in
-            jax.tree_util.tree_flatten_with_path(_saved_state(workdir, step)["params"])[0]}
+def _saved_params(workdir: Path, step: int, ema: bool = False) -> dict:
+    """The params (``ema``: their moving average) a checkpoint saved, by path."""
+    state = _saved_state(workdir, step)
+    tree = state["opt_state"]["ema_params"] if ema else state["params"]
+    return {_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -199,10 +202,11 @@ def test_resume_equals_uninterrupted_run(scenario):
     assert sorted(b_pictures) == [6]
     # same faces, sampler and draws; params equal to ~1e-6, which could flip a rounded latent
     assert np.abs(b_pictures[6].astype(int) - a_pictures[6]).mean() < 0.5
-    want, got = _saved_params(scenario["a"], 6), _saved_params(scenario["b"], 6)
-    assert want.keys() == got.keys()
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    for ema in (False, True):  # the params and their moving average
+        want, got = _saved_params(scenario["a"], 6, ema), _saved_params(scenario["b"], 6, ema)
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
@@ -441,6 +445,51 @@ def test_optimizer_schedule_clipping_and_config_hyperparams():
     assert float(train.hyperparams(state)["learning_rate"]) == 0.5
     u, _ = opt.update({"w": jnp.array([1.0, 1.0])}, state, params)  # clipped to norm 0.5
     np.testing.assert_allclose(u["w"], [-0.5, -0.5], rtol=1e-5)  # Adam's first step: -lr*sign
+
+
+def test_params_ema_is_the_bias_corrected_average_of_the_iterates(devices8):
+    """``train.ema_decay``: the optimizer state carries the average of the params after each
+    update weighted by decay^(t-i) and normalised: the first step's params exactly, then
+    float64's weighted mean of the iterates to 1e-6; the updates are the inner optimizer's,
+    and the average is sharded like its params."""
+    tc = train.train_settings(tiny.get_config())
+    tc.update(schedule="constant", learning_rate=0.1, ema_decay=0.9)
+    opt = train.make_optimizer(tc)
+    plain = train.make_optimizer({**tc, "ema_decay": 0.0})
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.zeros(3)}
+    state, plain_state = opt.init(params), plain.init(params)
+    assert train.ema_params(plain_state) is None
+    iterates = []
+    for t in range(1, 7):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        u, state = opt.update(g, state, params)
+        pu, plain_state = plain.update(g, plain_state, params)
+        jax.tree.map(np.testing.assert_array_equal, u, pu)  # the inner optimizer's updates
+        params = optax.apply_updates(params, u)
+        iterates.append(jax.tree.map(lambda p: np.asarray(p, np.float64), params))
+        weights = 0.9 ** np.arange(t - 1, -1, -1.0)
+        want = jax.tree.map(lambda *ps: np.tensordot(weights, np.stack(ps), 1) / weights.sum(),
+                            *iterates)
+        got = train.ema_params(state)
+        if t == 1:
+            jax.tree.map(np.testing.assert_array_equal, got, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     got, want)
+    assert int(state.count) == 6
+    assert not np.allclose(train.ema_params(state)["w"], params["w"], atol=1e-3)  # it lags
+    assert float(train.hyperparams(state)["learning_rate"]) == pytest.approx(0.1)
+    mesh = sharding.create_mesh({"data": 8})
+    state = train.set_hyperparams(state, {**tc, "learning_rate": 0.5}, mesh)
+    assert float(train.hyperparams(state)["learning_rate"]) == 0.5
+    sh = {"w": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P())}
+    o_sh = train._opt_shardings(opt, jax.eval_shape(opt.init, params), sh, mesh)
+    assert train.ema_params(o_sh) == sh and o_sh.count.spec == P()
+    for bad in (1.0, -0.1):
+        cfg = tiny.get_config()
+        cfg.train.ema_decay = bad
+        with pytest.raises(train.TrainConfigError, match=r"ema_decay must be in \[0, 1\)"):
+            train.train_settings(cfg)
 
 
 def _path(key_path) -> str:
@@ -749,7 +798,7 @@ def test_coding_needs_no_loss_networks(scenario, tmp_path):
     for work, out in ((scenario["a"], "a.fsd"), (moved, "b.fsd")):
         assert codec.main(["compress", str(face), str(tmp_path / out), f"--workdir={work}"]) == 0
     assert (tmp_path / "a.fsd").read_bytes() == (tmp_path / "b.fsd").read_bytes()
-    model, _, _ = train.restore_for_inference(train.load_run_config(str(moved)), str(moved))
+    model, _, _, _ = train.restore_for_inference(train.load_run_config(str(moved)), str(moved))
     assert model.identity is None and model.lpips is None
 
 
@@ -946,7 +995,7 @@ def test_decompress_runs_files_of_one_size_and_sampler_together(scenario, tmp_pa
     from fasdiff_jax import codec
 
     cfg, work = _config(scenario["source"]), str(scenario["a"])
-    model, params, _ = train.restore_for_inference(cfg, work)
+    model, params, _, _ = train.restore_for_inference(cfg, work)
     photo = skdata.astronaut()
     files = {f"s{i}": model.compress(params, photo[20 + 9 * i:81 + 9 * i, 150:200], steps=2,
                                      seed=i) for i in range(5)}  # 61x50, five seeds
@@ -1082,7 +1131,8 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     # devices of two processes): trained leaves moved away from the seeded init, frozen did not
     cfg = _config(src)
     assert train.load_run_config(str(work)).mesh.data == 8  # written once, by process 0
-    model, params, step = train.restore_for_inference(cfg, str(work))
+    model, params, step, weights = train.restore_for_inference(cfg, str(work))
+    assert weights == "ema"  # the run's train.ema_decay: the params' moving average
     init = model.init_params(jax.random.key(cfg.seed))
     trained = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(params)[0])[0])
     start = dict(jax.tree_util.tree_flatten_with_path(fasdiff.FaSDiff.split(init)[0])[0])
@@ -1091,7 +1141,7 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     assert train.restore_for_inference(run_cfg, str(work), step="best")[2] == best
     assert all(np.isfinite(np.asarray(v)).all() for v in trained.values())
     assert sum(not np.array_equal(trained[k], start[k]) for k in trained) > len(trained) // 2
-    saved = _saved_params(work, stop)
+    saved = _saved_params(work, stop, ema=True)
     for k, v in trained.items():
         np.testing.assert_array_equal(np.asarray(v), saved[_path(k)])
 
