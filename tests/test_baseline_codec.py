@@ -230,6 +230,38 @@ def test_evaluate_command_measures_pillow_anchors(tmp_path, capsys, fmt, pil_for
     assert lo["bytes"] < hi["bytes"] and lo["psnr-rgb"] < hi["psnr-rgb"] < 60
 
 
+def test_evaluate_reports_lpips_vgg_on_request(tmp_path, capsys):
+    """``--lpips_vgg``: LPIPS with the VGG16 backbone beside AlexNet's, equal to the module
+    applied directly; the settings say so, so a run resumes only with the same choice."""
+    import jax.numpy as jnp
+
+    from fasdiff_jax.models import perceptual
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    img = skdata.astronaut()[0:128, 150:278]
+    Image.fromarray(img).save(faces / "a.png")
+    base = ["--baseline=jpeg:20", f"--source=folder:{faces}", "--dists_weights=none"]
+    out = tmp_path / "v.json"
+    assert evaluate.main(base + [f"--out={out}", "--lpips_vgg"]) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["settings"]["lpips_vgg"] is True
+    codec = evaluate.pillow_codec("jpeg:20")
+    decoded = codec.decompress(codec.compress(img))
+    module, params = perceptual.load_lpips("vgg16")
+    want = module.apply({"params": params}, *(jnp.asarray(v[None] / 127.5 - 1.0, jnp.float32)
+                                               for v in (img, decoded)))
+    row = report["images"][0]
+    assert row["lpips-vgg"] == pytest.approx(float(want[0]), rel=1e-4)
+    assert row["lpips-vgg"] > 0.05 and row["lpips-vgg"] != pytest.approx(row["lpips"], rel=0.05)
+    capsys.readouterr()
+    assert evaluate.main(base + [f"--out={out}"]) == 2  # the rows have lpips-vgg: refused
+    assert "lpips_vgg differ" in capsys.readouterr().err
+    assert evaluate.main(base + [f"--out={tmp_path / 'n.json'}"]) == 0
+    plain = json.loads((tmp_path / "n.json").read_text())
+    assert "lpips-vgg" not in plain["results"] and "lpips_vgg" not in plain["settings"]
+
+
 def test_evaluate_reports_dists_when_its_weights_are_there(tmp_path, capsys, monkeypatch):
     """DISTS with the installed DISTS_pytorch weights (the settings name them by hash, so a
     run resumes only with the same), left out with a note where they are not installed, or

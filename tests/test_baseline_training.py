@@ -259,6 +259,30 @@ def test_a_moving_average_of_the_params_is_trained_evaluated_and_coded_with(
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_a_learning_rate_multiplier_reaches_the_step_and_may_change_on_resume(trained, tmp_path):
+    """``train.lr_multipliers``: at 0 the baseline's one component stays at its init through
+    the loop's steps; resumed with another factor (the optimizer state is the same), it moves;
+    a component the model does not have is refused before the first step."""
+    work = tmp_path / "w"
+    cfg = small_config(trained["source"], steps=2, lr_multipliers={"hyperprior": 0.0})
+    train.train_and_evaluate(cfg, str(work))
+    init = train.build_model(cfg.model).init_params(jax.random.key(cfg.seed))
+    run_cfg = train.load_run_config(str(work))
+    held = train.restore_for_inference(run_cfg, str(work)).params
+    jax.tree.map(np.testing.assert_array_equal, held, init)
+    cfg.train.update(steps=3, lr_multipliers={"hyperprior": 2.0})
+    train.train_and_evaluate(cfg, str(work))
+    moved = train.restore_for_inference(run_cfg, str(work))
+    assert moved.step == 3 and not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(moved.params), jax.tree.leaves(init)))
+    cfg.train.lr_multipliers = {"controlnet": 0.5}
+    with pytest.raises(train.TrainConfigError, match=r"\['controlnet'\] are not trainable "
+                                                     r"components of this model"):
+        train.train_and_evaluate(cfg, str(tmp_path / "x"))
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     """The loop's held-out bpp (rounded latents) is what the codec writes for those images:
     the same 8 images, coded with the last step's params, within 1% of it plus up to one

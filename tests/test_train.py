@@ -57,7 +57,8 @@ TERMS = ("bpp", "diffusion", "latent", "high_freq", "loss", "grad_norm")
 def _overrides(source: str) -> dict:
     return {"data.source": source, "mesh.data": 8, "train.x0_every": 1000, "train.log_every": 1,
             "train.checkpoint_every": 3, "train.max_to_keep": 5,
-            "train.ema_decay": 0.9}  # held-out metrics and coding: the params' moving average
+            "train.ema_decay": 0.9,  # held-out metrics and coding: the params' moving average
+            "train.lr_multipliers.controlnet": 0.5}
 
 
 def _eval_overrides(heldout: str) -> dict:
@@ -490,6 +491,38 @@ def test_params_ema_is_the_bias_corrected_average_of_the_iterates(devices8):
         cfg.train.ema_decay = bad
         with pytest.raises(train.TrainConfigError, match=r"ema_decay must be in \[0, 1\)"):
             train.train_settings(cfg)
+
+
+def test_lr_multipliers_scale_each_components_updates_without_state():
+    """``train.lr_multipliers``: a component's updates are the plain optimizer's times its
+    factor (0: it stays), the others' unchanged; the optimizer state has the plain one's
+    structure (so the factors may change between resumes); unknown components and negative
+    factors are refused, naming the trainable ones."""
+    tc = train.train_settings(tiny.get_config())
+    tc.update(optimizer="adamw", weight_decay=0.1, learning_rate=0.01, grad_clip_norm=1.0)
+    rng = np.random.default_rng(1)
+    params = {k: {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+              for k in ("compressor", "hlfe", "controlnet")}
+    for ema in (0.0, 0.9):
+        plain = train.make_optimizer({**tc, "ema_decay": ema})
+        scaled = train.make_optimizer({**tc, "ema_decay": ema,
+                                       "lr_multipliers": {"controlnet": 0.25, "hlfe": 0.0}})
+        s_plain, s_scaled = plain.init(params), scaled.init(params)
+        assert jax.tree.structure(s_plain) == jax.tree.structure(s_scaled)
+        for _ in range(3):
+            g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+            u, s_plain = plain.update(g, s_plain, params)
+            v, s_scaled = scaled.update(g, s_scaled, params)
+            np.testing.assert_array_equal(v["compressor"]["w"], u["compressor"]["w"])
+            np.testing.assert_allclose(v["controlnet"]["w"], 0.25 * u["controlnet"]["w"], rtol=1e-6)
+            assert not np.any(v["hlfe"]["w"]) and np.any(u["hlfe"]["w"])
+    tc["lr_multipliers"] = {"unet": 0.1}
+    with pytest.raises(train.TrainConfigError, match=r"\['unet'\] are not trainable components "
+                       r"of this model; they are \['compressor', 'controlnet', 'hlfe'\]"):
+        train._check_lr_multipliers(tc, params)
+    tc["lr_multipliers"] = {"hlfe": -1.0}
+    with pytest.raises(train.TrainConfigError, match="lr_multipliers.hlfe must be a number >= 0"):
+        train._check_lr_multipliers(tc, params)
 
 
 def _path(key_path) -> str:
