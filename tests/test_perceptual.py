@@ -35,6 +35,20 @@ def _photos(size=96):
     return np.stack(out) / 127.5 - 1.0
 
 
+def _distorted_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Reference-test inputs in [0, 1], float32 NHWC: the photos beside noisy and blurred
+    copies, and a 75x101 crop beside a noisy copy."""
+    x = (_photos() + 1.0) / 2.0
+    rng = np.random.default_rng(0)
+    noisy = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    blurred = np.asarray(jax.image.resize(jax.image.resize(x, (3, 32, 32, 3), "linear"),
+                                          x.shape, "linear"))
+    odd = skdata.coffee()[100:175, 200:301] / 255.0
+    odd_b = np.clip(odd + rng.normal(0, 0.05, odd.shape), 0, 1)
+    return [(a.astype(np.float32), b.astype(np.float32))
+            for a, b in ((x, noisy), (x, blurred), (odd[None], odd_b[None]))]
+
+
 def test_metric_properties_and_gradient(lpips):
     module, params, fn = lpips
     x = jnp.asarray(_photos()[:2].astype(np.float32))
@@ -138,15 +152,7 @@ def test_lpips_matches_the_lpips_package(net, monkeypatch):
             np.asarray(params["lpips"][f"NetLinLayer_{i}"]["Conv_0"]["kernel"]).transpose(3, 2, 0, 1),
             lin.model[-1].weight.detach().numpy())
     fn = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b))
-    x = _photos()
-    rng = np.random.default_rng(0)
-    noisy = np.clip(x + rng.normal(0, 0.2, x.shape), -1, 1)
-    blurred = np.asarray(jax.image.resize(jax.image.resize(x, (3, 24, 24, 3), "linear"),
-                                          x.shape, "linear"))
-    odd = skdata.coffee()[100:175, 200:301] / 127.5 - 1.0  # 75 x 101
-    odd_b = np.clip(odd + rng.normal(0, 0.1, odd.shape), -1, 1)
-    for a, b in ((x, noisy), (x, blurred), (odd[None], odd_b[None])):
-        a, b = a.astype(np.float32), b.astype(np.float32)
+    for a, b in ((2 * a - 1, 2 * b - 1) for a, b in _distorted_pairs()):  # LPIPS takes [-1, 1]
         ours = np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
         with torch.no_grad():
             want = ref(*(torch.from_numpy(v).permute(0, 3, 1, 2) for v in (a, b)))
@@ -168,15 +174,7 @@ def test_dists_matches_the_reference_package(dists, monkeypatch):
     for k, v in ours_ab.items():  # our torch-free reader of weights.pt vs torch.load's
         np.testing.assert_array_equal(v, getattr(ref_model, k).detach().numpy().reshape(-1))
 
-    x = (_photos() + 1.0) / 2.0
-    rng = np.random.default_rng(0)
-    noisy = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
-    blurred = np.asarray(jax.image.resize(jax.image.resize(x, (3, 32, 32, 3), "linear"),
-                                          x.shape, "linear"))
-    odd = skdata.coffee()[100:175, 200:301] / 255.0  # 75 x 101
-    odd_b = np.clip(odd + rng.normal(0, 0.05, odd.shape), 0, 1)
-    for a, b in ((x, noisy), (x, blurred), (odd[None], odd_b[None])):
-        a, b = a.astype(np.float32), b.astype(np.float32)
+    for a, b in _distorted_pairs():
         ours = np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
         with torch.no_grad():
             ref = ref_model(*(torch.from_numpy(v).permute(0, 3, 1, 2) for v in (a, b)))
