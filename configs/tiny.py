@@ -69,5 +69,6 @@ def get_config() -> ml_collections.ConfigDict:
     # held-out loss terms every 100 steps on the embedded default's held-out faces and crops
     config.eval = ml_collections.ConfigDict(dict(
         source="embedded:heldout", every_steps=100, batch_size=8, num_batches=0, seed=0,
-        x0_terms=True, images=4, best_metric="loss", best_mode="min"))  # kept: --step=best
+        x0_terms=True, images=4, best_metric="loss", best_mode="min",  # kept: --step=best
+        at_start=False))
     return config

@@ -118,6 +118,7 @@ EVAL_DEFAULTS: dict[str, Any] = dict(
     seed=0,  # the diffusion terms' timesteps and noise: the same draw at every evaluation
     x0_terms=True,  # FaSDiff: identity and LPIPS on x̂0 too (where their weights are > 0)
     images=4,  # this many held-out faces and their reconstructions logged as pictures; 0 = none
+    at_start=False,  # also evaluate the initial params, logged at step 0 (a fresh run only)
     # Every evaluation saves a checkpoint with its metrics, and the one with the best value of
     # this eval metric is kept besides the max_to_keep latest and keep_period's milestones
     # (codec / evaluate --step=best); "" = none of that.
@@ -207,6 +208,7 @@ class HeldOut:
     images: int
     best_metric: str = ""
     best_mode: str = "min"
+    at_start: bool = False
 
 
 def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
@@ -245,7 +247,7 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
                  batches * data.global_batch_size, data.source)
     return HeldOut(data, source, batches, int(ec["every_steps"]), int(ec["seed"]),
                    bool(ec["x0_terms"]), min(int(ec["images"]), data.global_batch_size),
-                   str(ec["best_metric"]), str(ec["best_mode"]))
+                   str(ec["best_metric"]), str(ec["best_mode"]), bool(ec["at_start"]))
 
 
 def _check_best_metric(eval_step: Any, params: Any, held_out: HeldOut) -> None:
@@ -897,7 +899,25 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     best = _best_kept(mngr, held_out.best_metric, held_out.best_mode) if keep_best else None
     evaluated = False  # at the step the loop is on (the final save passes its metrics)
     trace = _StepTrace(workdir, tc["profile_first_step"], tc["profile_steps"])
+
+    def held_out_eval() -> dict[str, float]:
+        """Evaluate the params the loop is on (their moving average where kept) and log it
+        at the step it is on."""
+        started = time.monotonic()
+        ema = ema_params(opt_state)
+        with jax.profiler.StepTraceAnnotation("eval", step_num=step):
+            got, pictures = evaluate_held_out(
+                eval_step, params if ema is None else {**params, **ema}, held_out, mesh,
+                sample_step)
+        logging.info("step %d held-out: %s (%.1f s)", step, got, time.monotonic() - started)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in got.items()})
+        if pictures is not None:  # left: the held-out face, right: its reconstruction
+            writer.write_images(step, {"eval/reconstructions": pictures})
+        return got
+
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer), trace:
+        if held_out is not None and held_out.at_start and step == 0:
+            held_out_eval()  # the curves' starting point; no checkpoint, not a best candidate
         while step < tc["steps"]:
             x0 = use_x0 and (step + 1) % tc["x0_every"] == 0
             trace.before(step + 1)
@@ -915,17 +935,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
             evaluated = held_out is not None and step % held_out.every_steps == 0
             if evaluated:
-                started = time.monotonic()
-                ema = ema_params(opt_state)  # with one, it is what is evaluated
-                with jax.profiler.StepTraceAnnotation("eval", step_num=step):
-                    last_eval, pictures = evaluate_held_out(
-                        eval_step, params if ema is None else {**params, **ema}, held_out,
-                        mesh, sample_step)
-                logging.info("step %d held-out: %s (%.1f s)", step, last_eval,
-                             time.monotonic() - started)
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
-                if pictures is not None:  # left: the held-out face, right: its reconstruction
-                    writer.write_images(step, {"eval/reconstructions": pictures})
+                last_eval = held_out_eval()
                 if keep_best:
                     best = _note_best(best, step, last_eval, held_out)
             if step != tc["steps"] and (step % tc["checkpoint_every"] == 0

@@ -119,7 +119,9 @@ def test_the_best_held_out_checkpoint_is_kept_and_coded_with(trained, embedded_d
                     images=0, best_metric="loss", best_mode="max")
     train.train_and_evaluate(cfg, str(work))
     losses = _scalars(work)["eval/loss"]
-    assert sorted(losses) == [2, 4, 6]
+    assert sorted(losses) == [0, 2, 4, 6]  # eval.at_start (configs/mbt2018_mean.py): step 0 too
+    assert losses[0] == max(losses.values())  # the init's: the highest, yet no candidate
+    at_start = losses.pop(0)
     best = max(losses, key=losses.get)
     assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == sorted({best, 6})
     saved = json.loads((work / "checkpoints" / str(best) / "metrics" / "metrics").read_text())
@@ -130,6 +132,8 @@ def test_the_best_held_out_checkpoint_is_kept_and_coded_with(trained, embedded_d
     cfg.train.steps = 8  # resumed: step 8's evaluation joins the ranking, step 6 goes
     train.train_and_evaluate(cfg, str(work))
     losses = _scalars(work)["eval/loss"]
+    assert sorted(losses) == [0, 2, 4, 6, 8]
+    assert losses.pop(0) == at_start  # a resumed run does not log step 0 again
     best = max(losses, key=losses.get)
     assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == sorted({best, 8})
 
@@ -307,7 +311,8 @@ def test_held_out_bpp_is_the_rate_of_the_coded_files(trained):
     from test_train import _pictures
 
     pictures = _pictures(trained["a"])["eval/reconstructions"]
-    assert sorted(pictures) == [STEPS // 2, STEPS] and pictures[STEPS].shape == (4, 64, 128, 3)
+    assert sorted(pictures) == [0, STEPS // 2, STEPS]  # eval.at_start: the init's too
+    assert pictures[STEPS].shape == (4, 64, 128, 3)
     np.testing.assert_array_equal(pictures[STEPS][:, :, :64], images[:4])
     recon = np.round(np.asarray(model.reconstruct(params, images[:4], None)) * 255)
     assert np.abs(pictures[STEPS][:, :, 64:] - recon).max() <= 1  # 8 devices there, 1 here
