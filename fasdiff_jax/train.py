@@ -407,8 +407,7 @@ def with_params_ema(inner: optax.GradientTransformation, decay: float
     log_decay = math.log1p(-(1.0 - decay))  # in float64: 1 - decay^t as -expm1(t·log decay)
 
     def init(params):
-        return ParamsEmaState(inner.init(params), jnp.zeros([], jnp.int32),
-                              jax.tree.map(jnp.copy, params))  # own buffers: params are donated
+        return _ema_started(inner.init(params), params)
 
     def update(updates, state, params=None):
         if params is None:
@@ -423,6 +422,12 @@ def with_params_ema(inner: optax.GradientTransformation, decay: float
         return updates, ParamsEmaState(inner_state, count, ema)
 
     return optax.GradientTransformation(init, update)
+
+
+def _ema_started(inner_state: Any, params: Any) -> ParamsEmaState:
+    """The state :func:`with_params_ema` starts from: no updates yet, the average = ``params``
+    (copied: the train step donates the params' buffers)."""
+    return ParamsEmaState(inner_state, jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
 
 
 def ema_params(opt_state: Any) -> Any:
@@ -854,8 +859,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 f"new workdir (python -m fasdiff_jax.codec export --workdir={workdir} "
                 f"--weights=ema OUT keeps the average for coding)")
         starts_ema = ema_params(opt_state) is not None and not _has_ema(saved)
-        inner, inner_sh = (opt_state.inner_state, o_sh.inner_state) if starts_ema else (opt_state, o_sh)
-        target = {"params": _abstract(train_params, train_sh), "opt_state": _abstract(inner, inner_sh)}
+        inner, inner_sh = ((opt_state.inner_state, o_sh.inner_state) if starts_ema
+                           else (opt_state, o_sh))
+        target = {"params": _abstract(train_params, train_sh),
+                  "opt_state": _abstract(inner, inner_sh)}
         items = dict(state=ocp.args.StandardRestore(target))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
@@ -863,9 +870,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         params = {**restored["state"]["params"], **frozen}
         opt_state = restored["state"]["opt_state"]
         if starts_ema:  # switched on: the average starts from the restored params
-            opt_state = jax.jit(lambda o, p: ParamsEmaState(o, jnp.zeros([], jnp.int32),
-                                                            jax.tree.map(jnp.copy, p)),
-                                out_shardings=o_sh)(opt_state, restored["state"]["params"])
+            opt_state = jax.jit(_ema_started, out_shardings=o_sh)(opt_state,
+                                                                  restored["state"]["params"])
             logging.warning("checkpoint %d has no moving average of the params: one starts "
                             "from its params (config.train.ema_decay=%s)", latest, tc["ema_decay"])
         step = int(meta["step"])
@@ -1187,7 +1193,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     finally:
         mngr.close()
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
-    return Restored(model, jax.device_put({**got, **frozen}), step, weights)  # host SD weights: once
+    # host SD weights: put on the device once
+    return Restored(model, jax.device_put({**got, **frozen}), step, weights)
 
 
 def export_for_coding(workdir: str, out: str, step: int | str | None = None,

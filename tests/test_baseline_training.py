@@ -255,11 +255,12 @@ def test_a_moving_average_of_the_params_is_trained_evaluated_and_coded_with(
     shutil.copytree(plain, tmp_path / "plain")
     train.train_and_evaluate(small_config(trained["source"], steps=2, ema_decay=0.9),
                              str(tmp_path / "plain"))
-    cfg_plain = train.load_run_config(str(tmp_path / "plain"))
-    started = train.restore_for_inference(cfg_plain, str(tmp_path / "plain"))
+    plain_dir = str(tmp_path / "plain")
+    cfg_plain = train.load_run_config(plain_dir)
+    started = train.restore_for_inference(cfg_plain, plain_dir)
     assert (started.step, started.weights) == (2, "ema")
     jax.tree.map(np.testing.assert_array_equal, started.params,  # one update: the params
-                 train.restore_for_inference(cfg_plain, str(tmp_path / "plain"), None, "params").params)
+                 train.restore_for_inference(cfg_plain, plain_dir, weights="params").params)
 
 
 @pytest.mark.xdist_group("baseline_training")
