@@ -8,6 +8,10 @@ conv-vs-attention micro breakdown, and the full SD-2.1 UNet's parameter count an
 train step from XLA's cost analysis (abstract shapes only: no full-size weights built).
 
     python benchmarks/sd_unet.py [--repeats 5] [--skip_full] [--compile_full]
+    python benchmarks/sd_unet.py --skip_full --attention_impls xla,xla_autodiff   # A/B
+
+``--attention_impls`` (names in ``layers.ATTENTION_IMPLEMENTATIONS``) times our fwd+bwd once
+per implementation, alternating calls in one process (this VM's speed drifts over minutes).
     JAX_PLATFORMS=cuda python benchmarks/sd_unet.py --torch_device cuda --skip_full   # GPU
 
 On a GPU both run there in float32 with each framework's default matmul/conv precision
@@ -66,7 +70,20 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def bench_unet(repeats: int) -> dict:
+def alternating_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per named call, the calls taken in turn (after one warm-up each)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
+def bench_unet(repeats: int, impls: list[str]) -> dict:
     from diffusers import UNet2DConditionModel as TorchUNet
 
     torch.manual_seed(0)
@@ -98,7 +115,9 @@ def bench_unet(repeats: int) -> dict:
         return loss
 
     fwd = jax.jit(lambda p, a, b, c: module.apply({"params": p}, a, b, c))
-    grad = jax.jit(jax.grad(lambda p, a, b, c: jnp.mean(jnp.square(module.apply({"params": p}, a, b, c)))))
+    def grad_fn(impl: str):
+        m = module.clone(attention_impl=impl)
+        return jax.jit(jax.grad(lambda p, a, b, c: jnp.mean(jnp.square(m.apply({"params": p}, a, b, c)))))
 
     ref = t_fwd().permute(0, 2, 3, 1).cpu().numpy()
     err = float(np.abs(np.asarray(fwd(params, xj, tj, cj)) - ref).max() / np.abs(ref).max())
@@ -108,12 +127,16 @@ def bench_unet(repeats: int) -> dict:
     res["jax_fwd"], res["jax_fwd_all"] = median_time(
         lambda: fwd(params, xj, tj, cj).block_until_ready(), repeats)
     res["torch_fwd_bwd"], res["torch_fwd_bwd_all"] = median_time(t_fwd_bwd, repeats)
-    res["jax_fwd_bwd"], res["jax_fwd_bwd_all"] = median_time(
-        lambda: jax.block_until_ready(grad(params, xj, tj, cj)), repeats)
+    grads = {impl: grad_fn(impl) for impl in impls}
+    timed = alternating_medians(
+        {impl: (lambda g=g: jax.block_until_ready(g(params, xj, tj, cj))) for impl, g in grads.items()},
+        repeats)
+    res["jax_fwd_bwd"], res["jax_fwd_bwd_all"] = timed[impls[0]]
+    res["jax_fwd_bwd_by_impl"] = timed
     return res
 
 
-def bench_parts(repeats: int) -> dict:
+def bench_parts(repeats: int, impls: list[str]) -> dict:
     """fwd+bwd of the first block's two costliest ops: a 3x3 conv and self-attention."""
     out = {}
     rng = np.random.default_rng(0)
@@ -142,9 +165,13 @@ def bench_parts(repeats: int) -> dict:
         y.square().mean().backward()
 
     qj = jnp.asarray(q)
-    j_attn = jax.jit(jax.grad(lambda a: jnp.mean(jnp.square(layers.attention(a, a, a, 2)))))
+    j_attn = {impl: jax.jit(jax.grad(lambda a, impl=impl: jnp.mean(jnp.square(
+        layers.attention(a, a, a, 2, impl=impl))))) for impl in impls}
     out["attn_torch"], _ = median_time(t_attn, repeats)
-    out["attn_jax"], _ = median_time(lambda: jax.block_until_ready(j_attn(qj)), repeats)
+    timed = alternating_medians(
+        {impl: (lambda f=f: jax.block_until_ready(f(qj))) for impl, f in j_attn.items()}, repeats)
+    out["attn_jax"] = timed[impls[0]][0]
+    out["attn_jax_by_impl"] = {impl: t for impl, (t, _) in timed.items()}
     return out
 
 
@@ -188,23 +215,35 @@ def main() -> None:
     ap.add_argument("--skip_full", action="store_true")
     ap.add_argument("--compile_full", action="store_true")
     ap.add_argument("--torch_device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--attention_impls", default="xla",
+                    help="comma-separated layers.ATTENTION_IMPLEMENTATIONS names; the first is "
+                         "the one compared with torch")
     args = ap.parse_args()
+    impls = args.attention_impls.split(",")
+    unknown = sorted(set(impls) - set(layers.ATTENTION_IMPLEMENTATIONS))
+    if unknown:
+        ap.error(f"unknown attention implementations {unknown}; "
+                 f"choose from {sorted(layers.ATTENTION_IMPLEMENTATIONS)}")
     global DEV
     DEV = torch.device(args.torch_device)
     torch.set_num_threads(2)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
           f"{torch.cuda.get_device_name() if DEV.type == 'cuda' else 'cpu'}, "
           f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}")
-    r = bench_unet(args.repeats)
+    r = bench_unet(args.repeats, impls)
     fmt = lambda xs: ", ".join(f"{v:.3f}" for v in xs)  # noqa: E731
     print(f"reduced SD-2.1 UNet: {r['params'] / 1e6:.1f}M params, jax vs torch rel err {r['rel_err']:.2e}")
     for k in ("fwd", "fwd_bwd"):
         print(f"  {k:8s} torch {r['torch_' + k]:.3f}s  jax {r['jax_' + k]:.3f}s  "
               f"speed-up torch/jax {r['torch_' + k] / r['jax_' + k]:.2f}x")
         print(f"           torch runs [{fmt(r['torch_' + k + '_all'])}] jax runs [{fmt(r['jax_' + k + '_all'])}]")
-    p = bench_parts(args.repeats)
+    if len(impls) > 1:
+        for impl, (t, ts) in r["jax_fwd_bwd_by_impl"].items():
+            print(f"  fwd_bwd  jax attention={impl}: {t:.3f}s [{fmt(ts)}]")
+    p = bench_parts(args.repeats, impls)
     print(f"  3x3 conv fwd+bwd (2x128x32x32): torch {p['conv_torch'] * 1e3:.1f}ms jax {p['conv_jax'] * 1e3:.1f}ms")
-    print(f"  attention fwd+bwd (2x1024 tok, 2x64): torch {p['attn_torch'] * 1e3:.1f}ms jax {p['attn_jax'] * 1e3:.1f}ms")
+    print(f"  attention fwd+bwd (2x1024 tok, 2x64): torch {p['attn_torch'] * 1e3:.1f}ms "
+          + " ".join(f"jax[{impl}] {t * 1e3:.1f}ms" for impl, t in p["attn_jax_by_impl"].items()))
     if not args.skip_full:
         f = full_sd21_cost(args.compile_full)
         print(f"full SD-2.1 UNet: {f['params'] / 1e6:.1f}M params; train step (batch 1, 96x96 "

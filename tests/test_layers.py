@@ -1,5 +1,8 @@
 """layers.conv2d: the CPU gradient path (per-tap kernel gradient, sub-pixel input gradient)
-equals XLA's own gradient of lax.conv_general_dilated, and flax's nn.Conv accepts it."""
+equals XLA's own gradient of lax.conv_general_dilated, and flax's nn.Conv accepts it;
+layers.attention's hand-written backward equals torch's autograd."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -66,3 +69,54 @@ def test_flax_conv_uses_it_and_other_convs_fall_back():
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=4)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("causal,lk", [(False, 37), (False, 64), (True, 64)])
+def test_attention_value_and_gradients_match_torch(causal, lk):
+    """Our attention (hand-written backward) against torch's scaled_dot_product_attention."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    b, lq, heads, d = 2, 64, 3, 16
+    q, k, v = (rng.normal(size=s).astype(np.float32)
+               for s in ((b, lq, heads * d), (b, lk, heads * d), (b, lk, heads * d)))
+    w = rng.normal(size=(b, lq, heads * d)).astype(np.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(layers.attention(q, k, v, heads, causal=causal) * w)
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    split = lambda t: t.reshape(b, t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(split(tq), split(tk), split(tv),
+                                                           is_causal=causal)
+    t_loss = (out.transpose(1, 2).reshape(b, lq, heads * d) * torch.tensor(w)).sum()
+    t_loss.backward()
+    assert abs(float(value) - t_loss.item()) <= 1e-5 * abs(t_loss.item()) + 1e-4
+    for ours, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        ref = ref.numpy()
+        assert np.abs(np.asarray(ours) - ref).max() <= 2e-6 * np.abs(ref).max() + 1e-6
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_attention_bfloat16_gradients_follow_float32(upcast):
+    """In bfloat16 the hand-written backward stays within bfloat16's error of float32's
+    autodiff, and each gradient has its input's dtype."""
+    rng = np.random.default_rng(4)
+    q, k, v, w = (jnp.asarray(rng.normal(size=(2, 48, 32)), jnp.float32) for _ in range(4))
+
+    def loss(attention, q, k, v):
+        return jnp.sum(attention(q, k, v).astype(jnp.float32) * w)
+
+    def autodiff_reference(q, k, v):
+        return layers.attention(q, k, v, 2, impl="xla_autodiff")
+
+    ref = jax.grad(functools.partial(loss, autodiff_reference), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.jit(jax.grad(functools.partial(
+        loss, lambda q, k, v: layers.attention(q, k, v, 2, upcast=upcast)), argnums=(0, 1, 2)))(
+        *(t.astype(jnp.bfloat16) for t in (q, k, v)))
+    for o, r in zip(ours, ref):
+        assert o.dtype == jnp.bfloat16
+        err = np.abs(np.asarray(o.astype(jnp.float32)) - np.asarray(r)).max()
+        assert err <= 3e-2 * np.abs(np.asarray(r)).max()
