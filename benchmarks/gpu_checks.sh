@@ -59,9 +59,9 @@ fasdiff)
   JAX_PLATFORMS=cuda timeout 170 python3 benchmarks/fasdiff_step.py --skip_tiny --reduced_batch 8 \
     --repeats 5 2>&1 | tee "$OUT/fasdiff_step_gpu.log" | tail -8 ;;
 decode)
-  echo "== FaSDiff decoding, files one at a time vs batched (reduced SD-2.1 shape, 256 px) on the GPU"
-  JAX_PLATFORMS=cuda timeout 170 python3 benchmarks/batched_decoding.py --reduced --files 8 \
-    --batches 2,4,8 --repeats 3 2>&1 | tee "$OUT/batched_decoding_gpu.log" | grep '^{' ;;
+  echo "== FaSDiff coding, images and files one at a time vs batched (reduced SD-2.1, 256 px) on the GPU"
+  JAX_PLATFORMS=cuda timeout 170 python3 benchmarks/batched_coding.py --reduced --files 8 \
+    --batches 2,4,8 --repeats 3 2>&1 | tee "$OUT/batched_coding_gpu.log" | grep '^{' ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
 done

@@ -33,9 +33,12 @@ With ``--out_dir`` every input (a file, or a folder searched recursively for ima
 its path relative to the folder) with the suffix ``.fsd`` or ``.png``. A file that fails is
 reported and skipped; the others still run. Outputs appear whole or not at all (written to a
 temporary name, then renamed), so ``--skip_existing`` resumes an interrupted run.
-``decompress`` decodes ``--batch_size`` files (default 8) at a time: FaSDiff runs those of
-one size and sampler spec through the sampler together (each with its own seed's noise, so a
-file decodes as it would alone, up to float rounding: within one grey level in the tests).
+Both commands take ``--batch_size`` inputs (default 8) at a time: ``compress`` runs images of
+one padded size through the analysis transforms (FaSDiff: VAE encoder and compressor) in one
+device call, ``decompress`` runs FaSDiff files of one size and sampler spec through the sampler
+together (each with its own seed's noise). A file then codes as it would alone up to float
+rounding of batched device math: byte-identical files and decodes within one grey level in
+the tests on CPU.
 
 Errors (unreadable image, malformed file, other model's file, missing checkpoint) are one
 readable line each; the exit status is 2 when any file failed, else 0.
@@ -130,6 +133,20 @@ class LoadedCodec:
     source_options: dict = field(default_factory=dict)  # open_source's cache_dir / image_size
     # several files in one device call where the model can (FaSDiff's sampler); else one by one
     decompress_batch: Callable[[Sequence[bytes]], list] | None = None
+    # several images of one size through the analysis transforms in one device call
+    compress_batch: Callable[[Sequence[np.ndarray]], list] | None = None
+
+    def compress_many(self, images: Sequence[np.ndarray]) -> list[bytes | Exception]:
+        """Each image's file, or in its place the error that image raised."""
+        if self.compress_batch is not None:
+            return self.compress_batch(images)
+        out: list[bytes | Exception] = []
+        for image in images:
+            try:
+                out.append(self.compress(image))
+            except (FasdiffError, TypeError, ValueError) as e:
+                out.append(e)
+        return out
 
     def decompress_many(self, datas: Sequence[bytes]) -> list[np.ndarray | Exception]:
         """Each file's image, or in its place the error that file raised (a bad file does
@@ -200,7 +217,8 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     settings.update(sampler=spec, fingerprint=model.fingerprint(params).hex())
     return LoadedCodec(f"fasdiff@{step}", settings, lambda im: model.compress(params, im, **spec),
                        lambda data: model.decompress(params, data), source_options,
-                       lambda datas: model.decompress_batch(params, datas))
+                       lambda datas: model.decompress_batch(params, datas),
+                       lambda images: model.compress_batch(params, images, **spec))
 
 
 def _with_sd_checkpoint(config: Any, flag: str | None) -> Any:
@@ -225,7 +243,8 @@ def _hyperprior_codec(name: str, model: Any, params: dict, settings: dict,
     settings = {**settings, "model": H.model_config(model),
                 "fingerprint": H.prepare(model, params).fingerprint.hex()}
     return LoadedCodec(name, settings, lambda im: H.compress(model, params, im),
-                       lambda data: H.decompress(model, params, data), source_options or {})
+                       lambda data: H.decompress(model, params, data), source_options or {},
+                       compress_batch=lambda images: H.compress_batch(model, params, images))
 
 
 def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str, str]]:
@@ -342,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip_existing", action="store_true",
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
     ap.add_argument("--batch_size", type=int, default=8,
-                    help="decompress: files decoded together (FaSDiff: those of one size and "
-                         "sampler in one sampler run on the device)")
+                    help="files coded together: images of one size through the analysis "
+                         "transforms in one device call; FaSDiff files of one size and sampler "
+                         "in one sampler run")
     add_model_flags(ap)
     compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
@@ -361,15 +381,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from fasdiff_jax.data.sources import read_image
 
-    def compress(src: str, dst: str) -> str:
-        data = codec.compress(read_image(src, keep_gray=True))  # gray files come back gray
-        write_atomically(dst, data)
-        return f"{dst}: {len(data)} bytes"
-
-    def read(src: str, dst: str) -> bytes:
+    def read_file(src: str, dst: str) -> bytes:
         _image_format(dst)
         with open(src, "rb") as f:
             return f.read()
+
+    def write_file(dst: str, data: bytes) -> str:
+        write_atomically(dst, data)
+        return f"{dst}: {len(data)} bytes"
 
     def write_image(dst: str, img: np.ndarray) -> str:
         pil = Image.fromarray(np.squeeze(img, -1) if img.shape[-1] == 1 else img)
@@ -395,29 +414,27 @@ def main(argv: list[str] | None = None) -> int:
         failed += 1
         print(f"error: {e}" if src in str(e) else f"error: {src}: {e}", file=sys.stderr)
 
-    if args.command == "compress":
-        for src, dst in jobs:
+    if args.command == "compress":  # gray files come back gray
+        read, code, write = (lambda src, dst: read_image(src, keep_gray=True),
+                             codec.compress_many, write_file)
+    else:
+        read, code, write = read_file, codec.decompress_many, write_image
+    for start in range(0, len(jobs), args.batch_size):
+        read_ok, inputs = [], []
+        for src, dst in jobs[start:start + args.batch_size]:
             try:
-                print(compress(src, dst))
+                inputs.append(read(src, dst))
+                read_ok.append((src, dst))
             except (FasdiffError, OSError, ValueError) as e:
                 report(src, e)
-    else:
-        for start in range(0, len(jobs), args.batch_size):
-            read_ok, datas = [], []
-            for src, dst in jobs[start:start + args.batch_size]:
-                try:
-                    datas.append(read(src, dst))
-                    read_ok.append((src, dst))
-                except (FasdiffError, OSError) as e:
-                    report(src, e)
-            for (src, dst), img in zip(read_ok, codec.decompress_many(datas)):
-                if isinstance(img, Exception):
-                    report(src, img)
-                    continue
-                try:
-                    print(write_image(dst, img))
-                except (FasdiffError, OSError, ValueError) as e:
-                    report(src, e)
+        for (src, dst), result in zip(read_ok, code(inputs) if inputs else []):
+            if isinstance(result, Exception):
+                report(src, result)
+                continue
+            try:
+                print(write(dst, result))
+            except (FasdiffError, OSError, ValueError) as e:
+                report(src, e)
     if len(jobs) > 1:
         print(f"{args.command}ed {len(jobs) - failed} of {len(jobs)} files"
               + (f", {failed} failed" if failed else ""))

@@ -15,8 +15,9 @@ face), encode/decode wall times.
         --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
 
 (the model as the training run saved its config in the workdir; ``--config=FILE`` names
-another; ``--batch_size=N`` decodes N files together, FaSDiff in one sampler run, faster on
-accelerators, each ``decoding_time`` then its share of the batch.)
+another; ``--batch_size=N`` codes N images together: those of one size through the analysis
+transforms in one device call, FaSDiff's files in one sampler run, faster on accelerators, each
+``encoding_time`` and ``decoding_time`` then its share of the batch.)
 
 With ``--out`` the JSON is rewritten (whole, via a temporary file) after every image with
 ``"complete": false`` until the last one, so an interrupted run loses at most the image it
@@ -216,42 +217,54 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
              name: str = "fasdiff", done: Mapping[str, dict] | None = None,
              on_row: Callable[[dict], None] | None = None,
              decompress_many: Callable[[list[bytes]], list] | None = None,
-             batch_size: int = 1, make_metrics: Callable[[], Metrics] = Metrics) -> dict:
+             batch_size: int = 1, make_metrics: Callable[[], Metrics] = Metrics,
+             compress_many: Callable[[list[np.ndarray]], list] | None = None) -> dict:
     """Round-trip every ``(name, uint8 image)``; returns ``{"name", "results", "images"}``.
 
     ``metrics``: a :class:`Metrics`, else ``make_metrics()`` makes one when the first image
     needs it. ``done``: rows of an interrupted run by image name, kept as they are (those images are
     not coded again); ``on_row(report so far)`` runs after each new image. With
-    ``batch_size`` > 1 and ``decompress_many`` (a codec's batched decoding,
-    :meth:`fasdiff_jax.codec.LoadedCodec.decompress_many`), that many images are compressed
-    one by one and decoded together; each one's ``decoding_time`` is then its share of the
-    batch's time."""
+    ``batch_size`` > 1, ``compress_many`` and ``decompress_many`` (a codec's batched coding,
+    :meth:`fasdiff_jax.codec.LoadedCodec.compress_many`), that many images are compressed
+    together and decoded together; each one's ``encoding_time`` and ``decoding_time`` is then
+    its share of the batch's time. An image or file a codec cannot code is raised."""
     done = dict(done or {})
     rows: list[dict] = []
     seen: set[str] = set()
-    pending: list[tuple[str, np.ndarray, bytes, float]] = []  # name, image, file, encode s
+    pending: list[tuple[str, np.ndarray]] = []
+
+    def timed_shares(one: Callable, many: Callable | None, items: list) -> tuple[list, float | list]:
+        """Results, and each item's time: its own, or a share of the batch's."""
+        if many is None or batch_size == 1:
+            results, times = [], []
+            for item in items:
+                t0 = time.perf_counter()
+                results.append(one(item))
+                times.append(time.perf_counter() - t0)
+            return results, times
+        t0 = time.perf_counter()
+        results = many(items)
+        share = (time.perf_counter() - t0) / len(items)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results, [share] * len(items)
 
     def finish() -> None:
         nonlocal metrics
         if not pending:
             return
-        t0 = time.perf_counter()
-        if decompress_many is None or batch_size == 1:
-            recons = [decompress(data) for _, _, data, _ in pending]
-        else:
-            recons = decompress_many([data for _, _, data, _ in pending])
-            for r in recons:
-                if isinstance(r, Exception):
-                    raise r
-        decoding_time = (time.perf_counter() - t0) / len(pending)
+        datas, encoding_times = timed_shares(compress, compress_many, [im for _, im in pending])
+        recons, decoding_times = timed_shares(decompress, decompress_many, datas)
         metrics = metrics or make_metrics()
-        for (img_name, img, data, encoding_time), recon in zip(pending, recons):
+        for (img_name, img), data, recon, enc_s, dec_s in zip(pending, datas, recons,
+                                                               encoding_times, decoding_times):
             if recon.shape[:2] != img.shape[:2]:
                 raise AssertionError(f"{img_name}: decoded {recon.shape} for input {img.shape}")
             h, w = img.shape[:2]
             row = {"image": img_name, "height": h, "width": w, "bytes": len(data),
-                   "bpp": 8.0 * len(data) / (h * w), "encoding_time": encoding_time,
-                   "decoding_time": decoding_time}
+                   "bpp": 8.0 * len(data) / (h * w), "encoding_time": enc_s,
+                   "decoding_time": dec_s}
             row.update(metrics(to_rgb(img)[0], to_rgb(recon)[0]))
             rows.append(row)
             if on_row is not None:
@@ -266,9 +279,7 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
             finish()  # rows stay in the images' order
             rows.append(done[img_name])
             continue
-        t0 = time.perf_counter()
-        data = compress(img)
-        pending.append((img_name, img, data, time.perf_counter() - t0))
+        pending.append((img_name, img))
         if len(pending) >= batch_size:
             finish()
     finish()
@@ -528,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=None, metavar="jpeg:Q|webp:Q",
                     help="instead of a model: Pillow's JPEG or WebP encoder at quality Q")
     ap.add_argument("--batch_size", type=int, default=1,
-                    help="decode this many files together (FaSDiff: one sampler run; faster "
-                         "on accelerators); each decoding_time is then its share of the batch")
+                    help="code this many images together (one device call for the analysis "
+                         "transforms, FaSDiff: one sampler run; faster on accelerators); each "
+                         "encoding_time and decoding_time is then its share of the batch")
     ap.add_argument("--dists_weights", default="auto", metavar="auto|none|FILE",
                     help="DISTS's weights.pt (auto: the installed DISTS_pytorch package's; "
                          "none: no DISTS)")
@@ -549,8 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             codec = load_codec(args)
         settings = {**codec.settings, "source": args.source}
-        if args.batch_size > 1:  # decoded pixels may differ by a grey level, times are shares
-            settings["decode_batch_size"] = args.batch_size
+        if args.batch_size > 1:  # files and pixels may differ by float rounding, times are shares
+            settings["coding_batch_size"] = args.batch_size
         if args.lpips_vgg:  # a resumed run's rows all have it
             settings["lpips_vgg"] = True
         dists_path = dists_weights(args.dists_weights)
@@ -569,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate(codec.compress, codec.decompress, images_from_source(src, args.limit),
                        name=codec.name, done=done, on_row=save if args.out else None,
                        decompress_many=codec.decompress_many, batch_size=args.batch_size,
+                       compress_many=codec.compress_many,
                        make_metrics=lambda: Metrics(dists=dists_path or "none",
                                                     lpips_vgg=args.lpips_vgg))
         if args.out:

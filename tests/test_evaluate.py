@@ -159,38 +159,52 @@ def test_an_interrupted_evaluation_goes_on_where_it_stopped(faces, tmp_path):
         evaluate.evaluate(codec, _raw_decode, three + three[:1], metrics, done=done)
 
 
-def test_batched_decoding_gives_the_same_rows_in_order(faces):
-    """``batch_size`` with a codec's ``decompress_many``: images compressed one by one, decoded
-    that many at a time; rows as one at a time (times aside), kept rows of an interrupted run
-    in their place, each decoding_time a share of its batch; a file's error is raised."""
+def test_batched_coding_gives_the_same_rows_in_order(faces):
+    """``batch_size`` with a codec's ``compress_many`` and ``decompress_many``: that many
+    images compressed together and decoded together; rows as one at a time (times aside),
+    kept rows of an interrupted run in their place, each time a share of its batch; an
+    image's or a file's error is raised."""
     four = faces + [(f"{n}_flipped", im[:, ::-1].copy()) for n, im in faces]
     calls = []
 
     def coarse(img):
         return _raw_codec((img // 32) * 32 + 16)
 
+    def compress_many(images):
+        calls.append(("compress", len(images)))
+        return [coarse(im) for im in images]
+
     def many(datas):
-        calls.append(len(datas))
+        calls.append(("decompress", len(datas)))
         return [_raw_decode(d) for d in datas]
 
     metrics = evaluate.Metrics()
     alone = evaluate.evaluate(coarse, _raw_decode, four, metrics, name="q")
     done = {"astronaut_small": alone["images"][1]}
     batched = evaluate.evaluate(coarse, _raw_decode, four, metrics, name="q", done=done,
-                                decompress_many=many, batch_size=2)
-    assert calls == [1, 2]  # the first image alone (a kept row follows it), then two together
+                                decompress_many=many, batch_size=2, compress_many=compress_many)
+    # the first image alone (a kept row follows it), then two together
+    assert calls == [("compress", 1), ("decompress", 1), ("compress", 2), ("decompress", 2)]
     assert [r["image"] for r in batched["images"]] == [r["image"] for r in alone["images"]]
     assert batched["images"][1] is done["astronaut_small"]
     for a, b in zip(alone["images"], batched["images"]):
         assert {k: v for k, v in a.items() if "time" not in k} == pytest.approx(
             {k: v for k, v in b.items() if "time" not in k})
-    assert batched["images"][2]["decoding_time"] == batched["images"][3]["decoding_time"]
+    for key in ("encoding_time", "decoding_time"):
+        assert batched["images"][2][key] == batched["images"][3][key]
 
     def failing(datas):
         return [ValueError("damaged file")] + [_raw_decode(d) for d in datas[1:]]
 
     with pytest.raises(ValueError, match="damaged file"):
         evaluate.evaluate(coarse, _raw_decode, four, metrics, decompress_many=failing,
+                          batch_size=4)
+
+    def bad_image(images):
+        return [coarse(im) for im in images[:-1]] + [TypeError("expected a uint8 image")]
+
+    with pytest.raises(TypeError, match="uint8"):
+        evaluate.evaluate(coarse, _raw_decode, four, metrics, compress_many=bad_image,
                           batch_size=4)
 
 

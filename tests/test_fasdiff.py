@@ -221,6 +221,36 @@ def test_round_trip_any_size_and_mode_and_cross_process(tiny_model, tmp_path):
         assert got["n"] == devices and got["sha"] == want
 
 
+def test_compress_batch_runs_images_of_one_size_together(tiny_model, monkeypatch):
+    """The VAE encoder and the compressor's analysis see images of one padded size in one
+    call; a bad image gets its error in its place; the files carry the sampler spec and hold
+    the symbols of the files written alone (float rounding may differ between batch sizes:
+    allowed in 0.1% of symbols)."""
+    model, params = tiny_model
+    v = _photo_variants()
+    images = [v["rgb"], v["gray"], np.zeros((9, 9, 3), np.float32), v["rgba"], v["rgb"][:, ::-1]]
+    shapes = []
+    analyse_images = H.analyse_images
+
+    def recording(images, analyse, *args):
+        return analyse_images(images, lambda x: shapes.append(x.shape) or analyse(x), *args)
+
+    monkeypatch.setattr(H, "analyse_images", recording)
+    results = model.compress_batch(params, images, steps=2, seed=9)
+    assert shapes == [(4, model.multiple, model.multiple, 3)]  # all pad to one size
+    assert isinstance(results[2], TypeError)
+    for img, data in zip(images, results):
+        if isinstance(data, Exception):
+            continue
+        c = ct.unpack(data)
+        assert (c.height, c.width) == img.shape[:2] and c.sampler.steps == 2 and c.sampler.seed == 9
+        alone = model.compress(params, img, steps=2, seed=9)
+        y_batched = model._decoded(params, data, H.MAX_PIXELS)[1]
+        y_alone = model._decoded(params, alone, H.MAX_PIXELS)[1]
+        assert np.mean(y_batched != y_alone) <= 1e-3
+    assert model.decompress(params, results[0]).shape == v["rgb"].shape
+
+
 def test_files_are_the_same_with_the_integer_hs_on_the_device(tiny_model, monkeypatch):
     """FASDIFF_HS_PLACE=device (the GPU default) writes the same file and decodes it to the
     same pixels as the host h_s; the codec picks the place up after a change."""

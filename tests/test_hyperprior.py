@@ -270,6 +270,35 @@ def test_roundtrip_any_size_and_channels(shape):
     assert len(data) == container.header_bytes(1) + len(stream)
 
 
+def test_compress_batch_codes_images_of_one_size_together_and_keeps_errors_in_place(
+        monkeypatch):
+    """One device call per padded size (batch padded to a power of two); a bad image gets its
+    error in its place; every file decodes, with the symbols of the file written alone (float
+    rounding may differ between batch sizes: allowed in 0.1% of symbols; none differ here)."""
+    model, params = _tiny()
+    photo = skdata.astronaut()
+    images = [photo[:37, :50], photo[60:97, 200:250], np.zeros((8, 8, 3), np.float32),
+              skdata.camera()[:64, :64], photo[100:170, 100:190], np.zeros((8, 8, 2), np.uint8),
+              photo[200:237, 30:80, :1]]  # four of 64x64 padded, one of 128x128, two bad
+    batches = []
+    encode = H._encode_device
+    monkeypatch.setattr(H, "_encode_device",
+                        lambda m, p, x: batches.append(x.shape) or encode(m, p, x))
+    results = H.compress_batch(model, params, images)
+    assert batches == [(4, 64, 64, 3), (1, 128, 128, 3)]
+    assert isinstance(results[2], TypeError) and isinstance(results[5], ValueError)
+    assert "got shape (8, 8, 2)" in str(results[5])
+    for img, data in zip(images, results):
+        if isinstance(data, Exception):
+            continue
+        alone = H.compress(model, params, img)
+        assert abs(len(data) - len(alone)) <= 0.01 * len(alone)
+        (_, y_batched), (_, y_alone) = _yhat_sha(model, params, data), _yhat_sha(model, params, alone)
+        assert np.mean(y_batched != y_alone) <= 1e-3
+        out = H.decompress(model, params, data)
+        assert out.shape[:2] == img.shape[:2]
+
+
 def test_other_models_file_is_rejected():
     m1, p1 = _tiny(0)
     m2, p2 = _tiny(1)

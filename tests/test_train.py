@@ -711,18 +711,18 @@ def test_codec_and_evaluate_commands_use_the_trained_checkpoint(scenario, embedd
                                    f"--out={out}"]) == 0
     res2 = json.loads(out.read_text())
     assert len(res2["images"]) == 2 and res2["images"][0] == row and res2["complete"]
-    # --batch_size: the two files decoded together, the same rows up to float rounding; the
+    # --batch_size: the two images coded together, the same rows up to float rounding; the
     # unbatched file is not resumed with it (its settings differ)
     batched = tmp_path / "eval_batched.json"
     source = f"--source=prepared:{embedded_dirs['heldout']}"
     assert evaluate.main(common + [source, "--limit=2", "--batch_size=2", f"--out={batched}"]) == 0
     res3 = json.loads(batched.read_text())
-    assert res3["settings"]["decode_batch_size"] == 2 and res3["complete"]
+    assert res3["settings"]["coding_batch_size"] == 2 and res3["complete"]
     for a, b in zip(res2["images"], res3["images"]):
         assert a["bytes"] == b["bytes"] and a["psnr-rgb"] == pytest.approx(b["psnr-rgb"], abs=0.05)
     capsys.readouterr()
     assert evaluate.main(common + [source, "--limit=3", "--batch_size=2", f"--out={out}"]) == 2
-    assert "decode_batch_size differ" in capsys.readouterr().err
+    assert "coding_batch_size differ" in capsys.readouterr().err
 
 
 @pytest.mark.xdist_group("train_scenario")  # after the scenario: its programs are cached

@@ -375,22 +375,31 @@ class FaSDiff:
                  t_start: int | None = None, eta: float | None = None,
                  seed: int | None = None) -> bytes:
         """uint8 image (HxW, HxWx1/3/4, any size) -> container bytes with the sampler spec."""
+        (data,) = self.compress_batch(params, [image], steps, t_start, eta, seed)
+        if isinstance(data, Exception):
+            raise data
+        return data
+
+    def compress_batch(self, params: Params, images: Sequence[np.ndarray],
+                       steps: int | None = None, t_start: int | None = None,
+                       eta: float | None = None, seed: int | None = None
+                       ) -> list[bytes | Exception]:
+        """:meth:`compress` of several images, those of one padded size through the VAE
+        encoder and the compressor's analysis in one device call; an image that cannot be
+        coded gets its error in its place. A file may differ from the one written alone
+        where float rounding differs between batch sizes; it decodes all the same."""
         spec = self.sampler_spec(steps, t_start, eta, seed)
         prep, fp, _ = self._prepared(params)
-        img, channels = H.to_rgb(image)
-        padded, pb, pr = H.pad_to_multiple(img, self.multiple)
-        x = jnp.asarray(to_model_input(padded[None]))
 
         def analyse(params, x):
             z0 = self.encode_z0(params, x)
             return self.compressor.apply({"params": params["compressor"]}, x, z0,
                                          method=HFCompressor.encode_latents_device)
 
-        y, z = self._jit("analyse", analyse)(params, x)
-        stream, _ = H.encode_latents(prep.coder, np.asarray(y[0], np.float64),
-                                     np.asarray(z[0], np.float64))
-        return ct.pack(ct.Container(img.shape[0], img.shape[1], pb, pr, channels, CODEC_ID, fp,
-                                    (stream,), spec))
+        jitted = self._jit("analyse", analyse)
+        analysed = H.analyse_images(images, lambda x: jitted(params, x), self.multiple,
+                                    to_model_input)
+        return H.files_of(prep.coder, analysed, CODEC_ID, fp, spec)
 
     def sampler_spec(self, steps: int | None = None, t_start: int | None = None,
                      eta: float | None = None, seed: int | None = None) -> ct.SamplerSpec:
@@ -468,7 +477,7 @@ class FaSDiff:
             return jax.vmap(one)(y_hat, seed_lo, seed_hi)
 
         n = len(decoded)
-        padded = decoded + decoded[-1:] * ((1 << (n - 1).bit_length()) - n)
+        padded = H.pow2_padded(decoded)
         seeds = [c.sampler.seed for c, _ in padded]
         s = decoded[0][0].sampler
         out = self._jit("reconstruct", reconstruct, ("steps", "t_start", "eta"))(

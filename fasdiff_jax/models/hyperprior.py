@@ -43,7 +43,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -831,20 +831,82 @@ _encode_fns: dict = {}
 _decode_fns: dict = {}
 
 
+def pow2_padded(items: list) -> list:
+    """``items`` with the last repeated up to a power-of-two length: batched device calls then
+    compile one program per size 1, 2, 4, ... instead of one per batch length."""
+    return items + items[-1:] * ((1 << (len(items) - 1).bit_length()) - len(items))
+
+
+def analyse_images(images: Sequence[np.ndarray], analyse: Callable, multiple: int = MULTIPLE,
+                   to_input: Callable = lambda u8: u8.astype(np.float32) / 255.0) -> list:
+    """The device's part of compressing: per image ``(y, z, (h, w), channels, pad_bottom,
+    pad_right)`` (y, z float64 HWC) or, in its place, the error that image raised (TypeError,
+    ValueError: bad dtype, shape or size). Images of one padded size go through
+    ``analyse(x) -> (y, z)`` together, ``x`` a power-of-two batch (:func:`pow2_padded`)."""
+    prepared: list = []
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        try:
+            img, c = to_rgb(image)
+            padded, pb, pr = pad_to_multiple(img, multiple)
+        except (TypeError, ValueError) as e:
+            prepared.append(e)
+            continue
+        prepared.append((padded, img.shape[:2], c, pb, pr))
+        groups.setdefault(padded.shape, []).append(i)
+    out = list(prepared)
+    for members in groups.values():
+        batch = pow2_padded([prepared[i][0] for i in members])
+        y, z = analyse(jnp.asarray(to_input(np.stack(batch))))
+        y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
+        for j, i in enumerate(members):
+            out[i] = (y[j], z[j]) + prepared[i][1:]
+    return out
+
+
 def _analyse(model, params, image):
-    img, c = to_rgb(image)
-    padded, pb, pr = pad_to_multiple(img)
-    x = jnp.asarray(padded[None].astype(np.float32) / 255.0)
-    y, z = _encode_device(model, params, x)
-    return np.asarray(y[0], np.float64), np.asarray(z[0], np.float64), img.shape[:2], c, pb, pr
+    (result,) = analyse_images([image], lambda x: _encode_device(model, params, x))
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def files_of(coder: LatentCoder, analysed: list, codec_id: int, fingerprint: bytes,
+             sampler: _ct.SamplerSpec | None = None) -> list[bytes | Exception]:
+    """The host's part of compressing: each :func:`analyse_images` result entropy-coded and
+    packed as a file (errors stay in their places)."""
+    out: list[bytes | Exception] = []
+    for r in analysed:
+        if isinstance(r, Exception):
+            out.append(r)
+            continue
+        y, z, (h, w), c, pb, pr = r
+        try:
+            stream, _ = encode_latents(coder, y, z)
+            out.append(_ct.pack(_ct.Container(h, w, pb, pr, c, codec_id, fingerprint, (stream,),
+                                              sampler or _ct.SamplerSpec())))
+        except ValueError as e:
+            out.append(e)
+    return out
+
+
+def compress_batch(model: MeanScaleHyperprior, params: dict, images: Sequence[np.ndarray]
+                   ) -> list[bytes | Exception]:
+    """:func:`compress` of several images, those of one padded size in one device call; an
+    image that cannot be coded gets its error in its place, the others go on. A file may
+    differ from the one :func:`compress` writes alone where float rounding of the transforms
+    differs between batch sizes; it decodes all the same (the decoder needs only the file)."""
+    prep = prepare(model, params)
+    analysed = analyse_images(images, lambda x: _encode_device(model, params, x))
+    return files_of(prep.coder, analysed, CODEC_ID, prep.fingerprint)
 
 
 def compress(model: MeanScaleHyperprior, params: dict, image: np.ndarray) -> bytes:
     """uint8 image (HxW, HxWx1/3/4) -> container bytes."""
-    prep = prepare(model, params)
-    y, z, (h, w), c, pb, pr = _analyse(model, params, image)
-    stream, _ = encode_latents(prep.coder, y, z)
-    return _ct.pack(_ct.Container(h, w, pb, pr, c, CODEC_ID, prep.fingerprint, (stream,)))
+    (data,) = compress_batch(model, params, [image])
+    if isinstance(data, Exception):
+        raise data
+    return data
 
 
 def decode_file_latents(
