@@ -84,7 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
         source="tfds:celeb_a_hq/256:train[29000:]", every_steps=2_000, batch_size=64,
         num_batches=0, seed=0, x0_terms=True, images=4,
         best_metric="loss", best_mode="min",  # its checkpoint is kept: --step=best
-        at_start=True))  # and the initial params' terms at step 0
+        at_start=True,  # and the initial params' terms at step 0
+        last_params_too=True))  # eval/*: the params' moving average; eval_params/*: the params
     config.train = tiny.get_config().train  # every field, then the real-run values
     config.train.update(steps=200_000, optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2,
                         schedule="warmup_cosine", warmup_steps=2_000, end_learning_rate_ratio=0.1,

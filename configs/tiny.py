@@ -70,5 +70,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(
         source="embedded:heldout", every_steps=100, batch_size=8, num_batches=0, seed=0,
         x0_terms=True, images=4, best_metric="loss", best_mode="min",  # kept: --step=best
-        at_start=False))
+        at_start=False, last_params_too=False))
     return config

@@ -119,6 +119,9 @@ EVAL_DEFAULTS: dict[str, Any] = dict(
     x0_terms=True,  # FaSDiff: identity and LPIPS on x̂0 too (where their weights are > 0)
     images=4,  # this many held-out faces and their reconstructions logged as pictures; 0 = none
     at_start=False,  # also evaluate the initial params, logged at step 0 (a fresh run only)
+    # where the run keeps a moving average of the params (train.ema_decay), eval/* are the
+    # average's; this also logs the last update's params as eval_params/* (one more pass)
+    last_params_too=False,
     # Every evaluation saves a checkpoint with its metrics, and the one with the best value of
     # this eval metric is kept besides the max_to_keep latest and keep_period's milestones
     # (codec / evaluate --step=best); "" = none of that.
@@ -209,6 +212,7 @@ class HeldOut:
     best_metric: str = ""
     best_mode: str = "min"
     at_start: bool = False
+    last_params_too: bool = False
 
 
 def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
@@ -247,7 +251,8 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
                  batches * data.global_batch_size, data.source)
     return HeldOut(data, source, batches, int(ec["every_steps"]), int(ec["seed"]),
                    bool(ec["x0_terms"]), min(int(ec["images"]), data.global_batch_size),
-                   str(ec["best_metric"]), str(ec["best_mode"]), bool(ec["at_start"]))
+                   str(ec["best_metric"]), str(ec["best_mode"]), bool(ec["at_start"]),
+                   bool(ec["last_params_too"]))
 
 
 def _check_best_metric(eval_step: Any, params: Any, held_out: HeldOut) -> None:
@@ -901,6 +906,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     use_x0 = int(model.loss_cfg.get("stage", 1)) >= 2 and tc["x0_every"] > 0
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    last_eval_params: dict[str, float] = {}  # eval.last_params_too: the last update's params
     keep_best = held_out is not None and bool(held_out.best_metric)
     best = _best_kept(mngr, held_out.best_metric, held_out.best_mode) if keep_best else None
     evaluated = False  # at the step the loop is on (the final save passes its metrics)
@@ -908,13 +914,18 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
 
     def held_out_eval() -> dict[str, float]:
         """Evaluate the params the loop is on (their moving average where kept) and log it
-        at the step it is on."""
+        at the step it is on; with ``eval.last_params_too`` the params themselves as well."""
+        nonlocal last_eval_params
         started = time.monotonic()
         ema = ema_params(opt_state)
         with jax.profiler.StepTraceAnnotation("eval", step_num=step):
             got, pictures = evaluate_held_out(
                 eval_step, params if ema is None else {**params, **ema}, held_out, mesh,
                 sample_step)
+            if ema is not None and held_out.last_params_too:
+                last_eval_params = evaluate_held_out(eval_step, params, held_out, mesh)[0]
+                writer.write_scalars(step, {f"eval_params/{k}": v
+                                            for k, v in last_eval_params.items()})
         logging.info("step %d held-out: %s (%.1f s)", step, got, time.monotonic() - started)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in got.items()})
         if pictures is not None:  # left: the held-out face, right: its reconstruction
@@ -953,7 +964,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 break
         if mngr.latest_step() != step:
             save(step, last_eval if evaluated else None)
-    return {**last, **{f"eval/{k}": v for k, v in last_eval.items()}, "step": step}
+    return {**last, **{f"eval/{k}": v for k, v in last_eval.items()},
+            **{f"eval_params/{k}": v for k, v in last_eval_params.items()}, "step": step}
 
 
 def _best_kept(mngr: ocp.CheckpointManager, name: str, mode: str) -> tuple[int, float] | None:

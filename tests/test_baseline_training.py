@@ -183,7 +183,7 @@ def test_a_moving_average_of_the_params_is_trained_evaluated_and_coded_with(
     work, again = tmp_path / "w", tmp_path / "again"
     cfg = small_config(trained["source"], steps=4, checkpoint_every=2, ema_decay=0.5)
     cfg.eval.update(source=f"prepared:{embedded_dirs['heldout']}", every_steps=2, batch_size=8,
-                    images=0)
+                    images=0, last_params_too=True)
     out = train.train_and_evaluate(cfg, str(work))
     (again / "checkpoints").mkdir(parents=True)
     shutil.copytree(work / "checkpoints" / "2", again / "checkpoints" / "2")
@@ -203,7 +203,8 @@ def test_a_moving_average_of_the_params_is_trained_evaluated_and_coded_with(
     whole = ocp.StandardCheckpointer().restore(state_dir, train.one_device_target(state_dir))
     jax.tree.map(np.testing.assert_array_equal, whole["opt_state"]["ema_params"],
                  {k: ema.params[k] for k in whole["params"]})
-    # held-out metrics at step 4: the average's, not the last params'
+    # held-out metrics at step 4: the average's, not the last params' (eval.last_params_too:
+    # those as eval_params/*)
     held = train.held_out_settings(cfg, create_mesh({"data": 8}), 4)
     images = next(iter(make_dataset(held.data, held.source, 0, 1)))["image"]
     eval_step = ema.model.make_eval_step()
@@ -212,6 +213,12 @@ def test_a_moving_average_of_the_params_is_trained_evaluated_and_coded_with(
                             ["loss"]) for w in (ema, last)}
     assert got["ema"] == pytest.approx(out["eval/loss"], rel=1e-4), (got, out["eval/loss"])
     assert got["params"] != pytest.approx(out["eval/loss"], rel=1e-3)
+    assert got["params"] == pytest.approx(out["eval_params/loss"], rel=1e-4)
+    assert set(out) >= {"eval_params/bpp", "eval_params/mse", "eval_params/psnr"}
+    from test_train import _scalars
+
+    logged = _scalars(work)
+    assert sorted(logged["eval_params/loss"]) == sorted(logged["eval/loss"]) == [0, 2, 4]
 
     face = tmp_path / "face.png"
     Image.fromarray(skdata.astronaut()[20:84, 150:214]).save(face)
