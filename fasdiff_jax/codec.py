@@ -35,7 +35,7 @@ reported and skipped; the others still run. Outputs appear whole or not at all (
 temporary name, then renamed), so ``--skip_existing`` resumes an interrupted run.
 Both commands take ``--batch_size`` inputs (default 8) at a time: ``compress`` runs images of
 one padded size through the analysis transforms (FaSDiff: VAE encoder and compressor) in one
-device call, ``decompress`` runs FaSDiff files of one size and sampler spec through the sampler
+device call (at most ``hyperprior.BATCH_PIXELS``, 4.2 M pixels, per call), ``decompress`` runs FaSDiff files of one size and sampler spec through the sampler
 together (each with its own seed's noise). A file then codes as it would alone up to float
 rounding of batched device math: byte-identical files and decodes within one grey level in
 the tests on CPU.

@@ -233,7 +233,7 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
     seen: set[str] = set()
     pending: list[tuple[str, np.ndarray]] = []
 
-    def timed_shares(one: Callable, many: Callable | None, items: list) -> tuple[list, float | list]:
+    def timed_shares(one: Callable, many: Callable | None, items: list) -> tuple[list, list[float]]:
         """Results, and each item's time: its own, or a share of the batch's."""
         if many is None or batch_size == 1:
             results, times = [], []

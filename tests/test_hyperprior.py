@@ -297,6 +297,12 @@ def test_compress_batch_codes_images_of_one_size_together_and_keeps_errors_in_pl
         assert np.mean(y_batched != y_alone) <= 1e-3
         out = H.decompress(model, params, data)
         assert out.shape[:2] == img.shape[:2]
+    # a bound on pixels per device call: the four 64x64 images two at a time, the same files
+    batches.clear()
+    monkeypatch.setattr(H, "BATCH_PIXELS", 3 * 64 * 64)
+    assert H.compress_batch(model, params, images[:2] + images[3:5]) == [
+        results[0], results[1], results[3], results[4]]
+    assert batches == [(2, 64, 64, 3), (1, 64, 64, 3), (1, 128, 128, 3)]
 
 
 def test_other_models_file_is_rejected():

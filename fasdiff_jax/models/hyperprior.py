@@ -837,12 +837,18 @@ def pow2_padded(items: list) -> list:
     return items + items[-1:] * ((1 << (len(items) - 1).bit_length()) - len(items))
 
 
+# At most this many (padded) pixels per batched device call of the analysis transforms, so
+# a batch of large photos needs no more device memory than one 2048x2048 image alone.
+BATCH_PIXELS = 1 << 22
+
+
 def analyse_images(images: Sequence[np.ndarray], analyse: Callable, multiple: int = MULTIPLE,
                    to_input: Callable = lambda u8: u8.astype(np.float32) / 255.0) -> list:
     """The device's part of compressing: per image ``(y, z, (h, w), channels, pad_bottom,
     pad_right)`` (y, z float64 HWC) or, in its place, the error that image raised (TypeError,
     ValueError: bad dtype, shape or size). Images of one padded size go through
-    ``analyse(x) -> (y, z)`` together, ``x`` a power-of-two batch (:func:`pow2_padded`)."""
+    ``analyse(x) -> (y, z)`` together, ``x`` a power-of-two batch (:func:`pow2_padded`) of at
+    most :data:`BATCH_PIXELS` pixels (any single image alone)."""
     prepared: list = []
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
@@ -855,12 +861,15 @@ def analyse_images(images: Sequence[np.ndarray], analyse: Callable, multiple: in
         prepared.append((padded, img.shape[:2], c, pb, pr))
         groups.setdefault(padded.shape, []).append(i)
     out = list(prepared)
-    for members in groups.values():
-        batch = pow2_padded([prepared[i][0] for i in members])
-        y, z = analyse(jnp.asarray(to_input(np.stack(batch))))
-        y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
-        for j, i in enumerate(members):
-            out[i] = (y[j], z[j]) + prepared[i][1:]
+    for (hp, wp, _), members in groups.items():
+        per_call = 1 << max(0, (BATCH_PIXELS // (hp * wp)).bit_length() - 1)  # a power of two
+        for start in range(0, len(members), per_call):
+            chunk = members[start:start + per_call]
+            batch = pow2_padded([prepared[i][0] for i in chunk])
+            y, z = analyse(jnp.asarray(to_input(np.stack(batch))))
+            y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
+            for j, i in enumerate(chunk):
+                out[i] = (y[j], z[j]) + prepared[i][1:]
     return out
 
 
