@@ -9,10 +9,10 @@ train step from XLA's cost analysis (abstract shapes only: no full-size weights 
 
     python benchmarks/sd_unet.py [--repeats 5] [--skip_full] [--compile_full]
     python benchmarks/sd_unet.py --skip_full --attention_impls xla,xla_autodiff   # A/B
+    JAX_PLATFORMS=cuda python benchmarks/sd_unet.py --torch_device cuda --skip_full   # GPU
 
 ``--attention_impls`` (names in ``layers.ATTENTION_IMPLEMENTATIONS``) times our fwd+bwd once
 per implementation, alternating calls in one process (this VM's speed drifts over minutes).
-    JAX_PLATFORMS=cuda python benchmarks/sd_unet.py --torch_device cuda --skip_full   # GPU
 
 On a GPU both run there in float32 with each framework's default matmul/conv precision
 (TF32 on Ampere and later for JAX's convs and dots, and for torch's convs); timings
