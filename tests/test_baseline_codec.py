@@ -160,6 +160,25 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     assert rc == 2 and "fingerprint" in capsys.readouterr().err
 
 
+def test_compress_command_reports_an_image_it_cannot_code_and_writes_the_rest(
+        baseline, tmp_path, capsys, monkeypatch):
+    """An image refused inside a batch (here: larger than the decoders take) is reported by
+    name; the other images of its batch are written."""
+    folder, _ = baseline
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(skdata.astronaut()[40:140, 180:300]).save(src / "a.png")  # 128x128 padded
+    Image.fromarray(skdata.astronaut()[:200, :200]).save(src / "big.png")  # 256x256 padded
+    monkeypatch.setattr(H, "MAX_PIXELS", 128 * 128)
+    fsd = tmp_path / "fsd"
+    assert codec.main(["compress", str(src), f"--out_dir={fsd}", f"--model_dir={folder}",
+                       "--batch_size=4"]) == 2
+    out, err = capsys.readouterr()
+    assert "compressed 1 of 2 files, 1 failed" in out
+    assert "big.png" in err and "exceeds the decoders' limit" in err
+    assert sorted(p.name for p in fsd.iterdir()) == ["a.fsd"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps=4"], "sampler and SD settings apply to FaSDiff"),
     (["--sd_checkpoint=/somewhere/sd21"], "--sd_checkpoint: sampler and SD settings apply"),
