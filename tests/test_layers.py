@@ -1,8 +1,10 @@
-"""layers.conv2d: the CPU gradient path (per-tap kernel gradient, sub-pixel input gradient)
-equals XLA's own gradient of lax.conv_general_dilated, and flax's nn.Conv accepts it;
+"""layers.conv2d: the CPU gradient path (canonical-conv kernel and input gradients, sub-pixel
+input gradient) equals XLA's own gradient of lax.conv_general_dilated, outside and inside a
+lax.scan, and flax's nn.Conv accepts it;
 layers.attention's hand-written backward equals torch's autograd."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -29,14 +31,14 @@ CASES = [
     ((2, 8, 7, 4), 3, 6, (1, 1), ((1, 1), (1, 1))),
     ((2, 8, 7, 4), 1, 6, (1, 1), ((0, 0), (0, 0))),
     ((1, 11, 8, 3), 3, 4, (2, 1), "SAME"),
+    ((2, 9, 8, 3), 1, 4, (1, 1), ((1, 2), (2, 0))),  # padding wider than the kernel
+    ((1, 10, 9, 3), 3, 4, (1, 1), ((-1, 0), (0, -1))),  # negative padding
+    ((1, 10, 9, 3), 3, 4, (2, 2), ((-1, 1), (1, -1))),
 ]
 
 
 @pytest.mark.parametrize("shape,k,out,strides,padding", CASES)
-def test_conv2d_value_and_gradients_match_lax(shape, k, out, strides, padding, monkeypatch):
-    monkeypatch.setattr(layers, "_TAP_MIN_ROWS", 0)  # the per-tap path on these small convs
-    monkeypatch.setattr(layers, "_TAP_MIN_CHANNELS", 0)
-    monkeypatch.setattr(layers, "_TAP_MIN_OUT", 0)
+def test_conv2d_value_and_gradients_match_lax(shape, k, out, strides, padding):
     rng = np.random.default_rng(sum(shape) + k)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, shape[-1], out)), jnp.float32)
@@ -52,6 +54,33 @@ def test_conv2d_value_and_gradients_match_lax(shape, k, out, strides, padding, m
         assert a.shape == b.shape, name
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.abs(b).max()),
                                    err_msg=name)
+
+
+def test_conv2d_gradients_inside_a_scan_match_lax():
+    """Gradient accumulation traces the gradients inside a lax.scan, where XLA:CPU keeps its own
+    conv gradients non-canonical (slow); ours must still be the same numbers there."""
+    rng = np.random.default_rng(5)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 12, 10, 4)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((5, 5, 4, 6)), jnp.float32),
+          jnp.asarray(rng.standard_normal((3, 3, 6, 5)), jnp.float32)]
+
+    def net(conv):
+        def loss(ws, x):
+            h = jnp.tanh(conv(x, ws[0], (2, 2), ((2, 2), (2, 2))))
+            return jnp.sum(jnp.sin(conv(h, ws[1], (1, 1), ((1, 1), (1, 1)))))
+
+        def accumulated(ws):
+            def body(total, x):
+                return jax.tree.map(jnp.add, total, jax.grad(loss)(ws, x)), None
+            return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, ws), xs)[0]
+        return jax.jit(accumulated)
+
+    ours, ref = net(layers.conv2d)(ws), net(_lax)(ws)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.abs(b).max()))
+    # every conv of the compiled loop in the form XLA:CPU gives its fast kernels
+    labels = re.findall(r"dim_labels=([^,\s]+)", net(layers.conv2d).lower(ws).compile().as_text())
+    assert len(labels) == 5 and set(labels) == {"b01f_01io->b01f"}, labels
 
 
 def test_flax_conv_uses_it_and_other_convs_fall_back():

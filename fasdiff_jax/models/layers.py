@@ -31,36 +31,43 @@ _default_kernel_init = nn.initializers.lecun_normal()
 
 
 # ----------------------------------------------------------------------------------------
-# 2-D convolution with faster gradients on CPU (per-tap kernel gradient, sub-pixel input
-# gradient of strided convs).
+# 2-D convolution with gradients that XLA:CPU runs fast everywhere, loops included (canonical
+# forward convs for both gradients, sub-pixel input gradient of strided convs).
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _lax_conv(x, w, strides, pads):
-    return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+def _lax_conv(x, w, strides, pads, rhs_dilation=None):
+    return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=rhs_dilation,
+                                        dimension_numbers=_NHWC)
 
 
-# Per-tap kernel gradients pay off for big GEMMs only (measured fwd+bwd, 3x3 convs: 2x64x64x256
-# 322 -> 179 ms, 8x32x32x128 76 -> 54 ms; 2x32x32x128 8.7 -> 12.2 ms; 64 channels a tie).
-# XLA's own kernel gradient has a fast path for very few output channels (8x128x128x128 3x3,
-# kernel gradient alone: -> 12: XLA 115 ms, per tap 360 ms; -> 32: XLA 452-656, per tap
-# 374-428; -> 64: XLA 1622, per tap 506-523).
-_TAP_MIN_ROWS = 4096  # batch * output height * output width
-_TAP_MIN_CHANNELS = 128
-_TAP_MIN_OUT = 16
+def _kernel_grad(x, dy, w_shape, strides, pads):
+    """dL/dw as a forward NHWC x HWIO conv: x with batch and channels swapped, (C, H, W, B),
+    over dy as a (Ho, Wo, B, O) kernel dilated by the stride, giving (C, kh, kw, O).
+
+    XLA:CPU rewrites its own kernel gradient into this form (and a YNNPACK kernel) only outside
+    loops; inside a ``lax.scan`` (gradient accumulation) it stays a non-canonical conv that ran
+    73x slower (5x5/2, 2 x 4x128x128x128: 23.6 s vs 0.32 s). Outside loops the two take the same
+    time (0.40 vs 0.42 s) and gave identical bits there."""
+    kh, kw, _, _ = w_shape
+    (sh, sw), ((pt, _), (pl, _)) = strides, pads
+    _, ho, wo, _ = dy.shape
+    span_h, span_w = sh * (ho - 1) + kh, sw * (wo - 1) + kw  # padded input rows/cols used
+    x = x[:, :span_h - pt, :span_w - pl]  # rows past the last window never meet dy
+    pad_h = (pt, span_h - pt - x.shape[1])
+    pad_w = (pl, span_w - pl - x.shape[2])
+    g = _lax_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
+                  (pad_h, pad_w), rhs_dilation=strides)
+    return jnp.transpose(g, (1, 2, 0, 3))
 
 
-def _kernel_grad_taps(x, dy, w_shape, strides, pads):
-    """dL/dw as one (B*Ho*Wo, C)^T @ (B*Ho*Wo, O) matmul per kernel tap."""
-    kh, kw, c, o = w_shape
-    (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    b, ho, wo, _ = dy.shape
-    d2 = dy.reshape(-1, o)
-    taps = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                          (1, sh, sw, 1)).reshape(-1, c).T @ d2
-            for i in range(kh) for j in range(kw)]
-    return jnp.stack(taps).reshape(kh, kw, c, o)
+def _input_grad_stride1(dy, w, pads):
+    """dL/dx of a stride-1 conv as a forward conv of dy with the flipped, transposed kernel:
+    XLA:CPU's own stays non-canonical inside loops (0.61 vs 0.14 s, 3x3, 8x64x64x128)."""
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = pads
+    k = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
+    return _lax_conv(dy, k, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
 
 
 def _phase_kernel(w, k: int, s: int, p: int, axis: int):
@@ -103,35 +110,30 @@ def _input_grad_subpixel(dy, w, x_shape, strides, pads):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_tap_grad(x, w, strides, pads):
+def _conv_cpu_grads(x, w, strides, pads):
     return _lax_conv(x, w, strides, pads)
 
 
-def _conv_tap_grad_fwd(x, w, strides, pads):
+def _conv_cpu_grads_fwd(x, w, strides, pads):
     return _lax_conv(x, w, strides, pads), (x, w)
 
 
-def _conv_tap_grad_bwd(strides, pads, res, dy):
+def _conv_cpu_grads_bwd(strides, pads, res, dy):
     x, w = res
     xla_dx = lambda dy: jax.vjp(lambda x: _lax_conv(x, w, strides, pads), x)[1](dy)[0]  # noqa
-    if strides == (1, 1):
-        dx = xla_dx(dy)
-    else:
-        dx = jax.lax.platform_dependent(
-            dy, cpu=lambda dy: _input_grad_subpixel(dy, w, x.shape, strides, pads).astype(x.dtype),
-            default=xla_dx)
     xla_dw = lambda x, dy: jax.vjp(lambda w: _lax_conv(x, w, strides, pads), w)[1](dy)[0]  # noqa
-    if (dy.shape[0] * dy.shape[1] * dy.shape[2] < _TAP_MIN_ROWS or x.shape[-1] < _TAP_MIN_CHANNELS
-            or w.shape[-1] < _TAP_MIN_OUT):
-        return dx, xla_dw(x, dy)
+    if strides == (1, 1):
+        cpu_dx = lambda dy: _input_grad_stride1(dy, w, pads)  # noqa: E731
+    else:
+        cpu_dx = lambda dy: _input_grad_subpixel(dy, w, x.shape, strides, pads)  # noqa: E731
+    dx = jax.lax.platform_dependent(dy, cpu=lambda dy: cpu_dx(dy).astype(x.dtype), default=xla_dx)
     dw = jax.lax.platform_dependent(
-        x, dy,
-        cpu=lambda x, dy: _kernel_grad_taps(x, dy, w.shape, strides, pads).astype(w.dtype),
+        x, dy, cpu=lambda x, dy: _kernel_grad(x, dy, w.shape, strides, pads).astype(w.dtype),
         default=xla_dw)
     return dx, dw
 
 
-_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+_conv_cpu_grads.defvjp(_conv_cpu_grads_fwd, _conv_cpu_grads_bwd)
 
 
 def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
@@ -139,14 +141,14 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
            dimension_numbers: Any = None, feature_group_count: int = 1,
            precision: Any = None) -> jax.Array:
     """``lax.conv_general_dilated`` (same signature, so ``nn.Conv`` can take it) for NHWC x
-    HWIO convs, with a faster kernel gradient on CPU.
+    HWIO convs, with gradients written as canonical forward convs on CPU.
 
-    XLA:CPU computes a conv's kernel gradient 3.5-7x slower than the forward conv (measured
-    1429 vs 220 ms for 8x64x64x128 -> 512, 3x3); the same gradient as one matmul per kernel
-    tap takes 310 ms (used from ``_TAP_MIN_ROWS`` output pixels, ``_TAP_MIN_CHANNELS`` input
-    channels and ``_TAP_MIN_OUT`` output channels). Strided convs also get their input
-    gradient in sub-pixel form (:func:`_input_grad_subpixel`). Other backends keep XLA's own
-    gradients. Dilated, grouped or non-NHWC convs go straight to ``lax.conv_general_dilated``.
+    XLA:CPU turns its own conv gradients into canonical convs (and YNNPACK kernels) only outside
+    loops, so inside a ``lax.scan`` they ran 5-73x slower; ours (:func:`_kernel_grad`,
+    :func:`_input_grad_stride1`) are that form already. Strided convs get their input gradient
+    in sub-pixel form (:func:`_input_grad_subpixel`; XLA:CPU's own, an lhs-dilated conv, is 2.5x
+    slower). Other backends keep XLA's own gradients. Dilated, grouped or non-NHWC convs go
+    straight to ``lax.conv_general_dilated``.
     """
     strides = tuple(strides)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
@@ -162,7 +164,7 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv_tap_grad(x, w, strides, pads)
+    return _conv_cpu_grads(x, w, strides, pads)
 
 
 def Conv(  # noqa: N802 - a constructor that reads like a class

@@ -44,9 +44,8 @@ def make_train_step(loss_fn: LossFn, split: SplitFn, optimizer: optax.GradientTr
     then divides by their count, so activations are held for one part at a time; one optimizer
     update per step, as with the whole batch (equal for mean losses up to float rounding; each
     part draws from its own fold of ``rng``). A scan, not an unrolled loop: unrolled, XLA
-    overlaps the parts and saves no memory. XLA:CPU runs convolution kernel gradients slowly
-    inside loops (2.6-5.7x slower steps; benchmarks/RESULTS.md): the option is for
-    accelerators.
+    overlaps the parts and saves no memory. (XLA:CPU keeps its own conv gradients slow inside
+    loops; ``layers.conv2d``'s are written in the form it runs fast there.)
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
