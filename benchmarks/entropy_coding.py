@@ -143,7 +143,8 @@ class Ours:
         self.jax, self.H = jax, H
         self.model = model = H.MeanScaleHyperprior(N=128, M=192, hs_activation="leaky_relu")
         ref = dict(np.load(compressai_weights))  # CompressAI's own weights: files of equal rate
-        self.params = params = jax.tree_util.tree_map(jnp.asarray, H.params_from_compressai(ref))
+        state_dict = {k: v for k, v in ref.items() if "." in k}  # the rest: its reference outputs
+        self.params = params = jax.tree_util.tree_map(jnp.asarray, H.params_from_compressai(state_dict))
         x0 = jnp.asarray(faces()[0][None].astype(np.float32) / 255)
         y0 = model.apply(params, x0, method=H.MeanScaleHyperprior.g_a)[0]
         x_hat0 = model.apply(params, jnp.round(jnp.asarray(ref["y0"]))[None],
