@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -28,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from _timing import alternating_medians  # noqa: E402
 from fasdiff_jax.models import hyperprior, layers, train_step  # noqa: E402
 
 # (name, part input shape, kernel shape, strides, padding, gradient: "dw" or "dx")
@@ -58,18 +58,6 @@ def _grad_fns(conv, strides, pads, which):
     return jax.jit(unrolled), jax.jit(scanned)
 
 
-def _alternating(fns: dict, args, repeats: int) -> dict:
-    for f in fns.values():
-        jax.block_until_ready(f(*args))
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-
-
 def bench_cases(repeats: int) -> list[dict]:
     rows = []
     for name, shape, wshape, strides, pads, which in CASES:
@@ -82,7 +70,9 @@ def bench_cases(repeats: int) -> list[dict]:
             fns[f"{impl}_unrolled"], fns[f"{impl}_scan"] = _grad_fns(conv, strides, pads, which)
             hlo = fns[f"{impl}_scan"].lower(xs, w, dys).compile().as_text()
             labels[impl] = sorted(set(re.findall(r"dim_labels=([^,\s]+)", hlo)))
-        ms = _alternating(fns, (xs, w, dys), repeats)
+        ms = {k: 1e3 * t for k, (t, _) in alternating_medians(
+            {k: (lambda f=f: jax.block_until_ready(f(xs, w, dys))) for k, f in fns.items()},
+            repeats).items()}
         row = {"case": name, "ms": ms, "scan_dim_labels": labels}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -100,9 +90,9 @@ def bench_step(repeats: int) -> dict:
         step = train_step.make_train_step(
             lambda p, b, r: hyperprior.loss_fn(model, p, b, r, 0.01), lambda p: (p, {}), opt,
             donate=False, microbatches=parts)
-        steps[parts] = (lambda step=step: step(params, state, batch, jax.random.key(2)))
-    ms = _alternating({k: (lambda f=f: f()) for k, f in steps.items()}, (), repeats)
-    out = {f"microbatches_{k}_s": v / 1e3 for k, v in ms.items()}
+        steps[parts] = (lambda step=step: jax.block_until_ready(
+            step(params, state, batch, jax.random.key(2))))
+    out = {f"microbatches_{k}_s": t for k, (t, _) in alternating_medians(steps, repeats).items()}
     print(json.dumps(out), flush=True)
     return out
 

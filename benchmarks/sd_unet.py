@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _timing import alternating_medians  # noqa: E402
 from fasdiff_jax.convert import load_diffusers  # noqa: E402
 from fasdiff_jax.models import layers  # noqa: E402
 from fasdiff_jax.models.sd.unet import UNet2DConditionModel  # noqa: E402
@@ -68,19 +69,6 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
         _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
-
-
-def alternating_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds per named call, the calls taken in turn (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
 def bench_unet(repeats: int, impls: list[str]) -> dict:
