@@ -38,10 +38,6 @@ CASES = [
 ]
 
 
-def _lax(x, w, strides, pads):
-    return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _grad_fns(conv, strides, pads, which):
     def grad(x, w, dy):
         _, vjp = jax.vjp(lambda x, w: conv(x, w, strides, pads), x, w)
@@ -64,9 +60,9 @@ def bench_cases(repeats: int) -> list[dict]:
         rng = np.random.default_rng(0)
         xs = jnp.asarray(rng.standard_normal((2,) + shape, np.float32))
         w = jnp.asarray(rng.standard_normal(wshape, np.float32) * 0.05)
-        dys = jnp.asarray(rng.standard_normal((2,) + _lax(xs[0], w, strides, pads).shape, np.float32))
+        dys = jnp.asarray(rng.standard_normal((2,) + layers._lax_conv(xs[0], w, strides, pads).shape, np.float32))
         fns, labels = {}, {}
-        for impl, conv in (("xla", _lax), ("ours", layers.conv2d)):
+        for impl, conv in (("xla", layers._lax_conv), ("ours", layers.conv2d)):
             fns[f"{impl}_unrolled"], fns[f"{impl}_scan"] = _grad_fns(conv, strides, pads, which)
             hlo = fns[f"{impl}_scan"].lower(xs, w, dys).compile().as_text()
             labels[impl] = sorted(set(re.findall(r"dim_labels=([^,\s]+)", hlo)))
