@@ -37,6 +37,7 @@ mbt2018-mean baseline (all of it trainable, no x̂0 step):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -685,6 +686,61 @@ def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
+# The jitted steps of recent runs in this process, by :func:`_program_key`: a second run of
+# the same programs (a resume, a notebook cell run again) calls the same jitted functions,
+# so JAX neither traces nor lowers them again (a resume of the tiny config by 3 steps on
+# this 2-core CPU: 18-19 s instead of 30-32 s, benchmarks/resume_in_process.py). A few
+# entries: each holds its model (loss-network weights included).
+_PROGRAMS: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+_PROGRAMS_KEPT = 4
+# train settings that only the host loop reads; with a constant schedule the learning rate
+# is optimizer state (``inject_hyperparams``), with a schedule it is part of the program
+_LOOP_ONLY = ("x0_every", "log_every", "checkpoint_every", "max_to_keep", "keep_period",
+              "profile_steps", "profile_first_step", "on_process_count_change")
+_SCHEDULE_ONLY = ("learning_rate", "steps", "warmup_steps", "end_learning_rate_ratio")
+
+
+def _program_key(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mesh: Mesh,
+                 rules: Any, held_out: HeldOut | None) -> str:
+    """Everything the step programs are built from: the model config and its frozen
+    weights' fingerprint (a converted SD folder by content: its config files shape the
+    model), the train settings the step bakes in, the mesh (devices by id), the sharding
+    rules and what the held-out steps compute."""
+    skip = _LOOP_ONLY + (_SCHEDULE_ONLY if tc["schedule"] == "constant" else ())
+    return json.dumps(dict(
+        model=config.model.to_dict(), frozen=_frozen_fingerprint(config),
+        train={k: v for k, v in tc.items() if k not in skip},
+        mesh=[list(mesh.axis_names), list(mesh.devices.shape),
+              [int(d.id) for d in mesh.devices.flat]],
+        rules=rules, held_out=None if held_out is None else [held_out.x0_terms, held_out.images],
+    ), sort_keys=True, default=str)
+
+
+def _step_programs(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mesh: Mesh,
+                   rules: Any, held_out: HeldOut | None, model: Model,
+                   optimizer: optax.GradientTransformation, p_sh: Any, o_sh: Any) -> tuple:
+    """``(step_fns, eval_step, sample_step)``: the train step without and with the x̂0 terms
+    (by ``x0``), and the held-out steps (None without evaluation); built once per
+    :func:`_program_key` in this process."""
+    key = _program_key(config, tc, mesh, rules, held_out)
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
+                                          opt_shardings=o_sh, microbatches=tc["microbatches"])
+                for x0 in (False, True)}
+    eval_step = sample_step = None
+    if held_out is not None:
+        eval_step = model.make_eval_step(held_out.x0_terms, mesh=mesh, param_shardings=p_sh)
+        if held_out.images:
+            sample_step = train_step.make_sample_step(model.reconstruct, held_out.images,
+                                                      mesh=mesh, param_shardings=p_sh)
+    programs = _PROGRAMS[key] = (step_fns, eval_step, sample_step)
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+        _PROGRAMS.popitem(last=False)
+    return programs
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train until ``config.train.steps`` (resuming from ``workdir``); the last logged metrics."""
     config = with_absolute_paths(config)
@@ -711,17 +767,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     opt_state = jax.jit(lambda p: model.init_opt_state(optimizer, p), out_shardings=o_sh)(params)
 
     _check_microbatches(config, mesh, tc["microbatches"])
-    step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
-                                          opt_shardings=o_sh, microbatches=tc["microbatches"])
-                for x0 in (False, True)}
-
     held_out = held_out_settings(config, mesh, int(tc["steps"]))
-    eval_step = sample_step = None
+    step_fns, eval_step, sample_step = _step_programs(config, tc, mesh, rules, held_out, model,
+                                                      optimizer, p_sh, o_sh)
     if held_out is not None:
-        eval_step = model.make_eval_step(held_out.x0_terms, mesh=mesh, param_shardings=p_sh)
-        if held_out.images:
-            sample_step = train_step.make_sample_step(model.reconstruct, held_out.images,
-                                                      mesh=mesh, param_shardings=p_sh)
         _check_best_metric(eval_step, params, held_out)
     it = make_train_iterator(config.data, mesh)
     register_checkpoint_array_handler()

@@ -19,6 +19,7 @@ preemption notice, and one process resumes their checkpoint
 from __future__ import annotations
 
 import ast
+import dataclasses
 import glob
 import hashlib
 import json
@@ -144,14 +145,16 @@ def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
         main_lib.FLAGS.unparse_flags()
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "3", b / "checkpoints" / "3")
+    programs_of_a = next(reversed(train._PROGRAMS.values()))
     resumed = train.train_and_evaluate(
         _config(src, **{"train.steps": 6, "model.sampler.steps": 3, **held}), str(b))
+    programs_of_b = next(reversed(train._PROGRAMS.values()))
     b_scalars = _scalars(b)
     with pytest.raises(NonFiniteLossError) as nan_error:
         train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": float("nan"),
                                                  "train.checkpoint_every": 2}), str(b))
     return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value,
-                source=src, held=held)
+                source=src, held=held, same_programs=programs_of_b is programs_of_a)
 
 
 @pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
@@ -193,6 +196,7 @@ def test_resume_equals_uninterrupted_run(scenario):
             assert b_s[f"train/{term}"][step] == pytest.approx(a_s[f"train/{term}"][step],
                                                                rel=1e-6, abs=1e-7), (term, step)
     assert scenario["resumed"]["step"] == 6
+    assert scenario["same_programs"]  # the resume in this process reused run A's jitted steps
     for term in ("bpp", "diffusion", "identity", "lpips", "loss"):  # same images, same draws
         assert sorted(b_s[f"eval/{term}"]) == [6]
         assert b_s[f"eval/{term}"][6] == pytest.approx(a_s[f"eval/{term}"][6], rel=1e-5,
@@ -368,6 +372,57 @@ def test_microbatched_steps_make_the_whole_batch_update_with_less_memory(devices
     cfg.train.microbatches = 0
     with pytest.raises(train.TrainConfigError, match="microbatches must be >= 1"):
         train.train_settings(cfg)
+
+
+def test_a_program_key_names_what_the_step_programs_bake_in(devices8, tmp_path):
+    """A later run in the same process reuses the jitted steps only when nothing they are
+    built from changed (the scenario's resume and NaN runs check the reused steps' results)."""
+    cfg = tiny.get_config()
+    mesh = sharding.create_mesh({"data": 8})
+    rules = tuple(cfg.logical_axis_rules)
+
+    def key(c=cfg, m=mesh, held=None):
+        return train._program_key(c, train.train_settings(c), m, rules, held)
+
+    def changed(path: str, value):
+        c = cfg.copy_and_resolve_references()
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        return key(c)
+
+    base = key()
+    for path, value in [("train.log_every", 7), ("train.checkpoint_every", 5), ("train.steps", 9),
+                        ("train.learning_rate", float("nan")),  # optimizer state, not program
+                        ("train.x0_every", 3), ("train.on_process_count_change", "restart_data")]:
+        assert changed(path, value) == base, path
+    for path, value in [("train.grad_clip_norm", 1.0), ("train.microbatches", 2),
+                        ("train.ema_decay", 0.5), ("train.optimizer", "adamw"),
+                        ("train.lr_multipliers.controlnet", 0.5), ("model.compressor.N", 8),
+                        ("model.loss.lpips", 0.0), ("model.sampler.steps", 2)]:
+        assert changed(path, value) != base, path
+    # a schedule is part of the program: then the rate and the step count are too
+    cosine = cfg.copy_and_resolve_references()
+    cosine.train.schedule = "warmup_cosine"
+    c2 = cosine.copy_and_resolve_references()
+    c2.train.learning_rate = 2e-3
+    assert key(cosine) != base and key(c2) != key(cosine)
+    # other devices (or another order of them), or other held-out steps
+    flipped = sharding.create_mesh({"data": 8}, devices=devices8[::-1])
+    assert key(m=flipped) != base
+    held = train.HeldOut(None, None, 1, 3, 0, True, 4)
+    assert key(held=held) != base
+    assert key(held=held) != key(held=dataclasses.replace(held, images=0))
+    # converted SD weights by content: their config files shape the model, so other ones
+    # in the same folder make another key
+    with_sd = cfg.copy_and_resolve_references()
+    with_sd.model.sd_checkpoint = str(_converted_sd(tmp_path / "sd"))
+    first = key(with_sd)
+    shutil.rmtree(tmp_path / "sd")
+    _converted_sd(tmp_path / "sd", seed=4)
+    assert key(with_sd) != first
 
 
 def test_held_out_settings(embedded_dirs):  # noqa: F811
