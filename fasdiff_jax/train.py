@@ -703,12 +703,13 @@ _SCHEDULE_ONLY = ("learning_rate", "steps", "warmup_steps", "end_learning_rate_r
 def _program_key(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mesh: Mesh,
                  rules: Any, held_out: HeldOut | None) -> str:
     """Everything the step programs are built from: the model config and its frozen
-    weights' fingerprint (a converted SD folder by content: its config files shape the
-    model), the train settings the step bakes in, the mesh (devices by id), the sharding
-    rules and what the held-out steps compute."""
+    weights' fingerprint (a converted SD folder by content, not by path: its config files
+    shape the model), the train settings the step bakes in, the mesh (devices by id), the
+    sharding rules and what the held-out steps compute."""
     skip = _LOOP_ONLY + (_SCHEDULE_ONLY if tc["schedule"] == "constant" else ())
+    model = {k: v for k, v in config.model.to_dict().items() if k != "sd_checkpoint"}
     return json.dumps(dict(
-        model=config.model.to_dict(), frozen=_frozen_fingerprint(config),
+        model=model, frozen=_frozen_fingerprint(config),
         train={k: v for k, v in tc.items() if k not in skip},
         mesh=[list(mesh.axis_names), list(mesh.devices.shape),
               [int(d.id) for d in mesh.devices.flat]],
@@ -817,6 +818,8 @@ def _is_orbax_unretrieved_task(record: Any) -> bool:
     """asyncio's "Task exception was never retrieved" for a task of Orbax's (TensorStore's) reads."""
     if "Task exception was never retrieved" not in str(record.msg) or not record.exc_info:
         return False
+    if "tensorstore" in str(record.exc_info[1]):  # a read awaited through asyncio's wrapper only:
+        return True  # no frame of Orbax's or TensorStore's, but TensorStore's message and spec
     tb = record.exc_info[2]
     while tb is not None:
         if any(lib in tb.tb_frame.f_code.co_filename for lib in ("orbax", "tensorstore")):

@@ -377,52 +377,57 @@ def test_microbatched_steps_make_the_whole_batch_update_with_less_memory(devices
 def test_a_program_key_names_what_the_step_programs_bake_in(devices8, tmp_path):
     """A later run in the same process reuses the jitted steps only when nothing they are
     built from changed (the scenario's resume and NaN runs check the reused steps' results)."""
-    cfg = tiny.get_config()
     mesh = sharding.create_mesh({"data": 8})
-    rules = tuple(cfg.logical_axis_rules)
 
-    def key(c=cfg, m=mesh, held=None):
-        return train._program_key(c, train.train_settings(c), m, rules, held)
-
-    def changed(path: str, value):
-        c = cfg.copy_and_resolve_references()
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-        return key(c)
+    def key(on=mesh, held=None, **fields):
+        c = _config("embedded:train", **fields)
+        return train._program_key(c, train.train_settings(c), on, tuple(c.logical_axis_rules),
+                                  held)
 
     base = key()
     for path, value in [("train.log_every", 7), ("train.checkpoint_every", 5), ("train.steps", 9),
                         ("train.learning_rate", float("nan")),  # optimizer state, not program
                         ("train.x0_every", 3), ("train.on_process_count_change", "restart_data")]:
-        assert changed(path, value) == base, path
+        assert key(**{path: value}) == base, path
     for path, value in [("train.grad_clip_norm", 1.0), ("train.microbatches", 2),
-                        ("train.ema_decay", 0.5), ("train.optimizer", "adamw"),
-                        ("train.lr_multipliers.controlnet", 0.5), ("model.compressor.N", 8),
+                        ("train.ema_decay", 0.7), ("train.optimizer", "adamw"),
+                        ("train.lr_multipliers.controlnet", 0.25), ("model.compressor.N", 8),
                         ("model.loss.lpips", 0.0), ("model.sampler.steps", 2)]:
-        assert changed(path, value) != base, path
+        assert key(**{path: value}) != base, path
     # a schedule is part of the program: then the rate and the step count are too
-    cosine = cfg.copy_and_resolve_references()
-    cosine.train.schedule = "warmup_cosine"
-    c2 = cosine.copy_and_resolve_references()
-    c2.train.learning_rate = 2e-3
-    assert key(cosine) != base and key(c2) != key(cosine)
+    cosine = key(**{"train.schedule": "warmup_cosine"})
+    assert cosine != base
+    assert key(**{"train.schedule": "warmup_cosine", "train.learning_rate": 2e-3}) != cosine
     # other devices (or another order of them), or other held-out steps
-    flipped = sharding.create_mesh({"data": 8}, devices=devices8[::-1])
-    assert key(m=flipped) != base
+    assert key(on=sharding.create_mesh({"data": 8}, devices=devices8[::-1])) != base
     held = train.HeldOut(None, None, 1, 3, 0, True, 4)
     assert key(held=held) != base
     assert key(held=held) != key(held=dataclasses.replace(held, images=0))
     # converted SD weights by content: their config files shape the model, so other ones
     # in the same folder make another key
-    with_sd = cfg.copy_and_resolve_references()
-    with_sd.model.sd_checkpoint = str(_converted_sd(tmp_path / "sd"))
-    first = key(with_sd)
+    first = key(**{"model.sd_checkpoint": str(_converted_sd(tmp_path / "sd"))})
+    moved = shutil.copytree(tmp_path / "sd", tmp_path / "elsewhere")
+    assert key(**{"model.sd_checkpoint": str(moved)}) == first  # the same weights elsewhere
     shutil.rmtree(tmp_path / "sd")
     _converted_sd(tmp_path / "sd", seed=4)
-    assert key(with_sd) != first
+    assert key(**{"model.sd_checkpoint": str(tmp_path / "sd")}) != first
+
+
+def test_only_tensorstores_unretrieved_read_errors_are_dropped():
+    """asyncio's "Task exception was never retrieved" for a TensorStore read awaited through
+    asyncio's own wrapper has no Orbax or TensorStore frame, only TensorStore's message."""
+    def record(message: str) -> logging.LogRecord:
+        try:
+            raise ValueError(message)
+        except ValueError:
+            info = sys.exc_info()
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                                 "Task exception was never retrieved", None, info)
+
+    read = ("DATA_LOSS: Error reading local file \"/w/checkpoints/30/state/d/x\" "
+            "[tensorstore_spec='{\"driver\":\"zarr\",\"recheck_cached_data\":false}']")
+    assert train._is_orbax_unretrieved_task(record(read))
+    assert not train._is_orbax_unretrieved_task(record("our own task failed"))
 
 
 def test_held_out_settings(embedded_dirs):  # noqa: F811
