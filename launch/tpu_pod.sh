@@ -15,7 +15,8 @@
 set -euo pipefail
 if [ $# -lt 3 ]; then sed -n 2,14p "$0"; exit 2; fi
 TPU_NAME=$1; ZONE=$2; WORKDIR=$3; CONFIG=${4:-configs/celeba.py}; shift $(( $# < 4 ? $# : 4 ))
-EXTRA=$(printf ' %q' "$@")
+# Quoted for the workers' shell: paths and overrides may hold spaces or shell characters.
+ARGS=$(printf ' %q' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "
   cd ~/fasdiff-jax && . .venv/bin/activate &&
-  python -m fasdiff_jax.main --jax_distributed --config=$CONFIG --workdir=$WORKDIR $EXTRA"
+  python -m fasdiff_jax.main --jax_distributed$ARGS"
