@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
         kind="hyperprior", N=128, M=192, num_scales=128, hs_activation="leaky_relu",
         lmbda=0.0130, image_size=256))
     config.data = ml_collections.ConfigDict(dict(
-        source="tfds:celeb_a_hq/256:train[:29000]", image_size=256, global_batch_size=16,
-        seed=0))
+        source="tfds:celeb_a_hq/256:train[:29000]", global_batch_size=16, seed=0,
+        image_size=config.model.get_ref("image_size")))  # one size: either override sets both
     # held-out rate, MSE and PSNR (latents rounded as coded) on the last 1000 faces
     config.eval = ml_collections.ConfigDict(dict(
         source="tfds:celeb_a_hq/256:train[29000:]", every_steps=5_000, batch_size=16,

@@ -57,8 +57,11 @@ def model_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.model = model_config()
-    config.data = ml_collections.ConfigDict(dict(source="embedded:train", image_size=64,
-                                                 global_batch_size=8, seed=0))
+    # one size for both (an override of either sets the other): the model is built and
+    # evaluated at model.image_size, trained on crops of data.image_size
+    config.data = ml_collections.ConfigDict(dict(
+        source="embedded:train", image_size=config.model.get_ref("image_size"),
+        global_batch_size=8, seed=0))
     config.train = ml_collections.ConfigDict(dict(
         steps=200, learning_rate=1e-3, x0_every=10, log_every=20, checkpoint_every=100,
         optimizer="adam", b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant",
