@@ -742,6 +742,18 @@ def _step_programs(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mes
     return programs
 
 
+def _check_image_size(config: ml_collections.ConfigDict, model: Model) -> None:
+    """Training crops are whole multiples of the model's coarsest latent (the codec pads
+    other sizes; a batch cannot): any other size failed inside the first step's trace with
+    a shape error about broadcasting or the Haar transform."""
+    size, multiple = int(config.data.image_size), int(model.multiple)
+    if size < multiple or size % multiple:
+        near = sorted({max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple})
+        raise TrainConfigError(
+            f"config.data.image_size={size} is not a multiple of {multiple}, the side of this "
+            f"model's coarsest latent cell; use {' or '.join(map(str, near))}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train until ``config.train.steps`` (resuming from ``workdir``); the last logged metrics."""
     config = with_absolute_paths(config)
@@ -757,6 +769,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  jax.process_count())
 
     model = build_model(config.model)
+    _check_image_size(config, model)
     params = model.init_params(jax.random.key(config.seed))
     p_sh = param_shardings(model, params, mesh, rules)
     params = jax.device_put(params, p_sh)

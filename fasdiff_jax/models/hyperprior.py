@@ -1023,6 +1023,11 @@ class TrainableHyperprior:
     def loss_cfg(self) -> dict:
         return {"lmbda": self.lmbda}
 
+    @property
+    def multiple(self) -> int:
+        """Image sides train (and code unpadded) at multiples of this: z is at 1/64."""
+        return MULTIPLE
+
     def init_params(self, rng: jax.Array) -> dict:
         return {self.KEY: init_params(self.model, rng)}
 
