@@ -145,7 +145,30 @@ def build_model(model_cfg: Any) -> Model:
     kind = model_cfg.get("kind", "fasdiff")
     if kind not in MODEL_KINDS:
         raise TrainConfigError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
-    return fasdiff.build(model_cfg) if kind == "fasdiff" else H.TrainableHyperprior.from_config(model_cfg)
+    if kind == "hyperprior":
+        return H.TrainableHyperprior.from_config(model_cfg)
+    _check_fasdiff_fields(model_cfg)
+    model = fasdiff.build(model_cfg)
+    try:
+        model.sampler_spec()
+    except ValueError as e:
+        raise TrainConfigError(f"config.model.sampler: {e}") from None
+    return model
+
+
+def _check_fasdiff_fields(m: Any) -> None:
+    """Fields whose bad values failed only inside Flax's init (a traceback naming no field)
+    or were taken silently (``loss.stage=3`` trained as stage 2)."""
+    stage = m["loss"]["stage"]
+    if stage not in (1, 2):
+        raise TrainConfigError(f"config.model.loss.stage must be 1 or 2, got {stage!r}")
+    comp, hlfe = m["compressor"], m["hlfe"]
+    for name, d, of_name, of in (("compressor.groups", comp["groups"], "compressor.N", comp["N"]),
+                                 ("hlfe.groups", hlfe["groups"], "hlfe.features", hlfe["features"]),
+                                 ("hlfe.heads", hlfe["heads"], "hlfe.features", hlfe["features"])):
+        if d < 1 or of % d:
+            raise TrainConfigError(f"config.model.{name}={d} must divide "
+                                   f"config.model.{of_name}={of}")
 
 
 def _merged_section(config: ml_collections.ConfigDict, name: str, defaults: Mapping[str, Any],
@@ -748,7 +771,8 @@ def _check_image_size(config: ml_collections.ConfigDict, model: Model) -> None:
     a shape error about broadcasting or the Haar transform."""
     size, multiple = int(config.data.image_size), int(model.multiple)
     if size < multiple or size % multiple:
-        near = sorted({max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple})
+        below = max(multiple, size // multiple * multiple)
+        near = sorted({below, (size // multiple + 1) * multiple})
         raise TrainConfigError(
             f"config.data.image_size={size} is not a multiple of {multiple}, the side of this "
             f"model's coarsest latent cell; use {' or '.join(map(str, near))}")

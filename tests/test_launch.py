@@ -41,7 +41,8 @@ def _parsed_by_main(argv: list[str]) -> dict:
         "from fasdiff_jax import main\n"
         "main.FLAGS(['main', *sys.argv[1:]])\n"
         "c = main.FLAGS.config\n"
-        "print(json.dumps({'workdir': main.FLAGS.workdir, 'distributed': main.FLAGS.jax_distributed,"
+        "f = main.FLAGS\n"
+        "print(json.dumps({'workdir': f.workdir, 'distributed': f.jax_distributed,"
         " 'kind': c.model.get('kind', 'fasdiff'), 'steps': c.train.steps,"
         " 'sd_checkpoint': c.model.get('sd_checkpoint')}))\n"
     )

@@ -682,6 +682,20 @@ def test_bad_configs_are_refused_early(tmp_path):
         train.train_settings(cfg)
     with pytest.raises(train.TrainConfigError, match="sd_checkpoint is required"):
         train.train_and_evaluate(celeba.get_config(), str(tmp_path))
+    # model fields that failed only inside Flax's init or the sampler, naming no field
+    for field, value, message in (
+            ("compressor.groups", 5,
+             "compressor.groups=5 must divide config.model.compressor.N=16"),
+            ("hlfe.groups", 3, "hlfe.groups=3 must divide config.model.hlfe.features=16"),
+            ("hlfe.heads", 3, "hlfe.heads=3 must divide config.model.hlfe.features=16"),
+            ("loss.stage", 3, "loss.stage must be 1 or 2, got 3"),
+            ("sampler.steps", 0, "sampler: sampler spec out of range"),
+            ("sampler.t_start", 1000, "sampler: sampler spec out of range")):
+        cfg = tiny.get_config()
+        part, key = field.split(".")
+        cfg.model[part][key] = value
+        with pytest.raises(train.TrainConfigError, match=re.escape(f"config.model.{message}")):
+            train.train_and_evaluate(cfg, str(tmp_path))
     # crops the model cannot take whole (they failed inside the step's trace, unreadably)
     for name, size, near in (("tiny", 72, "64 or 128"), ("tiny", 100, "64 or 128"),
                              ("tiny", 32, "64"), ("mbt2018_mean", 200, "192 or 256")):
@@ -740,7 +754,8 @@ def test_an_image_size_override_sets_the_model_and_its_data_alike(name, tmp_path
             "    sys.argv = ['main', '--config=' + path, '--workdir=w',\n"
             "                f'--config.{field}.image_size=128']  # config_flags reads it\n"
             "    main.FLAGS(sys.argv)\n"
-            "    sizes.append([main.FLAGS.config.model.image_size, main.FLAGS.config.data.image_size])\n"
+            "    c = main.FLAGS.config\n"
+            "    sizes.append([c.model.image_size, c.data.image_size])\n"
             "    main.FLAGS.unparse_flags()\n"
             "print(json.dumps(sizes))\n")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / f"{name}.py")],
