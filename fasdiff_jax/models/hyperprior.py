@@ -1025,7 +1025,7 @@ class TrainableHyperprior:
 
     @property
     def multiple(self) -> int:
-        """Image sides train (and code unpadded) at multiples of this: z is at 1/64."""
+        """Training crops are multiples of this (z is at 1/64); the codec pads other sizes."""
         return MULTIPLE
 
     def init_params(self, rng: jax.Array) -> dict:
