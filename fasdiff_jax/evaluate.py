@@ -531,8 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", default="embedded:heldout", help="data source spec")
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--source", default="embedded:heldout",
+                    help="the images: tfds:NAME[:SPLIT], prepared:DIR (python -m "
+                         "fasdiff_jax.data.prepare), folder:DIR (image files, searched "
+                         "recursively), embedded[:train|heldout] or an existing folder "
+                         "(default: %(default)s)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="evaluate only the first N images of the source")
     ap.add_argument("--out", default=None,
                     help="write the JSON here (default: stdout); an unfinished one is resumed")
     add_model_flags(ap)
@@ -551,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
+    if args.limit is not None and args.limit < 1:  # 0 wrote an empty report marked complete
+        ap.error("--limit must be >= 1")
     compile_cache.enable(args.compile_cache)
     try:
         if args.baseline is not None:

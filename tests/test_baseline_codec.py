@@ -249,6 +249,17 @@ def test_evaluate_command_measures_pillow_anchors(tmp_path, capsys, fmt, pil_for
     assert lo["bytes"] < hi["bytes"] and lo["psnr-rgb"] < hi["psnr-rgb"] < 60
 
 
+@pytest.mark.parametrize("flag", ["--limit=0", "--limit=-1", "--batch_size=0"])
+def test_evaluate_refuses_counts_below_one(tmp_path, capsys, flag):
+    """``--limit=0`` used to write an empty report marked complete; now a usage error
+    before anything is read or written."""
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--baseline=jpeg:30", f"--source=folder:{tmp_path}", f"--out={out}", flag])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_evaluate_reports_lpips_vgg_on_request(tmp_path, capsys):
     """``--lpips_vgg``: LPIPS with the VGG16 backbone beside AlexNet's, equal to the module
     applied directly; the settings say so, so a run resumes only with the same choice."""
