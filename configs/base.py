@@ -1,4 +1,4 @@
-"""Fields shared by every fasdiff-jax config: mesh, sharding rules, seed, precision.
+"""Fields shared by every fasdiff-jax config: mesh, sharding rules, seed.
 
 Not run on its own; other configs start from ``get_config()`` here and override fields.
 """
@@ -18,7 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
         (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
         for name, axes in sharding.DEFAULT_LOGICAL_AXIS_RULES
     )
-    config.compute_dtype = "float32"  # "bfloat16" on TPU/GPU
-    config.remat = False
-    config.attention_impl = "xla"  # "cudnn" on recent NVIDIA GPUs
+    # Precision, remat and attention are the model's: config.model.compute_dtype ("bfloat16"
+    # on TPU/GPU), .remat, .attention_impl ("cudnn" on recent NVIDIA GPUs).
     return config

@@ -62,6 +62,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.unet, m.vae, m.scheduler = {}, {}, {}
     m.compute_dtype = "bfloat16"
     m.remat = True
+    m.attention_impl = "xla"  # "cudnn" on recent NVIDIA GPUs
     m.compressor = dict(N=128, M=192, num_scales=64, prompt_channels=64, dwt_levels=3, groups=32)
     m.hlfe = dict(features=128, num_blocks=2, heads=4, groups=32, dwt_levels=1)
     m.control = dict(embedding_channels=(96, 256), conditioning_scale=1.0)
@@ -72,8 +73,6 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
-    config.compute_dtype = "bfloat16"
-    config.remat = True
     config.mesh.data = -1  # pure data parallelism over every device of every host
     config.model = model_config()
     config.data = ml_collections.ConfigDict(dict(

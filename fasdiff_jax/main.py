@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -61,5 +62,72 @@ def main(argv: list[str]) -> None:
                         "rerun the same command to resume", out["step"], FLAGS.config.train.steps)
 
 
+def _config_file(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _field_paths(node: Any, prefix: str = "config") -> Iterator[str]:
+    for k in node.keys():
+        yield f"{prefix}.{k}"
+        if hasattr(node[k], "keys"):
+            yield from _field_paths(node[k], f"{prefix}.{k}")
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The first ``--config.a.b=v`` whose field the config file does not have, as a message
+    naming the field and the nearest known names; None when every override's path exists."""
+    import difflib
+    import runpy
+
+    path = _config_file(argv)
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        config = runpy.run_path(path)["get_config"]()
+    except Exception:  # noqa: BLE001 - config_flags reports a broken config file itself
+        return None
+    for a in argv:
+        if not a.startswith(("--config.", "--noconfig.")):
+            continue
+        parts = a.split("=", 1)[0].split(".")[1:]
+        node = config
+        for i, part in enumerate(parts):
+            if hasattr(node, "keys") and part in node:
+                node = node[part]
+                continue
+            parent = ".".join(["config", *parts[:i]])
+            if not hasattr(node, "keys"):
+                return f"{a.split('=', 1)[0]}: {path} holds {parent} as a value, not a section"
+            near = [f"{parent}.{k}" for k in difflib.get_close_matches(part, list(node.keys()))]
+            near = near or [p for p in _field_paths(config) if p.endswith(f".{part}")]
+            hint = (f"did you mean {' or '.join(near)}?" if near
+                    else f"{parent} has: {', '.join(sorted(node.keys()))}")
+            return f"{a.split('=', 1)[0]}: {path} has no field {parent}.{part} ({hint})"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an override of a field the config lacks (a typo such
+    as ``--config.train.stpes=20``) ends with one line naming it and exit status 2:
+    config_flags raises a bare ``AttributeError`` deep in its parser for it."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # what absl's own parser does with these
+        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on "
+              f"flags.", file=sys.stderr)
+        raise SystemExit(1) from e
+    except (AttributeError, KeyError, TypeError):
+        message = unknown_override(argv)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

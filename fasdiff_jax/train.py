@@ -69,7 +69,7 @@ from fasdiff_jax.data.pipeline import DataConfig, make_train_iterator
 from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
-from fasdiff_jax.models import train_step
+from fasdiff_jax.models import layers, perceptual, train_step
 
 # Fields of ``config.train`` and their defaults (a config may omit any of them).
 TRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -146,9 +146,11 @@ def build_model(model_cfg: Any) -> Model:
     if kind not in MODEL_KINDS:
         raise TrainConfigError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
     if kind == "hyperprior":
+        _check_weight("model.lmbda", model_cfg["lmbda"])
         return H.TrainableHyperprior.from_config(model_cfg)
     _check_fasdiff_fields(model_cfg)
     model = fasdiff.build(model_cfg)
+    _check_fasdiff_levels(model_cfg, model)
     try:
         model.sampler_spec()
     except ValueError as e:
@@ -156,13 +158,59 @@ def build_model(model_cfg: Any) -> Model:
     return model
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+LOSS_WEIGHTS = ("rate", "diffusion", "latent", "high_freq", "identity", "lpips")
+
+
+def _check_weight(name: str, value: Any) -> None:
+    """A loss weight or rate: a finite number >= 0 (a negative one maximises its term)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise TrainConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_int(name: str, value: Any, least: int, most: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < least
+            or (most is not None and value > most)):
+        bounds = f">= {least}" if most is None else f"in {least}..{most}"
+        raise TrainConfigError(f"config.{name} must be an integer {bounds}, got {value!r}")
+
+
+def _check_fasdiff_levels(m: Any, model: fasdiff.FaSDiff) -> None:
+    """Haar levels: the compressor's image-side DWT feeds one of its VAE-rate stages per
+    level, and HLFE's LL band must exist for the smallest codable image, whose coarse latent
+    (a ``model.multiple`` image over the VAE's factor) halves only this many times."""
+    vae_levels = model.compressor.vae_levels
+    _check_int("model.compressor.dwt_levels", m["compressor"]["dwt_levels"], 0, vae_levels)
+    _check_int("model.hlfe.dwt_levels", m["hlfe"]["dwt_levels"], 0,
+               model.multiple.bit_length() - 1 - vae_levels)
+
+
 def _check_fasdiff_fields(m: Any) -> None:
-    """Fields whose bad values failed only inside Flax's init (a traceback naming no field)
-    or were taken silently (``loss.stage=3`` trained as stage 2)."""
+    """Fields whose bad values failed only inside Flax's init or trace (a traceback naming no
+    field) or were taken silently (``loss.stage=3`` trained as stage 2, a negative loss weight
+    maximised its term)."""
     stage = m["loss"]["stage"]
     if stage not in (1, 2):
         raise TrainConfigError(f"config.model.loss.stage must be 1 or 2, got {stage!r}")
+    for k in LOSS_WEIGHTS:
+        _check_weight(f"model.loss.{k}", m["loss"][k])
     comp, hlfe = m["compressor"], m["hlfe"]
+    _check_int("model.loss.x0_max_timestep", m["loss"]["x0_max_timestep"], 0)  # past T-1: all
+    _check_int("model.hlfe.num_blocks", hlfe["num_blocks"], 0)
+    for name, value in (("compressor.N", comp["N"]), ("compressor.M", comp["M"]),
+                        ("compressor.num_scales", comp["num_scales"]),
+                        ("compressor.prompt_channels", comp["prompt_channels"]),
+                        ("hlfe.features", hlfe["features"]),
+                        *((f"control.embedding_channels[{i}]", c)
+                          for i, c in enumerate(m["control"]["embedding_channels"]))):
+        _check_int(f"model.{name}", value, 1)
+    for name, value, allowed in (
+            ("compute_dtype", m.get("compute_dtype", "float32"), COMPUTE_DTYPES),
+            ("attention_impl", m.get("attention_impl", "xla"),
+             tuple(layers.ATTENTION_IMPLEMENTATIONS)),
+            ("lpips_net", m.get("lpips_net", "alexnet"), perceptual.NETS)):
+        if value not in allowed:
+            raise TrainConfigError(f"config.model.{name} must be one of {allowed}, got {value!r}")
     for name, d, of_name, of in (("compressor.groups", comp["groups"], "compressor.N", comp["N"]),
                                  ("hlfe.groups", hlfe["groups"], "hlfe.features", hlfe["features"]),
                                  ("hlfe.heads", hlfe["heads"], "hlfe.features", hlfe["features"])):
@@ -201,6 +249,15 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if tc["schedule"] not in ("constant", "warmup_cosine"):
         raise TrainConfigError(
             f"config.train.schedule must be 'constant' or 'warmup_cosine', got {tc['schedule']!r}")
+    lr = tc["learning_rate"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise TrainConfigError(f"config.train.learning_rate must be a finite number > 0, got "
+                               f"{lr!r}")
+    for k in ("b1", "b2"):  # Adam's moment decays; 1 or more never forgets, or diverges
+        if isinstance(tc[k], bool) or not isinstance(tc[k], (int, float)) or not 0 <= tc[k] < 1:
+            raise TrainConfigError(f"config.train.{k} must be in [0, 1), got {tc[k]!r}")
+    for k in ("weight_decay", "grad_clip_norm", "end_learning_rate_ratio"):
+        _check_weight(f"train.{k}", tc[k])
     if not 0.0 <= float(tc["ema_decay"]) < 1.0:
         raise TrainConfigError(f"config.train.ema_decay must be in [0, 1) (0: no EMA), got "
                                f"{tc['ema_decay']!r}")
@@ -768,7 +825,8 @@ def _step_programs(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mes
 def _check_image_size(config: ml_collections.ConfigDict, model: Model) -> None:
     """Training crops are whole multiples of the model's coarsest latent (the codec pads
     other sizes; a batch cannot): any other size failed inside the first step's trace with
-    a shape error about broadcasting or the Haar transform."""
+    a shape error about broadcasting or the Haar transform. So did FaSDiff's high-frequency
+    loss with more Haar levels than the training latent's side halves evenly."""
     size, multiple = int(config.data.image_size), int(model.multiple)
     if size < multiple or size % multiple:
         below = max(multiple, size // multiple * multiple)
@@ -776,6 +834,25 @@ def _check_image_size(config: ml_collections.ConfigDict, model: Model) -> None:
         raise TrainConfigError(
             f"config.data.image_size={size} is not a multiple of {multiple}, the side of this "
             f"model's coarsest latent cell; use {' or '.join(map(str, near))}")
+    if isinstance(model, fasdiff.FaSDiff):
+        latent = size >> model.compressor.vae_levels
+        halvings = (latent & -latent).bit_length() - 1
+        _check_int("model.loss.hf_levels", model.loss_cfg["hf_levels"], 1, halvings)
+
+
+# Model settings an older configs/base.py also held at the top level, where nothing read them
+# (--config.compute_dtype=bfloat16 trained in float32); the model's own fields count.
+_MODEL_ONLY_DEFAULTS = {"compute_dtype": "float32", "remat": False, "attention_impl": "xla"}
+
+
+def _check_model_only_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuse a top-level ``compute_dtype`` / ``remat`` / ``attention_impl`` that says other
+    than ``config.model``'s (run configs saved by older versions hold equal copies)."""
+    for k, default in _MODEL_ONLY_DEFAULTS.items():
+        if k in config and config[k] != config.model.get(k, default):
+            raise TrainConfigError(
+                f"config.{k}={config[k]!r} is not read: the model's is config.model.{k} "
+                f"({config.model.get(k, default)!r}); set --config.model.{k} instead")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -786,8 +863,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise TrainConfigError(
             "config.model.sd_checkpoint is required by this config: a folder written by "
             "`python -m fasdiff_jax.convert` (pass --config.model.sd_checkpoint=DIR)")
+    _check_model_only_fields(config)
     workdir = _workdir(workdir)
-    mesh = sharding.create_mesh(config.mesh.to_dict())
+    try:
+        mesh = sharding.create_mesh(config.mesh.to_dict())
+    except ValueError as e:
+        raise TrainConfigError(f"config.mesh: {e}") from None
     rules = tuple(config.logical_axis_rules)
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                  jax.process_count())

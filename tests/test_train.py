@@ -7,9 +7,9 @@ A. ``main`` (absl flags, config overrides) trains 6 steps in ``a/``, checkpoints
    held-out evaluation after steps 3 and 6;
 B. a copy of A's step-3 checkpoint only (as if A had been killed after step 3) is resumed
    in ``b/`` to step 6: steps 4-6 and the evaluation after step 6 must match A's exactly;
-N. ``b/`` is resumed with ``learning_rate=nan`` to step 8: the params go NaN after step 7,
-   the loss at step 8 is NaN, the run stops naming the terms and step 6 stays the latest
-   (finite) checkpoint.
+N. ``b/`` is resumed with ``learning_rate=1e30`` to step 8 (a NaN rate is refused at the
+   start): the params overflow after step 7, the loss at step 8 is not finite, the run stops
+   naming the terms and step 6 stays the latest (finite) checkpoint.
 
 Separately, ``main --jax_distributed`` trains in two real processes (gloo) until one gets a
 preemption notice, and one process resumes their checkpoint
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import glob
 import hashlib
 import importlib
@@ -45,7 +46,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import celeba, tiny
+from configs import celeba, mbt2018_mean, tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import convert, safetensors_io, sharding, train
 from fasdiff_jax.errors import IdentityWeightsError, NonFiniteLossError
@@ -152,7 +153,9 @@ def scenario(embedded_dirs, tmp_path_factory):  # noqa: F811
     programs_of_b = next(reversed(train._PROGRAMS.values()))
     b_scalars = _scalars(b)
     with pytest.raises(NonFiniteLossError) as nan_error:
-        train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": float("nan"),
+        # a step of ~1e30 on every param: the next step's terms overflow (the rate is not
+        # in the program key, so the resumed run's compiled step is reused)
+        train.train_and_evaluate(_config(src, **{"train.steps": 8, "train.learning_rate": 1e30,
                                                  "train.checkpoint_every": 2}), str(b))
     return dict(a=a, b=b, resumed=resumed, b_scalars=b_scalars, nan_error=nan_error.value,
                 source=src, held=held, same_programs=programs_of_b is programs_of_a)
@@ -387,7 +390,7 @@ def test_a_program_key_names_what_the_step_programs_bake_in(devices8, tmp_path):
 
     base = key()
     for path, value in [("train.log_every", 7), ("train.checkpoint_every", 5), ("train.steps", 9),
-                        ("train.learning_rate", float("nan")),  # optimizer state, not program
+                        ("train.learning_rate", 0.5),  # optimizer state, not program
                         ("train.x0_every", 3), ("train.on_process_count_change", "restart_data")]:
         assert key(**{path: value}) == base, path
     for path, value in [("train.grad_clip_norm", 1.0), ("train.microbatches", 2),
@@ -696,6 +699,38 @@ def test_bad_configs_are_refused_early(tmp_path):
         cfg.model[part][key] = value
         with pytest.raises(train.TrainConfigError, match=re.escape(f"config.model.{message}")):
             train.train_and_evaluate(cfg, str(tmp_path))
+    # values that trained silently (a negative weight or rate maximised its term, the top-level
+    # compute_dtype was never read) or failed in a traceback naming no field
+    for path, value, message in (
+            ("model.loss.rate", -1.0, "model.loss.rate must be a finite number >= 0, got -1.0"),
+            ("model.loss.lpips", float("nan"), "model.loss.lpips must be a finite number >= 0"),
+            ("model.loss.x0_max_timestep", -1, "model.loss.x0_max_timestep must be an integer >= 0"),
+            ("model.loss.hf_levels", 0, "model.loss.hf_levels must be an integer in 1..3, got 0"),
+            ("model.loss.hf_levels", 4, "model.loss.hf_levels must be an integer in 1..3, got 4"),
+            ("model.compressor.dwt_levels", 4, "model.compressor.dwt_levels must be an integer "
+                                               "in 0..3, got 4"),
+            ("model.hlfe.dwt_levels", 4, "model.hlfe.dwt_levels must be an integer in 0..3"),
+            ("model.compressor.N", 0, "model.compressor.N must be an integer >= 1, got 0"),
+            ("model.sampler.seed", -1, "model.sampler: sampler seed must be in 0..2**64-1"),
+            ("model.compute_dtype", "float17", "model.compute_dtype must be one of ('float32', "),
+            ("model.attention_impl", "flash", "model.attention_impl must be one of ('xla', "),
+            ("model.lpips_net", "vgg17", "model.lpips_net must be one of ('alexnet', 'vgg16')"),
+            ("train.learning_rate", -1e-3, "train.learning_rate must be a finite number > 0"),
+            ("train.b1", 1.5, "train.b1 must be in [0, 1), got 1.5"),
+            ("train.grad_clip_norm", -1.0, "train.grad_clip_norm must be a finite number >= 0"),
+            ("mesh.data", 3, "mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
+            ("compute_dtype", "bfloat16", "compute_dtype='bfloat16' is not read: the model's is "
+                                          "config.model.compute_dtype ('float32')")):
+        cfg = tiny.get_config()
+        *parents, key = path.split(".")
+        with cfg.unlocked():
+            functools.reduce(getattr, parents, cfg)[key] = value
+        with pytest.raises(train.TrainConfigError, match=re.escape(f"config.{message}")):
+            train.train_and_evaluate(cfg, str(tmp_path))
+    cfg = mbt2018_mean.get_config()
+    cfg.model.lmbda = -0.01
+    with pytest.raises(train.TrainConfigError, match=r"config.model.lmbda must be a finite number"):
+        train.train_and_evaluate(cfg, str(tmp_path))
     # crops the model cannot take whole (they failed inside the step's trace, unreadably)
     for name, size, near in (("tiny", 72, "64 or 128"), ("tiny", 100, "64 or 128"),
                              ("tiny", 32, "64"), ("mbt2018_mean", 200, "192 or 256")):
@@ -724,6 +759,25 @@ def test_main_reports_our_errors_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: TrainConfigError: config.model.sd_checkpoint is required" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.stpes=20", "has no field config.train.stpes (did you mean config.train.steps?)"),
+    ("--config.compute_dtype=bfloat16",
+     "has no field config.compute_dtype (did you mean config.model.compute_dtype?)"),
+    ("--config.data.source.x=1", "holds config.data.source as a value, not a section"),
+])
+def test_main_names_an_override_of_a_field_the_config_lacks(tmp_path, override, message):
+    """A mistyped override used to end in config_flags' traceback with a bare
+    ``AttributeError: "'stpes'"``; now one line naming the field and its nearest names."""
+    work = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "fasdiff_jax.main", "--config=configs/tiny.py",
+                           f"--workdir={work}", override], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {override.split('=')[0]}: configs/tiny.py "
+                                                f"{message}"]
+    assert not work.exists()
 
 
 def test_configs_load_by_path_from_any_directory(tmp_path):
