@@ -23,7 +23,9 @@ run kept a moving average of its params (``train.ema_decay``) that is what codes
 ``--weights=params`` asks for the last update's.
 ``compress`` takes any image Pillow reads (odd modes and EXIF rotation handled; greyscale
 files are coded as one channel and come back greyscale); ``decompress`` writes an image of
-the original size (PNG, or the format the output name's extension names).
+the original size in the format the output name's extension names: PNG, WebP (written
+lossless), TIFF, BMP or PPM hold the decoded pixels exactly; JPEG is written at quality 95
+and reported as lossy; others (GIF, ICO, ...) are refused (:data:`IMAGE_FORMATS`).
 ``--steps/--t_start/--eta/--seed`` override the config's sampler spec, which is stored in
 the file. ``--sd_checkpoint=DIR`` names where the run's converted SD weights are on this
 machine when they are not at the path the run was trained with (checked by content).
@@ -301,11 +303,24 @@ def write_atomically(path: str, content: bytes | Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+# Output formats and how they are written: all but JPEG hold the decoded 8-bit pixels
+# exactly (WebP written lossless; Pillow's default is lossy at quality 80). JPEG is written
+# at quality 95 with full-resolution chroma and reported as lossy. Other extensions Pillow
+# knows are refused: they quantise (GIF: 256 colours), resize (ICO) or recompress (PDF).
+IMAGE_FORMATS: dict[str, dict[str, Any]] = {
+    "PNG": {}, "TIFF": {}, "BMP": {}, "PPM": {}, "WEBP": {"lossless": True, "quality": 100},
+    "JPEG": {"quality": 95, "subsampling": 0},
+}
+LOSSY_FORMATS = ("JPEG",)
+
+
 def _image_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
-    if fmt is None:
-        raise FasdiffError(f"{path}: unknown image extension {ext!r} (use .png)")
+    if fmt not in IMAGE_FORMATS:
+        what = "unknown image extension" if fmt is None else f"{fmt} cannot hold the decoded pixels:"
+        raise FasdiffError(f"{path}: {what} {ext!r} (use .png, .webp (lossless), .tif, .bmp, "
+                           f".ppm/.pgm, or .jpg (lossy, quality 95))")
     return fmt
 
 
@@ -382,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
     from fasdiff_jax.data.sources import read_image
 
     def read_file(src: str, dst: str) -> bytes:
-        _image_format(dst)
         with open(src, "rb") as f:
             return f.read()
 
@@ -391,9 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         return f"{dst}: {len(data)} bytes"
 
     def write_image(dst: str, img: np.ndarray) -> str:
+        fmt = _image_format(dst)
+        if img.shape[-1] == 4 and fmt in ("JPEG", "PPM"):  # no alpha there; ours is opaque
+            img = img[..., :3]
         pil = Image.fromarray(np.squeeze(img, -1) if img.shape[-1] == 1 else img)
-        write_atomically(dst, lambda tmp: pil.save(tmp, format=_image_format(dst)))
-        return f"{dst}: {img.shape[1]}x{img.shape[0]}"
+        write_atomically(dst, lambda tmp: pil.save(tmp, format=fmt, **IMAGE_FORMATS[fmt]))
+        lossy = (f" ({fmt} quality {IMAGE_FORMATS[fmt]['quality']}: lossy, not the decoded "
+                 f"pixels; .png keeps them)" if fmt in LOSSY_FORMATS else "")
+        return f"{dst}: {img.shape[1]}x{img.shape[0]}{lossy}"
 
     try:
         jobs = ([_not_onto_itself(*args.paths)] if args.out_dir is None
@@ -403,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         if not jobs:
             print("nothing to do: every output exists")
             return 0
+        if args.command == "decompress":  # before loading a model
+            for _, dst in jobs:
+                _image_format(dst)
         codec = load_codec(args)
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

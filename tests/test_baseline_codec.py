@@ -160,6 +160,37 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     assert rc == 2 and "fingerprint" in capsys.readouterr().err
 
 
+def test_decompress_writes_the_decoded_pixels_in_any_format_that_holds_them(
+        baseline, tmp_path, capsys):
+    """PNG, lossless WebP (Pillow's default WebP is lossy), TIFF, BMP and PPM hold the decoded
+    pixels exactly; JPEG is written at quality 95 and says it is lossy; formats that would
+    quantise or resize (GIF, ICO) are refused before any model is loaded, nothing written."""
+    folder, _ = baseline
+    model, params = H.load_model(str(folder))
+    rgba = np.dstack([skdata.astronaut()[40:140, 180:300], np.full((100, 120), 255, np.uint8)])
+    for name, img in (("rgb", rgba[..., :3]), ("rgba", rgba)):
+        (tmp_path / f"{name}.fsd").write_bytes(H.compress(model, params, img))
+        want = H.decompress(model, params, (tmp_path / f"{name}.fsd").read_bytes())
+        for ext in ("png", "webp", "tif", "bmp", "ppm", "jpg"):
+            out = tmp_path / f"{name}.{ext}"
+            rc = codec.main(["decompress", str(tmp_path / f"{name}.fsd"), str(out),
+                             f"--model_dir={folder}"])
+            printed = capsys.readouterr().out
+            assert rc == 0 and ("lossy" in printed) == (ext == "jpg"), printed
+            with Image.open(out) as im:
+                got = np.asarray(im.convert("RGBA" if want.shape[-1] == 4 else "RGB"))
+            if ext == "jpg":
+                assert evaluate.psnr(want[..., :3], got[..., :3]) > 35
+            else:
+                np.testing.assert_array_equal(got[..., :3], want[..., :3], err_msg=ext)
+    for ext in ("gif", "ico", "xyz"):
+        rc = codec.main(["decompress", str(tmp_path / "rgb.fsd"), str(tmp_path / f"o.{ext}"),
+                         "--model_dir=/nonexistent"])  # refused before the model is read
+        err = capsys.readouterr().err
+        assert rc == 2 and "use .png, .webp (lossless)" in err, err
+        assert not (tmp_path / f"o.{ext}").exists()
+
+
 def test_compress_command_reports_an_image_it_cannot_code_and_writes_the_rest(
         baseline, tmp_path, capsys, monkeypatch):
     """An image refused inside a batch (here: larger than the decoders take) is reported by
