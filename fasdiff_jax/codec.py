@@ -66,7 +66,7 @@ import numpy as np
 from PIL import Image
 
 from fasdiff_jax import compile_cache
-from fasdiff_jax.errors import FasdiffError
+from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
 
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
 
@@ -314,6 +314,12 @@ IMAGE_FORMATS: dict[str, dict[str, Any]] = {
 LOSSY_FORMATS = ("JPEG",)
 
 
+def _device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
 def _image_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
@@ -441,6 +447,20 @@ def main(argv: list[str] | None = None) -> int:
                              codec.compress_many, write_file)
     else:
         read, code, write = read_file, codec.decompress_many, write_image
+    def code_or_split(inputs: list) -> list:
+        """``code(inputs)``; where the batch runs out of memory, its inputs one at a time,
+        and an input that does not fit alone gets an :class:`OutOfMemoryError` in its place."""
+        try:
+            return code(inputs)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            if len(inputs) > 1:
+                return [r for x in inputs for r in code_or_split([x])]
+            size = (f" ({inputs[0].shape[0]}x{inputs[0].shape[1]} pixels)"
+                    if isinstance(inputs[0], np.ndarray) else "")
+            return [OutOfMemoryError(f"out of memory coding it{size} on {_device_kind()}")]
+
     for start in range(0, len(jobs), args.batch_size):
         read_ok, inputs = [], []
         for src, dst in jobs[start:start + args.batch_size]:
@@ -449,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                 read_ok.append((src, dst))
             except (FasdiffError, OSError, ValueError) as e:
                 report(src, e)
-        for (src, dst), result in zip(read_ok, code(inputs) if inputs else []):
+        for (src, dst), result in zip(read_ok, code_or_split(inputs) if inputs else []):
             if isinstance(result, Exception):
                 report(src, result)
                 continue

@@ -31,3 +31,14 @@ class NonFiniteLossError(FasdiffError, FloatingPointError):
     def __init__(self, message: str, terms: tuple[str, ...] = ()):
         super().__init__(message)
         self.terms = terms
+
+
+class OutOfMemoryError(FasdiffError, MemoryError):
+    """The device or host ran out of memory for an input this large; names the input."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An XLA allocation failure (``RESOURCE_EXHAUSTED`` on accelerators, "Out of memory
+    allocating N bytes" on CPU), raised as ``jax.errors.JaxRuntimeError``."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)

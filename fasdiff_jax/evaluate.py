@@ -54,7 +54,7 @@ import numpy as np
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
-from fasdiff_jax.errors import FasdiffError
+from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
 from fasdiff_jax.models import perceptual
@@ -212,6 +212,14 @@ class Metrics:
         return out
 
 
+_OOM_ADVICE = ("evaluate smaller images (e.g. python -m fasdiff_jax.data.prepare --size) or "
+               "with more memory; the rows so far are kept and a rerun resumes after them")
+
+
+def _sized(named: list[tuple[str, np.ndarray]]) -> str:
+    return ", ".join(f"{n} ({im.shape[0]}x{im.shape[1]} pixels)" for n, im in named)
+
+
 def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[bytes], np.ndarray],
              images: Iterable[tuple[str, np.ndarray]], metrics: Metrics | None = None,
              name: str = "fasdiff", done: Mapping[str, dict] | None = None,
@@ -254,8 +262,14 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
         nonlocal metrics
         if not pending:
             return
-        datas, encoding_times = timed_shares(compress, compress_many, [im for _, im in pending])
-        recons, decoding_times = timed_shares(decompress, decompress_many, datas)
+        try:
+            datas, encoding_times = timed_shares(compress, compress_many,
+                                                 [im for _, im in pending])
+            recons, decoding_times = timed_shares(decompress, decompress_many, datas)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemoryError(f"{_sized(pending)}: out of memory coding; {_OOM_ADVICE}") from e
         metrics = metrics or make_metrics()
         for (img_name, img), data, recon, enc_s, dec_s in zip(pending, datas, recons,
                                                                encoding_times, decoding_times):
@@ -265,7 +279,13 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
             row = {"image": img_name, "height": h, "width": w, "bytes": len(data),
                    "bpp": 8.0 * len(data) / (h * w), "encoding_time": enc_s,
                    "decoding_time": dec_s}
-            row.update(metrics(to_rgb(img)[0], to_rgb(recon)[0]))
+            try:
+                row.update(metrics(to_rgb(img)[0], to_rgb(recon)[0]))
+            except RuntimeError as e:  # LPIPS / DISTS / identity run on the whole image
+                if not is_out_of_memory(e):
+                    raise
+                raise OutOfMemoryError(f"{_sized([(img_name, img)])}: out of memory computing "
+                                       f"its metrics; {_OOM_ADVICE}") from e
             rows.append(row)
             if on_row is not None:
                 on_row(_report(name, list(rows)))

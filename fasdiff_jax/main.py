@@ -9,7 +9,8 @@ on Cloud TPU VMs and under SLURM, or from ``JAX_COORDINATOR_ADDRESS`` +
 
 Errors the user can fix (a config field, data, a checkpoint, a NaN loss: every
 ``fasdiff_jax.errors.FasdiffError``) end the run with one ``error: ...`` line on stderr and exit
-status 2; the last good checkpoint stays the latest.
+status 2; the last good checkpoint stays the latest. So does running out of device memory,
+with the settings that make a step smaller.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ flags.DEFINE_string("compile_cache", None, f"{compile_cache.HELP}; a resumed or 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+OOM_ADVICE = ("A step needs less memory with --config.train.microbatches=N (the batch in N "
+              "parts, one update), --config.model.remat=True (FaSDiff) or a smaller "
+              "--config.data.global_batch_size; rerunning resumes from the last checkpoint.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -50,12 +56,18 @@ def main(argv: list[str]) -> None:
     from fasdiff_jax import train
 
     logging.info("compilation cache: %s", compile_cache.enable(FLAGS.compile_cache))
-    from fasdiff_jax.errors import FasdiffError
+    from fasdiff_jax.errors import FasdiffError, is_out_of_memory
 
     try:
         out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except FasdiffError as e:  # a config, data or checkpoint to fix: the message, not a trace
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory: {str(e).splitlines()[0][:300]}\n{OOM_ADVICE}",
+              file=sys.stderr)
         raise SystemExit(2) from e
     if out["step"] < FLAGS.config.train.steps:
         logging.warning("stopped at step %d of %d after a preemption notice (checkpoint saved); "

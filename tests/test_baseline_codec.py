@@ -210,6 +210,78 @@ def test_compress_command_reports_an_image_it_cannot_code_and_writes_the_rest(
     assert sorted(p.name for p in fsd.iterdir()) == ["a.fsd"]
 
 
+def _oom(what: str) -> Exception:
+    """The error XLA raises when an allocation fails (its CPU wording)."""
+    return jax.errors.JaxRuntimeError(f"INTERNAL: Error dispatching computation: Out of memory "
+                                      f"allocating {what} bytes.")
+
+
+def test_codec_command_codes_a_batch_that_runs_out_of_memory_one_file_at_a_time(
+        baseline, tmp_path, capsys, monkeypatch):
+    """Device memory for one 128x128 image only (fault injected at the analysis call): the
+    batch of two is coded one at a time, byte-identical to coding each alone; the 256x256
+    image is reported as out of memory by name and the others are written."""
+    folder, _ = baseline
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, crop in (("a", (slice(40, 140), slice(180, 300))),
+                       ("b", (slice(0, 100), slice(0, 120))), ("big", (slice(0, 200),) * 2)):
+        Image.fromarray(skdata.astronaut()[crop]).save(src / f"{name}.png")
+    real = H._encode_device
+
+    def limited(model, params, x):
+        if x.size > 128 * 128 * 3:
+            raise _oom(str(4 * x.size * 64))
+        return real(model, params, x)
+
+    monkeypatch.setattr(H, "_encode_device", limited)
+    fsd = tmp_path / "fsd"
+    assert codec.main(["compress", str(src), f"--out_dir={fsd}", f"--model_dir={folder}"]) == 2
+    out, err = capsys.readouterr()
+    assert "compressed 2 of 3 files, 1 failed" in out
+    assert err.strip().splitlines() == [
+        f"error: {src / 'big.png'}: out of memory coding it (200x200 pixels) on "
+        f"{jax.devices()[0].device_kind}"]
+    model, params = H.load_model(str(folder))
+    for name in ("a", "b"):
+        alone = H.compress(model, params, np.asarray(Image.open(src / f"{name}.png")))
+        assert (fsd / f"{name}.fsd").read_bytes() == alone
+    assert sorted(p.name for p in fsd.iterdir()) == ["a.fsd", "b.fsd"]
+
+
+def test_evaluate_stops_at_an_image_whose_metrics_run_out_of_memory_and_resumes(
+        tmp_path, capsys, monkeypatch):
+    """LPIPS / DISTS / identity run on whole images: where one does not fit (fault injected
+    for images over 150 px), the command names the image in one line and keeps the rows so
+    far; without that image a rerun resumes from them and completes."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.fromarray(skdata.astronaut()[40:140, 180:300]).save(faces / "a.png")
+    Image.fromarray(skdata.astronaut()[:200, :200]).save(faces / "big.png")
+    real = evaluate.Metrics.__call__
+
+    def limited(self, a, b):
+        if max(a.shape[:2]) > 150:
+            raise _oom("30729218500")
+        return real(self, a, b)
+
+    monkeypatch.setattr(evaluate.Metrics, "__call__", limited)
+    out = tmp_path / "r.json"
+    argv = ["--baseline=jpeg:30", f"--source=folder:{faces}", f"--out={out}", "--dists_weights=none"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: big.png (200x200 pixels): out of memory computing its metrics; "
+                   "evaluate smaller images (e.g. python -m fasdiff_jax.data.prepare --size) or "
+                   "with more memory; the rows so far are kept and a rerun resumes after them"]
+    report = json.loads(out.read_text())
+    assert [r["image"] for r in report["images"]] == ["a.png"] and not report["complete"]
+    first = report["images"][0]
+    (faces / "big.png").unlink()
+    assert evaluate.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["images"] == [first]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps=4"], "sampler and SD settings apply to FaSDiff"),
     (["--sd_checkpoint=/somewhere/sd21"], "--sd_checkpoint: sampler and SD settings apply"),

@@ -761,6 +761,28 @@ def test_main_reports_our_errors_as_one_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_main_reports_running_out_of_memory_with_what_to_change(tmp_path, capsys):
+    """XLA's allocation failure (injected here; on a pod a too-large batch) ends ``main`` with
+    exit status 2, its first line and the settings that shrink a step, not a traceback."""
+    from fasdiff_jax import main as main_lib
+
+    argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={tmp_path / 'w'}"]
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                     "34359738368 bytes.\nBufferAssignment OOM Debugging.")
+    with mock.patch.object(sys, "argv", argv):
+        main_lib.FLAGS(argv)
+    try:
+        with mock.patch.object(train, "train_and_evaluate", side_effect=oom), \
+                pytest.raises(SystemExit) as stop:
+            main_lib.main(argv[:1])
+    finally:
+        main_lib.FLAGS.unparse_flags()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: out of memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+        "34359738368 bytes.", main_lib.OOM_ADVICE]
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.train.stpes=20", "has no field config.train.stpes (did you mean config.train.steps?)"),
     ("--config.compute_dtype=bfloat16",
