@@ -3,6 +3,7 @@ folders, plain folders, embedded default."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -156,6 +157,14 @@ def test_folder_source_and_pipeline(tmp_path):
     assert next(it)["image"].shape == (2, 16, 16, 3)
     with pytest.raises(DataError, match="no image files"):
         FolderSource(_empty(tmp_path))
+    # files that are not images stop the source at its opening, every one named (a training
+    # run used to stop at the step that first read one, and again at every resume)
+    (tmp_path / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not a jpeg")
+    with pytest.raises(DataError, match=re.escape(
+            f"2 of 6 files under {tmp_path} are not images that can be read (a/empty.png: "
+            f"empty file; notes.jpg: unreadable: not a recognised image format); remove them")):
+        open_source(f"folder:{tmp_path}")
     with pytest.raises(DataError, match="unknown data source"):
         open_source("nowhere:/x")
     with pytest.raises(DataError, match="not a prepared folder"):
