@@ -671,6 +671,20 @@ def _workdir(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def _check_workdir(workdir: str) -> None:
+    """A local workdir (or its nearest existing parent) must be a folder we can write in:
+    otherwise Orbax's first makedirs failed with a bare NotADirectoryError traceback."""
+    if "://" in workdir:
+        return
+    there = workdir
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        raise TrainConfigError(f"workdir {workdir}: {there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"workdir {workdir}: {there} is not writable")
+
+
 MODEL_PATHS = ("sd_checkpoint", "identity_path")  # files ``config.model`` names
 
 
@@ -865,6 +879,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "`python -m fasdiff_jax.convert` (pass --config.model.sd_checkpoint=DIR)")
     _check_model_only_fields(config)
     workdir = _workdir(workdir)
+    _check_workdir(workdir)
     try:
         mesh = sharding.create_mesh(config.mesh.to_dict())
     except ValueError as e:

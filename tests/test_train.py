@@ -761,6 +761,14 @@ def test_main_reports_our_errors_as_one_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    for workdir in (tmp_path / "f", tmp_path / "f" / "run"):
+        with pytest.raises(train.TrainConfigError,
+                           match=re.escape(f"workdir {workdir}: {tmp_path / 'f'} is a file, not a folder")):
+            train.train_and_evaluate(tiny.get_config(), str(workdir))
+
+
 def test_main_reports_running_out_of_memory_with_what_to_change(tmp_path, capsys):
     """XLA's allocation failure (injected here; on a pod a too-large batch) ends ``main`` with
     exit status 2, its first line and the settings that shrink a step, not a traceback."""
