@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                              codec.compress_many, write_file)
     else:
         read, code, write = read_file, codec.decompress_many, write_image
+
     def code_or_split(inputs: list) -> list:
         """``code(inputs)``; where the batch runs out of memory, its inputs one at a time,
         and an input that does not fit alone gets an :class:`OutOfMemoryError` in its place."""
