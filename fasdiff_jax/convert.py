@@ -396,6 +396,21 @@ def convert_pipeline(src: str, out: str) -> dict[str, str]:
     return written
 
 
+def _load_failure(e: Exception) -> str:
+    """torch's weights-only unpickling error without its advice to load with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    text = str(e)
+    if type(e).__name__ == "UnpicklingError" and "weights_only" in text:
+        detail = [l.strip() for l in text.splitlines()
+                  if l.strip() and not any(w in l for w in ("weights_only", "Please file",
+                                                            "documentation of torch.load"))]
+        return ("torch.load with weights_only=True, which reads tensors and containers "
+                f"only, could not read it: {detail[-1] if detail else 'UnpicklingError'}; "
+                "it is not a state dict saved by torch.save, or it holds other objects, "
+                "which are refused rather than run")
+    return f"{type(e).__name__}: {text}"
+
+
 def read_compressai_checkpoint(path: str) -> dict[str, np.ndarray]:
     """A CompressAI checkpoint's state dict as numpy arrays.
 
@@ -421,7 +436,7 @@ def read_compressai_checkpoint(path: str) -> dict[str, np.ndarray]:
     except ConversionError:
         raise
     except Exception as e:  # noqa: BLE001 - torch/zip/pickle raise many types for a bad file
-        raise ConversionError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ConversionError(f"{path}: not a readable checkpoint ({_load_failure(e)})") from e
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):

@@ -90,6 +90,22 @@ def test_torch_checkpoint_with_training_wrapper_converts(tmp_path, capsys):
     rc = convert.main(["--compressai_checkpoint", str(tmp_path / "cut.pth"), "--out", str(tmp_path / "o2")])
     assert rc == 2 and "not a readable checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    # a pickle that would run code, and a PNG: refused without torch's advice to load them
+    # with weights_only=False (which would run the first one's code)
+    torch.save({"state_dict": ckpt["state_dict"], "hook": _RunsCode()}, tmp_path / "code.pth")
+    Image.fromarray(skdata.astronaut()).save(tmp_path / "photo.pth", format="PNG")
+    for name, reason in (("code.pth", "Unsupported global: GLOBAL print"),
+                         ("photo.pth", "Unsupported operand")):
+        rc = convert.main(["--compressai_checkpoint", str(tmp_path / name), "--out", str(tmp_path / "o3")])
+        out, err = capsys.readouterr()
+        assert rc == 2 and reason in err and "refused rather than run" in err, err
+        assert "weights_only=False" not in err and "ran" not in out
+        assert not (tmp_path / "o3").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return print, ("ran",)
 
 
 @pytest.mark.parametrize("change, message", [
