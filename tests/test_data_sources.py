@@ -165,6 +165,17 @@ def test_folder_source_and_pipeline(tmp_path):
             f"2 of 6 files under {tmp_path} are not images that can be read (a/empty.png: "
             f"empty file; notes.jpg: unreadable: not a recognised image format); remove them")):
         open_source(f"folder:{tmp_path}")
+    # a file cut after its header opens, and names itself with what to do when read
+    (tmp_path / "a" / "empty.png").unlink()
+    (tmp_path / "notes.jpg").unlink()
+    data = (tmp_path / "x.png").read_bytes()
+    (tmp_path / "x.png").write_bytes(data[: len(data) // 2])
+    src = open_source(f"folder:{tmp_path}")
+    with pytest.raises(DataError, match=re.escape(f"cannot decode image {tmp_path / 'x.png'}: "
+                                                  f"truncated image")) as e:
+        src[src.files.index("x.png")]
+    assert str(e.value).endswith("replace or remove the file and rerun the command: training "
+                                 "and evaluate resume where they stopped")
     with pytest.raises(DataError, match="unknown data source"):
         open_source("nowhere:/x")
     with pytest.raises(DataError, match="not a prepared folder"):

@@ -206,7 +206,12 @@ class FolderSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rel = self.files[int(index)]
-        return {"image": read_image(os.path.join(self.directory, rel)), "key": rel}
+        try:
+            image = read_image(os.path.join(self.directory, rel))
+        except DataError as e:  # e.g. truncated after a header the opening check read
+            raise DataError(f"{e}; replace or remove the file and rerun the command: training "
+                            f"and evaluate resume where they stopped") from e
+        return {"image": image, "key": rel}
 
     def __repr__(self) -> str:
         return f"FolderSource({self.directory!r}, {len(self.files)} files)"
