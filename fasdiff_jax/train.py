@@ -146,7 +146,7 @@ def build_model(model_cfg: Any) -> Model:
     if kind not in MODEL_KINDS:
         raise TrainConfigError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
     if kind == "hyperprior":
-        _check_weight("model.lmbda", model_cfg["lmbda"])
+        _check_number("model.lmbda", model_cfg["lmbda"])
         return H.TrainableHyperprior.from_config(model_cfg)
     _check_fasdiff_fields(model_cfg)
     model = fasdiff.build(model_cfg)
@@ -162,10 +162,16 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LOSS_WEIGHTS = ("rate", "diffusion", "latent", "high_freq", "identity", "lpips")
 
 
-def _check_weight(name: str, value: Any) -> None:
-    """A loss weight or rate: a finite number >= 0 (a negative one maximises its term)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise TrainConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
+def _check_number(name: str, value: Any, least: float = 0.0, *, above: bool = False,
+                  below: float = math.inf) -> None:
+    """A number (not a bool) >= ``least`` (> with ``above``) and < ``below``, so finite by
+    default: a negative loss weight maximises its term, a NaN rate trains to NaN."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and value < below
+          and (value > least if above else value >= least))
+    if not ok:
+        bounds = (f"a finite number {'>' if above else '>='} {least:g}" if below == math.inf
+                  else f"in [{least:g}, {below:g})")
+        raise TrainConfigError(f"config.{name} must be {bounds}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, least: int, most: int | None = None) -> None:
@@ -193,7 +199,7 @@ def _check_fasdiff_fields(m: Any) -> None:
     if stage not in (1, 2):
         raise TrainConfigError(f"config.model.loss.stage must be 1 or 2, got {stage!r}")
     for k in LOSS_WEIGHTS:
-        _check_weight(f"model.loss.{k}", m["loss"][k])
+        _check_number(f"model.loss.{k}", m["loss"][k])
     comp, hlfe = m["compressor"], m["hlfe"]
     _check_int("model.loss.x0_max_timestep", m["loss"]["x0_max_timestep"], 0)  # past T-1: all
     _check_int("model.hlfe.num_blocks", hlfe["num_blocks"], 0)
@@ -249,15 +255,11 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if tc["schedule"] not in ("constant", "warmup_cosine"):
         raise TrainConfigError(
             f"config.train.schedule must be 'constant' or 'warmup_cosine', got {tc['schedule']!r}")
-    lr = tc["learning_rate"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise TrainConfigError(f"config.train.learning_rate must be a finite number > 0, got "
-                               f"{lr!r}")
+    _check_number("train.learning_rate", tc["learning_rate"], above=True)
     for k in ("b1", "b2"):  # Adam's moment decays; 1 or more never forgets, or diverges
-        if isinstance(tc[k], bool) or not isinstance(tc[k], (int, float)) or not 0 <= tc[k] < 1:
-            raise TrainConfigError(f"config.train.{k} must be in [0, 1), got {tc[k]!r}")
+        _check_number(f"train.{k}", tc[k], below=1.0)
     for k in ("weight_decay", "grad_clip_norm", "end_learning_rate_ratio"):
-        _check_weight(f"train.{k}", tc[k])
+        _check_number(f"train.{k}", tc[k])
     if not 0.0 <= float(tc["ema_decay"]) < 1.0:
         raise TrainConfigError(f"config.train.ema_decay must be in [0, 1) (0: no EMA), got "
                                f"{tc['ema_decay']!r}")
