@@ -47,6 +47,7 @@ MAGIC = b"FSDC"
 VERSION = 1
 MAX_SIDE = 65535
 MAX_PAD = 4095
+SEED_LIMIT = 2**64  # the sampler seed is stored as u64
 MAX_STREAMS = 16
 MAX_STREAM_BYTES = 1 << 28
 _FIXED = struct.Struct("<4sHHIIHHBBH16sHHfQH")
@@ -116,7 +117,7 @@ def pack(c: Container) -> bytes:
     if any(len(s) > MAX_STREAM_BYTES for s in c.streams):
         raise ValueError("stream too long")
     s = c.sampler
-    if not (0 <= s.steps < 2**16 and 0 <= s.t_start < 2**16 and 0 <= s.seed < 2**64
+    if not (0 <= s.steps < 2**16 and 0 <= s.t_start < 2**16 and 0 <= s.seed < SEED_LIMIT
             and math.isfinite(s.eta)):
         raise ValueError(f"sampler spec {s} does not fit u16 steps/t_start, finite eta, u64 seed")
     head = _FIXED.pack(

@@ -419,7 +419,7 @@ class FaSDiff:
                              f"(steps 1..1000, t_start 0..{t_max - 1})")
         if not (np.isfinite(spec.eta) and 0 <= spec.eta <= 1):
             raise ValueError(f"sampler eta must be in [0, 1], got {spec.eta}")
-        if not 0 <= spec.seed < 2**64:  # the file holds it as u64
+        if not 0 <= spec.seed < ct.SEED_LIMIT:  # else every file's packing fails
             raise ValueError(f"sampler seed must be in 0..2**64-1, got {spec.seed}")
 
     def decompress(self, params: Params, data: bytes, max_pixels: int = H.MAX_PIXELS) -> np.ndarray:
