@@ -78,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         source="tfds:celeb_a_hq/256:train[:29000]", global_batch_size=64,
         image_size=config.model.get_ref("image_size"),  # one size: either override sets both
-        seed=0, num_workers=8, tfds_data_dir=config_dict.placeholder(str)))
+        seed=0, num_workers=8, read_threads=8, prefetch_batches=8,  # batches decoded ahead
+        tfds_data_dir=config_dict.placeholder(str)))
     # the last 1000 faces are held out: their loss terms every 2000 steps (15 batches of 64)
     config.eval = ml_collections.ConfigDict(dict(
         source="tfds:celeb_a_hq/256:train[29000:]", every_steps=2_000, batch_size=64,

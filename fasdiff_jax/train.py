@@ -65,7 +65,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fasdiff_jax import sharding
-from fasdiff_jax.data.pipeline import DataConfig, make_train_iterator
+from fasdiff_jax.data.pipeline import DataConfig, make_train_iterator, open_data_source
 from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
@@ -310,14 +310,11 @@ def held_out_settings(config: ml_collections.ConfigDict, mesh: Mesh, steps: int
                                f"{ec['best_mode']!r}")
     if not ec["source"] or not ec["every_steps"] or ec["every_steps"] > steps:
         return None
-    from fasdiff_jax.data.sources import open_source
-
     train_data = DataConfig.from_config(config.data)
     data = dataclasses.replace(
         train_data, source=ec["source"], seed=0, shuffle=False, num_epochs=1, augment=False,
         num_workers=0, global_batch_size=int(ec["batch_size"]) or train_data.global_batch_size)
-    source = open_source(data.source, data_dir=data.tfds_data_dir, cache_dir=data.cache_dir,
-                         image_size=data.image_size)
+    source = open_data_source(data)
     shards = sharding.batch_shards(mesh, data.batch_axes)
     procs = jax.process_count()
     if data.global_batch_size % shards or data.global_batch_size % procs:
@@ -778,6 +775,20 @@ def _data_state_fits(mngr: ocp.CheckpointManager, step: int, workdir: str, polic
         f"state and restart the data streams (the batches then differ from an uninterrupted run).")
 
 
+def _warn_if_batch_order_changed(saved: Mapping[str, Any] | None, now: Mapping[str, Any],
+                                 step: int, source: str) -> None:
+    """A resumed data position is a batch count: over another number of records, seed, shuffle
+    or batch size it names other images, so the run goes on but not as it would have."""
+    if saved is None or dict(saved) == dict(now):  # None: saved before the order was kept
+        return
+    changed = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
+                        if saved.get(k) != now.get(k))
+    logging.warning("checkpoint %d was trained on another batch order than config.data now "
+                    "gives (%s; source %s): the data stream resumes at the same batch count, "
+                    "but which images each step gets differs from an uninterrupted run",
+                    step, changed, source)
+
+
 def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -1058,6 +1069,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         items = dict(state=ocp.args.StandardRestore(target))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
+            _warn_if_batch_order_changed(meta.get("data_order"), it.order, latest,
+                                         config.data.source)
         restored = _restore(mngr, latest, workdir, **items)
         params = {**restored["state"]["params"], **frozen}
         opt_state = restored["state"]["opt_state"]
@@ -1077,7 +1090,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         mngr.save(at, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
             data=grain.checkpoint.CheckpointSave(it.grain_iterator),
-            meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint})),
+            meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint,
+                                    "data_order": it.order})),
             metrics=dict(eval_metrics) if eval_metrics else None)
 
     # CLU's writers import TensorFlow (~10 s here): only training pays it, not the codec and

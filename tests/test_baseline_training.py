@@ -5,6 +5,7 @@ evaluate commands coding with the trained checkpoint from its workdir alone."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from skimage import data as skdata
 from configs import mbt2018_mean
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import codec, evaluate, train
+from fasdiff_jax.data.sources import open_source
 from fasdiff_jax.models import hyperprior as H
 
 STEPS = 30
@@ -538,3 +540,36 @@ def test_resuming_with_another_architecture_is_refused_before_restoring(trained,
     cfg.model.N = 16
     with pytest.raises(train.TrainConfigError, match="does not fit this config's model"):
         train.train_and_evaluate(cfg, str(work))
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_a_resume_over_another_batch_order_is_warned_about(trained, embedded_dirs, tmp_path,  # noqa: F811
+                                                           caplog):
+    """A checkpoint keeps what fixed its batch order (records, seed, shuffle, batch size): a
+    resume over the same order is silent, one over a source of another size or another seed
+    still resumes, with a warning naming what changed (the same position now means other
+    images)."""
+    work = tmp_path / "w"
+
+    def run(steps: int, **data) -> list[str]:
+        cfg = small_config(trained["source"], steps=steps)
+        cfg.data.update(**data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="absl"):
+            assert train.train_and_evaluate(cfg, str(work))["step"] == steps
+        return [r.getMessage() for r in caplog.records if "batch order" in r.getMessage()]
+
+    assert run(1) == []
+    with ocp.CheckpointManager(work / "checkpoints") as mngr:
+        meta = mngr.restore(1, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    train_records = len(open_source(trained["source"]))
+    heldout = f"prepared:{embedded_dirs['heldout']}"
+    heldout_records = len(open_source(heldout))
+    assert meta["data_order"] == {"records": train_records, "seed": 0, "shuffle": True,
+                                  "global_batch_size": 8, "num_epochs": None}
+    assert run(2) == []  # the same order: nothing to say
+    [warned] = run(3, source=heldout, seed=5)
+    assert ("checkpoint 2 was trained on another batch order" in warned
+            and f"records {train_records} -> {heldout_records}" in warned
+            and "seed 0 -> 5" in warned and heldout in warned), warned
+    assert run(4, source=heldout, seed=5) == []  # checkpoint 3 holds the new order

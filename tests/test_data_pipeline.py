@@ -55,6 +55,38 @@ def test_same_seed_same_batches_other_seed_differs():
     assert a[0]["image"].shape == (8, 16, 16, 3) and a[0]["image"].dtype == np.uint8
 
 
+class _CountingSource(list):
+    """A source that counts the records read from it."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("threads, ahead", [(2, 2), (0, 0)])
+def test_reading_ahead_is_bounded_and_changes_no_batch(threads, ahead):
+    """Only ``prefetch_batches`` batches are decoded ahead of the one taken (Grain's default
+    read 500 batches ahead, here an endless stream of them, from the first batch on); reading
+    ahead on threads or in the caller's thread gives the same batches."""
+    import time
+
+    src = _CountingSource(index_source(24))
+    it = iter(make_dataset(cfg(global_batch_size=4, read_threads=threads, prefetch_batches=ahead),
+                           src, 0, 1))
+    first = next(it)
+    time.sleep(0.5)  # time for threads to run ahead, were they unbounded
+    assert src.reads <= 4 * (1 + ahead), src.reads
+    got = [first] + [next(it) for _ in range(7)]
+    it.close()
+    want = local_batches(make_dataset(cfg(global_batch_size=4), index_source(24), 0, 1), 8)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    with pytest.raises(DataError, match="read_threads >= 0 and prefetch_batches >= 0"):
+        cfg(prefetch_batches=-1)
+
+
 def test_one_epoch_visits_each_item_once_and_reshuffles():
     src = index_source(24)
     ds = make_dataset(cfg(num_epochs=2), src, 0, 1)

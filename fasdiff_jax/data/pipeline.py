@@ -16,7 +16,8 @@ float32 in [-1, 1] on device. ``index`` is the source index of each example (for
 Order of operations (all lazy, random access, so a state is just a position):
 source -> tag index -> keep ``process_index::process_count`` -> shuffle(seed, reshuffled per
 epoch) -> repeat(num_epochs) -> random crop/flip (per-example rng from seed and position)
--> batch -> worker processes (``mp_prefetch``).
+-> batch -> read ahead (``prefetch_batches`` on ``read_threads`` threads) -> worker processes
+(``mp_prefetch``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class DataConfig:
     flip: bool = True
     num_workers: int = 0  # Grain worker processes (0: decode in the training process)
     worker_buffer_size: int = 2
+    # Batches each process (or worker) decodes ahead, on read_threads threads. Grain's own
+    # default, 500 elements on 16 threads, is sized for small records: here an element is a
+    # whole batch, so it held 500 batches (3 GB at 32 x 256 px) and, from the first batch or
+    # a restore on, decoded them all at once, on a 2-core CPU taking the cores from the first
+    # steps (a resume of 15 tiny steps: 13 s -> 4 s; benchmarks/RESULTS.md).
+    read_threads: int = 8
+    prefetch_batches: int = 8
     tfds_data_dir: str | None = None
     cache_dir: str | None = None  # where the embedded default is built
     batch_axes: tuple[str, ...] = ("data", "fsdp")
@@ -56,6 +64,10 @@ class DataConfig:
                 f"data config: need image_size >= 1, global_batch_size >= 1, num_workers >= 0; "
                 f"got {self.image_size}, {self.global_batch_size}, {self.num_workers}"
             )
+        if self.read_threads < 0 or self.prefetch_batches < 0:
+            raise DataError(f"data config: need read_threads >= 0 and prefetch_batches >= 0 "
+                            f"(0: read in the training thread); got {self.read_threads}, "
+                            f"{self.prefetch_batches}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise DataError(f"data config: crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
@@ -130,6 +142,14 @@ class CropFlip:
         return {"image": np.ascontiguousarray(out), "index": element["index"]}
 
 
+def open_data_source(cfg: DataConfig) -> Sequence[Mapping[str, Any]]:
+    """``cfg.source`` opened with ``cfg``'s data and cache folders and image size."""
+    from fasdiff_jax.data.sources import open_source
+
+    return open_source(cfg.source, data_dir=cfg.tfds_data_dir, cache_dir=cfg.cache_dir,
+                       image_size=cfg.image_size)
+
+
 def make_dataset(
     cfg: DataConfig,
     source: Sequence[Mapping[str, Any]] | None = None,
@@ -150,10 +170,7 @@ def make_dataset(
         )
     local_batch = cfg.global_batch_size // process_count
     if source is None:
-        from fasdiff_jax.data.sources import open_source
-
-        source = open_source(cfg.source, data_dir=cfg.tfds_data_dir, cache_dir=cfg.cache_dir,
-                             image_size=cfg.image_size)
+        source = open_data_source(cfg)
     n = len(source)
     usable = (n // process_count) * process_count  # equal shards: equal step counts
     if usable // process_count < 1:
@@ -168,7 +185,8 @@ def make_dataset(
         seed=cfg.seed,
     )
     ds = ds.batch(local_batch, drop_remainder=True)
-    it_ds = ds.to_iter_dataset()
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                 prefetch_buffer_size=cfg.prefetch_batches))
     if cfg.num_workers > 0:
         from absl import flags
 
@@ -182,13 +200,26 @@ def make_dataset(
     return it_ds
 
 
+def batch_order(cfg: DataConfig, records: int) -> dict[str, Any]:
+    """What fixes which images each step gets: a saved Grain position resumes the same batches
+    only when all of these are as they were (the source's name is not among them, so data moved
+    to another path resumes as before)."""
+    return {"records": records, "seed": cfg.seed, "shuffle": cfg.shuffle,
+            "global_batch_size": cfg.global_batch_size, "num_epochs": cfg.num_epochs}
+
+
 class TrainIterator:
-    """Yields ``{"image", "index"}`` global jax.Arrays; ``get_state``/``set_state`` resume exactly."""
+    """Yields ``{"image", "index"}`` global jax.Arrays; ``get_state``/``set_state`` resume exactly.
+
+    ``order`` (:func:`batch_order`) is saved with the state so that a resume can tell when the
+    same position now means other batches."""
 
     def __init__(self, dataset: Any, mesh: Any, global_batch_size: int,
-                 batch_axes: Sequence[str] = ("data", "fsdp")):
+                 batch_axes: Sequence[str] = ("data", "fsdp"),
+                 order: Mapping[str, Any] | None = None):
         self.grain_iterator = iter(dataset)
         self.mesh, self.global_batch_size, self.batch_axes = mesh, global_batch_size, tuple(batch_axes)
+        self.order = dict(order or {})
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -249,8 +280,11 @@ def make_train_iterator(
             f"global_batch_size {cfg.global_batch_size} is not divisible by the {shards} "
             f"shards of the mesh's batch axes {cfg.batch_axes} (mesh {dict(mesh.shape)})"
         )
+    if source is None:
+        source = open_data_source(cfg)
     ds = make_dataset(cfg, source, process_index, process_count)
-    return TrainIterator(ds, mesh, cfg.global_batch_size, cfg.batch_axes)
+    return TrainIterator(ds, mesh, cfg.global_batch_size, cfg.batch_axes,
+                         batch_order(cfg, len(source)))
 
 
 def to_model_input(images: Any) -> Any:
