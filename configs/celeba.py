@@ -75,11 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.mesh.data = -1  # pure data parallelism over every device of every host
     config.model = model_config()
-    config.data = ml_collections.ConfigDict(dict(
+    config.data = base.data_config(
         source="tfds:celeb_a_hq/256:train[:29000]", global_batch_size=64,
         image_size=config.model.get_ref("image_size"),  # one size: either override sets both
-        seed=0, num_workers=8, read_threads=8, prefetch_batches=8,  # batches decoded ahead
-        tfds_data_dir=config_dict.placeholder(str)))
+        seed=0, num_workers=8)
     # the last 1000 faces are held out: their loss terms every 2000 steps (15 batches of 64)
     config.eval = ml_collections.ConfigDict(dict(
         source="tfds:celeb_a_hq/256:train[29000:]", every_steps=2_000, batch_size=64,

@@ -37,10 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         kind="hyperprior", N=128, M=192, num_scales=128, hs_activation="leaky_relu",
         lmbda=0.0130, image_size=256))
-    config.data = ml_collections.ConfigDict(dict(
+    config.data = base.data_config(
         source="tfds:celeb_a_hq/256:train[:29000]", global_batch_size=16, seed=0,
-        read_threads=8, prefetch_batches=8,  # batches decoded ahead on 8 threads
-        image_size=config.model.get_ref("image_size")))  # one size: either override sets both
+        image_size=config.model.get_ref("image_size"))  # one size: either override sets both
     # held-out rate, MSE and PSNR (latents rounded as coded) on the last 1000 faces
     config.eval = ml_collections.ConfigDict(dict(
         source="tfds:celeb_a_hq/256:train[29000:]", every_steps=5_000, batch_size=16,

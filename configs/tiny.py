@@ -59,9 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model_config()
     # one size for both (an override of either sets the other): the model is built and
     # evaluated at model.image_size, trained on crops of data.image_size
-    config.data = ml_collections.ConfigDict(dict(
+    config.data = base.data_config(
         source="embedded:train", image_size=config.model.get_ref("image_size"),
-        global_batch_size=8, seed=0))
+        global_batch_size=8, seed=0)
     config.train = ml_collections.ConfigDict(dict(
         steps=200, learning_rate=1e-3, x0_every=10, log_every=20, checkpoint_every=100,
         optimizer="adam", b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant",
