@@ -827,6 +827,16 @@ def test_configs_load_by_path_from_any_directory(tmp_path):
     assert out.stdout.split() == ["64", "256"]
 
 
+def _printed_with_config(code: str, name: str, tmp_path: Path):
+    """The JSON that ``code`` prints last, run in a fresh process (main's flags are parsed once
+    per process) with the path of ``configs/<name>.py`` as its argument."""
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / f"{name}.py")],
+                         cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 @pytest.mark.parametrize("name", ["tiny", "celeba", "mbt2018_mean"])
 def test_an_image_size_override_sets_the_model_and_its_data_alike(name, tmp_path):
     """One size in each shipped config: ``--config.data.image_size=128`` alone used to train
@@ -842,11 +852,7 @@ def test_an_image_size_override_sets_the_model_and_its_data_alike(name, tmp_path
             "    sizes.append([c.model.image_size, c.data.image_size])\n"
             "    main.FLAGS.unparse_flags()\n"
             "print(json.dumps(sizes))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / f"{name}.py")],
-                         cwd=tmp_path, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.splitlines()[-1]) == [[128, 128], [128, 128]]
+    assert _printed_with_config(code, name, tmp_path) == [[128, 128], [128, 128]]
 
     config = importlib.import_module(f"configs.{name}").get_config()
     config.data.image_size = 96
@@ -875,11 +881,7 @@ def test_every_data_field_can_be_overridden_in_each_config(name, tmp_path):
             "main.FLAGS(sys.argv)\n"
             "d = DataConfig.from_config(main.FLAGS.config)\n"
             "print(json.dumps([d.num_workers, d.augment, d.crop_scale, d.num_epochs, d.cache_dir]))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / f"{name}.py")],
-                         cwd=tmp_path, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.splitlines()[-1]) == [4, False, [0.5, 1.0], 3, "/c"]
+    assert _printed_with_config(code, name, tmp_path) == [4, False, [0.5, 1.0], 3, "/c"]
     with pytest.raises(KeyError, match=r"no fields \['num_worker'\]"):
         base.data_config(num_worker=4)
 
