@@ -903,6 +903,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     model = build_model(config.model)
     _check_image_size(config, model)
+    # then the training data: a bad source or too few epochs fail before anything compiles
+    it = make_train_iterator(config.data, mesh)
+    try:
+        _check_epochs(config, int(tc["steps"]), it.order["records"])
+        return _train(config, workdir, tc, mesh, rules, model, it)
+    finally:
+        it.close()
+
+
+def _check_epochs(config: ml_collections.ConfigDict, steps: int, records: int) -> None:
+    """With ``data.num_epochs`` set the stream ends; it must hold a batch for every step
+    (epochs run into each other: the batches are cut from the repeated records)."""
+    data = DataConfig.from_config(config.data)
+    if data.num_epochs is None:
+        return
+    procs = jax.process_count()
+    batches = data.num_epochs * (records // procs) // (data.global_batch_size // procs)
+    if batches < steps:
+        raise TrainConfigError(
+            f"config.data.num_epochs={data.num_epochs} gives {batches} batches of "
+            f"{data.global_batch_size} ({records} records"
+            f"{f' over {procs} processes' if procs > 1 else ''}), but config.train.steps="
+            f"{steps} takes one a step; raise num_epochs, unset it (the records then repeat "
+            f"for as long as the steps run) or lower the steps")
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
+           rules: Any, model: Model, it: Any) -> dict[str, float]:
+    """Initialise ``model``'s state and build its step programs, then :func:`_loop` over
+    ``it``."""
     params = model.init_params(jax.random.key(config.seed))
     p_sh = param_shardings(model, params, mesh, rules)
     params = jax.device_put(params, p_sh)
@@ -919,7 +949,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                       optimizer, p_sh, o_sh)
     if held_out is not None:
         _check_best_metric(eval_step, params, held_out)
-    it = make_train_iterator(config.data, mesh)
     register_checkpoint_array_handler()
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                  options=checkpoint_options(tc, held_out))
@@ -929,7 +958,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         mngr.wait_until_finished()  # an async save of a good step completes even on error
         mngr.close()
-        it.close()
 
 
 # Orbax writes a replicated array "replica-parallel": each of its N holders writes 1/N of it,

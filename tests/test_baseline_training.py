@@ -573,3 +573,18 @@ def test_a_resume_over_another_batch_order_is_warned_about(trained, embedded_dir
             and f"records {train_records} -> {heldout_records}" in warned
             and "seed 0 -> 5" in warned and heldout in warned), warned
     assert run(4, source=heldout, seed=5) == []  # checkpoint 3 holds the new order
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_a_finite_number_of_epochs_must_hold_a_batch_for_every_step(trained, tmp_path):
+    """``data.num_epochs=1`` over 29 records in batches of 8 is 3 batches: 3 steps train, 4
+    are refused before anything is written (they used to end in a bare StopIteration at the
+    fourth step, after the compile and three steps)."""
+    cfg = small_config(trained["source"], steps=3)
+    cfg.data.num_epochs = 1
+    assert train.train_and_evaluate(cfg, str(tmp_path / "a"))["step"] == 3
+    cfg.train.steps = 4
+    with pytest.raises(train.TrainConfigError, match=r"num_epochs=1 gives 3 batches of 8 "
+                                                     r"\(29 records\), but config.train.steps=4"):
+        train.train_and_evaluate(cfg, str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()

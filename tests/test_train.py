@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import celeba, mbt2018_mean, tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 from fasdiff_jax import convert, safetensors_io, sharding, train
+from fasdiff_jax.errors import DataError
 from fasdiff_jax.errors import IdentityWeightsError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
@@ -437,7 +438,6 @@ def test_only_tensorstores_unretrieved_read_errors_are_dropped():
 def test_held_out_settings(embedded_dirs):  # noqa: F811
     """config.eval: off when unset, empty or after the last step; the whole batches of the
     held-out source, capped by num_batches; what cannot work is refused at the start."""
-    from fasdiff_jax.errors import DataError
 
     mesh8 = sharding.create_mesh({"data": 8})
     mesh2 = sharding.create_mesh({"data": 2, "tensor": 4})  # batch split over 2 shards
@@ -727,6 +727,16 @@ def test_bad_configs_are_refused_early(tmp_path):
             functools.reduce(getattr, parents, cfg)[key] = value
         with pytest.raises(train.TrainConfigError, match=re.escape(f"config.{message}")):
             train.train_and_evaluate(cfg, str(tmp_path))
+    # a stream of fewer batches than steps ended the run in a bare StopIteration at its end
+    cfg = tiny.get_config()
+    cfg.data.num_epochs = 1
+    with pytest.raises(train.TrainConfigError, match=re.escape(
+            "config.data.num_epochs=1 gives 3 batches of 8 (29 records), but "
+            "config.train.steps=200 takes one a step")):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    cfg.data.num_epochs = 0
+    with pytest.raises(DataError, match="num_epochs must be >= 1, or None"):
+        train.train_and_evaluate(cfg, str(tmp_path))
     cfg = mbt2018_mean.get_config()
     cfg.model.lmbda = -0.01
     with pytest.raises(train.TrainConfigError, match=r"config.model.lmbda must be a finite number"):

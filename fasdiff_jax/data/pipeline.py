@@ -64,6 +64,9 @@ class DataConfig:
                 f"data config: need image_size >= 1, global_batch_size >= 1, num_workers >= 0; "
                 f"got {self.image_size}, {self.global_batch_size}, {self.num_workers}"
             )
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise DataError(f"data config: num_epochs must be >= 1, or None to repeat the "
+                            f"records for as long as training runs; got {self.num_epochs}")
         if self.read_threads < 0 or self.prefetch_batches < 0:
             raise DataError(f"data config: need read_threads >= 0 and prefetch_batches >= 0 "
                             f"(0: read in the training thread); got {self.read_threads}, "
