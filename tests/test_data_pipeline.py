@@ -83,8 +83,39 @@ def test_reading_ahead_is_bounded_and_changes_no_batch(threads, ahead):
     want = local_batches(make_dataset(cfg(global_batch_size=4), index_source(24), 0, 1), 8)
     for x, y in zip(got, want):
         np.testing.assert_array_equal(x["image"], y["image"])
-    with pytest.raises(DataError, match="read_threads >= 0 and prefetch_batches >= 0"):
+    with pytest.raises(DataError, match="prefetch_batches must be an integer >= 0, got -1"):
         cfg(prefetch_batches=-1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("crop_scale", (0.5,), "crop_scale must be two numbers (lo, hi) with 0 < lo <= hi <= 1, "
+                           "got (0.5,)"),
+    ("crop_ratio", (1, 2, 3), "crop_ratio must be two numbers (lo, hi) with 0 < lo <= hi, got"),
+    ("crop_scale", "ab", "crop_scale must be two numbers"),
+    ("crop_scale", (0.9, 0.5), "crop_scale must be two numbers"),
+    ("worker_buffer_size", 0, "worker_buffer_size must be an integer >= 1, got 0"),
+    ("seed", -1, "seed must be an integer >= 0, got -1"),
+    ("global_batch_size", 3.5, "global_batch_size must be an integer >= 1, got 3.5"),
+    ("image_size", 0, "image_size must be an integer >= 1, got 0"),
+    ("num_epochs", 2.5, "num_epochs must be an integer >= 1, or None"),
+])
+def test_bad_data_fields_are_one_readable_error(field, value, message):
+    """Every field of ``config.data`` can be overridden; a value the pipeline cannot use is a
+    DataError naming it (a one-number crop_scale was a bare unpacking ValueError, a negative
+    seed or a worker buffer of 0 failed inside Grain)."""
+    import re
+
+    with pytest.raises(DataError, match="^" + re.escape(f"data config: {message}")):
+        cfg(**{field: value})
+
+
+def test_batch_axes_must_be_axes_of_the_mesh(devices8):
+    """A mistyped batch axis used to be skipped: the batch was then replicated on every
+    device instead of split."""
+    mesh = create_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    with pytest.raises(DataError, match=r"batch_axes \('dta',\): 'dta' is not an axis of the "
+                                        r"mesh \('data', 'fsdp', 'tensor'\)"):
+        make_train_iterator(cfg(batch_axes=("dta",)), mesh, source=index_source())
 
 
 def test_one_epoch_visits_each_item_once_and_reshuffles():

@@ -735,7 +735,7 @@ def test_bad_configs_are_refused_early(tmp_path):
             "config.train.steps=200 takes one a step")):
         train.train_and_evaluate(cfg, str(tmp_path))
     cfg.data.num_epochs = 0
-    with pytest.raises(DataError, match="num_epochs must be >= 1, or None"):
+    with pytest.raises(DataError, match="num_epochs must be an integer >= 1, or None"):
         train.train_and_evaluate(cfg, str(tmp_path))
     cfg = mbt2018_mean.get_config()
     cfg.model.lmbda = -0.01

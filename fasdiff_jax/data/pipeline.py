@@ -58,25 +58,28 @@ class DataConfig:
     cache_dir: str | None = None  # where the embedded default is built
     batch_axes: tuple[str, ...] = ("data", "fsdp")
 
+    # the least value of each integer field (read_threads/prefetch_batches 0: read in the
+    # training thread; seed >= 0: Grain's and numpy's seeds are unsigned)
+    _LEAST = {"image_size": 1, "global_batch_size": 1, "seed": 0, "num_workers": 0,
+              "worker_buffer_size": 1, "read_threads": 0, "prefetch_batches": 0}
+
     def __post_init__(self) -> None:
-        if self.image_size < 1 or self.global_batch_size < 1 or self.num_workers < 0:
-            raise DataError(
-                f"data config: need image_size >= 1, global_batch_size >= 1, num_workers >= 0; "
-                f"got {self.image_size}, {self.global_batch_size}, {self.num_workers}"
-            )
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise DataError(f"data config: num_epochs must be >= 1, or None to repeat the "
-                            f"records for as long as training runs; got {self.num_epochs}")
-        if self.read_threads < 0 or self.prefetch_batches < 0:
-            raise DataError(f"data config: need read_threads >= 0 and prefetch_batches >= 0 "
-                            f"(0: read in the training thread); got {self.read_threads}, "
-                            f"{self.prefetch_batches}")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise DataError(f"data config: crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi:
-            raise DataError(f"data config: crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        for name, least in self._LEAST.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise DataError(f"data config: {name} must be an integer >= {least}, got {value!r}")
+        if self.num_epochs is not None and (isinstance(self.num_epochs, bool) or not isinstance(
+                self.num_epochs, (int, np.integer)) or self.num_epochs < 1):
+            raise DataError(f"data config: num_epochs must be an integer >= 1, or None to repeat "
+                            f"the records for as long as training runs; got {self.num_epochs!r}")
+        for name, most in (("crop_scale", 1.0), ("crop_ratio", float("inf"))):
+            pair = getattr(self, name)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                            for v in pair) and 0 < pair[0] <= pair[1] <= most):
+                bound = " <= 1" if most == 1.0 else ""
+                raise DataError(f"data config: {name} must be two numbers (lo, hi) with "
+                                f"0 < lo <= hi{bound}, got {pair!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DataConfig":
@@ -277,6 +280,10 @@ def make_train_iterator(
     from fasdiff_jax.sharding import batch_shards
 
     cfg = DataConfig.from_config(config)
+    for axis in cfg.batch_axes:
+        if axis not in mesh.axis_names:
+            raise DataError(f"data config: batch_axes {cfg.batch_axes}: {axis!r} is not an axis "
+                            f"of the mesh {tuple(mesh.axis_names)}")
     shards = batch_shards(mesh, cfg.batch_axes)
     if cfg.global_batch_size % shards:
         raise DataError(
