@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
         source="tfds:celeb_a_hq/256:train[29000:]", every_steps=5_000, batch_size=16,
         num_batches=0, seed=0, x0_terms=False, images=4,
         best_metric="loss", best_mode="min",  # the best rate-distortion loss: --step=best
-        at_start=True))  # and the initial params' loss at step 0
+        at_start=True,  # and the initial params' loss at step 0
+        last_params_too=False))  # with train.ema_decay > 0: also the params' own (eval_params/*)
     config.train = tiny.get_config().train  # every field, then the baseline's values
     config.train.update(steps=500_000, optimizer="adam", learning_rate=1e-4, x0_every=0,
                         log_every=100, checkpoint_every=5_000, max_to_keep=3)

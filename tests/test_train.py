@@ -872,15 +872,18 @@ def test_an_image_size_override_sets_the_model_and_its_data_alike(name, tmp_path
 
 
 @pytest.mark.parametrize("name", ["tiny", "celeba", "mbt2018_mean"])
-def test_every_data_field_can_be_overridden_in_each_config(name, tmp_path):
-    """Each shipped config's ``data`` holds every field the pipeline reads: the configs used
-    to list some, so ``--config.data.num_workers=4`` on mbt2018_mean (or ``augment`` on any)
-    was refused as a field the config lacks. Overrides of each kind reach ``DataConfig``."""
+def test_every_data_train_and_eval_field_can_be_overridden_in_each_config(name, tmp_path):
+    """Each shipped config's ``data``, ``train`` and ``eval`` hold every field the loop reads:
+    the configs used to list some, so ``--config.data.num_workers=4`` on mbt2018_mean (or
+    ``augment`` on any, or ``eval.last_params_too`` on mbt2018_mean) was refused as a field the
+    config lacks. Overrides of each kind reach ``DataConfig``."""
     from configs import base
     from fasdiff_jax.data.pipeline import DataConfig
 
     config = importlib.import_module(f"configs.{name}").get_config()
     assert set(config.data) == {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(config.train) == set(train.TRAIN_DEFAULTS)
+    assert set(config.eval) == set(train.EVAL_DEFAULTS)
     code = ("import json, sys\n"
             "from fasdiff_jax import main\n"
             "from fasdiff_jax.data.pipeline import DataConfig\n"
