@@ -952,8 +952,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any
     register_checkpoint_array_handler()
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                  options=checkpoint_options(tc, held_out))
+    # handed over, not kept here: on a resume _loop lets the initial state go before the
+    # restored one arrives, so a resume needs no more device memory than a fresh run
+    initial = {"params": params, "opt_state": opt_state}
+    del params, opt_state
     try:
-        return _loop(config, workdir, tc, mesh, model, params, opt_state, train_sh, o_sh,
+        return _loop(config, workdir, tc, mesh, model, initial, train_sh, o_sh,
                      step_fns, it, mngr, held_out, eval_step, sample_step)
     finally:
         mngr.wait_until_finished()  # an async save of a good step completes even on error
@@ -1063,12 +1067,15 @@ def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
-          model: Model, params: Any, opt_state: Any, train_sh: Any, o_sh: Any,
+          model: Model, initial: dict[str, Any], train_sh: Any, o_sh: Any,
           step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager,
           held_out: HeldOut | None = None, eval_step: Any = None,
           sample_step: Any = None) -> dict[str, float]:
     """Restore (if a checkpoint exists), then train, log, evaluate, check and save until the
-    last step."""
+    last step. ``initial`` (``params``, ``opt_state``) is emptied: its trainable arrays are
+    then referenced only here and freed before a restore allocates their replacements (the
+    params, Adam's moments and any moving average would otherwise be held twice)."""
+    params, opt_state = initial.pop("params"), initial.pop("opt_state")
     fingerprint = _frozen_fingerprint(config)
     step = 0
     latest = mngr.latest_step()
@@ -1094,6 +1101,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                            else (opt_state, o_sh))
         target = {"params": _abstract(train_params, train_sh),
                   "opt_state": _abstract(inner, inner_sh)}
+        params, opt_state = frozen, None  # the initial trainable state goes (see docstring)
+        del train_params, inner
         items = dict(state=ocp.args.StandardRestore(target))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)

@@ -588,3 +588,29 @@ def test_a_finite_number_of_epochs_must_hold_a_batch_for_every_step(trained, tmp
                                                      r"\(29 records\), but config.train.steps=4"):
         train.train_and_evaluate(cfg, str(tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_a_resume_frees_the_initial_state_before_restoring(trained, tmp_path, monkeypatch):
+    """On a resume the freshly initialised params and optimizer state are let go before the
+    restore allocates the checkpoint's: they used to stay referenced through it, so a resume
+    held the trainable state (params, Adam's moments, any average) twice and could run out of
+    device memory where the fresh run fitted."""
+    import weakref
+
+    work = tmp_path / "w"
+    train.train_and_evaluate(small_config(trained["source"], steps=1), str(work))
+    real, seen = train._restore, {}
+
+    def spy(mngr, step, workdir, **items):
+        if "meta" in items:  # the first read of a resume, after the init
+            seen["alive"] = [weakref.ref(a) for a in jax.live_arrays()]
+        if "state" in items:
+            seen["leaves"] = len(jax.tree.leaves(items["state"].item))
+            seen["freed"] = sum(ref() is None for ref in seen["alive"])
+        return real(mngr, step, workdir, **items)
+
+    monkeypatch.setattr(train, "_restore", spy)
+    assert train.train_and_evaluate(small_config(trained["source"], steps=2),
+                                    str(work))["step"] == 2
+    assert seen["leaves"] > 100 and seen["freed"] >= seen["leaves"], seen
