@@ -51,7 +51,7 @@ class DataConfig:
     # default, 500 elements on 16 threads, is sized for small records: here an element is a
     # whole batch, so it held 500 batches (3 GB at 32 x 256 px) and, from the first batch or
     # a restore on, decoded them all at once, on a 2-core CPU taking the cores from the first
-    # steps (a resume of 15 tiny steps: 13 s -> 4 s; benchmarks/RESULTS.md).
+    # steps (a 15-step resume of a small baseline: 12-13 s -> 3.5-4.5 s; benchmarks/RESULTS.md).
     read_threads: int = 8
     prefetch_batches: int = 8
     tfds_data_dir: str | None = None
