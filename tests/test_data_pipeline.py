@@ -180,7 +180,7 @@ def test_config_from_configdict_and_errors():
         make_dataset(cfg(global_batch_size=7), index_source(), 0, 2)
     with pytest.raises(DataError, match="crop_scale"):
         DataConfig.from_config({"crop_scale": (0.5, 1.5)})
-    with pytest.raises(DataError, match="image_size >= 1"):
+    with pytest.raises(DataError, match="image_size must be an integer >= 1, got 0"):
         DataConfig(image_size=0)
     with pytest.raises(DataError, match="batch axes"):
         make_train_iterator(cfg(global_batch_size=6), create_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
