@@ -65,7 +65,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fasdiff_jax import sharding
-from fasdiff_jax.data.pipeline import DataConfig, make_train_iterator, open_data_source
+from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_data_source,
+                                       stream_batches)
 from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
@@ -913,14 +914,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _check_epochs(config: ml_collections.ConfigDict, steps: int, records: int) -> None:
-    """With ``data.num_epochs`` set the stream ends; it must hold a batch for every step
-    (epochs run into each other: the batches are cut from the repeated records)."""
+    """With ``data.num_epochs`` set the stream ends; it must hold a batch for every step."""
     data = DataConfig.from_config(config.data)
-    if data.num_epochs is None:
-        return
     procs = jax.process_count()
-    batches = data.num_epochs * (records // procs) // (data.global_batch_size // procs)
-    if batches < steps:
+    batches = stream_batches(data, records, procs)
+    if batches is not None and batches < steps:
         raise TrainConfigError(
             f"config.data.num_epochs={data.num_epochs} gives {batches} batches of "
             f"{data.global_batch_size} ({records} records"

@@ -206,6 +206,15 @@ def make_dataset(
     return it_ds
 
 
+def stream_batches(cfg: DataConfig, records: int, process_count: int) -> int | None:
+    """How many batches each process's stream of ``records`` holds (None: endless). As
+    :func:`make_dataset` cuts them: equal shards, epochs running into each other."""
+    if cfg.num_epochs is None:
+        return None
+    local_batch = cfg.global_batch_size // process_count
+    return cfg.num_epochs * (records // process_count) // local_batch
+
+
 def batch_order(cfg: DataConfig, records: int) -> dict[str, Any]:
     """What fixes which images each step gets: a saved Grain position resumes the same batches
     only when all of these are as they were (the source's name is not among them, so data moved
