@@ -64,12 +64,14 @@ class DataConfig:
               "worker_buffer_size": 1, "read_threads": 0, "prefetch_batches": 0}
 
     def __post_init__(self) -> None:
+        def whole(v: Any, least: int) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= least
+
         for name, least in self._LEAST.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            if not whole(value, least):
                 raise DataError(f"data config: {name} must be an integer >= {least}, got {value!r}")
-        if self.num_epochs is not None and (isinstance(self.num_epochs, bool) or not isinstance(
-                self.num_epochs, (int, np.integer)) or self.num_epochs < 1):
+        if self.num_epochs is not None and not whole(self.num_epochs, 1):
             raise DataError(f"data config: num_epochs must be an integer >= 1, or None to repeat "
                             f"the records for as long as training runs; got {self.num_epochs!r}")
         for name, most in (("crop_scale", 1.0), ("crop_ratio", float("inf"))):
