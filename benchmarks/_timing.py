@@ -1,6 +1,8 @@
 """Timing shared by the benchmarks: this VM's speed drifts over minutes, so A/B calls alternate."""
 
+import json
 import statistics
+import subprocess
 import time
 
 
@@ -16,3 +18,13 @@ def alternating_medians(fns: dict, repeats: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
+def child_result(argv: list, **kwargs) -> dict:
+    """Run ``argv`` (a fresh Python process: first-call costs a cache in this one would hide)
+    and return the JSON of its ``RESULT {...}`` line; its stderr's end if it printed none."""
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{argv[:3]} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

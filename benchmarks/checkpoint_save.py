@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+from _timing import child_result  # benchmarks/ is this script's sys.path[0]
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -78,10 +79,8 @@ def main() -> None:
     rows = []
     for model_name in ("tiny",) + (() if args.skip_reduced else ("reduced-sd21",)):
         for handler in ("orbax-default", "fasdiff"):
-            out = subprocess.run([sys.executable, __file__, "--saves", str(args.saves), "--one",
-                                  model_name, handler], capture_output=True, text=True, check=True)
-            row = json.loads(next(ln for ln in out.stdout.splitlines()
-                                  if ln.startswith("RESULT "))[7:])
+            row = child_result([sys.executable, __file__, "--saves", str(args.saves), "--one",
+                                model_name, handler])
             print(json.dumps(row), flush=True)
             rows.append(row)
     print("\n| model | handler | leaves | MiB | first save s | later saves s |\n|---|---|---|---|---|---|")

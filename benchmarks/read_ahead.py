@@ -16,10 +16,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
+from _timing import child_result  # benchmarks/ is this script's sys.path[0]
 from input_pipeline import _cpu_name  # benchmarks/ is this script's sys.path[0]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,12 +57,7 @@ def run(threads: int, ahead: int, cache: str) -> dict:
         code = (_CHILD.replace("ROOT", repr(ROOT)).replace("CACHE", repr(cache))
                 .replace("THREADS", str(threads)).replace("AHEAD", str(ahead))
                 .replace("WORKDIR", repr(os.path.join(work, "w"))))
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"run failed:\n{proc.stderr[-3000:]}")
+        return child_result([sys.executable, "-c", code])
 
 
 def main() -> None:

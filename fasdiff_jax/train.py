@@ -927,36 +927,79 @@ def _check_epochs(config: ml_collections.ConfigDict, steps: int, records: int) -
             f"for as long as the steps run) or lower the steps")
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
-           rules: Any, model: Model, it: Any) -> dict[str, float]:
-    """Initialise ``model``'s state and build its step programs, then :func:`_loop` over
-    ``it``."""
-    params = model.init_params(jax.random.key(config.seed))
+class InitialState(NamedTuple):
+    """What the train loop starts from, and the layouts its steps keep."""
+
+    params: Any  # trainable + frozen; on a resume the trainable leaves are shapes
+    opt_state: Any  # on a resume shapes only
+    optimizer: optax.GradientTransformation
+    param_shardings: Any
+    opt_shardings: Any
+
+
+def initial_state(model: Model, tc: Mapping[str, Any], mesh: Mesh, rules: Any, seed: int,
+                  resume: bool) -> InitialState:
+    """A fresh run's params (drawn, SD parts loaded) and optimizer state, placed on their
+    shardings. For a resume (``resume``) the trainable params and the optimizer state are
+    ``jax.ShapeDtypeStruct``s with their shardings, the restore's target: the checkpoint
+    replaces them, so nothing is drawn, copied (FaSDiff's ControlNet from the UNet),
+    compiled or held for them; only the frozen parts are loaded and placed."""
+    rng = jax.random.key(seed)
+    if resume:
+        params = {**model.trainable_shapes(), **model.frozen_params(rng)}
+    else:
+        params = model.init_params(rng)
     p_sh = param_shardings(model, params, mesh, rules)
-    params = jax.device_put(params, p_sh)
-    train_sh = model.split(p_sh)[0]
+    train_sh, frozen_sh = model.split(p_sh)
     _check_lr_multipliers(tc, train_sh)
     optimizer = make_optimizer(tc)
     opt_shape = jax.eval_shape(lambda p: model.init_opt_state(optimizer, p), params)
     o_sh = _opt_shardings(optimizer, opt_shape, train_sh, mesh)
-    opt_state = jax.jit(lambda p: model.init_opt_state(optimizer, p), out_shardings=o_sh)(params)
+    if resume:
+        trainable, frozen = model.split(params)
+        params = {**_abstract(trainable, train_sh), **jax.device_put(frozen, frozen_sh)}
+        opt_state = _abstract(opt_shape, o_sh)
+    else:
+        params = jax.device_put(params, p_sh)
+        opt_state = jax.jit(lambda p: model.init_opt_state(optimizer, p),
+                            out_shardings=o_sh)(params)
+    return InitialState(params, opt_state, optimizer, p_sh, o_sh)
 
-    _check_microbatches(config, mesh, tc["microbatches"])
-    held_out = held_out_settings(config, mesh, int(tc["steps"]))
-    step_fns, eval_step, sample_step = _step_programs(config, tc, mesh, rules, held_out, model,
-                                                      optimizer, p_sh, o_sh)
-    if held_out is not None:
-        _check_best_metric(eval_step, params, held_out)
-    register_checkpoint_array_handler()
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                 options=checkpoint_options(tc, held_out))
-    # handed over, not kept here: on a resume _loop lets the initial state go before the
-    # restored one arrives, so a resume needs no more device memory than a fresh run
-    initial = {"params": params, "opt_state": opt_state}
-    del params, opt_state
+
+def _latest_checkpoint(ckpt_dir: str) -> int | None:
+    """The step a run in ``ckpt_dir`` resumes from, read without creating or cleaning
+    anything (a config refused before the loop leaves nothing written). Every process asks
+    at the same point: Orbax's managers synchronise the processes when they open."""
+    probe = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False))
     try:
-        return _loop(config, workdir, tc, mesh, model, initial, train_sh, o_sh,
-                     step_fns, it, mngr, held_out, eval_step, sample_step)
+        return probe.latest_step()
+    finally:
+        probe.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
+           rules: Any, model: Model, it: Any) -> dict[str, float]:
+    """Set up the model's state (:func:`initial_state`; a resume's comes from its checkpoint)
+    and build its step programs, then :func:`_loop` over ``it``."""
+    register_checkpoint_array_handler()
+    held_out = held_out_settings(config, mesh, int(tc["steps"]))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resume_step = _latest_checkpoint(ckpt_dir)
+    state = initial_state(model, tc, mesh, rules, config.seed, resume_step is not None)
+    _check_microbatches(config, mesh, tc["microbatches"])
+    step_fns, eval_step, sample_step = _step_programs(
+        config, tc, mesh, rules, held_out, model, state.optimizer, state.param_shardings,
+        state.opt_shardings)
+    if held_out is not None:
+        _check_best_metric(eval_step, state.params, held_out)
+    mngr = ocp.CheckpointManager(ckpt_dir, options=checkpoint_options(tc, held_out))
+    try:
+        if mngr.latest_step() != resume_step:
+            raise TrainConfigError(
+                f"{workdir}: its checkpoints changed while this run started (latest step "
+                f"{resume_step} -> {mngr.latest_step()}): is another run writing there?")
+        return _loop(config, workdir, tc, mesh, model, state.params, state.opt_state,
+                     state.opt_shardings, step_fns, it, mngr, held_out, eval_step, sample_step)
     finally:
         mngr.wait_until_finished()  # an async save of a good step completes even on error
         mngr.close()
@@ -1065,15 +1108,13 @@ def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,
-          model: Model, initial: dict[str, Any], train_sh: Any, o_sh: Any,
+          model: Model, params: Any, opt_state: Any, o_sh: Any,
           step_fns: Mapping[bool, Any], it: Any, mngr: ocp.CheckpointManager,
           held_out: HeldOut | None = None, eval_step: Any = None,
           sample_step: Any = None) -> dict[str, float]:
     """Restore (if a checkpoint exists), then train, log, evaluate, check and save until the
-    last step. ``initial`` (``params``, ``opt_state``) is emptied: its trainable arrays are
-    then referenced only here and freed before a restore allocates their replacements (the
-    params, Adam's moments and any moving average would otherwise be held twice)."""
-    params, opt_state = initial.pop("params"), initial.pop("opt_state")
+    last step. On a resume the trainable leaves of ``params`` and all of ``opt_state`` are
+    shapes with shardings (see :func:`initial_state`), the restore's target."""
     fingerprint = _frozen_fingerprint(config)
     step = 0
     latest = mngr.latest_step()
@@ -1085,9 +1126,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 f"{workdir}: an export for coding of {meta['export_of']} (trained params "
                 f"only, no optimizer or data state); training resumes in the run's own workdir")
         _check_frozen(meta, config, workdir, latest)
-        train_params, frozen = model.split(params)
+        target, frozen = model.split(params)
         saved = _saved_tree(mngr, latest, workdir)
-        _check_fits(train_params, saved["params"], workdir, latest)
+        _check_fits(target, saved["params"], workdir, latest)
         if _has_ema(saved) and ema_params(opt_state) is None:
             raise TrainConfigError(
                 f"{workdir}: checkpoint {latest} holds a moving average of the params, which "
@@ -1095,13 +1136,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                 f"new workdir (python -m fasdiff_jax.codec export --workdir={workdir} "
                 f"--weights=ema OUT keeps the average for coding)")
         starts_ema = ema_params(opt_state) is not None and not _has_ema(saved)
-        inner, inner_sh = ((opt_state.inner_state, o_sh.inner_state) if starts_ema
-                           else (opt_state, o_sh))
-        target = {"params": _abstract(train_params, train_sh),
-                  "opt_state": _abstract(inner, inner_sh)}
-        params, opt_state = frozen, None  # the initial trainable state goes (see docstring)
-        del train_params, inner
-        items = dict(state=ocp.args.StandardRestore(target))
+        items = dict(state=ocp.args.StandardRestore({
+            "params": target,
+            "opt_state": opt_state.inner_state if starts_ema else opt_state}))
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
             items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
             _warn_if_batch_order_changed(meta.get("data_order"), it.order, latest,
