@@ -593,10 +593,9 @@ def test_a_finite_number_of_epochs_must_hold_a_batch_for_every_step(trained, tmp
 @pytest.mark.xdist_group("baseline_training")
 def test_a_resume_initialises_no_trainable_state(trained, tmp_path, monkeypatch):
     """A resume restores the trainable params and optimizer state into shapes, without
-    initialising them first: the initial ones used to be drawn, compiled and held beside the
-    restored ones (params, Adam's moments, any average: twice the trainable state on each
-    device). (That the resumed run goes on exactly as the uninterrupted one:
-    test_the_loop_trains_and_resumes_the_baseline.)"""
+    initialising them first: they used to be drawn, compiled and placed (params, Adam's
+    moments, any average) only to be dropped for the checkpoint's. (That the resumed run goes
+    on exactly as the uninterrupted one: test_the_loop_trains_and_resumes_the_baseline.)"""
     work = tmp_path / "w"
     train.train_and_evaluate(small_config(trained["source"], steps=1), str(work))
     real, seen = train._restore, {}

@@ -259,7 +259,7 @@ def test_the_mesh_layout_xla_miscomputes_is_refused(tmp_path):
         train.train_and_evaluate(cfg, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
     cfg.data.batch_axes = ("data",)  # the batch on one axis: allowed
-    train._check_mesh_layout(sharding.create_mesh(cfg.mesh.to_dict()), ("data",))
+    train._check_mesh_layout(sharding.create_mesh(cfg.mesh.to_dict()), cfg.data.batch_axes)
 
 
 def test_xla_still_miscomputes_strided_conv_gradients_in_the_refused_layout(devices8):
