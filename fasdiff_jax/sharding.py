@@ -140,6 +140,25 @@ def init_sharded(
     return tree, shardings
 
 
+def gathered_over(shardings: Any, axes: Sequence[str]) -> Any:
+    """A tree of ``NamedSharding``s with the mesh ``axes`` dropped from every spec.
+
+    FSDP stores params split over the axes that split the batch and computes with them
+    gathered over those axes; the train step constrains its params to this layout (see
+    :func:`fasdiff_jax.models.train_step.make_train_step`)."""
+    drop = set(axes)
+
+    def one(s: NamedSharding) -> NamedSharding:
+        spec = []
+        for entry in s.spec:
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            names = tuple(a for a in names if a not in drop)
+            spec.append(None if not names else names[0] if len(names) == 1 else names)
+        return NamedSharding(s.mesh, P(*spec))
+
+    return jax.tree.map(one, shardings)
+
+
 def shard_tree(tree: Any, shardings: Any) -> Any:
     """Place an (unboxed) host or device tree onto the given shardings."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)

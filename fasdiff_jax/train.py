@@ -813,7 +813,7 @@ def _program_key(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mesh:
     """Everything the step programs are built from: the model config and its frozen
     weights' fingerprint (a converted SD folder by content, not by path: its config files
     shape the model), the train settings the step bakes in, the mesh (devices by id), the
-    sharding rules and what the held-out steps compute."""
+    sharding rules, the batch axes and what the held-out steps compute."""
     skip = _LOOP_ONLY + (_SCHEDULE_ONLY if tc["schedule"] == "constant" else ())
     model = {k: v for k, v in config.model.to_dict().items() if k != "sd_checkpoint"}
     return json.dumps(dict(
@@ -821,8 +821,15 @@ def _program_key(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mesh:
         train={k: v for k, v in tc.items() if k not in skip},
         mesh=[list(mesh.axis_names), list(mesh.devices.shape),
               [int(d.id) for d in mesh.devices.flat]],
-        rules=rules, held_out=None if held_out is None else [held_out.x0_terms, held_out.images],
+        rules=rules, batch_axes=_batch_axes(config),
+        held_out=None if held_out is None else [held_out.x0_terms, held_out.images],
     ), sort_keys=True, default=str)
+
+
+def _batch_axes(config: ml_collections.ConfigDict) -> list[str]:
+    """The mesh axes the input pipeline splits the batch over; the train step computes with
+    the params gathered over them (FSDP, see :func:`train_step.make_train_step`)."""
+    return list(config.data.get("batch_axes", DataConfig.batch_axes))
 
 
 def _step_programs(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mesh: Mesh,
@@ -836,7 +843,8 @@ def _step_programs(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mes
         _PROGRAMS.move_to_end(key)
         return _PROGRAMS[key]
     step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
-                                          opt_shardings=o_sh, microbatches=tc["microbatches"])
+                                          opt_shardings=o_sh, microbatches=tc["microbatches"],
+                                          gather_params_over=_batch_axes(config))
                 for x0 in (False, True)}
     eval_step = sample_step = None
     if held_out is not None:
@@ -883,23 +891,6 @@ def _check_model_only_fields(config: ml_collections.ConfigDict) -> None:
                 f"({config.model.get(k, default)!r}); set --config.model.{k} instead")
 
 
-def _check_mesh_layout(mesh: Mesh, batch_axes: tuple[str, ...]) -> None:
-    """Refuse the one layout whose gradients XLA computes wrong: the batch split over two or
-    more mesh axes together with features split over another. Strided convolutions'
-    gradients then come out wrong (jax-ml/jax#16894; here jax 0.10.2, a mesh of data=2,
-    fsdp=2, tensor=2 gave 34-45% relative error in every trainable component's gradient of
-    configs/tiny.py while the loss agreed to 1e-7; any two of the axes were right to <1e-4).
-    ``tests/test_train.py`` keeps the plain-JAX case that shows it, to lift this when fixed."""
-    split = [a for a in batch_axes if mesh.shape.get(a, 1) > 1]
-    other = [a for a in mesh.axis_names if a not in batch_axes and mesh.shape[a] > 1]
-    if len(split) >= 2 and other:
-        raise TrainConfigError(
-            f"config.mesh {dict(mesh.shape)}: the batch split over {split} together with "
-            f"{other} is a layout whose strided-convolution gradients XLA computes wrong "
-            f"(jax-ml/jax#16894: 34-45% error measured); keep the batch on one of {split} "
-            f"(e.g. --config.mesh.{split[0]}=1) or set the other axes to 1")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train until ``config.train.steps`` (resuming from ``workdir``); the last logged metrics."""
     config = with_absolute_paths(config)
@@ -915,7 +906,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh = sharding.create_mesh(config.mesh.to_dict())
     except ValueError as e:
         raise TrainConfigError(f"config.mesh: {e}") from None
-    _check_mesh_layout(mesh, tuple(config.data.get("batch_axes", DataConfig.batch_axes)))
     rules = tuple(config.logical_axis_rules)
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                  jax.process_count())

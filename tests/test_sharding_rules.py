@@ -18,6 +18,22 @@ def test_create_mesh_fills_minus_one(devices8):
         sharding.create_mesh({"data": 3, "fsdp": 4})
 
 
+def test_gathered_over_drops_the_batch_axes_from_every_spec(devices8):
+    """How the train step uses FSDP params: whole over the batch axes, still split over the
+    others (a tuple entry keeps its other axes; a tree keeps its structure)."""
+    from jax.sharding import NamedSharding
+
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tree = {"k": NamedSharding(mesh, P(None, None, "fsdp", "tensor")),
+            "b": NamedSharding(mesh, P(("data", "fsdp"), "tensor")),
+            "r": [NamedSharding(mesh, P())]}
+    got = sharding.gathered_over(tree, ("data", "fsdp"))
+    assert got["k"].spec == P(None, None, None, "tensor")
+    assert got["b"].spec == P(None, "tensor")
+    assert got["r"][0].spec == P() and got["k"].mesh is mesh
+    assert sharding.gathered_over(tree, ("fsdp",))["b"].spec == P("data", "tensor")
+
+
 def test_non_divisible_dims_are_replicated(devices8):
     mesh = sharding.create_mesh({"data": 2, "fsdp": 4})
     rules = sharding.DEFAULT_LOGICAL_AXIS_RULES

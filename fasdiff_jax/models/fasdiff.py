@@ -264,13 +264,15 @@ class FaSDiff:
 
     def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
                         mesh: Mesh | None = None, param_shardings: Any = None,
-                        opt_shardings: Any = None, microbatches: int = 1) -> Callable:
+                        opt_shardings: Any = None, microbatches: int = 1,
+                        gather_params_over: Sequence[str] = ()) -> Callable:
         """:func:`~fasdiff_jax.models.train_step.make_train_step` of :meth:`loss_fn` (the
         SD/metric networks frozen); ``opt_state`` comes from :meth:`init_opt_state`. Pass
         trees from :func:`fasdiff_jax.sharding.tree_shardings` as shardings to shard."""
         return train_step.make_train_step(
             lambda p, batch, rng: self.loss_fn(p, batch, rng, x0_terms), self.split, optimizer,
-            mesh, param_shardings, opt_shardings, microbatches=microbatches)
+            mesh, param_shardings, opt_shardings, microbatches=microbatches,
+            gather_params_over=gather_params_over)
 
     def make_eval_step(self, x0_terms: bool | None = None, mesh: Mesh | None = None,
                        param_shardings: Any = None) -> Callable:

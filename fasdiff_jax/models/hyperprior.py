@@ -1052,11 +1052,13 @@ class TrainableHyperprior:
 
     def make_train_step(self, optimizer: optax.GradientTransformation, x0_terms: bool | None = None,
                         mesh: Any = None, param_shardings: Any = None,
-                        opt_shardings: Any = None, microbatches: int = 1):
+                        opt_shardings: Any = None, microbatches: int = 1,
+                        gather_params_over: Sequence[str] = ()):
         del x0_terms  # FaSDiff's stage-2 terms; the baseline has none
         return train_step.make_train_step(self.loss_fn, self.split, optimizer, mesh,
                                           param_shardings, opt_shardings,
-                                          microbatches=microbatches)
+                                          microbatches=microbatches,
+                                          gather_params_over=gather_params_over)
 
     def make_eval_step(self, x0_terms: bool | None = None, mesh: Any = None,
                        param_shardings: Any = None):
