@@ -49,14 +49,15 @@ def make_train_step(loss_fn: LossFn, split: SplitFn, optimizer: optax.GradientTr
     overlaps the parts and saves no memory. (XLA:CPU keeps its own conv gradients slow inside
     loops; ``layers.conv2d``'s are written in the form it runs fast there.)
 
-    ``gather_params_over`` (mesh axes; the train loop passes the batch axes): the losses see
-    the params gathered over these axes (:func:`fasdiff_jax.sharding.gathered_over`), as
-    FSDP computes, and the gradients come back to the params' own shardings. Left to
-    itself, XLA's SPMD partitioner (jax 0.10.2) computed conv input gradients wrong when a
-    kernel's input channels and the batch share a mesh axis and another axis splits the
-    output channels: data=2, fsdp=2, tensor=2 gave 32-45% relative error in every trainable
-    component of configs/tiny.py while the loss agreed to 1e-7 (jax-ml/jax#16894); with
-    the params gathered the error is 1e-6 (``tests/test_train.py``).
+    ``gather_params_over`` (mesh axes; the train loop passes the batch axes on the meshes
+    that need it, :func:`fasdiff_jax.train.params_gathered_over`): the losses see the params
+    gathered over these axes (:func:`fasdiff_jax.sharding.gathered_over`), as FSDP computes,
+    and the gradients come back to the params' own shardings. Left to itself, XLA's SPMD
+    partitioner (jax 0.10.2) computed conv input gradients wrong when a kernel's input
+    channels and the batch share a mesh axis and another axis splits the output channels:
+    data=2, fsdp=2, tensor=2 gave 32-45% relative error in every trainable component of
+    configs/tiny.py while the loss agreed to 1e-7 (jax-ml/jax#16894); with the params
+    gathered the error is 1e-6 (``tests/test_train.py``).
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
