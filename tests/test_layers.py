@@ -1,5 +1,5 @@
-"""layers.conv2d: the CPU gradient path (canonical-conv kernel and input gradients, sub-pixel
-input gradient) equals XLA's own gradient of lax.conv_general_dilated, outside and inside a
+"""layers.conv2d: the CPU gradient path (canonical-conv or one-GEMM kernel gradients,
+canonical-conv and sub-pixel input gradients) equals XLA's own gradient of lax.conv_general_dilated, outside and inside a
 lax.scan, and flax's nn.Conv accepts it;
 layers.attention's hand-written backward equals torch's autograd."""
 
@@ -54,6 +54,41 @@ def test_conv2d_value_and_gradients_match_lax(shape, k, out, strides, padding):
         assert a.shape == b.shape, name
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.abs(b).max()),
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("shape,k,out,strides,padding",
+                         [c for c in CASES if isinstance(c[4], tuple) and min(c[4][0][0], c[4][1][0]) >= 0])
+def test_the_one_gemm_kernel_gradient_matches_lax(shape, k, out, strides, padding):
+    """The kernel gradient large layers take (:func:`layers._kernel_grad_gemm`) on every
+    shape above, not only those past its size threshold."""
+    rng = np.random.default_rng(sum(shape) + k + 1)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, shape[-1], out)), jnp.float32)
+    y, vjp = jax.vjp(lambda w: _lax(x, w, strides, padding), w)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    got = layers._kernel_grad_gemm(x, dy, w.shape, strides, padding)
+    want = vjp(dy)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                               atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_conv2d_takes_the_one_gemm_kernel_gradient_past_its_threshold():
+    """A 33x34 map with 128 channels (>= 1024 outputs, >= 128 GEMM rows): conv2d's kernel
+    gradient is the one-GEMM form (a dot: the program's one conv is the forward) and equals
+    lax's."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((1, 33, 34, 128)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 128, 8)) * 0.1, jnp.float32)
+    pads = ((1, 1), (1, 1))
+
+    def dw(conv):
+        return jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w, (1, 1), pads)))))
+
+    np.testing.assert_allclose(np.asarray(dw(layers.conv2d)(w)), np.asarray(dw(_lax)(w)),
+                               atol=1e-5 * float(jnp.abs(dw(_lax)(w)).max()))
+    hlo = dw(layers.conv2d).lower(w).compile().as_text()
+    assert len(re.findall(r"dim_labels=", hlo)) == 1, "the forward's conv only"
 
 
 def test_conv2d_gradients_inside_a_scan_match_lax():
