@@ -853,10 +853,10 @@ def _step_programs(config: ml_collections.ConfigDict, tc: Mapping[str, Any], mes
     if key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
         return _PROGRAMS[key]
+    gather = params_gathered_over(mesh, _batch_axes(config))
     step_fns = {x0: model.make_train_step(optimizer, x0, mesh=mesh, param_shardings=p_sh,
                                           opt_shardings=o_sh, microbatches=tc["microbatches"],
-                                          gather_params_over=params_gathered_over(
-                                              mesh, _batch_axes(config)))
+                                          gather_params_over=gather)
                 for x0 in (False, True)}
     eval_step = sample_step = None
     if held_out is not None:
