@@ -1,6 +1,6 @@
 """layers.conv2d: the CPU gradient path (canonical-conv or one-GEMM kernel gradients,
-canonical-conv and sub-pixel input gradients) equals XLA's own gradient of lax.conv_general_dilated, outside and inside a
-lax.scan, and flax's nn.Conv accepts it;
+canonical-conv and sub-pixel input gradients) equals XLA's own gradient of
+lax.conv_general_dilated, outside and inside a lax.scan, and flax's nn.Conv accepts it;
 layers.attention's hand-written backward equals torch's autograd."""
 
 import functools
