@@ -73,6 +73,112 @@ def test_the_one_gemm_kernel_gradient_matches_lax(shape, k, out, strides, paddin
                                atol=1e-5 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("shape,k,out,strides,padding",
+                         [c for c in CASES if c[3] == (1, 1)])
+@pytest.mark.parametrize("form", ["_input_grad_gemm", "_input_grad_flipped_maps",
+                                  "_input_grad_flipped_kernel"])
+def test_every_stride1_input_gradient_matches_lax(form, shape, k, out, strides, padding):
+    """The three input-gradient forms of stride-1 convs (the rules pick one per layer) on
+    every stride-1 shape above, wide and negative pads included."""
+    rng = np.random.default_rng(sum(shape) + k + 2)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, shape[-1], out)), jnp.float32)
+    y, vjp = jax.vjp(lambda x: _lax(x, w, strides, padding), x)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    got = getattr(layers, form)(dy, w, padding)
+    want = vjp(dy)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                               atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("side,form", [(8, "gemm"), (23, "maps"), (64, "kernel")])
+def test_conv2d_picks_the_input_gradient_form_by_map_size(side, form):
+    """A 3x3 512->256 conv: on an 8x8 map (64 positions) the input gradient is one GEMM (the
+    program has no conv left: its forward is a GEMM too); past 512 positions it is a conv, on
+    23x23 (kernel 1.2M elements vs maps 0.4M) of the flipped dy, on 64x64 with the flipped
+    kernel. Each equals lax's."""
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(rng.standard_normal((3, 3, 512, 256)) * 0.05, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, side, side, 512)), jnp.float32)
+    pads = ((1, 1), (1, 1))
+
+    def dx(conv):
+        return jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, w, (1, 1), pads)))))
+
+    want = dx(_lax)(x)
+    np.testing.assert_allclose(np.asarray(dx(layers.conv2d)(x)), np.asarray(want),
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    lowered = dx(layers.conv2d).lower(x)
+    kernel_reversed = re.search(r"stablehlo.reverse [^\n]*tensor<3x3x512x256xf32>",
+                                lowered.as_text()) is not None
+    convs = len(re.findall(r"dim_labels=", lowered.compile().as_text()))
+    assert (convs, kernel_reversed) == {"gemm": (0, False), "maps": (2, False),
+                                        "kernel": (2, True)}[form]
+
+
+@pytest.mark.parametrize("shape,k,out,strides,padding", CASES)
+def test_the_gemm_forward_matches_lax(shape, k, out, strides, padding):
+    """The conv small maps take on CPU (:func:`layers._conv_gemm`), on every shape above."""
+    rng = np.random.default_rng(sum(shape) + k + 3)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, shape[-1], out)), jnp.float32)
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(shape[1:3], (k, k), strides, padding)
+    want = _lax(x, w, strides, padding)
+    got = layers._conv_gemm(x, w, strides, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_conv2d_takes_the_gemm_forms_on_small_maps_with_many_channels():
+    """512 output positions with 256 channels in and out: the conv and its input gradient run
+    as GEMMs (the kernel gradient's conv is the program's only one); 544 positions or 128
+    input channels: all three are convs. All equal lax's."""
+    rng = np.random.default_rng(11)
+    pads = ((1, 1), (1, 1))
+    for rows, c_in, convs in ((16, 256, 1), (17, 256, 3), (16, 128, 3)):  # 2 x rows x 16 outputs
+        w = jnp.asarray(rng.standard_normal((3, 3, c_in, 256)) * 0.05, jnp.float32)
+        x = jnp.asarray(rng.standard_normal((2, rows, 16, c_in)), jnp.float32)
+
+        def grads(conv):
+            loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), pads)))  # noqa: E731
+            return jax.jit(jax.grad(loss, (0, 1)))
+
+        for got, want in zip(grads(layers.conv2d)(x, w), grads(_lax)(x, w)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                       atol=1e-5 * float(jnp.abs(want).max()))
+        hlo = grads(layers.conv2d).lower(x, w).compile().as_text()
+        assert len(re.findall(r"dim_labels=", hlo)) == convs, (rows, c_in)
+
+
+def test_the_gemm_forms_on_a_mesh_equal_one_device():
+    """The GEMM forms reshape the kernel; with its channels split over fsdp and tensor and the
+    batch over data (2x2x2), the value and both gradients equal one device's."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 256, 512)) * 0.05, jnp.float32)
+    pads = ((1, 1), (1, 1))
+    assert layers._gemm_conv_pays(2 * 8 * 8, w.shape)
+
+    def value_and_grads(x, w):
+        return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, (1, 1), pads))),
+                                  (0, 1))(x, w)
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    shardings = (NamedSharding(mesh, P("data")),
+                 NamedSharding(mesh, P(None, None, "fsdp", "tensor")))
+    on_mesh = jax.jit(value_and_grads, in_shardings=shardings)(
+        *(jax.device_put(a, sh) for a, sh in zip((x, w), shardings)))
+    single = jax.jit(value_and_grads)(x, w)
+    for got, want in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(single)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_conv2d_takes_the_one_gemm_kernel_gradient_past_its_threshold():
     """A 33x34 map with 128 channels (>= 1024 outputs, >= 128 GEMM rows): conv2d's kernel
     gradient is the one-GEMM form (a dot: the program's one conv is the forward) and equals
@@ -95,7 +201,7 @@ def test_conv2d_gradients_inside_a_scan_match_lax():
     """Gradient accumulation traces the gradients inside a lax.scan, where XLA:CPU keeps its own
     conv gradients non-canonical (slow); ours must still be the same numbers there."""
     rng = np.random.default_rng(5)
-    xs = jnp.asarray(rng.standard_normal((3, 2, 12, 10, 4)), jnp.float32)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 40, 36, 4)), jnp.float32)  # > 512 outputs
     ws = [jnp.asarray(rng.standard_normal((5, 5, 4, 6)), jnp.float32),
           jnp.asarray(rng.standard_normal((3, 3, 6, 5)), jnp.float32)]
 

@@ -41,6 +41,51 @@ def _lax_conv(x, w, strides, pads, rhs_dilation=None):
                                         dimension_numbers=_NHWC)
 
 
+# Up to this many output positions (batch x height x width), with this many channels in and
+# out, a conv and its input gradient run faster on CPU as one GEMM each than as XLA:CPU's
+# (YNNPACK's) convs, which use a fraction of the CPU on small maps. `benchmarks/conv_forms.py`
+# (2-core EPYC), 3x3 1280->1280: 1x8x8 forward 42.9 -> 13.2 ms, input gradient 65.4 -> 17.4
+# ms; 1x16x16 69.5 -> 40.3 and 93.2 -> 46.1 ms; at 1x32x32 640->640 the convs win (input
+# gradient 44.5 vs 50.8), and at 128 channels too (2x16x16: 0.99 vs 1.18 ms forward).
+_GEMM_MAX_POSITIONS = 512
+_GEMM_MIN_CHANNELS = 256
+
+
+def _gemm_conv_pays(positions: int, w_shape) -> bool:
+    """Whether a conv with this many output positions (its input gradient: dy's) takes the
+    GEMM forms on CPU: small maps, many channels."""
+    return positions <= _GEMM_MAX_POSITIONS and min(w_shape[2], w_shape[3]) >= _GEMM_MIN_CHANNELS
+
+
+def _conv_gemm(x, w, strides, pads):
+    """A conv as one GEMM: the taps' (strided) windows of x stacked, (N, Ho, Wo, kh, kw, C),
+    contracted with the kernel (kh, kw, C, O) read in place (no copy of it: on small maps the
+    kernel is the big operand)."""
+    kh, kw, c, _ = w.shape
+    (sh, sw) = strides
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))  # pads may be < 0
+    n, hp, wp, _ = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    cols = jnp.stack([jnp.stack([
+        jax.lax.slice(xp, (0, a, b, 0), (n, a + sh * (ho - 1) + 1, b + sw * (wo - 1) + 1, c),
+                      (1, sh, sw, 1)) for b in range(kw)], 3) for a in range(kh)], 3)
+    return jax.lax.dot_general(cols, w, (((3, 4, 5), (0, 1, 2)), ((), ())))
+
+
+def _forward(x, w, strides, pads):
+    """The conv itself: on CPU :func:`_conv_gemm` where :func:`_gemm_conv_pays`, else XLA's."""
+    lax_conv = functools.partial(_lax_conv, strides=strides, pads=pads)
+    n, h, wd, _ = x.shape
+    kh, kw = w.shape[:2]
+    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+    wo = (wd + sum(pads[1]) - kw) // strides[1] + 1
+    if not _gemm_conv_pays(n * ho * wo, w.shape):
+        return lax_conv(x, w)
+    return jax.lax.platform_dependent(
+        x, w, cpu=lambda x, w: _conv_gemm(x, w, strides, pads), default=lax_conv)
+
+
 # The one-GEMM kernel gradient wins from this output area and this many rows of its GEMM
 # (stride^2 x input channels) on; below, the conv form does. `benchmarks/kernel_gradients.py`
 # on a 2-core Xeon, batch 8: 3x3 320->320 at 64 px 1713 -> 451 ms, 640 at 32 px 895 -> 335,
@@ -110,13 +155,73 @@ def _kernel_grad_conv(x, dy, w_shape, strides, pads):
     return jnp.transpose(g, (1, 2, 0, 3))
 
 
+def _flipping_maps_pays(dy_shape, w_shape, x_hw) -> bool:
+    """Whether :func:`_input_grad_stride1` flips dy and dx rather than the kernel: when the
+    kernel has more elements than the two maps. XLA:CPU fuses the kernel's flip and transpose
+    into one loop 4-5x slower than a plain transpose of it (8.6 vs 1.8-2.0 ms for
+    3x3x1024x512); the maps' flips fuse into the ops around them."""
+    kh, kw, c, o = w_shape
+    n, ho, wo, _ = dy_shape
+    return kh * kw > 1 and kh * kw * c * o > n * (ho * wo * o + x_hw[0] * x_hw[1] * c)
+
+
 def _input_grad_stride1(dy, w, pads):
-    """dL/dx of a stride-1 conv as a forward conv of dy with the flipped, transposed kernel:
-    XLA:CPU's own stays non-canonical inside loops (0.61 vs 0.14 s, 3x3, 8x64x64x128)."""
+    """dL/dx of a stride-1 conv: :func:`_input_grad_gemm` where :func:`_gemm_conv_pays`;
+    else a forward conv, :func:`_input_grad_flipped_maps` where the kernel outsizes the maps,
+    otherwise :func:`_input_grad_flipped_kernel`. XLA:CPU's own stays non-canonical inside
+    loops (0.61 vs 0.14 s, 3x3, 8x64x64x128)."""
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = pads
+    if _gemm_conv_pays(dy.shape[0] * dy.shape[1] * dy.shape[2], w.shape):
+        return _input_grad_gemm(dy, w, pads)
+    x_hw = (dy.shape[1] + kh - 1 - pt - pb, dy.shape[2] + kw - 1 - pl - pr)
+    if _flipping_maps_pays(dy.shape, w.shape, x_hw):
+        return _input_grad_flipped_maps(dy, w, pads)
+    return _input_grad_flipped_kernel(dy, w, pads)
+
+
+def _input_grad_flipped_kernel(dy, w, pads):
+    """dL/dx of a stride-1 conv: dy correlated with the flipped kernel, in/out swapped."""
     kh, kw = w.shape[:2]
     (pt, pb), (pl, pr) = pads
     k = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     return _lax_conv(dy, k, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+
+
+def _input_grad_flipped_maps(dy, w, pads):
+    """dL/dx of a stride-1 conv without flipping the kernel: a correlation with the flipped
+    kernel is the flip of the flipped dy's correlation with the kernel itself, each pad moved
+    to the other end. The kernel only has its in/out axes swapped (a plain transpose)."""
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = pads
+    g = _lax_conv(jnp.flip(dy, (1, 2)), jnp.transpose(w, (0, 1, 3, 2)), (1, 1),
+                  ((kh - 1 - pb, kh - 1 - pt), (kw - 1 - pr, kw - 1 - pl)))
+    return jnp.flip(g, (1, 2))
+
+
+def _input_grad_gemm(dy, w, pads):
+    """dL/dx of a stride-1 conv as one GEMM over the out channels, dy (N, Ho, Wo, O) with the
+    kernel (kh, kw, C, O) read in place, then each tap's (N, Ho, Wo, C) slab shifted to its
+    place and summed. The product is kh*kw times dx's size, so this is for small maps
+    (:func:`_input_grad_stride1`), where YNNPACK's convs use a fraction of the CPU."""
+    kh, kw, c, o = w.shape
+    (pt, pb), (pl, pr) = pads
+    n, ho, wo, _ = dy.shape
+    h, wd = ho + kh - 1 - pt - pb, wo + kw - 1 - pl - pr
+    # as 2-D operands: with the kernel 4-D, XLA:CPU copies it into (O, kh*kw*C) first
+    g = jax.lax.dot_general(dy.reshape(n * ho * wo, o), w.reshape(kh * kw * c, o),
+                            (((1,), (1,)), ((), ()))).reshape(n, ho, wo, kh, kw, c)
+    # dx[i] = sum over taps a of g[i + pt - a, tap a]: pad g so every slice is in range
+    lo_h, hi_h = max(kh - 1 - pt, 0), max(h + pt - ho, 0)
+    lo_w, hi_w = max(kw - 1 - pl, 0), max(wd + pl - wo, 0)
+    g = jnp.pad(g, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0), (0, 0), (0, 0)))
+    out = None
+    for a in range(kh):
+        for b in range(kw):
+            r0, c0 = lo_h + pt - a, lo_w + pl - b
+            part = g[:, r0:r0 + h, c0:c0 + wd, a, b]
+            out = part if out is None else out + part
+    return out
 
 
 def _phase_kernel(w, k: int, s: int, p: int, axis: int):
@@ -160,11 +265,11 @@ def _input_grad_subpixel(dy, w, x_shape, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_cpu_grads(x, w, strides, pads):
-    return _lax_conv(x, w, strides, pads)
+    return _forward(x, w, strides, pads)
 
 
 def _conv_cpu_grads_fwd(x, w, strides, pads):
-    return _lax_conv(x, w, strides, pads), (x, w)
+    return _forward(x, w, strides, pads), (x, w)
 
 
 def _conv_cpu_grads_bwd(strides, pads, res, dy):
@@ -196,8 +301,10 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     loops, so inside a ``lax.scan`` they ran 5-73x slower; ours (:func:`_kernel_grad`,
     :func:`_input_grad_stride1`) are that form already. Strided convs get their input gradient
     in sub-pixel form (:func:`_input_grad_subpixel`; XLA:CPU's own, an lhs-dilated conv, is 2.5x
-    slower). Other backends keep XLA's own gradients. Dilated, grouped or non-NHWC convs go
-    straight to ``lax.conv_general_dilated``.
+    slower). On small maps with many channels (:func:`_gemm_conv_pays`) the conv and its
+    stride-1 input gradient are one GEMM each (:func:`_conv_gemm`, :func:`_input_grad_gemm`):
+    YNNPACK's convs use a fraction of the CPU there. Other backends keep XLA's own conv and
+    gradients. Dilated, grouped or non-NHWC convs go straight to ``lax.conv_general_dilated``.
     """
     strides = tuple(strides)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
