@@ -20,6 +20,16 @@ def alternating_medians(fns: dict, repeats: int) -> dict:
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
+def before_and_after(build, before, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``build()``'s call traced and compiled inside the context ``before()``
+    (the code as it was) and of another built as the code is now, the calls alternating."""
+    with before():
+        old = build()
+        old()  # traced and compiled here, inside the context
+    med = alternating_medians({"before": old, "after": build()}, repeats)
+    return med["before"][0], med["after"][0]
+
+
 def child_result(argv: list, **kwargs) -> dict:
     """Run ``argv`` (a fresh Python process: first-call costs a cache in this one would hide)
     and return the JSON of its ``RESULT {...}`` line; its stderr's end if it printed none."""

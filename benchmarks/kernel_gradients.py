@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from _timing import alternating_medians  # noqa: E402
+from _timing import alternating_medians, before_and_after  # noqa: E402
 from fasdiff_jax.models import hyperprior, layers, train_step  # noqa: E402
 
 # (batch, map side, C in, C out, kernel, stride, padding)
@@ -69,21 +69,34 @@ def per_layer(repeats: int) -> None:
               f"{1e3 * med['gemm'][0]:.0f} | {picked} |", flush=True)
 
 
-def steps(repeats: int) -> None:
+def fasdiff_step_runner():
+    """A call of the reduced SD-2.1 FaSDiff train step (benchmarks/fasdiff_step.py's shape,
+    batch 1, 256 px), built (traced) now and compiled at its first call."""
     from configs import tiny
     from fasdiff_jax import train
     from fasdiff_step import reduced_sd21_model_config
 
+    cfg = tiny.get_config()
+    cfg.model = reduced_sd21_model_config()
+    fd = train.build_model(cfg.model)
+    fd_params = fd.init_params(jax.random.key(0))
+    faces = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    adam = optax.adam(1e-4)
+    s = fd.make_train_step(adam, False)
+    carry = [jax.tree.map(lambda a: a.copy(), fd_params), fd.init_opt_state(adam, fd_params)]
+
+    def run():  # the step donates params and state: carry them
+        carry[0], carry[1], _ = jax.block_until_ready(
+            s(carry[0], carry[1], faces, jax.random.key(1)))
+    return run
+
+
+def steps(repeats: int) -> None:
     rng = np.random.default_rng(0)
     hp = hyperprior.MeanScaleHyperprior(N=128, M=192)
     hp_params = hyperprior.init_params(hp, jax.random.key(0), (256, 256))
     images = jax.numpy.asarray(rng.uniform(size=(8, 256, 256, 3)), np.float32)
     adam = optax.adam(1e-4)
-    cfg = tiny.get_config()
-    cfg.model = reduced_sd21_model_config()
-    fd = train.build_model(cfg.model)
-    fd_params = fd.init_params(jax.random.key(0))
-    faces = rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
 
     def mbt(microbatches):
         s = train_step.make_train_step(lambda p, b, r: hyperprior.loss_fn(hp, p, b, r, 0.01),
@@ -92,27 +105,12 @@ def steps(repeats: int) -> None:
         state = adam.init(hp_params)
         return lambda: jax.block_until_ready(s(hp_params, state, images, jax.random.key(1)))
 
-    def fasdiff_step():
-        s = fd.make_train_step(adam, False)
-        opt = fd.init_opt_state(adam, fd_params)
-        carry = [jax.tree.map(lambda a: a.copy(), fd_params), opt]
-
-        def run():  # the step donates params and state: carry them
-            carry[0], carry[1], _ = jax.block_until_ready(
-                s(carry[0], carry[1], faces, jax.random.key(1)))
-        return run
-
     print("\n| train step | conv form only, s | with one-GEMM kernel gradients, s | speed-up |")
     print("|---|---|---|---|")
     for name, build in (("mbt2018-mean, batch 8, 256 px", lambda: mbt(1)),
                         ("mbt2018-mean, 2 microbatches of 4", lambda: mbt(2)),
-                        ("FaSDiff reduced SD-2.1, batch 1, 256 px", fasdiff_step)):
-        with conv_form_only():
-            before = build()
-            before()  # traced and compiled here, inside the context
-        after = build()
-        med = alternating_medians({"before": before, "after": after}, repeats)
-        b, a = med["before"][0], med["after"][0]
+                        ("FaSDiff reduced SD-2.1, batch 1, 256 px", fasdiff_step_runner)):
+        b, a = before_and_after(build, conv_form_only, repeats)
         print(f"| {name} | {b:.2f} | {a:.2f} | {b / a:.2f}x |", flush=True)
 
 
