@@ -400,7 +400,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch_size must be >= 1")
     compile_cache.enable(args.compile_cache)
 
-    from fasdiff_jax.data.sources import read_image
+    from fasdiff_jax.data.sources import frame_count, read_image
+
+    notes: dict[str, str] = {}  # output path -> what its line should add
+
+    def read_still(src: str, dst: str) -> np.ndarray:
+        image = read_image(src, keep_gray=True)  # gray files come back gray
+        frames = frame_count(src)
+        if frames > 1:
+            notes[dst] = f" (the first of {src}'s {frames} frames: the codec codes still images)"
+        return image
 
     def read_file(src: str, dst: str) -> bytes:
         with open(src, "rb") as f:
@@ -408,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_file(dst: str, data: bytes) -> str:
         write_atomically(dst, data)
-        return f"{dst}: {len(data)} bytes"
+        return f"{dst}: {len(data)} bytes{notes.pop(dst, '')}"
 
     def write_image(dst: str, img: np.ndarray) -> str:
         fmt = _image_format(dst)
@@ -442,9 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         failed += 1
         print(f"error: {e}" if src in str(e) else f"error: {src}: {e}", file=sys.stderr)
 
-    if args.command == "compress":  # gray files come back gray
-        read, code, write = (lambda src, dst: read_image(src, keep_gray=True),
-                             codec.compress_many, write_file)
+    if args.command == "compress":
+        read, code, write = read_still, codec.compress_many, write_file
     else:
         read, code, write = read_file, codec.decompress_many, write_image
 

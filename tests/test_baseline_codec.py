@@ -146,8 +146,19 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     Image.fromarray(gray).save(src / "g.png")  # greyscale files stay greyscale
     Image.fromarray(gray.astype(np.uint16) * 257).save(src / "g16.png")  # 16-bit: mode I;16
     Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA").save(src / "la.png")
+    face = skdata.astronaut()[40:140, 180:300]  # an animated GIF: its first frame is coded
+    Image.fromarray(face).save(src / "anim.gif", save_all=True,
+                               append_images=[Image.fromarray(face[::-1].copy())])
     rc = codec.main(["compress", str(src), f"--out_dir={tmp_path / 'fsd'}", f"--model_dir={folder}"])
-    assert rc == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"the first of {src / 'anim.gif'}'s 2 frames" in out
+    assert out.count("frames") == 1  # no note for still images
+    with Image.open(src / "anim.gif") as im:  # frame 0, as the GIF stores it
+        Image.fromarray(np.asarray(im.convert("RGB"))).save(tmp_path / "frame0.png")
+    assert codec.main(["compress", str(tmp_path / "frame0.png"), str(tmp_path / "frame0.fsd"),
+                       f"--model_dir={folder}"]) == 0
+    assert (tmp_path / "frame0.fsd").read_bytes() == (tmp_path / "fsd" / "anim.fsd").read_bytes()
     rc = codec.main(["decompress", str(tmp_path / "fsd"), f"--out_dir={tmp_path / 'png'}",
                      f"--model_dir={folder}"])
     assert rc == 0, capsys.readouterr().err

@@ -161,6 +161,17 @@ def read_image(path: str, keep_gray: bool = False) -> np.ndarray:
         raise DataError(f"cannot decode image {path}: {e}") from e
 
 
+def frame_count(path: str) -> int:
+    """How many frames the image file holds (animated GIF/WebP/PNG, multi-page TIFF); 1 for
+    a still image or a file Pillow cannot open (:func:`read_image` reports that one). The
+    decoders read the first frame only, so callers tell the user when there are more."""
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    except _READ_ERRORS:
+        return 1
+
+
 def header_error(path: str) -> str | None:
     """Why ``path`` is not an image Pillow can open (empty, not an image format, over the
     decompression-bomb limit), from its header alone; None if it opens. A file truncated
