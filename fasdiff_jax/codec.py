@@ -71,13 +71,30 @@ from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
 
 
-def load_config(path: str):
+def load_config(path: str) -> Any:
+    """``get_config()`` of the Python file at ``path``; whatever keeps it from giving a config
+    with a ``model`` section (a syntax error, an exception, no ``get_config``) is a
+    :class:`FasdiffError` naming the file."""
+    import ml_collections
+
     spec = importlib.util.spec_from_file_location("fasdiff_codec_config", path)
     if spec is None or spec.loader is None:
         raise FasdiffError(f"{path}: not a Python config file")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    try:
+        spec.loader.exec_module(mod)
+        if not callable(getattr(mod, "get_config", None)):
+            raise FasdiffError("it defines no get_config()")
+        config = mod.get_config()
+    except FasdiffError as e:
+        raise FasdiffError(f"--config={path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a user's file may raise anything
+        raise FasdiffError(f"--config={path}: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict) or not isinstance(
+            config.get("model"), ml_collections.ConfigDict):
+        raise FasdiffError(f"--config={path}: get_config() must return an ml_collections "
+                           f"ConfigDict with a model section, got {type(config).__name__}")
+    return config
 
 
 SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
@@ -203,13 +220,15 @@ def load_codec(args: argparse.Namespace) -> LoadedCodec:
     except train.TrainConfigError as e:
         from etils import epath
 
-        if args.config is None or not (epath.Path(workdir) / train.RUN_CONFIG).exists():
+        if args.config is None:
+            raise train.TrainConfigError(f"{e} (the run's config: {config_path})") from e
+        if not (epath.Path(workdir) / train.RUN_CONFIG).exists():
             raise
         raise train.TrainConfigError(f"{e} (--config={args.config}; without --config the "
                                      f"config the workdir was trained with is used)") from e
     settings = {"config": config_path, "workdir": workdir, "checkpoint_step": step,
                 "weights": weights}
-    source_options = {"cache_dir": config.data.get("cache_dir"),
+    source_options = {"cache_dir": (config.get("data") or {}).get("cache_dir"),
                       "image_size": config.model.image_size}
     if isinstance(model, H.TrainableHyperprior):  # the baseline trained by our loop
         no_sampler(f"trained in {args.workdir}")
@@ -340,6 +359,9 @@ def _info(paths: list[str]) -> int:
     for path in paths:
         files = ([os.path.join(path, f) for f in _fsd_files(path)] if os.path.isdir(path)
                  else [path])
+        if not files:
+            failed += 1
+            print(f"error: {path}: no .fsd files", file=sys.stderr)
         for f in files:
             try:
                 with open(f, "rb") as fh:

@@ -735,9 +735,15 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
                                f"written before runs saved their config): pass the config it "
                                f"was trained with as --config=FILE")
     try:
-        return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+        saved = json.loads(path.read_text())
     except ValueError as e:
         raise TrainConfigError(f"{path}: not a readable config: {e}") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        what = ("no model section" if isinstance(saved, dict)
+                else f"it holds {json.dumps(saved)[:40]}, not a JSON object")
+        raise TrainConfigError(f"{path}: not a run config ({what}); pass the config the run "
+                               f"was trained with as --config=FILE")
+    return ml_collections.ConfigDict(_tuples(saved))
 
 
 def _saved_process_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
@@ -1490,16 +1496,46 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     try:
         meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]
         _check_frozen(meta, config, workdir, step)
-        model = build_model(_without_loss_networks(config.model))
+        model, want = _model_of(config)
         saved = _saved_tree(mngr, step, workdir)
         weights = _chosen_weights(saved, meta, weights, workdir, step)
-        _check_fits(model.trainable_shapes(), saved["params"], workdir, step)
+        _check_fits(want, saved["params"], workdir, step)
         got = _read_params(mngr, step, workdir, saved, weights)
     finally:
         mngr.close()
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
     # host SD weights: put on the device once
     return Restored(model, jax.device_put({**got, **frozen}), step, weights)
+
+
+def _check_export_folder(workdir: str, out: str) -> None:
+    """An export goes to a new or empty folder outside the run: it wrote over another
+    folder's config.json, and one inside the run's checkpoints folder became a damaged
+    checkpoint that stopped the run's next resume."""
+    there = epath.Path(out)
+    if there.exists():
+        if there.is_dir() and (there / "checkpoints").exists():
+            raise TrainConfigError(f"{out}: already has checkpoints; export into a new folder")
+        if not there.is_dir() or any(there.iterdir()):
+            raise TrainConfigError(f"{out}: exists and is not an empty folder; export into a "
+                                   f"new folder")
+    if "://" not in out and "://" not in workdir:
+        run, dst = os.path.realpath(workdir), os.path.realpath(out)
+        if os.path.commonpath([run, dst]) == run:
+            raise TrainConfigError(f"{out}: inside the run's workdir {workdir}; export to a "
+                                   f"folder outside it")
+
+
+def _model_of(config: ml_collections.ConfigDict) -> tuple[Model, Any]:
+    """The model a saved or user-given config describes, and its trainable shapes. A field of
+    the wrong type or a missing one (a hand-edited config.json) failed deep inside the model
+    code with a KeyError or TypeError naming no field; here it is a :class:`TrainConfigError`."""
+    try:
+        model = build_model(_without_loss_networks(config.model))
+        return model, model.trainable_shapes()
+    except (KeyError, AttributeError, TypeError) as e:
+        raise TrainConfigError(f"config.model cannot describe a model: a field is missing or "
+                               f"of the wrong type ({type(e).__name__}: {e})") from e
 
 
 def export_for_coding(workdir: str, out: str, step: int | str | None = None,
@@ -1510,8 +1546,7 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
     optimizer or data state (with Adam a third of the bytes), a folder to share. Training does
     not resume from it (refused by name). Returns the step and the weights exported."""
     config = load_run_config(workdir)
-    if epath.Path(out, "checkpoints").exists():
-        raise TrainConfigError(f"{out}: already has checkpoints; export into a new folder")
+    _check_export_folder(workdir, out)
     mngr, step = _open_checkpoint(config, workdir, step)
     try:
         meta = _restore(mngr, step, workdir, meta=ocp.args.JsonRestore())["meta"]

@@ -187,6 +187,22 @@ def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys)
     assert rc == 2 and "fingerprint" in capsys.readouterr().err
 
 
+def test_a_hyperprior_folder_with_a_nan_weight_is_refused_by_name(baseline, tmp_path, capsys):
+    folder, _ = baseline
+    model, params = H.load_model(str(folder))
+    bad = jax.tree_util.tree_map(np.array, params["params"])
+    bad["entropy_bottleneck"]["bias_0"][0, 0, 0] = np.nan
+    H.save_model(str(tmp_path / "nan"), model, {"params": bad})
+    Image.fromarray(skdata.astronaut()[:64, :64]).save(tmp_path / "a.png")
+    rc = codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"),
+                     f"--model_dir={tmp_path / 'nan'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path / 'nan'}: non-finite values" in err
+    assert "entropy_bottleneck/bias_0" in err and not (tmp_path / "a.fsd").exists()
+    with pytest.raises(ConversionError, match="entropy_bottleneck/bias_0"):
+        H.prepare(model, {"params": bad})  # params handed over in code, not from a folder
+
+
 def test_decompress_writes_the_decoded_pixels_in_any_format_that_holds_them(
         baseline, tmp_path, capsys):
     """PNG, lossless WebP (Pillow's default WebP is lossy), TIFF, BMP and PPM hold the decoded

@@ -407,6 +407,18 @@ def test_a_checkpoint_exports_to_a_folder_for_coding(trained, tmp_path, capsys):
     capsys.readouterr()
     assert codec.main(["export", f"--workdir={work}", str(out)]) == 2
     assert "already has checkpoints" in capsys.readouterr().err
+    other = tmp_path / "other"  # another folder's files are not written over
+    (other).mkdir()
+    (other / "config.json").write_text("mine")
+    assert codec.main(["export", f"--workdir={work}", str(other)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["config.json"]
+    assert (other / "config.json").read_text() == "mine"
+    inside = work / "checkpoints" / "999"  # would read as a damaged checkpoint of the run
+    assert codec.main(["export", f"--workdir={work}", str(inside)]) == 2
+    assert "inside the run's workdir" in capsys.readouterr().err and not inside.exists()
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert codec.main(["export", f"--workdir={work}", str(tmp_path / "empty")]) == 0
     assert codec.main(["export", f"--workdir={work}", "--step=best", str(tmp_path / "b")]) == 0
     assert codec.main(["export", f"--workdir={work}", "--model_dir=m", str(tmp_path / "c")]) == 2
     assert "not --model_dir" in capsys.readouterr().err

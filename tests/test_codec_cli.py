@@ -83,3 +83,59 @@ def test_write_atomically_leaves_nothing_half_written(tmp_path):
     assert dst.read_bytes() == b"old" and os.listdir(tmp_path / "d") == ["f.fsd"]
     codec.write_atomically(str(dst), b"new")
     assert dst.read_bytes() == b"new" and os.listdir(tmp_path / "d") == ["f.fsd"]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def nothing():\n    pass\n", "defines no get_config()"),
+    ("def get_config():\n    return 5\n", "must return an ml_collections ConfigDict with a model section, got int"),
+    ("def get_config(:\n", "SyntaxError"),
+    ("def get_config():\n    raise RuntimeError('no data here')\n", "RuntimeError: no data here"),
+])
+def test_a_config_file_that_gives_no_config_is_one_error_line(tmp_path, capsys, source, message):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(source)
+    _touch(tmp_path / "a.png")
+    rc = codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"),
+                     f"--config={cfg}", f"--workdir={tmp_path / 'none'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: --config={cfg}: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("saved, message", [
+    ("{}", "no model section"),
+    ("null", "it holds null, not a JSON object"),
+    ("[1, 2]", "it holds [1, 2], not a JSON object"),
+    ('{"model": 3}', "no model section"),
+    ('{"model": {', "not a readable config"),
+])
+def test_a_run_config_that_is_not_one_is_named(tmp_path, capsys, saved, message):
+    work = tmp_path / "run"
+    _touch(work / "config.json", saved.encode())
+    _touch(tmp_path / "a.png")
+    rc = codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"),
+                     f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{work / 'config.json'}: " in err and message in err, err
+
+
+def test_a_config_field_of_the_wrong_type_is_a_config_error():
+    import ml_collections
+
+    from configs import tiny
+    from fasdiff_jax import train
+
+    saved = tiny.get_config().to_dict()
+    saved["model"]["image_size"] = "abc"  # a hand-edited config.json
+    with pytest.raises(train.TrainConfigError, match="config.model cannot describe a model"):
+        train._model_of(ml_collections.ConfigDict(saved))
+    del saved["model"]["compressor"]
+    saved["model"]["image_size"] = 64
+    with pytest.raises(train.TrainConfigError, match="compressor"):
+        train._model_of(ml_collections.ConfigDict(saved))
+
+
+def test_info_on_a_folder_without_files_fails(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert codec.main(["info", str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'}: no .fsd files" in capsys.readouterr().err

@@ -726,6 +726,10 @@ def load_model(folder: str) -> tuple[MeanScaleHyperprior, dict]:
     if not isinstance(module, MeanScaleHyperprior):
         raise convert.ConversionError(f"{folder}: holds a {type(module).__name__}, not a "
                                       f"MeanScaleHyperprior")
+    try:
+        _check_finite(params)
+    except convert.ConversionError as e:
+        raise convert.ConversionError(f"{folder}: {e}") from None
     return module, {"params": jax.tree_util.tree_map(jnp.asarray, params)}
 
 
@@ -751,6 +755,19 @@ def _fingerprint(model: MeanScaleHyperprior, params: dict, tables_digest: bytes)
     return h.digest()
 
 
+def _check_finite(params: dict) -> None:
+    """A NaN or Inf weight (a damaged file) failed deep in the CDF tables' integer conversion
+    (OverflowError) or coded garbage; it is refused by name."""
+    from fasdiff_jax.errors import ConversionError
+
+    bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not np.isfinite(np.asarray(leaf)).all()]
+    if bad:
+        raise ConversionError(f"non-finite values (NaN or Inf) in the hyperprior's weights: "
+                              f"{', '.join(bad[:8])}{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}")
+
+
 def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
     """Tables, integer h_s and fingerprint for these params (cached per params object).
 
@@ -761,6 +778,7 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
         if m_id == id(model) and p_id == id(params) and prep.params is params and prep.place == place:
             return prep
     p = params["params"]
+    _check_finite(p)
     eb = {k: np.asarray(v) for k, v in p["entropy_bottleneck"].items()}
     n_layers = len([k for k in eb if k.startswith("matrix_")])
     thresholds = E.scale_thresholds(model.num_scales)
