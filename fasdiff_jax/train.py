@@ -1456,6 +1456,8 @@ def _open_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     """The workdir's checkpoint manager (the caller closes it) and the step ``step`` names:
     None the latest, ``"best"`` the best held-out evaluation's, else that step."""
     ckpt_dir = os.path.join(_workdir(workdir), "checkpoints")
+    if epath.Path(ckpt_dir).exists() and not epath.Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"{ckpt_dir}: is a file, not the run's checkpoint folder")
     mngr = ocp.CheckpointManager(ckpt_dir) if epath.Path(ckpt_dir).is_dir() else None
     steps = sorted(mngr.all_steps()) if mngr is not None else []
     try:

@@ -139,3 +139,17 @@ def test_info_on_a_folder_without_files_fails(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert codec.main(["info", str(tmp_path / "empty")]) == 2
     assert f"{tmp_path / 'empty'}: no .fsd files" in capsys.readouterr().err
+
+
+def test_a_checkpoints_file_in_place_of_the_folder_is_named(tmp_path, capsys):
+    import json
+
+    from configs import tiny
+
+    work = tmp_path / "run"
+    _touch(work / "config.json", json.dumps(tiny.get_config().to_dict()).encode())
+    _touch(work / "checkpoints")
+    _touch(tmp_path / "a.png")
+    assert codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"),
+                       f"--workdir={work}"]) == 2
+    assert f"{work / 'checkpoints'}: is a file" in capsys.readouterr().err
