@@ -624,6 +624,58 @@ def _check_params_finite(train_params: Any, step: int) -> None:
             terms=("params",))
 
 
+def _as_uint32(a: jax.Array) -> jax.Array:
+    """A leaf's bits as uint32 words (narrower dtypes widened, 8-byte ones split in two)."""
+    if a.dtype == jnp.bool_:
+        return a.astype(jnp.uint32)
+    width = a.dtype.itemsize
+    if width < 4:
+        return jax.lax.bitcast_convert_type(a, {1: jnp.uint8, 2: jnp.uint16}[width]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(a, jnp.uint32)
+
+
+@jax.jit
+def _leaf_sums(tree: Any) -> Any:
+    """Per leaf: sum over i of bits_i * (2i + 1) mod 2**32. Integer sums wrap exactly in any
+    order, so the value does not depend on sharding, device count or process count; a flipped
+    bit 2**k at any i moves it by 2**k * (2i + 1), which is never 0 mod 2**32."""
+    def one(a: jax.Array) -> jax.Array:
+        bits = _as_uint32(a).reshape(-1)
+        odd = jax.lax.iota(jnp.uint32, bits.size) * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.sum(bits * odd, dtype=jnp.uint32)
+    return jax.tree.map(one, tree)
+
+
+def _named_sums(tree: Any) -> dict[str, int]:
+    """``{"a/b/c": checksum}`` of every leaf (:func:`_leaf_sums`), for a checkpoint's meta."""
+    sums = jax.device_get(_leaf_sums(tree))
+    return {"/".join(str(getattr(k, "key", k)) for k in path): int(v)
+            for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _check_sums(tree: Any, saved: Mapping[str, int] | None, workdir: str, step: int,
+                what: str) -> None:
+    """Refuse restored ``tree`` whose leaves differ from the checksums saved with them.
+    Orbax/TensorStore keep no checksum of the array data: bytes flipped inside a data file
+    were read back as other weights (a codec coded with them, silently)."""
+    if not saved:  # checkpoints written before checksums were kept
+        return
+    got = _named_sums(tree)
+    bad = sorted(k for k, v in saved.items() if k in got and got[k] != v)
+    if bad:
+        raise CheckpointError(
+            f"{workdir}: checkpoint {step} is damaged: {what} "
+            + ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            + " differ from the checksums saved with them (restore the folder from a copy, "
+            "or use another step)")
+
+
+def _weights_key(saved: Any, weights: str) -> str:
+    """Where in checkpoint state the ``weights`` :func:`_chosen_weights` named are (and
+    under which name their checksums are kept): ``"ema_params"`` or ``"params"``."""
+    return "ema_params" if weights == "ema" and _has_ema(saved) else "params"
+
+
 def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
     """What the frozen parts are: a resume, codec or evaluate run with others is refused.
     Converted SD weights are named by their content (:func:`convert.sd_fingerprint`), so a
@@ -1170,6 +1222,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
             _warn_if_batch_order_changed(meta.get("data_order"), it.order, latest,
                                          config.data.source)
         restored = _restore(mngr, latest, workdir, **items)
+        sums = meta.get("sums", {})
+        _check_sums(restored["state"]["params"], sums.get("params"), workdir, latest, "params")
+        _check_sums(restored["state"]["opt_state"], sums.get("opt_state"), workdir, latest,
+                    "optimizer state")
         params = {**restored["state"]["params"], **frozen}
         opt_state = restored["state"]["opt_state"]
         if starts_ema:  # switched on: the average starts from the restored params
@@ -1185,11 +1241,14 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     def save(at: int, eval_metrics: Mapping[str, float] | None = None) -> None:
         train_params = model.split(params)[0]
         _check_params_finite(train_params, at)
+        sums = {"params": _named_sums(train_params), "opt_state": _named_sums(opt_state)}
+        if ema_params(opt_state) is not None:  # also in opt_state; alone for the codec's read
+            sums["ema_params"] = _named_sums(ema_params(opt_state))
         mngr.save(at, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
             data=grain.checkpoint.CheckpointSave(it.grain_iterator),
             meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint,
-                                    "data_order": it.order})),
+                                    "data_order": it.order, "sums": sums})),
             metrics=dict(eval_metrics) if eval_metrics else None)
 
     # CLU's writers import TensorFlow (~10 s here): only training pays it, not the codec and
@@ -1407,7 +1466,8 @@ def _read_params(mngr: ocp.CheckpointManager, step: int, workdir: str, saved: An
     ``step``'s state, not the optimizer state beside them (Adam's moments: twice the params'
     bytes); ``saved``: its :func:`_saved_tree`."""
     # an export holds the weights it names (meta) as its params
-    path = ("opt_state", "ema_params") if weights == "ema" and _has_ema(saved) else ("params",)
+    path = (("opt_state", "ema_params") if _weights_key(saved, weights) == "ema_params"
+            else ("params",))
     part = saved
     for key in path:
         part = part[key]
@@ -1503,6 +1563,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
         weights = _chosen_weights(saved, meta, weights, workdir, step)
         _check_fits(want, saved["params"], workdir, step)
         got = _read_params(mngr, step, workdir, saved, weights)
+        key = _weights_key(saved, weights)
+        _check_sums(got, meta.get("sums", {}).get(key), workdir, step, key.replace("_", " "))
     finally:
         mngr.close()
     frozen = model.frozen_params(jax.random.key(config.seed))  # the trained parts: restored
@@ -1555,8 +1617,11 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
         saved = _saved_tree(mngr, step, workdir)
         weights = _chosen_weights(saved, meta, weights, workdir, step)
         params = _read_params(mngr, step, workdir, saved, weights)
+        key = _weights_key(saved, weights)
+        _check_sums(params, meta.get("sums", {}).get(key), workdir, step, key.replace("_", " "))
     finally:
         mngr.close()
+    meta = {**meta, "sums": {"params": _named_sums(params)}}  # the export's params are these
     register_checkpoint_array_handler()
     with ocp.CheckpointManager(os.path.join(out, "checkpoints"),
                                options=ocp.CheckpointManagerOptions(create=True)) as exported:

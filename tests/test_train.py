@@ -1119,6 +1119,63 @@ def test_codec_and_evaluate_take_an_earlier_checkpoint(scenario, embedded_dirs, 
     assert (tmp_path / "e3.fsd").read_bytes() == files[3]
 
 
+def _flip_data_bytes(step_dir: Path) -> None:
+    """XOR 32 bytes in the middle of each data file over 10 kB of a checkpoint's state."""
+    flipped = 0
+    for f in step_dir.glob("state/ocdbt.process_*/d/*"):
+        data = bytearray(f.read_bytes())
+        if len(data) > 10_000:
+            mid = len(data) // 2
+            data[mid:mid + 32] = bytes(b ^ 0xFF for b in data[mid:mid + 32])
+            f.write_bytes(bytes(data))
+            flipped += 1
+    assert flipped
+
+
+@pytest.mark.xdist_group("train_scenario")
+def test_flipped_bytes_in_a_checkpoint_are_found(scenario, tmp_path, capsys, monkeypatch):
+    """Orbax/TensorStore keep no checksum of array data: bytes flipped inside a checkpoint's
+    data files were read back as other weights and coded with, silently. Each checkpoint's
+    meta keeps checksums of its params, their moving average and the optimizer state; the
+    codec, export and a resume refuse a checkpoint whose arrays differ from them, by name."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from fasdiff_jax import codec
+    from fasdiff_jax.errors import CheckpointError
+
+    meta = json.loads((scenario["a"] / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert set(meta["sums"]) == {"params", "ema_params", "opt_state"}
+    assert len(meta["sums"]["params"]) == len(meta["sums"]["ema_params"]) > 100
+    # an export holds only params: every data file flipped is in them
+    export = tmp_path / "export"
+    assert codec.main(["export", f"--workdir={scenario['a']}", "--weights=params",
+                       str(export)]) == 0
+    _flip_data_bytes(export / "checkpoints" / "6")
+    face = tmp_path / "face.png"
+    Image.fromarray(skdata.astronaut()[20:84, 150:214]).save(face)
+    config = train.load_run_config(str(export))
+    with monkeypatch.context() as m:  # without the checksums: read back as other weights
+        m.setattr(train, "_check_sums", lambda *args, **kwargs: None)
+        damaged = train.restore_for_inference(config, str(export)).params
+    intact = train.restore_for_inference(config, str(scenario["a"]), weights="params").params
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(damaged["compressor"]),
+                                                        jax.tree.leaves(intact["compressor"])))
+    compress = ["compress", str(face), str(tmp_path / "f.fsd"), f"--workdir={export}"]
+    for argv in (compress, ["export", f"--workdir={export}", str(tmp_path / "again")]):
+        assert codec.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{export}: checkpoint 6 is damaged: params " in err
+        assert "differ from the checksums" in err
+    assert not (tmp_path / "f.fsd").exists() and not (tmp_path / "again").exists()
+    # the run's own checkpoint: a resume checks params and optimizer state
+    work = tmp_path / "run"
+    shutil.copytree(scenario["a"], work)
+    _flip_data_bytes(work / "checkpoints" / "6")
+    with pytest.raises(CheckpointError, match="checkpoint 6 is damaged"):
+        train.train_and_evaluate(_config(scenario["source"], **{"train.steps": 8}), str(work))
+
+
 @pytest.mark.xdist_group("train_scenario")
 def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_path, capsys):
     """``main`` saves its config, command-line overrides included, as ``workdir/config.json``;
