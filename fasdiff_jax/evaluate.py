@@ -22,8 +22,10 @@ transforms in one device call, FaSDiff's files in one sampler run, faster on acc
 With ``--out`` the JSON is rewritten (whole, via a temporary file) after every image with
 ``"complete": false`` until the last one, so an interrupted run loses at most the image it
 was on: rerunning the same command goes on from there (the file's ``settings``: config,
-workdir, checkpoint step, source and sampler spec, must match, else it refuses). ``bd-rate``
-refuses unfinished files.
+workdir, checkpoint step, source and sampler spec, must match, else it refuses; rows it holds
+are never dropped: a rerun covering fewer images, e.g. a smaller ``--limit``, is refused). The
+``--out`` location is checked writable before any work. ``bd-rate`` refuses unfinished files and
+warns where the runs compared differ in source, image set or DISTS weights.
 
 The mbt2018-mean baseline runs through the same code and metrics, from a folder converted
 from a CompressAI checkpoint (``python -m fasdiff_jax.convert --compressai_checkpoint``):
@@ -45,6 +47,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -54,7 +57,7 @@ import numpy as np
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
-from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
+from fasdiff_jax.errors import DataError, FasdiffError, OutOfMemoryError, is_out_of_memory
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
 from fasdiff_jax.models import perceptual
@@ -422,25 +425,62 @@ def bd_quality(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
 
 
 def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
-              metrics: Sequence[str] = BD_METRICS,
-              method: str = "pchip") -> dict:
+              metrics: Sequence[str] = BD_METRICS, method: str = "pchip", *,
+              anchor_files: Sequence[str] | None = None,
+              test_files: Sequence[str] | None = None) -> dict:
     """BD-rate and BD-quality of two codecs from :func:`evaluate` outputs (one per rate point),
-    using their mean file-size ``bpp``; metrics missing or infinite in either are skipped.
+    using their mean file-size ``bpp``; metrics missing or infinite in a file are skipped
+    (``skipped`` says why), none left is a :class:`DataError`.
 
     A CompressAI results JSON (``python -m compressai.utils.eval_model ... -o``, whose
     ``results`` hold one list entry per rate point) counts as all its rate points, so
-    CompressAI's baselines can be the anchor as they are."""
-    anchor, test = _rate_points(anchor), _rate_points(test)
-    out = {"anchor": [a.get("name") for a in anchor], "test": [t.get("name") for t in test],
-           "method": method, "metrics": {}}
+    CompressAI's baselines can be the anchor as they are. ``anchor_files``/``test_files``
+    name the runs in errors and warnings. ``warnings``: runs of different sources, image
+    sets or DISTS weights, and curves whose quality is not monotonic in rate (a BD integral
+    over them misleads); they are not refused, a comparison across them may be meant."""
+    unknown = [m for m in metrics if m not in BD_METRICS]
+    if unknown:
+        raise DataError(f"unknown metric {', '.join(map(repr, unknown))}; known: "
+                        f"{', '.join(BD_METRICS)}")
+    sides = {}
+    for side, runs, files in (("anchor", anchor, anchor_files), ("test", test, test_files)):
+        files = list(files) if files is not None else [f"{side}[{i}]" for i in range(len(runs))]
+        if not runs:
+            raise DataError(f"no {side} runs")
+        for run, where in zip(runs, files):
+            _check_run(run, where)
+        sides[side] = (runs, files, _rate_points(runs, files))
+    warnings = _settings_warnings([(f, r) for runs, files, _ in sides.values()
+                                   for f, r in zip(files, runs)])
+    out = {"anchor": [p.get("name") for _, p in sides["anchor"][2]],
+           "test": [p.get("name") for _, p in sides["test"][2]],
+           "method": method, "metrics": {}, "skipped": {}}
     for m in metrics:
-        pts = [[(r["results"]["bpp"], _or_nan(r["results"].get(m))) for r in runs]
-               for runs in (anchor, test)]
-        if any(not np.isfinite(q) for runs in pts for _, q in runs):
-            continue
-        (ra, qa), (rb, qb) = ([list(v) for v in zip(*runs)] for runs in pts)
-        out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
-                             "bd_quality": bd_quality(ra, qa, rb, qb, method)}
+        curves = {}
+        for side, (_, _, points) in sides.items():
+            lacking = [w for w, p in points if not np.isfinite(_or_nan(p["results"].get(m)))]
+            if lacking:
+                out["skipped"][m] = f"missing or not finite in {', '.join(lacking)}"
+                break
+            curves[side] = ([p["results"]["bpp"] for _, p in points],
+                            [p["results"][m] for _, p in points], [w for w, _ in points])
+        else:
+            for side, (rates, quality, where) in curves.items():
+                try:
+                    _bd_points(rates, quality, method)
+                except ValueError as e:
+                    raise DataError(f"{m}, {side} curve ({', '.join(where)}): {e}") from e
+                warnings += _monotonic_warning(m, side, rates, quality)
+            (ra, qa, _), (rb, qb, _) = curves["anchor"], curves["test"]
+            try:
+                out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
+                                     "bd_quality": bd_quality(ra, qa, rb, qb, method)}
+            except ValueError as e:
+                raise DataError(f"{m}: {e}") from e
+    if not out["metrics"]:
+        raise DataError("no metric asked for can be computed from these files: "
+                        + "; ".join(f"{m}: {why}" for m, why in out["skipped"].items()))
+    out["warnings"] = warnings
     return out
 
 
@@ -448,25 +488,106 @@ def _or_nan(value: float | None) -> float:
     return np.nan if value is None else value
 
 
-def _rate_points(runs: Sequence[Mapping]) -> list[Mapping]:
-    """One mapping per rate point: ours as they are (refusing unfinished runs), CompressAI's
-    list-valued ``results`` split into ``name[i]`` points."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_run(run: object, where: str) -> None:
+    """A :class:`DataError` naming ``where`` and the field unless ``run`` has the shape
+    :func:`bd_report` reads (ours or CompressAI's); checked first, so no run gets half read."""
+    def bad(why: str) -> DataError:
+        return DataError(f"{where}: not an evaluate JSON ({why})")
+
+    if not isinstance(run, Mapping):
+        raise bad(f"the top level is a {type(run).__name__}, not an object")
+    if run.get("complete") is False:
+        images = run.get("images")
+        count = f"{len(images)} images; " if isinstance(images, list) else ""
+        raise DataError(f"{where}: an unfinished evaluation ({count}rerun its evaluate command "
+                        f"to finish it)")
+    res = run.get("results")
+    if not isinstance(res, Mapping):
+        raise bad("no 'results'" if res is None else
+                  f"'results' is a {type(res).__name__}, not an object")
+    bpp = res.get("bpp")
+    if bpp is None:
+        raise bad("no 'bpp' in 'results'")
+    many = isinstance(bpp, list)  # CompressAI's: one entry per rate point
+    if many and not bpp:
+        raise bad("'results'.'bpp' is an empty list: no rate points")
+    lengths = {k: len(v) for k, v in res.items() if isinstance(v, list)}
+    if many and len(set(lengths.values())) > 1:
+        raise bad("'results' lists of different lengths: " + ", ".join(
+            f"{k} {n}" for k, n in lengths.items()))
+    for key in ("bpp", *BD_METRICS):
+        if key not in res:
+            continue
+        value = res[key]
+        if many and not isinstance(value, list):
+            raise bad(f"'results'.'{key}' is {value!r}, not a list as its 'bpp' (one entry per "
+                      f"rate point)")
+        for v in value if many else [value]:
+            if not (_is_number(v) or (v is None and key != "bpp")):
+                raise bad(f"'results'.'{key}' holds {v!r}, not a number")
+            if key == "bpp" and not (np.isfinite(v) and v > 0):
+                raise bad(f"'results'.'bpp' is {v!r}; rates must be positive and finite")
+
+
+def _rate_points(runs: Sequence[Mapping], files: Sequence[str]) -> list[tuple[str, Mapping]]:
+    """``(where, point)``, one per rate point: ours as they are, CompressAI's list-valued
+    ``results`` split into ``name[i]`` points (``file[i]``)."""
     out = []
-    for run in runs:
-        if run.get("complete") is False:
-            raise ValueError(f"{run.get('name')}: an unfinished evaluation ({len(run['images'])} "
-                             f"images; rerun its evaluate command to finish it)")
+    for run, where in zip(runs, files):
         res = run["results"]
-        if not isinstance(res.get("bpp"), list):
-            out.append(run)
+        if not isinstance(res["bpp"], list):
+            out.append((where, run))
             continue
         n = len(res["bpp"])
-        if any(isinstance(v, list) and len(v) != n for v in res.values()):
-            raise ValueError(f"{run.get('name')}: results lists of different lengths")
-        out += [{"name": f"{run.get('name')}[{i}]",
-                 "results": {k: v[i] for k, v in res.items() if isinstance(v, list)}}
+        out += [(f"{where}[{i}]", {"name": f"{run.get('name')}[{i}]",
+                                   "results": {k: v[i] for k, v in res.items()
+                                               if isinstance(v, list)}})
                 for i in range(n)]
     return out
+
+
+def _settings_warnings(runs: Sequence[tuple[str, Mapping]]) -> list[str]:
+    """Where the runs compared were evaluated differently: another ``source``, image set or
+    DISTS weights (those that record them; CompressAI's JSONs do not)."""
+    warnings = []
+    for key, what in (("source", "source"), ("dists_weights_sha256", "DISTS weights")):
+        seen: dict[str, list[str]] = {}
+        for where, run in runs:
+            settings = run.get("settings")
+            if isinstance(settings, Mapping) and settings.get(key) is not None:
+                seen.setdefault(json.dumps(settings[key]), []).append(where)
+        if len(seen) > 1:
+            warnings.append(f"the runs differ in their settings' {key!r} ({what}): " + "; ".join(
+                f"{v} in {', '.join(w)}" for v, w in seen.items()))
+    sets: dict[frozenset, list[str]] = {}
+    for where, run in runs:
+        images = run.get("images")
+        if isinstance(images, list) and images and all(
+                isinstance(r, Mapping) and "image" in r for r in images):
+            sets.setdefault(frozenset(str(r["image"]) for r in images), []).append(where)
+    if len(sets) > 1:
+        common = frozenset.intersection(*sets)
+        warnings.append("the runs were evaluated on different images (" + "; ".join(
+            f"{len(s)} images in {', '.join(w)}" for s, w in sets.items())
+            + f"; {len(common)} in common)")
+    return warnings
+
+
+def _monotonic_warning(metric: str, side: str, rates: Sequence[float],
+                       quality: Sequence[float]) -> list[str]:
+    """A warning where ``quality`` does not rise (or fall) steadily with rate."""
+    order = np.argsort(rates)
+    steps = np.sign(np.diff(np.asarray(quality, np.float64)[order]))
+    if len(steps) == 0 or np.all(steps == steps[0]):
+        return []
+    r = ", ".join(f"{rates[i]:.4g}" for i in order)
+    q = ", ".join(f"{quality[i]:.4g}" for i in order)
+    return [f"{metric} is not monotonic in rate on the {side} curve ({metric} {q} at bpp {r}); "
+            f"its BD values mislead"]
 
 
 def images_from_source(source: Sequence[Mapping], limit: int | None = None
@@ -510,6 +631,40 @@ def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
     return rows
 
 
+def check_writable(path: str) -> None:
+    """Refuse an output path that cannot be written (a read-only place, a file where a folder
+    should be) with a :class:`DataError` naming it, before any work: the first write comes
+    after the model is loaded and an image coded. Missing parent folders are made."""
+    folder = os.path.dirname(os.path.abspath(path))
+    there = folder
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        raise DataError(f"--out {path}: {there} is a file, not a folder")
+    if os.path.isdir(path):
+        raise DataError(f"--out {path} is a folder, not a file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise DataError(f"--out {path}: cannot create a file in {folder} "
+                        f"({e.strerror or e})") from e
+
+
+def load_run(path: str) -> object:
+    """An evaluate (or CompressAI) JSON as it is; unreadable or not JSON: a
+    :class:`DataError` naming ``path`` (its shape is :func:`bd_report`'s to check)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not an evaluate JSON (not JSON: {e})") from e
+
+
 def bd_main(argv: list[str]) -> int:
     """``python -m fasdiff_jax.evaluate bd-rate --anchor A1.json ... --test B1.json ...``"""
     import argparse
@@ -519,23 +674,22 @@ def bd_main(argv: list[str]) -> int:
     ap.add_argument("--anchor", nargs="+", required=True, help="evaluate JSONs, one per rate point")
     ap.add_argument("--test", nargs="+", required=True, help="evaluate JSONs of the codec compared")
     ap.add_argument("--metric", action="append", default=None,
-                    help=f"{', '.join(BD_METRICS)} (repeatable; default: all of them)")
+                    help=f"{', '.join(BD_METRICS)} (repeatable; default: all of them the files "
+                         f"have)")
     ap.add_argument("--method", choices=BD_METHODS, default="pchip")
     args = ap.parse_args(argv)
-
-    def load(paths):
-        out = []
-        for p in paths:
-            with open(p) as f:
-                out.append(json.load(f))
-        return out
-
     try:
-        report = bd_report(load(args.anchor), load(args.test),
-                           args.metric or BD_METRICS, args.method)
-    except (OSError, ValueError, KeyError) as e:
+        report = bd_report([load_run(p) for p in args.anchor], [load_run(p) for p in args.test],
+                           args.metric or BD_METRICS, args.method,
+                           anchor_files=args.anchor, test_files=args.test)
+    except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.metric:  # asked for by name: say why one is missing
+        for m, why in report["skipped"].items():
+            print(f"warning: {m} skipped: {why}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -557,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
                          "recursively), embedded[:train|heldout] or an existing folder "
                          "(default: %(default)s)")
     ap.add_argument("--limit", type=int, default=None,
-                    help="evaluate only the first N images of the source")
+                    help="evaluate only the first N images of the source; rows an --out file "
+                         "already holds are never dropped: one holding more than N images of "
+                         "this run is refused (raise --limit, or choose another --out)")
     ap.add_argument("--out", default=None,
                     help="write the JSON here (default: stdout); an unfinished one is resumed")
     add_model_flags(ap)
@@ -580,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--limit must be >= 1")
     compile_cache.enable(args.compile_cache)
     try:
+        if args.out:  # before the model loads and the first image is coded
+            check_writable(args.out)
         if args.baseline is not None:
             given = given_flags(args, MODEL_FLAGS)
             if given:
@@ -600,10 +758,29 @@ def main(argv: list[str] | None = None) -> int:
                   "DISTS-pytorch==0.1, or --dists_weights=FILE)", file=sys.stderr)
         done = resume_rows(args.out, settings) if args.out else {}
         src = open_source(args.source, **codec.source_options)
+        n = len(src) if args.limit is None else min(args.limit, len(src))
+        if len(done) > n:  # the run would rewrite the file without the rest
+            covers, fix = ((f"--limit={args.limit} of the {len(src)}", "raise --limit, or ")
+                           if n < len(src) else (f"the {n}", ""))
+            raise DataError(f"{args.out} already holds {len(done)} images of this run, more than "
+                            f"{covers} images of {args.source} this one covers; its rows are not "
+                            f"dropped: {fix}choose another --out")
 
         def save(report: dict, complete: bool = False) -> None:
-            text = json.dumps({**report, "settings": settings, "complete": complete}, indent=2)
-            write_atomically(args.out, text.encode())
+            met = {r["image"] for r in report["images"]}
+            kept = [r for name, r in done.items() if name not in met]
+            if kept:  # rows not (yet) met again stay in the file, after the others
+                report = _report(report["name"], report["images"] + kept)
+            text = json.dumps({**report, "settings": settings,
+                               "complete": complete and not kept}, indent=2)
+            try:
+                write_atomically(args.out, text.encode())
+            except OSError as e:
+                raise DataError(f"--out {args.out}: cannot write ({e.strerror or e})") from e
+            if complete and kept:
+                raise DataError(f"{args.out} holds rows of images {args.source} no longer yields "
+                                f"({', '.join(r['image'] for r in kept)}); they are kept and the "
+                                f"file left unfinished: choose another --out")
 
         out = evaluate(codec.compress, codec.decompress, images_from_source(src, args.limit),
                        name=codec.name, done=done, on_row=save if args.out else None,

@@ -1,12 +1,14 @@
 """Evaluation: bpp from real file bytes, PSNR/LPIPS/identity on decoded images, JSON-ready."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 from skimage import data as skdata
 
 from fasdiff_jax import evaluate
+from fasdiff_jax.errors import DataError
 from fasdiff_jax.models import identity as identity_lib
 
 
@@ -354,3 +356,194 @@ def test_images_from_source_names_repeated_keys_by_index():
               {"key": "a.png", "image": img}, {"image": img}]
     assert [n for n, _ in evaluate.images_from_source(source)] == ["a.png", "b.png", "a.png#2", "3"]
     assert [n for n, _ in evaluate.images_from_source(source, limit=2)] == ["a.png", "b.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# The commands' handling of bad input: one "error:" line naming the file, exit status 2
+# --------------------------------------------------------------------------------------------
+def _bd_runs(tmp_path, prefix, rates, quality, **extra):
+    paths = []
+    for i, (b, q) in enumerate(zip(rates, quality)):
+        paths.append(tmp_path / f"{prefix}{i}.json")
+        paths[-1].write_text(json.dumps({"name": f"{prefix}{i}", "results": {
+            "bpp": b, "psnr-rgb": q, "lpips": 1 / q}, "images": [], "complete": True, **extra}))
+    return [str(p) for p in paths]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("[1, 2]", "not an evaluate JSON (the top level is a list, not an object)"),
+    ('{"name": "n"}', "not an evaluate JSON (no 'results')"),
+    ('{"results": "abc"}', "not an evaluate JSON ('results' is a str, not an object)"),
+    ('{"results": {"psnr-rgb": 30}}', "not an evaluate JSON (no 'bpp' in 'results')"),
+    ('{"results": {"bpp": "0.1", "psnr-rgb": 30}}', "'results'.'bpp' holds '0.1', not a number"),
+    ('{"results": {"bpp": 0.1, "psnr-rgb": "30"}}',
+     "'results'.'psnr-rgb' holds '30', not a number"),
+    ('{"results": {"bpp": 0.0, "psnr-rgb": 20}}', "'bpp' is 0.0; rates must be positive"),
+    ('{"results": {"bpp": NaN, "psnr-rgb": 20}}', "'bpp' is nan; rates must be positive"),
+    ('{"results": {"bpp": 0.3, "psnr-rgb": 30}, "complete": false}',
+     "an unfinished evaluation (rerun its evaluate command"),
+    ('{"results": {"bpp": [], "psnr-rgb": []}}', "'results'.'bpp' is an empty list"),
+    ('{"results": {"bpp": [0.1, 0.2], "psnr-rgb": 3}}',
+     "'results'.'psnr-rgb' is 3, not a list as its 'bpp'"),
+    ('{"results": {"bpp": [0.1, 0.2], "psnr-rgb": [25, 28, 30]}}',
+     "lists of different lengths: bpp 2, psnr-rgb 3"),
+    ('{"name": "x", "results": {', "not an evaluate JSON (not JSON: Expecting property name"),
+    ("", "not an evaluate JSON (not JSON: Expecting value"),
+])
+def test_bd_rate_command_names_the_file_and_field_of_a_bad_json(tmp_path, capsys, content, msg):
+    good = _bd_runs(tmp_path, "a", [0.1, 0.2], [25.0, 28.0])
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert evaluate.main(["bd-rate", "--anchor", good[0], str(bad), "--test", *good]) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith(f"error: {bad}: ") and msg in err, err
+
+
+def test_bd_rate_command_names_a_missing_file_and_a_too_short_curve(tmp_path, capsys):
+    good = _bd_runs(tmp_path, "a", [0.1, 0.2], [25.0, 28.0])
+    missing = str(tmp_path / "missing.json")
+    assert evaluate.main(["bd-rate", "--anchor", missing, "--test", *good]) == 2
+    assert _one_error_line(capsys) == f"error: {missing}: cannot read (No such file or directory)\n"
+    assert evaluate.main(["bd-rate", "--anchor", good[0], "--test", *good]) == 2
+    assert _one_error_line(capsys) == (f"error: psnr-rgb, anchor curve ({good[0]}): pchip needs "
+                                       f">= 2 (rate, quality) points per curve, got 1\n")
+
+
+def test_bd_rate_refuses_unknown_metrics_and_reports_none_computable(tmp_path, capsys):
+    anchor = _bd_runs(tmp_path, "a", [0.1, 0.2, 0.4], [25.0, 28.0, 31.0])
+    test = _bd_runs(tmp_path, "b", [0.09, 0.18, 0.35], [25.5, 28.4, 31.2])
+    args = ["bd-rate", "--anchor", *anchor, "--test", *test]
+    assert evaluate.main(args + ["--metric=psnr"]) == 2
+    assert _one_error_line(capsys) == ("error: unknown metric 'psnr'; known: psnr-rgb, "
+                                       "ms-ssim-rgb, lpips, lpips-vgg, dists, identity-cos, "
+                                       "landmark-nme\n")
+    assert evaluate.main(args + ["--metric=dists"]) == 2  # no file has DISTS
+    err = _one_error_line(capsys)
+    assert err.startswith("error: no metric asked for can be computed from these files: dists: "
+                          f"missing or not finite in {anchor[0]}, "), err
+    # one of two computable: the other's absence is said, the result given
+    assert evaluate.main(args + ["--metric=dists", "--metric=lpips"]) == 0
+    captured = capsys.readouterr()
+    assert list(json.loads(captured.out)["metrics"]) == ["lpips"]
+    assert captured.err.startswith("warning: dists skipped: missing or not finite in ")
+    with pytest.raises(DataError, match="unknown metric 'PSNR'"):
+        evaluate.bd_report([{"results": {"bpp": 0.1}}], [{"results": {"bpp": 0.1}}], ["PSNR"])
+
+
+def test_bd_rate_warns_of_runs_evaluated_differently_and_non_monotonic_curves(tmp_path, capsys):
+    """Not refused (a comparison across sources may be meant), but said on stderr."""
+    rows = [{"image": "x.png"}, {"image": "y.png"}]
+    anchor = _bd_runs(tmp_path, "a", [0.1, 0.2, 0.4, 0.8], [25.0, 35.0, 30.0, 34.0],
+                      settings={"baseline": "jpeg:10", "source": "folder:faces"})
+    test = _bd_runs(tmp_path, "b", [0.09, 0.18, 0.35, 0.7], [25.5, 28.4, 31.2, 34.5],
+                    settings={"baseline": "webp:10", "source": "embedded:heldout"})
+    for p in test[:1]:  # one test run on fewer images
+        run = json.loads(open(p).read())
+        open(p, "w").write(json.dumps({**run, "images": rows[:1]}))
+    for p in anchor + test[1:]:
+        run = json.loads(open(p).read())
+        open(p, "w").write(json.dumps({**run, "images": rows}))
+    args = ["bd-rate", "--metric=psnr-rgb", "--anchor", *anchor, "--test", *test]
+    assert evaluate.main(args) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "psnr-rgb" in report["metrics"]
+    warnings = captured.err.splitlines()
+    assert warnings == [f"warning: {w}" for w in report["warnings"]] and len(warnings) == 3
+    assert warnings[0].startswith("warning: the runs differ in their settings' 'source' (source): "
+                                  f'"folder:faces" in {anchor[0]}, ')
+    assert f'"embedded:heldout" in {test[0]}, {test[1]}' in warnings[0]
+    assert warnings[1] == (f"warning: the runs were evaluated on different images (2 images in "
+                           f"{', '.join(anchor + test[1:])}; 1 images in {test[0]}; 1 in common)")
+    assert warnings[2] == ("warning: psnr-rgb is not monotonic in rate on the anchor curve "
+                           "(psnr-rgb 25, 35, 30, 34 at bpp 0.1, 0.2, 0.4, 0.8); its BD values "
+                           "mislead")
+    # the same settings and images, monotonic curves: no warning
+    same = _bd_runs(tmp_path, "c", [0.1, 0.2, 0.4, 0.8], [25.0, 28.0, 31.0, 34.0])
+    assert evaluate.main(["bd-rate", "--anchor", *same, "--test", *same]) == 0
+    assert capsys.readouterr().err == ""
+
+
+class _PsnrOnly:
+    """Stands for :class:`evaluate.Metrics` where the test needs no network."""
+
+    def __init__(self, **_):
+        pass
+
+    def __call__(self, orig, recon):
+        return {"psnr-rgb": evaluate.psnr(orig, recon)}
+
+
+def _face_folder(path, names):
+    from PIL import Image
+
+    path.mkdir()
+    face = skdata.astronaut()[30:94, 150:214]
+    for i, name in enumerate(names):
+        Image.fromarray(np.roll(face, 7 * i, axis=1)).save(path / name)
+    return str(path)
+
+
+def test_evaluate_rerun_never_drops_rows_it_holds(tmp_path, capsys, monkeypatch):
+    """A rerun with a smaller --limit (or over a source that lost images) would rewrite --out
+    without the rows it does not cover: refused, the file kept as it was (or, for rows of
+    images gone, kept in the file, which stays unfinished)."""
+    monkeypatch.setattr(evaluate, "Metrics", _PsnrOnly)
+    src = _face_folder(tmp_path / "faces", ["a.png", "b.png"])
+    out = tmp_path / "jpeg.json"
+    args = ["--baseline=jpeg:50", f"--source={src}", "--dists_weights=none", f"--out={out}"]
+    assert evaluate.main(args) == 0
+    before = out.read_text()
+    assert [r["image"] for r in json.loads(before)["images"]] == ["a.png", "b.png"]
+    assert evaluate.main(args + ["--limit=1"]) == 2
+    assert _one_error_line(capsys) == (
+        f"error: {out} already holds 2 images of this run, more than --limit=1 of the 2 images "
+        f"of {src} this one covers; its rows are not dropped: raise --limit, or choose another "
+        f"--out\n")
+    assert out.read_text() == before
+    assert evaluate.main(args + ["--limit=2"]) == 0 and out.read_text() == before  # all kept
+    # a.png replaced by c.png: c coded, a's row kept (last), the file left unfinished
+    (tmp_path / "faces" / "a.png").rename(tmp_path / "faces" / "c.png")
+    assert evaluate.main(args) == 2
+    assert _one_error_line(capsys) == (
+        f"error: {out} holds rows of images {src} no longer yields (a.png); they are kept and "
+        f"the file left unfinished: choose another --out\n")
+    saved = json.loads(out.read_text())
+    assert [r["image"] for r in saved["images"]] == ["b.png", "c.png", "a.png"]
+    assert saved["complete"] is False
+
+
+@pytest.mark.parametrize("where, msg", [
+    ("file.png/x.json", "{tmp}/file.png is a file, not a folder"),
+    ("file.png/sub/x.json", "{tmp}/file.png is a file, not a folder"),
+    ("folder", None),
+])
+def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, monkeypatch,
+                                                             where, msg):
+    def no_work(*_):
+        raise AssertionError("the codec was made before --out was checked")
+
+    monkeypatch.setattr(evaluate, "pillow_codec", no_work)
+    (tmp_path / "file.png").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / where
+    assert evaluate.main(["--baseline=jpeg:50", f"--out={out}"]) == 2
+    want = (f"{out} is a folder, not a file" if msg is None else
+            f"{out}: " + msg.format(tmp=tmp_path))
+    assert _one_error_line(capsys) == f"error: --out {want}\n"
+
+
+def test_check_writable_makes_the_folders_and_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "sub" / "x.json"
+    evaluate.check_writable(str(out))
+    assert list((tmp_path / "new" / "sub").iterdir()) == []
+    if os.path.isdir("/proc/self"):  # no file can be made there, even by root
+        with pytest.raises(DataError, match=r"^--out /proc/x.json: cannot create a "
+                                                     r"file in /proc \("):
+            evaluate.check_writable("/proc/x.json")
