@@ -197,3 +197,54 @@ def test_cli_parallel_progress_resume_and_option_change(tmp_path):
                  progress=False)
     assert m2["complete"] and m2["num_faces"] == 2
     assert open_prepared(out)[0]["image"].shape == (40, 40, 3)
+
+
+def _noise_photos(d, names) -> None:
+    """Small noise images: no face, so prepare skips each one quickly (HOG on 64 px)."""
+    rng = np.random.default_rng(0)
+    for name in names:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / name)
+
+
+def test_output_inside_input_is_not_an_input(tmp_path):
+    """A rerun used to list its own manifest and part-* files as inputs: every chunk's keys
+    shifted, so all were redone and the manifest listed the shards as skipped inputs."""
+    src = tmp_path / "in"
+    _noise_photos(src, ["a.png", "b.png", "sub/c.png"])
+    out = src / "prepared"
+    opts = PrepareOptions(size=32, min_face_size=40, min_image_size=48, upsample=0, chunk_size=2)
+    m = prepare(str(src), str(out), opts, progress=False)
+    assert m["complete"] and m["num_inputs"] == 3 and len(m["shards"]) == 2
+    parts = {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.startswith("part-")}
+    assert len(parts) == 4
+    m2 = prepare(str(src), str(out), opts, progress=False)
+    assert m2 == m and [s["key"] for s in m2["skipped"]] == ["a.png", "b.png", "sub/c.png"]
+    assert parts == {f: os.path.getmtime(out / f) for f in parts}  # every chunk reused
+    assert json.loads((out / "manifest.json").read_text()) == m
+    with pytest.raises(DataError, match="is the --input folder"):
+        prepare(str(src), str(src), opts, progress=False)
+
+
+def test_cli_bad_input_and_output_paths_are_one_error_line(tmp_path, capsys):
+    """Each was a traceback (FileExistsError), a wrong reason, or an exit 0 with a "complete"
+    prepared folder that only failed when training or evaluate opened it."""
+    photos, empty, afile = tmp_path / "photos", tmp_path / "empty", tmp_path / "afile"
+    _noise_photos(photos, ["n.png"])
+    empty.mkdir()
+    afile.write_text("x")
+    cases = [
+        (["--input", str(photos), "--output", str(afile)], f"--output {afile} is a file, not a folder"),
+        (["--input", str(afile), "--output", str(tmp_path / "o1")], f"--input {afile} is a file, not a folder: give the folder of images (searched recursively) "
+         f"or tfds:NAME[:SPLIT]"),
+        (["--input", str(empty), "--output", str(tmp_path / "o2")], f"no files under {empty}: nothing to prepare"),
+        (["--input", str(photos), "--output", str(tmp_path / "o3"), "--upsample", "0"],
+         f"no faces found in the 1 inputs under {photos}; the reason for each is in "
+         f"{tmp_path / 'o3' / 'manifest.json'}"),
+    ]
+    for argv, message in cases:
+        assert main(argv + ["--no_progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n", err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert "no face" in json.loads((tmp_path / "o3" / "manifest.json").read_text())["skipped"][0]["reason"]

@@ -186,3 +186,74 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+def _write_prepared(d, n: int = 3) -> str:
+    """A prepared folder of ``n`` tiny records in one shard, written directly (no detector)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    writer = ArrayRecordWriter(str(d / "part-000000.array_record"), "group_size:1")
+    for i in range(n):
+        writer.write(encode_record(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), {"key": f"k{i}"}))
+    writer.close()
+    (d / "manifest.json").write_text(json.dumps(
+        {"shards": [{"file": "part-000000.array_record", "num_records": n}]}))
+    return str(d / "part-000000.array_record")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"shards": [\n', r"manifest.json is not valid JSON \(Expecting value: line 2"),
+    ("[1, 2]", "manifest.json holds a JSON list, not the object prepare writes"),
+    ('{"shards": {"file": "a"}}', r'manifest.json: "shards" must be a list, got dict'),
+    ('{"shards": [{"num_records": 3}]}', r'manifest.json: shards\[0\] has no "file" name'),
+    ('{"shards": [7]}', r'manifest.json: shards\[0\] has no "file" name \(7\)'),
+    ('{"shards": [{"file": "p", "num_records": "3"}]}',
+     r"manifest.json: shards\[0\].num_records must be a whole number >= 0, got '3'"),
+])
+def test_prepared_manifest_of_wrong_shape_names_it(tmp_path, text, message):
+    """A damaged manifest was an AttributeError, a KeyError 'file' or a bare JSON message."""
+    _write_prepared(tmp_path / "p")
+    (tmp_path / "p" / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "p")) + "/" + message):
+        open_source(f"prepared:{tmp_path / 'p'}")
+
+
+def test_damaged_shard_is_named_at_open_or_when_read(tmp_path):
+    """array_record's RuntimeErrors (a traceback from training and evaluate) become DataErrors
+    naming the shard: at opening for a damaged footer, when read for a damaged record."""
+    shard = _write_prepared(tmp_path / "p")
+    data = open(shard, "rb").read()
+    src = open_prepared(tmp_path / "p")
+    assert len(src) == 3 and [src[i]["key"] for i in range(3)] == ["k0", "k1", "k2"]
+    with pytest.raises(IndexError):
+        src[3]
+    named = "^" + re.escape(f"corrupt or truncated shard {shard} (RuntimeError")
+    for damaged in (os.urandom(5000), data[: len(data) // 2], data[: len(data) * 3 // 4],
+                    data[:65536] + bytes(512) + data[65536 + 512:]):
+        open(shard, "wb").write(damaged)
+        with pytest.raises(DataError, match=named):
+            open_source(f"prepared:{tmp_path / 'p'}")
+    # the first record's bytes zeroed: the folder opens, and that record names the shard
+    open(shard, "wb").write(data[:100] + bytes(60) + data[160:])
+    src = open_prepared(tmp_path / "p")
+    assert src[1]["key"] == "k1"
+    with pytest.raises(DataError, match=named + ".*chunk data hash mismatch.*re-run "
+                       "python -m fasdiff_jax.data.prepare with the same options"):
+        src[0]
+    # ... and so does the training pipeline reading it on its threads
+    ds = make_dataset(DataConfig(source=f"prepared:{tmp_path / 'p'}", image_size=8,
+                                 global_batch_size=3, shuffle=False), None, 0, 1)
+    with pytest.raises(DataError, match=named):
+        next(iter(ds))
+
+
+def test_unknown_embedded_split_lists_the_valid_ones(tmp_path):
+    """Was ``KeyError: 'bogus'``, after building the embedded default."""
+    for spec, split in (("embedded:bogus", "bogus"), ("embedded:train:x", "train:x")):
+        with pytest.raises(DataError, match=re.escape(
+                f"unknown embedded split {split!r} in {spec!r}: use embedded:train or "
+                f"embedded:heldout")):
+            open_source(spec, cache_dir=str(tmp_path))
+    assert not os.listdir(tmp_path)  # nothing built for a bad spec

@@ -151,15 +151,29 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
     return summary
 
 
-def list_inputs(source: str, tfds_data_dir: str | None = None) -> list[str]:
+def list_inputs(source: str, tfds_data_dir: str | None = None,
+                output: str | None = None) -> list[str]:
     """Sorted keys: relative file paths of a folder (every file, so bad ones get reported)
-    or ``SPLIT/INDEX`` for a TFDS source."""
+    or ``SPLIT/INDEX`` for a TFDS source. An ``output`` folder inside the input folder is
+    left out: its shards and manifests would otherwise become inputs of the next run,
+    shifting every chunk's keys so that nothing is reused."""
     if source.startswith("tfds:"):
         _, split = parse_tfds_spec(source)
         return [f"{split}/{i}" for i in range(len(_tfds_source(source, tfds_data_dir)))]
-    if not os.path.isdir(source):
+    if not os.path.exists(source):
         raise DataError(f"input folder does not exist: {source}")
-    return list_images(source, all_files=True)
+    if not os.path.isdir(source):
+        raise DataError(f"--input {source} is a file, not a folder: give the folder of images "
+                        f"(searched recursively) or tfds:NAME[:SPLIT]")
+    keys = list_images(source, all_files=True)
+    if output is not None:
+        inside = os.path.relpath(os.path.realpath(output), os.path.realpath(source))
+        if inside == os.curdir:
+            raise DataError(f"--output {output} is the --input folder: write the prepared "
+                            f"folder elsewhere (a subfolder is fine)")
+        if not inside.startswith(os.pardir):
+            keys = [k for k in keys if not (k + os.sep).startswith(inside + os.sep)]
+    return keys
 
 
 def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[str]) -> dict:
@@ -211,8 +225,15 @@ def prepare(
     """Prepare ``source`` into ``output``; returns the manifest. See the module docstring."""
     if not 0 <= shard_index < num_shards:
         raise DataError(f"--shard_index {shard_index} not in [0, {num_shards})")
-    keys = list_inputs(source, tfds_data_dir)
-    os.makedirs(output, exist_ok=True)
+    keys = list_inputs(source, tfds_data_dir, output)
+    if not keys:  # an empty, but "complete", prepared folder would fail only when used
+        raise DataError(f"no files under {source}: nothing to prepare")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise DataError(f"--output {output} is a file, not a folder")
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --output folder {output}: {type(e).__name__}: {e}") from e
     num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
     todo = []
     for c in range(shard_index, num_chunks, num_shards):
@@ -264,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                     a.tfds_data_dir, progress=not a.no_progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if m["complete"] and not m["num_faces"]:  # training or evaluate would stop on it later
+        print(f"error: no faces found in the {m['num_inputs']} inputs under {a.input}; the "
+              f"reason for each is in {os.path.join(a.output, MANIFEST)}", file=sys.stderr)
         return 2
     print(f"{m['num_faces']} faces from {m['num_photos_with_faces']}/{m['num_inputs']} inputs, "
           f"{m['num_skipped']} skipped, complete={m['complete']} ({time.time() - t0:.1f}s) "

@@ -15,7 +15,10 @@ All sources are picklable (Grain worker processes re-open them) and index with i
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import io
+import itertools
 import json
 import os
 import struct
@@ -52,37 +55,121 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return meta
 
 
+_REPREPARE = "re-run python -m fasdiff_jax.data.prepare, which rewrites it"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """One whole shard, as array_record's ``FileInstruction``: the data source takes the
+    count from here instead of re-opening every shard in each Grain worker."""
+
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
+def _read_manifest(path: str) -> tuple[dict[str, Any], list[str]]:
+    """The manifest's JSON object and the files of its shards that hold records; DataError
+    naming the manifest and the field when it is not what ``prepare`` writes."""
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); {_REPREPARE}") from e
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} holds a JSON {type(manifest).__name__}, not the object "
+                        f"prepare writes; {_REPREPARE}")
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list):
+        raise DataError(f"{path}: \"shards\" must be a list, got {type(shards).__name__}")
+    files = []
+    for i, shard in enumerate(shards):
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard["file"]):
+            raise DataError(f"{path}: shards[{i}] has no \"file\" name ({shard!r}); "
+                            f"{_REPREPARE}")
+        count = shard.get("num_records", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise DataError(f"{path}: shards[{i}].num_records must be a whole number >= 0, "
+                            f"got {count!r}")
+        if count:
+            files.append(shard["file"])
+    return manifest, files
+
+
+def _shard_error(path: str, e: BaseException) -> DataError:
+    """array_record's and the decoder's errors name neither the shard nor the fix."""
+    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__  # some are blank
+    return DataError(f"corrupt or truncated shard {path} ({reason}); delete "
+                     f"it and re-run python -m fasdiff_jax.data.prepare with the same options, "
+                     f"which redoes missing chunks")
+
+
+def _count_records(path: str) -> int:
+    """Records in one shard (reads its footer only); DataError naming it when damaged."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(path)
+        try:
+            return int(reader.num_records())
+        finally:
+            reader.close()
+    except (RuntimeError, OSError, ValueError) as e:
+        raise _shard_error(path, e) from e
+
+
 class PreparedSource:
-    """Records of a prepared folder (all ``*.array_record`` shards listed in its manifest)."""
+    """Records of a prepared folder (all ``*.array_record`` shards listed in its manifest).
+
+    Every shard's footer is read when the folder is opened, so a damaged shard stops a
+    training run or an evaluation at its start, named; a record damaged inside a shard is
+    named with its shard when read."""
 
     def __init__(self, directory: str | os.PathLike):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.directory = os.fspath(directory)
         path = os.path.join(self.directory, MANIFEST)
         if not os.path.isfile(path):
             raise DataError(f"{self.directory} is not a prepared folder: no {MANIFEST}")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        shards = [s["file"] for s in self.manifest.get("shards", []) if s.get("num_records", 0)]
+        self.manifest, shards = _read_manifest(path)
         if not shards:
             raise DataError(f"prepared folder {self.directory} holds no records ({path})")
         self._paths = [os.path.join(self.directory, s) for s in shards]
         for p in self._paths:
             if not os.path.isfile(p):
                 raise DataError(f"shard listed in {path} is missing: {p}")
+        with ThreadPoolExecutor(min(16, len(self._paths))) as pool:
+            self._counts = list(pool.map(_count_records, self._paths))
+        self._ends = list(itertools.accumulate(self._counts))
+        if not self._ends[-1]:
+            raise DataError(f"prepared folder {self.directory} holds no records: its shards "
+                            f"listed in {path} are empty")
         self._source = None
 
     def _open(self):
         if self._source is None:
             from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-            self._source = ArrayRecordDataSource(self._paths)
+            self._source = ArrayRecordDataSource(
+                [_Shard(p, 0, n, n) for p, n in zip(self._paths, self._counts) if n])
         return self._source
 
     def __len__(self) -> int:
-        return len(self._open())
+        return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return decode_record(self._open()[int(index)])
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range: {self.directory} holds {len(self)}")
+        try:
+            return decode_record(self._open()[index])
+        except (RuntimeError,) + _READ_ERRORS as e:
+            shard = self._paths[bisect.bisect_right(self._ends, index)]
+            raise _shard_error(shard, e) from e
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -299,9 +386,12 @@ def open_source(spec: str, data_dir: str | None = None, cache_dir: str | None = 
     if spec.startswith("folder:"):
         return FolderSource(spec[len("folder:"):])
     if spec == "embedded" or spec.startswith("embedded:"):
-        from fasdiff_jax.data.embedded import embedded_dataset
+        from fasdiff_jax.data.embedded import FACE_PHOTOS, embedded_dataset
 
         split = spec.partition(":")[2] or "train"
+        if split not in FACE_PHOTOS:  # before building the default, which takes seconds
+            raise DataError(f"unknown embedded split {split!r} in {spec!r}: use "
+                            f"{' or '.join(f'embedded:{s}' for s in FACE_PHOTOS)}")
         return open_prepared(embedded_dataset(cache_dir=cache_dir, size=image_size)[split])
     if os.path.isfile(os.path.join(spec, MANIFEST)):
         return open_prepared(spec)
