@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fasdiff_jax import safetensors_io
+from fasdiff_jax.diffusion import schedules
 from fasdiff_jax.errors import ConversionError, FasdiffError, UnsupportedConfigError
 
 # diffusers class name -> "module:Class" of our implementation (imported lazily).
@@ -81,6 +83,13 @@ def read_config(folder: str) -> dict:
         raise ConversionError(f"{path}: unreadable config: {e}") from e
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path}: config is not a JSON object")
+    channels = cfg.get("block_out_channels", [1])
+    # Checked here, where the file is known: a string passed the models' length checks as
+    # a sequence of characters and failed with a message about another field.
+    if not (isinstance(channels, list) and channels
+            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
+        raise ConversionError(f"{path}: config field block_out_channels must be a list of "
+                              f"positive integers, got {channels!r}")
     return cfg
 
 
@@ -147,16 +156,30 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
             return safetensors_io.load_file(path)
         index = path + ".index.json"
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
             state: dict[str, np.ndarray] = {}
-            for shard in sorted(set(weight_map.values())):
+            for shard in _index_shards(index):
                 state.update(safetensors_io.load_file(os.path.join(folder, shard)))
             return state
     found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     hint = " (.bin pickles are not read: re-save with safe_serialization=True)" if any(
         f.endswith(".bin") for f in found) else ""
     raise ConversionError(f"{folder}: no {' or '.join(_WEIGHT_FILES)} found{hint}; has {found}")
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard files a sharded checkpoint's ``*.safetensors.index.json`` names, or a
+    :class:`ConversionError` naming the index (a damaged one raised a bare JSON error)."""
+    try:
+        with open(index) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{index}: unreadable sharded-weights index: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v for v in weight_map.values()):
+        raise ConversionError(f"{index}: sharded-weights index has no \"weight_map\" object of "
+                              f"tensor name -> shard file name")
+    return sorted(set(weight_map.values()))
 
 
 def key_to_path(key: str) -> tuple[tuple[str, ...], str]:
@@ -372,8 +395,80 @@ def _write_fingerprint_memo(memo: dict[str, str]) -> None:
             os.remove(tmp)
 
 
+def check_out(out: str, src: str | None = None) -> None:
+    """Refuse an ``out`` that is a file, or that is, holds or lies in the input folder ``src``,
+    before anything is written: converting a pipeline into its own folder wrote
+    params.safetensors into the source's unet/ and vae/, then failed copying a file onto
+    itself."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConversionError(f"--out {out}: is a file, not a folder")
+    if src is None or "://" in src:
+        return
+    o, i = os.path.realpath(out), os.path.realpath(src)
+    if o == i:
+        raise ConversionError(f"--out {out}: is the input folder {src}; write the conversion "
+                              f"to a new folder")
+    if os.path.commonpath([o, i]) in (o, i):
+        inner = "lies inside the input folder" if os.path.commonpath([o, i]) == i else \
+            "holds the input folder"
+        raise ConversionError(f"--out {out}: {inner} {src}; write the conversion to a folder "
+                              f"outside it")
+
+
+# The scheduler fields fasdiff.build passes to schedules.Schedule.create, and their JSON types.
+_NUMBER, _INT, _STR, _BOOL = (int, float), (int,), (str,), (bool,)
+_SCHEDULER_FIELDS: dict[str, tuple[type, ...]] = {
+    "num_train_timesteps": _INT, "beta_start": _NUMBER, "beta_end": _NUMBER,
+    "beta_schedule": _STR, "prediction_type": _STR, "timestep_spacing": _STR,
+    "steps_offset": _INT, "set_alpha_to_one": _BOOL, "clip_sample": _BOOL,
+    "clip_sample_range": _NUMBER, "rescale_betas_zero_snr": _BOOL, "variance_type": _STR,
+}
+_TYPE_NAMES = {_NUMBER: "a number", _INT: "an integer", _STR: "a string", _BOOL: "true or false"}
+
+
+def read_scheduler_config(path: str) -> dict:
+    """A pipeline's ``scheduler_config.json``, checked before convert copies it: training
+    builds its noise schedule from it, where a damaged file failed with a JSON error that
+    named no file. The schedule is built once here, so its own checks run too."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable scheduler config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: scheduler config is not a JSON object")
+    for key, types in _SCHEDULER_FIELDS.items():
+        value = cfg.get(key, types[0]())  # absent: the default applies
+        if isinstance(value, bool) and types != _BOOL or not isinstance(value, types):
+            raise ConversionError(f"{path}: scheduler config field {key} must be "
+                                  f"{_TYPE_NAMES[types]}, got {value!r}")
+    if cfg.get("num_train_timesteps", 1) < 1 or cfg.get("steps_offset", 0) < 0:
+        raise ConversionError(f"{path}: scheduler config needs num_train_timesteps >= 1 and "
+                              f"steps_offset >= 0, got {cfg.get('num_train_timesteps')} and "
+                              f"{cfg.get('steps_offset')}")
+    for key in ("beta_start", "beta_end"):
+        if key in cfg and not 0 <= cfg[key] < 1:
+            raise ConversionError(f"{path}: scheduler config field {key} must be in [0, 1), "
+                                  f"got {cfg[key]!r}")
+    accepted = inspect.signature(schedules.Schedule.create).parameters
+    try:
+        sched = schedules.Schedule.create(**{k: v for k, v in cfg.items() if k in accepted})
+    except (ValueError, TypeError) as e:  # UnsupportedConfigError is a ValueError
+        raise ConversionError(f"{path}: {e}") from e
+    alphas = np.asarray(sched.alphas_cumprod)
+    if not np.all((alphas > 0) & (alphas <= 1)):
+        raise ConversionError(f"{path}: the scheduler config's betas give cumulative alphas "
+                              f"outside (0, 1] (each beta must be in [0, 1))")
+    return cfg
+
+
 def convert_pipeline(src: str, out: str) -> dict[str, str]:
-    """Convert a diffusers SD pipeline folder; returns what was written."""
+    """Convert a diffusers SD pipeline folder; returns what was written. The output folder
+    and the scheduler config are checked before anything is written."""
+    check_out(out, src)
+    sched = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):
+        read_scheduler_config(sched)
     written = {}
     for component in ("unet", "vae"):
         folder = os.path.join(src, component)
@@ -388,7 +483,6 @@ def convert_pipeline(src: str, out: str) -> dict[str, str]:
         emb = text_encoder.null_text_embedding_from_pipeline(src)
         safetensors_io.save_file({"null_text": np.asarray(emb)}, os.path.join(out, NULL_TEXT_FILE))
         written["null_text"] = os.path.join(out, NULL_TEXT_FILE)
-    sched = os.path.join(src, "scheduler", "scheduler_config.json")
     if os.path.isfile(sched):
         os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
         shutil.copy(sched, os.path.join(out, "scheduler", "scheduler_config.json"))
@@ -471,7 +565,10 @@ def export_hyperprior(workdir: str, out: str) -> tuple[dict[str, Any], int]:
     from fasdiff_jax import train
     from fasdiff_jax.models import hyperprior
 
-    model, params, step, _ = train.restore_for_inference(train.load_run_config(workdir), workdir)
+    # convert has no --config flag: the run's saved config is all it can use
+    config = train.load_run_config(workdir, advice="convert exports the latest checkpoint of "
+                                   "a run trained with configs/mbt2018_mean.py")
+    model, params, step, _ = train.restore_for_inference(config, workdir)
     if not isinstance(model, hyperprior.TrainableHyperprior):
         raise ConversionError(f"{workdir}: a {type(model).__name__} run, not the mbt2018-mean "
                               f"baseline (config.model.kind='hyperprior')")
@@ -492,12 +589,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.compressai_checkpoint:
+            check_out(args.out)
             cfg = convert_compressai(args.compressai_checkpoint, args.out)
             written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']}": args.out}
         elif args.hyperprior_workdir:
+            check_out(args.out, args.hyperprior_workdir)
             cfg, step = export_hyperprior(args.hyperprior_workdir, args.out)
             written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']} (step {step})": args.out}
         elif os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
+            check_out(args.out, args.diffusers_dir)
             _, params = load_diffusers(args.diffusers_dir)
             save_component(args.out, read_config(args.diffusers_dir), params)
             written = {"model": args.out}
@@ -505,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
             written = convert_pipeline(args.diffusers_dir, args.out)
     except FasdiffError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out under a file, or a folder we may not write in
+        where = f"{e.filename}: {e.strerror or e}" if e.filename else f"{args.out}: {e}"
+        print(f"error: {where}", file=sys.stderr)
         return 2
     for what, where in written.items():
         print(f"{what}: {where}")

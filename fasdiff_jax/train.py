@@ -779,13 +779,14 @@ def _tuples(x: Any) -> Any:
     return x
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config :func:`save_run_config` wrote to ``workdir``."""
+def load_run_config(workdir: str, advice: str = "pass the config it was trained with as "
+                    "--config=FILE") -> ml_collections.ConfigDict:
+    """The config :func:`save_run_config` wrote to ``workdir``; ``advice`` ends the message
+    where there is none (the command's way out: its own flag, or none)."""
     path = epath.Path(_workdir(workdir)) / RUN_CONFIG
     if not path.exists():
         raise TrainConfigError(f"{workdir}: no {RUN_CONFIG} (not a training workdir, or one "
-                               f"written before runs saved their config): pass the config it "
-                               f"was trained with as --config=FILE")
+                               f"written before runs saved their config): {advice}")
     try:
         saved = json.loads(path.read_text())
     except ValueError as e:
@@ -793,8 +794,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         what = ("no model section" if isinstance(saved, dict)
                 else f"it holds {json.dumps(saved)[:40]}, not a JSON object")
-        raise TrainConfigError(f"{path}: not a run config ({what}); pass the config the run "
-                               f"was trained with as --config=FILE")
+        raise TrainConfigError(f"{path}: not a run config ({what}): {advice}")
     return ml_collections.ConfigDict(_tuples(saved))
 
 

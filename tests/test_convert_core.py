@@ -1,5 +1,7 @@
 """The generic diffusers-key -> Flax-path rule and its strict checks, on a small Flax model."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasdiff_jax import convert
+from fasdiff_jax import convert, safetensors_io
 from fasdiff_jax.errors import ConversionError, UnsupportedConfigError
 from fasdiff_jax.models import layers
 
@@ -82,3 +84,62 @@ def test_folder_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConversionError, match="unreadable config"):
         convert.load_diffusers(str(tmp_path))
+
+
+def test_sharded_index_errors_name_the_index(tmp_path):
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    for text, why in (('{"weight_map": ', "unreadable sharded-weights index"),
+                      ('{"metadata": {}}', 'no "weight_map"'),
+                      ('{"weight_map": {"a.weight": 3}}', 'no "weight_map"'),
+                      ("[1, 2]", 'no "weight_map"')):
+        index.write_text(text)
+        with pytest.raises(ConversionError, match=rf"index\.json: .*{why}"):
+            convert.read_weights(str(tmp_path))
+    # A good index still reads every shard it names.
+    safetensors_io.save_file({"a.weight": np.ones(2, np.float32)}, str(tmp_path / "s1.safetensors"))
+    safetensors_io.save_file({"b.bias": np.zeros(3, np.float32)}, str(tmp_path / "s2.safetensors"))
+    index.write_text(json.dumps({"weight_map": {"a.weight": "s1.safetensors",
+                                                "b.bias": "s2.safetensors"}}))
+    assert sorted(convert.read_weights(str(tmp_path))) == ["a.weight", "b.bias"]
+
+
+@pytest.mark.parametrize("channels", ["abc", [], [320, "640"], [320, True], [0, 64]])
+def test_block_out_channels_must_be_positive_integers(tmp_path, channels):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"_class_name": "UNet2DConditionModel", "block_out_channels": channels}))
+    with pytest.raises(ConversionError,
+                       match="config.json: config field block_out_channels must be a list of "
+                             "positive integers"):
+        convert.load_diffusers(str(tmp_path))
+
+
+_DDIM = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+         "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False,
+         "set_alpha_to_one": False, "steps_offset": 1, "trained_betas": None}
+
+
+@pytest.mark.parametrize("text, why", [
+    ("not json", "unreadable scheduler config"),
+    ("[1, 2]", "scheduler config is not a JSON object"),
+    (json.dumps({**_DDIM, "num_train_timesteps": "1000"}),
+     "num_train_timesteps must be an integer"),
+    (json.dumps({**_DDIM, "num_train_timesteps": 0}), "num_train_timesteps >= 1"),
+    (json.dumps({**_DDIM, "clip_sample": 1}), "clip_sample must be true or false"),
+    (json.dumps({**_DDIM, "prediction_type": None}), "prediction_type must be a string"),
+    (json.dumps({**_DDIM, "beta_end": 1.5}), r"beta_end must be in \[0, 1\)"),
+    (json.dumps({**_DDIM, "prediction_type": "flow"}), "prediction_type 'flow' is not supported"),
+    (json.dumps({**_DDIM, "trained_betas": [0.1, 0.2]}), r"trained_betas has shape \(2,\)"),
+])
+def test_scheduler_config_errors_name_the_file(tmp_path, text, why):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(text)
+    with pytest.raises(ConversionError, match=rf"scheduler_config\.json: .*{why}"):
+        convert.read_scheduler_config(str(path))
+
+
+def test_scheduler_config_accepts_sd_configs(tmp_path):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(_DDIM))
+    assert convert.read_scheduler_config(str(path)) == _DDIM
+    path.write_text(json.dumps({"prediction_type": "v_prediction"}))  # defaults for the rest
+    assert convert.read_scheduler_config(str(path))["prediction_type"] == "v_prediction"

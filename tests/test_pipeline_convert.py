@@ -105,6 +105,16 @@ def test_convert_pipeline_cli_round_trip(tmp_path):
     _, vref = convert.load_diffusers(str(src / "vae"))
     jax.tree.map(np.testing.assert_array_equal, vparams, vref)
 
+    # a scheduler config damaged after conversion: the model build names the file
+    from configs import tiny
+    from fasdiff_jax.models import fasdiff
+
+    sched = out / "scheduler" / "scheduler_config.json"
+    sched.write_text("not json")
+    model_cfg = {**tiny.get_config().model.to_dict(), "sd_checkpoint": str(out)}
+    with pytest.raises(convert.ConversionError, match=f"{sched}: unreadable scheduler config"):
+        fasdiff.build(model_cfg)
+
 
 def test_pipeline_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -120,3 +130,69 @@ def test_pipeline_errors(tmp_path, capsys):
         (tmp_path / "c" / "config.json").write_text(json.dumps(
             {"_class_name": "AutoencoderKL", "block_out_channels": [8], "norm_num_groups": 4}))
         convert.load_component(str(tmp_path / "c"))
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _tiny_vae_folder(folder) -> None:
+    TorchVAE(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+             down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+             layers_per_block=1).save_pretrained(str(folder), safe_serialization=True)
+
+
+def test_out_overlapping_the_input_is_refused_before_writing(tmp_path, capsys):
+    src = tmp_path / "sd"
+    (src / "unet").mkdir(parents=True)
+    (src / "vae").mkdir()
+    (tmp_path / "afile").write_text("x")
+    before = _files(src)
+    for out, why in ((src, "is the input folder"), (src / "unet", "lies inside the input folder"),
+                     (tmp_path, "holds the input folder"), (tmp_path / "afile", "is a file")):
+        assert convert.main(["--diffusers_dir", str(src), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}: {why}") and "Traceback" not in err
+    # A single model folder converted into itself: refused, nothing added to it.
+    _tiny_vae_folder(tmp_path / "vae")
+    model_files = _files(tmp_path / "vae")
+    assert convert.main(["--diffusers_dir", str(tmp_path / "vae"), "--out",
+                         str(tmp_path / "vae")]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert _files(tmp_path / "vae") == model_files
+    assert _files(src) == before
+
+
+def test_out_under_a_file_is_one_error_line(tmp_path, capsys):
+    _tiny_vae_folder(tmp_path / "vae")
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    assert convert.main(["--diffusers_dir", str(tmp_path / "vae"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: Not a directory\n"
+
+
+@pytest.mark.parametrize("text, why", [("not json", "unreadable scheduler config"),
+                                       ('{"beta_schedule": 3}', "beta_schedule must be a string")])
+def test_bad_scheduler_config_is_refused_before_writing(tmp_path, capsys, text, why):
+    src, out = tmp_path / "sd", tmp_path / "ckpt"
+    (src / "scheduler").mkdir(parents=True)
+    (src / "scheduler" / "scheduler_config.json").write_text(text)
+    assert convert.main(["--diffusers_dir", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src / 'scheduler' / 'scheduler_config.json'}: ") and why in err
+    assert not out.exists()
+
+
+def test_hyperprior_workdir_errors_do_not_advise_a_missing_flag(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("[1]")
+    for workdir, why in ((tmp_path / "nope", "no config.json"),
+                         (tmp_path / "run", "no config.json"),
+                         (tmp_path / "bad", "not a run config")):
+        assert convert.main(["--hyperprior_workdir", str(workdir), "--out",
+                             str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {workdir}") and why in err
+        assert "--config" not in err and "configs/mbt2018_mean.py" in err
+    assert not (tmp_path / "o").exists()

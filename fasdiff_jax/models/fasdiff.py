@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -544,9 +543,9 @@ def build(cfg: Any) -> FaSDiff:
         unet_cfg = convert.read_config(os.path.join(ckpt, "unet"))
         vae_cfg = convert.read_config(os.path.join(ckpt, "vae"))
         sched_path = os.path.join(ckpt, "scheduler")
-        if os.path.isdir(sched_path):
-            with open(os.path.join(sched_path, "scheduler_config.json")) as f:
-                sched_cfg = {**json.load(f), **sched_cfg}
+        if os.path.isdir(sched_path):  # checked and named by path (a damaged file)
+            sched_cfg = {**convert.read_scheduler_config(
+                os.path.join(sched_path, "scheduler_config.json")), **sched_cfg}
         cfg = {**cfg, "unet": unet_cfg, "vae": vae_cfg, "scheduler": sched_cfg}
     unet = UNet2DConditionModel.from_diffusers_config(unet_cfg, **common)
     vae = AutoencoderKL.from_diffusers_config(vae_cfg, **common)
