@@ -293,7 +293,10 @@ def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
     them (``jax.device_put`` with the train loop's shardings) copies each device's shard
     straight from the file, so no device holds a full staging copy of a sharded weight."""
     cfg = read_config(folder)
-    module = module_from_config(cfg, **overrides)
+    try:
+        module = module_from_config(cfg, **overrides)
+    except ConversionError as e:  # the class or a field: name the file it came from
+        raise type(e)(f"{os.path.join(folder, 'config.json')}: {e}") from e
     path = os.path.join(folder, PARAMS_FILE)
     if not os.path.isfile(path):
         raise ConversionError(f"{folder}: no {PARAMS_FILE}; convert the weights first "

@@ -143,3 +143,17 @@ def test_scheduler_config_accepts_sd_configs(tmp_path):
     assert convert.read_scheduler_config(str(path)) == _DDIM
     path.write_text(json.dumps({"prediction_type": "v_prediction"}))  # defaults for the rest
     assert convert.read_scheduler_config(str(path))["prediction_type"] == "v_prediction"
+
+
+def test_load_component_names_the_config_of_a_missing_or_unknown_class(tmp_path):
+    import re
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = folder / "config.json"
+    cfg.write_text("{}")
+    with pytest.raises(ConversionError, match=re.escape(f"{cfg}: config.json names no model")):
+        convert.load_component(str(folder))
+    cfg.write_text('{"_class_name": "Nope"}')
+    with pytest.raises(UnsupportedConfigError, match=re.escape(f"{cfg}: model class 'Nope'")):
+        convert.load_component(str(folder))
