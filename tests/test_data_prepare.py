@@ -109,6 +109,18 @@ def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f)["skipped"] == m["skipped"]
 
+    # A damaged shard (its footer cut off) is made again by a rerun, the others reused.
+    shard = max((f for f in mtimes if f.endswith(".array_record")),
+                key=lambda f: os.path.getsize(os.path.join(out, f)))
+    with open(os.path.join(out, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(out, shard)) // 2)
+    with pytest.raises(DataError, match=f"corrupt or truncated shard .*{shard}"):
+        open_prepared(out)
+    assert prepare(str(odd_folder), out, OPTS, progress=False)["complete"]
+    changed = {f for f in mtimes if os.path.getmtime(os.path.join(out, f)) != mtimes[f]}
+    assert changed == {shard, shard.replace(".array_record", ".json")}
+    assert sorted(open_prepared(out)[i]["key"] for i in range(len(src))) == sorted(keys)
+
 
 def test_missing_input_and_bad_options_are_readable_errors(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2

@@ -4,6 +4,7 @@ folders, plain folders, embedded default."""
 import json
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -257,3 +258,17 @@ def test_unknown_embedded_split_lists_the_valid_ones(tmp_path):
                 f"embedded:heldout")):
             open_source(spec, cache_dir=str(tmp_path))
     assert not os.listdir(tmp_path)  # nothing built for a bad spec
+
+
+def test_a_damaged_embedded_cache_says_to_delete_it(embedded_dirs, tmp_path):  # noqa: F811
+    """prepare's advice (delete the shard, re-run prepare) does not rebuild the embedded
+    default; deleting its cache folder does."""
+    root = os.path.dirname(embedded_dirs["train"])
+    cache = tmp_path / "cache"
+    shutil.copytree(root, cache / os.path.basename(root))
+    shard = next((cache / os.path.basename(root) / "heldout").glob("*.array_record"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=re.escape(
+            f"Delete {cache / os.path.basename(root)}; it is rebuilt on next use")):
+        open_source("embedded:heldout", cache_dir=str(cache))
+    assert len(open_source("embedded:train", cache_dir=str(cache))) > 0

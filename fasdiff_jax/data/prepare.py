@@ -26,7 +26,7 @@ import numpy as np
 
 from fasdiff_jax.data import align
 from fasdiff_jax.data.sources import (
-    MANIFEST, decode_image_file, encode_record, list_images, parse_tfds_spec,
+    MANIFEST, count_records, decode_image_file, encode_record, list_images, parse_tfds_spec,
 )
 from fasdiff_jax.errors import DataError
 
@@ -103,7 +103,9 @@ def _chunk_paths(output: str, chunk: int) -> tuple[str, str]:
 
 
 def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) -> bool:
-    """A chunk is reused only if it holds the same keys, made with the same options."""
+    """A chunk is reused only if it holds the same keys, made with the same options, and its
+    shard's footer reads and counts the records its summary says (a damaged or truncated
+    shard is made again, so "re-run prepare" mends it)."""
     rec, meta = _chunk_paths(output, chunk)
     if not (os.path.isfile(meta) and os.path.isfile(rec)):
         return False
@@ -112,7 +114,13 @@ def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) 
             summary = json.load(f)
     except (OSError, ValueError):
         return False
-    return summary.get("keys") == keys and summary.get("options") == dataclasses.asdict(opts)
+    if not (isinstance(summary, dict) and summary.get("keys") == keys
+            and summary.get("options") == dataclasses.asdict(opts)):
+        return False
+    try:
+        return count_records(rec) == summary.get("num_records")
+    except DataError:
+        return False
 
 
 def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | None]) -> dict:

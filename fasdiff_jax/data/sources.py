@@ -107,7 +107,7 @@ def _shard_error(path: str, e: BaseException) -> DataError:
                      f"which redoes missing chunks")
 
 
-def _count_records(path: str) -> int:
+def count_records(path: str) -> int:
     """Records in one shard (reads its footer only); DataError naming it when damaged."""
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -143,7 +143,7 @@ class PreparedSource:
             if not os.path.isfile(p):
                 raise DataError(f"shard listed in {path} is missing: {p}")
         with ThreadPoolExecutor(min(16, len(self._paths))) as pool:
-            self._counts = list(pool.map(_count_records, self._paths))
+            self._counts = list(pool.map(count_records, self._paths))
         self._ends = list(itertools.accumulate(self._counts))
         if not self._ends[-1]:
             raise DataError(f"prepared folder {self.directory} holds no records: its shards "
@@ -392,7 +392,12 @@ def open_source(spec: str, data_dir: str | None = None, cache_dir: str | None = 
         if split not in FACE_PHOTOS:  # before building the default, which takes seconds
             raise DataError(f"unknown embedded split {split!r} in {spec!r}: use "
                             f"{' or '.join(f'embedded:{s}' for s in FACE_PHOTOS)}")
-        return open_prepared(embedded_dataset(cache_dir=cache_dir, size=image_size)[split])
+        folder = embedded_dataset(cache_dir=cache_dir, size=image_size)[split]
+        try:
+            return open_prepared(folder)
+        except DataError as e:  # a damaged cache: prepare's advice does not rebuild it
+            raise DataError(f"the embedded default's cache is damaged: {e}. Delete "
+                            f"{os.path.dirname(folder)}; it is rebuilt on next use") from e
     if os.path.isfile(os.path.join(spec, MANIFEST)):
         return open_prepared(spec)
     if os.path.isdir(spec):
