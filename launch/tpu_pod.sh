@@ -13,8 +13,12 @@
 # compiled programs from process 0 only, so for a restarted run to skip compiling on every
 # worker, add --compile_cache=gs://bucket/xla (one cache all workers read).
 set -euo pipefail
-if [ $# -lt 3 ]; then sed -n 2,14p "$0"; exit 2; fi
-TPU_NAME=$1; ZONE=$2; WORKDIR=$3; CONFIG=${4:-configs/celeba.py}; shift $(( $# < 4 ? $# : 4 ))
+# TPU_NAME, ZONE, WORKDIR must be given (not empty, not flags); CONFIG may be left out.
+if [ $# -lt 3 ] || [ -z "$1" ] || [ -z "$2" ] || [ -z "$3" ] || [[ $1 == -* || $2 == -* || $3 == -* ]]; then
+  sed -n 2,14p "$0"; exit 2
+fi
+TPU_NAME=$1; ZONE=$2; WORKDIR=$3; shift 3; CONFIG=configs/celeba.py
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then CONFIG=$1; shift; fi
 # Quoted for the workers' shell: paths and overrides may hold spaces or shell characters.
 ARGS=$(printf ' %q' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "

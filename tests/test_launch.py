@@ -88,10 +88,17 @@ def test_tpu_pod_defaults_to_the_celeba_config_and_explains_itself_without_argum
     command = json.loads((tmp_path / "gcloud.json").read_text())["argv"][-1]
     assert "--config=configs/celeba.py --workdir=gs://b/w" in " ".join(shlex.split(command))
 
+    run = _run("tpu_pod.sh", ["tpu", "zone", "gs://b/w", "--config.train.steps=3"],
+               tmp_path / "bin")
+    command = json.loads((tmp_path / "gcloud.json").read_text())["argv"][-1]
+    assert run.returncode == 0 and shlex.split(command)[-3:] == [
+        "--config=configs/celeba.py", "--workdir=gs://b/w", "--config.train.steps=3"]
+
     (tmp_path / "gcloud.json").unlink()
-    run = _run("tpu_pod.sh", ["tpu", "zone"], tmp_path / "bin")
-    assert run.returncode == 2 and "launch/tpu_pod.sh TPU_NAME ZONE WORKDIR" in run.stdout
-    assert not (tmp_path / "gcloud.json").exists()
+    for args in (["tpu", "zone"], ["tpu", "zone", ""], ["tpu", "zone", "--config.x=1"]):
+        run = _run("tpu_pod.sh", args, tmp_path / "bin")
+        assert run.returncode == 2 and "launch/tpu_pod.sh TPU_NAME ZONE WORKDIR" in run.stdout
+        assert not (tmp_path / "gcloud.json").exists()
 
 
 def test_gpu_slurm_starts_one_main_per_gpu_with_the_flags_intact(tmp_path):
@@ -114,7 +121,14 @@ def test_gpu_slurm_starts_one_main_per_gpu_with_the_flags_intact(tmp_path):
     assert run.returncode == 0 and rec["mem_fraction"] == "0.5"  # the user's setting is kept
     assert "--config=configs/celeba.py" in rec["argv"]
 
+    # overrides without a CONFIG: the default config, the overrides kept as overrides
+    run = _run("gpu_slurm.sh", ["/w", "--config.train.steps=3"], tmp_path / "bin")
+    rec = json.loads((tmp_path / "srun.json").read_text())
+    assert run.returncode == 0 and rec["argv"][-3:] == [
+        "--config=configs/celeba.py", "--workdir=/w", "--config.train.steps=3"]
+
     (tmp_path / "srun.json").unlink()
-    run = _run("gpu_slurm.sh", [], tmp_path / "bin")
-    assert run.returncode == 2 and "sbatch --nodes=4" in run.stdout
-    assert not (tmp_path / "srun.json").exists()
+    for args in ([], [""], ["--help"], ["--config.train.steps=3"]):  # no WORKDIR: usage
+        run = _run("gpu_slurm.sh", args, tmp_path / "bin")
+        assert run.returncode == 2 and "sbatch --nodes=4" in run.stdout, args
+        assert not (tmp_path / "srun.json").exists()
