@@ -718,9 +718,13 @@ def _check_frozen(meta: Mapping[str, Any], config: ml_collections.ConfigDict, wo
 
 
 def _workdir(path: str) -> str:
-    """Local paths made absolute; URLs (``gs://bucket/run``, the TPU pod launch's shared
-    workdir) left as they are: Orbax and CLU write to them through their own file systems."""
-    return path if "://" in path else os.path.abspath(path)
+    """Local paths made absolute (``~`` expanded: the shell leaves it in ``--workdir=~/x``);
+    URLs (``gs://bucket/run``, the TPU pod launch's shared workdir) left as they are: Orbax
+    and CLU write to them through their own file systems. An empty one is refused: it was
+    the current folder (a run trained into the repo's root)."""
+    if not str(path).strip():
+        raise TrainConfigError("--workdir is empty: name the run's folder")
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def _check_workdir(workdir: str) -> None:

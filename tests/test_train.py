@@ -1597,3 +1597,14 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
         _config(src, **{"train.steps": stop, "train.on_process_count_change": "restart_data"}),
         str(work))
     assert out == {"step": stop} and _steps(work) == kept
+
+
+def test_an_empty_workdir_is_refused_and_a_tilde_expanded(monkeypatch, tmp_path):
+    """``--workdir=`` trained into the current folder; the shell leaves ``~`` in
+    ``--workdir=~/runs/x``, which made a folder named ``~``."""
+    for empty in ("", "  "):
+        with pytest.raises(train.TrainConfigError, match="--workdir is empty"):
+            train.train_and_evaluate(tiny.get_config(), empty)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert train._workdir("~/runs/x") == str(tmp_path / "runs" / "x")
+    assert train._workdir("gs://bucket/~run") == "gs://bucket/~run"
