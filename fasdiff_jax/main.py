@@ -123,10 +123,33 @@ def unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def config_file_problem(path: str | None) -> str | None:
+    """Why ``--config=path`` gives no config, or None (also for ``path:arg``, which
+    config_flags passes to ``get_config`` itself)."""
+    if path is None or (":" in path and os.path.isfile(path.rsplit(":", 1)[0])):
+        return None
+    if not os.path.isfile(path):
+        return f"--config={path}: no such file"
+    from fasdiff_jax.codec import load_config
+    from fasdiff_jax.errors import FasdiffError
+
+    try:
+        load_config(path)
+    except FasdiffError as e:
+        return str(e)
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, except that an override of a field the config lacks (a typo such
     as ``--config.train.stpes=20``) ends with one line naming it and exit status 2:
-    config_flags raises a bare ``AttributeError`` deep in its parser for it."""
+    config_flags raises a bare ``AttributeError`` deep in its parser for it. So does a
+    config file that is missing or gives no config (a syntax error, no ``get_config``, not a
+    ConfigDict): config_flags ended those with a traceback."""
+    message = config_file_problem(_config_file(argv))
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         return FLAGS(argv)
     except flags.Error as e:  # what absl's own parser does with these

@@ -935,6 +935,31 @@ def test_main_names_an_override_of_a_field_the_config_lacks(tmp_path, override, 
     assert not work.exists()
 
 
+@pytest.mark.parametrize("source, message", [
+    (None, "no such file"),
+    ("def get_config(:\n", "SyntaxError"),
+    ("def nothing():\n    pass\n", "defines no get_config()"),
+    ("def get_config():\n    return 5\n", "must return an ml_collections ConfigDict"),
+])
+def test_main_names_a_config_file_that_gives_no_config(tmp_path, source, message):
+    """config_flags ended these with a traceback and exit status 1 (a launch script once
+    passed an override as the config: ``--config=--config.train.steps=3``)."""
+    from fasdiff_jax import main as main_lib
+
+    cfg = tmp_path / "cfg.py"
+    if source is not None:
+        cfg.write_text(source)
+    got = main_lib.config_file_problem(str(cfg))
+    assert got is not None and got.startswith(f"--config={cfg}: ") and message in got
+    assert main_lib.config_file_problem(str(ROOT / "configs" / "tiny.py")) is None
+    if source is None:  # the command: one line, exit 2, nothing written
+        proc = subprocess.run([sys.executable, "-m", "fasdiff_jax.main", f"--config={cfg}",
+                               f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {got}"]
+        assert not (tmp_path / "w").exists()
+
+
 def test_configs_load_by_path_from_any_directory(tmp_path):
     """``--config=/abs/path/configs/tiny.py`` from outside the checkout: the configs import
     their siblings (``configs.base``), which used to fail with ModuleNotFoundError there."""
