@@ -299,6 +299,14 @@ def _fsd_files(folder: str) -> list[str]:
     return [f for f in list_images(folder, all_files=True) if f.lower().endswith(".fsd")]
 
 
+def read_fsd(path: str) -> bytes:
+    """A file's bytes; a FIFO, device or folder is refused (reading a FIFO waited forever)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise FasdiffError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _not_onto_itself(src: str, dst: str) -> tuple[str, str]:
     if os.path.realpath(src) == os.path.realpath(dst):
         raise FasdiffError(f"{src}: the output would overwrite the input")
@@ -364,8 +372,7 @@ def _info(paths: list[str]) -> int:
             print(f"error: {path}: no .fsd files", file=sys.stderr)
         for f in files:
             try:
-                with open(f, "rb") as fh:
-                    print(json.dumps({"file": f, **describe(fh.read())}))
+                print(json.dumps({"file": f, **describe(read_fsd(f))}))
             except (FasdiffError, OSError) as e:
                 failed += 1
                 print(f"error: {f}: {e}", file=sys.stderr)
@@ -433,10 +440,6 @@ def main(argv: list[str] | None = None) -> int:
             notes[dst] = f" (the first of {src}'s {frames} frames: the codec codes still images)"
         return image
 
-    def read_file(src: str, dst: str) -> bytes:
-        with open(src, "rb") as f:
-            return f.read()
-
     def write_file(dst: str, data: bytes) -> str:
         write_atomically(dst, data)
         return f"{dst}: {len(data)} bytes{notes.pop(dst, '')}"
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compress":
         read, code, write = read_still, codec.compress_many, write_file
     else:
-        read, code, write = read_file, codec.decompress_many, write_image
+        read, code, write = (lambda src, dst: read_fsd(src)), codec.decompress_many, write_image
 
     def code_or_split(inputs: list) -> list:
         """``code(inputs)``; where the batch runs out of memory, its inputs one at a time,

@@ -153,3 +153,14 @@ def test_a_checkpoints_file_in_place_of_the_folder_is_named(tmp_path, capsys):
     assert codec.main(["compress", str(tmp_path / "a.png"), str(tmp_path / "a.fsd"),
                        f"--workdir={work}"]) == 2
     assert f"{work / 'checkpoints'}: is a file" in capsys.readouterr().err
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
+    """Reading a FIFO named like a file waited forever (info and decompress)."""
+    os.mkfifo(tmp_path / "x.fsd")
+    assert codec.main(["info", str(tmp_path / "x.fsd")]) == 2
+    assert f"{tmp_path / 'x.fsd'}: not a regular file" in capsys.readouterr().err
+    assert codec.main(["info", str(tmp_path)]) == 2  # found in a folder: reported the same way
+    assert "not a regular file" in capsys.readouterr().err
+    with pytest.raises(FasdiffError, match="not a regular file"):
+        codec.read_fsd(str(tmp_path / "x.fsd"))
