@@ -279,15 +279,20 @@ def test_compress_batch_codes_images_of_one_size_together_and_keeps_errors_in_pl
     photo = skdata.astronaut()
     images = [photo[:37, :50], photo[60:97, 200:250], np.zeros((8, 8, 3), np.float32),
               skdata.camera()[:64, :64], photo[100:170, 100:190], np.zeros((8, 8, 2), np.uint8),
-              photo[200:237, 30:80, :1]]  # four of 64x64 padded, one of 128x128, two bad
+              photo[200:237, 30:80, :1], np.zeros((0, 10, 3), np.uint8),
+              np.zeros((1, 70_000), np.uint8)]  # 4 of 64x64 padded, 1 of 128x128, 4 bad
     batches = []
     encode = H._encode_device
     monkeypatch.setattr(H, "_encode_device",
                         lambda m, p, x: batches.append(x.shape) or encode(m, p, x))
     results = H.compress_batch(model, params, images)
-    assert batches == [(4, 64, 64, 3), (1, 128, 128, 3)]
+    assert batches == [(4, 64, 64, 3), (1, 128, 128, 3)]  # the bad ones reach no device call
     assert isinstance(results[2], TypeError) and isinstance(results[5], ValueError)
     assert "got shape (8, 8, 2)" in str(results[5])
+    # an empty image was a ZeroDivisionError for the whole batch; a too wide one failed after
+    # the device work
+    assert str(results[7]) == "image size 0x10 outside 1..65535 pixels a side"
+    assert str(results[8]) == "image size 1x70000 outside 1..65535 pixels a side"
     for img, data in zip(images, results):
         if isinstance(data, Exception):
             continue

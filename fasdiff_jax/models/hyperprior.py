@@ -808,6 +808,9 @@ def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+    h, w = img.shape[:2]
+    if not (1 <= h <= _ct.MAX_SIDE and 1 <= w <= _ct.MAX_SIDE):  # before any device work
+        raise ValueError(f"image size {h}x{w} outside 1..{_ct.MAX_SIDE} pixels a side")
     c = img.shape[-1]
     if c == 1:
         img = np.repeat(img, 3, axis=-1)
