@@ -317,6 +317,16 @@ def test_fingerprint_covers_frozen_weights_and_files_of_the_first_scheme_decode(
     for file in (data, old_file):
         with pytest.raises(BitstreamError, match="fingerprint"):
             model.decompress(other, file)
+    # the same params object with an array replaced inside it: its fingerprint follows (the
+    # cache per params object kept the old one, so files named weights they were not coded
+    # with); and back again
+    mutated = jax.tree.map(lambda a: a, params)
+    assert model.fingerprint(mutated) == model.fingerprint(params)
+    original = mutated["unet"]["conv_in"]["kernel"]
+    mutated["unet"]["conv_in"]["kernel"] = other["unet"]["conv_in"]["kernel"]
+    assert model.fingerprint(mutated) == model.fingerprint(other)
+    mutated["unet"]["conv_in"]["kernel"] = original
+    assert model.fingerprint(mutated) == model.fingerprint(params)
 
 
 def test_missing_or_mismatched_sd_checkpoint(tmp_path):

@@ -310,6 +310,21 @@ def test_compress_batch_codes_images_of_one_size_together_and_keeps_errors_in_pl
     assert batches == [(2, 64, 64, 3), (1, 64, 64, 3), (1, 128, 128, 3)]
 
 
+def test_params_changed_in_place_are_prepared_again():
+    """``prepare`` is cached per params object; an array replaced inside it kept the old
+    tables and fingerprint: files carried the fingerprint of other weights and were refused
+    by a copy of the weights they were coded with."""
+    model, p = _tiny(0)
+    _, q = _tiny(1)
+    img = skdata.astronaut()[:40, :40]
+    before = H.prepare(model, p).fingerprint
+    p["params"]["h_s_0"] = q["params"]["h_s_0"]
+    assert H.prepare(model, p).fingerprint != before
+    data = H.compress(model, p, img)
+    copy = jax.tree.map(lambda a: a, p)  # another object, the same arrays
+    np.testing.assert_array_equal(H.decompress(model, copy, data), H.decompress(model, p, data))
+
+
 def test_other_models_file_is_rejected():
     m1, p1 = _tiny(0)
     m2, p2 = _tiny(1)

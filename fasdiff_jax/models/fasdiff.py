@@ -329,14 +329,16 @@ class FaSDiff:
         the coder comes from ``H.prepare``, whose own cache follows where the integer h_s
         runs."""
         hit = self._cache.get("prep")
-        if hit is None or hit[0] != id(params) or hit[1] is not params:
+        if (hit is None or hit[0] != id(params) or hit[1] is not params
+                or not H.holds_same_arrays(params, hit[4])):
+            self._cache.pop("fp1", None)
             wrapped = {"params": params["compressor"]}  # one object, so H.prepare's cache hits
             h = self._fingerprint_head(wrapped)
             h.update(FINGERPRINT_SCHEME)
             leaves = [leaf for name in FINGERPRINTED for leaf in jax.tree.leaves(params[name])]
             for shape, digest in zip((np.shape(x) for x in leaves), _array_digests(leaves)):
                 h.update(repr(shape).encode() + digest)
-            hit = (id(params), params, h.digest(), wrapped)
+            hit = (id(params), params, h.digest(), wrapped, tuple(jax.tree.leaves(params)))
             self._cache["prep"] = hit
         return H.prepare(self.compressor, hit[3]), hit[2], hit[3]
 

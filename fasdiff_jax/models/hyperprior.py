@@ -739,6 +739,19 @@ class _Prepared:
     fingerprint: bytes
     params: Any
     place: str
+    leaves: tuple = ()  # the arrays it was made from (held: their ids stay theirs)
+
+    def made_from(self, params: Any) -> bool:
+        return self.params is params and holds_same_arrays(params, self.leaves)
+
+
+def holds_same_arrays(params: Any, leaves: tuple) -> bool:
+    """Whether ``params`` still holds exactly the arrays ``leaves`` (by identity), for caches
+    kept per params object: an array replaced inside it (``p["params"][k] = other[k]``) kept
+    the old tables and fingerprint, so files carried the fingerprint of weights they were not
+    coded with."""
+    now = jax.tree.leaves(params)
+    return len(now) == len(leaves) and all(a is b for a, b in zip(now, leaves))
 
 
 _CACHE: list[tuple[int, int, _Prepared]] = []
@@ -775,7 +788,7 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
     reproduce the host's integers on the check inputs is not used (a warning says so)."""
     place = hs_place()
     for m_id, p_id, prep in _CACHE:
-        if m_id == id(model) and p_id == id(params) and prep.params is params and prep.place == place:
+        if m_id == id(model) and p_id == id(params) and prep.made_from(params) and prep.place == place:
             return prep
     p = params["params"]
     _check_finite(p)
@@ -793,7 +806,7 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
         hs_device=_checked_device_hs(hs_layers) if place == "device" else None,
     )
     fp = _fingerprint(model, params, E.tables_digest(coder.z_tables, coder.y_tables))
-    prep = _Prepared(coder, fp, params, place)
+    prep = _Prepared(coder, fp, params, place, tuple(jax.tree.leaves(params)))
     _CACHE.insert(0, (id(model), id(params), prep))
     del _CACHE[4:]
     return prep
