@@ -1239,6 +1239,11 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
                             "from its params (config.train.ema_decay=%s)", latest, tc["ema_decay"])
         step = int(meta["step"])
         logging.info("resumed from %s at step %d", workdir, step)
+        if step >= tc["steps"]:  # said nothing, and saved this config over the run's
+            logging.warning("checkpoint %d of %s is at or past config.train.steps=%d: nothing "
+                            "to train (raise --config.train.steps to go on)", step, workdir,
+                            tc["steps"])
+            return {"step": step}
     opt_state = set_hyperparams(opt_state, tc, mesh)
     save_run_config(config, workdir)
 

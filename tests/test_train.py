@@ -1202,6 +1202,22 @@ def test_flipped_bytes_in_a_checkpoint_are_found(scenario, tmp_path, capsys, mon
 
 
 @pytest.mark.xdist_group("train_scenario")
+def test_a_resume_at_or_past_the_last_step_trains_nothing_and_keeps_the_config(
+        scenario, tmp_path, caplog):
+    """It said nothing and saved its config (train.steps=4) over the run's (6)."""
+    work = tmp_path / "run"
+    shutil.copytree(scenario["a"], work)
+    saved = (work / "config.json").read_text()
+    with caplog.at_level(logging.WARNING):
+        out = train.train_and_evaluate(_config(scenario["source"], **{"train.steps": 4}),
+                                       str(work))
+    assert out == {"step": 6} and _steps(work) == [3, 6]
+    assert (work / "config.json").read_text() == saved
+    assert "checkpoint 6 of" in caplog.text
+    assert "config.train.steps=4: nothing to train" in caplog.text
+
+
+@pytest.mark.xdist_group("train_scenario")
 def test_commands_rebuild_the_model_from_the_runs_saved_config(scenario, tmp_path, capsys):
     """``main`` saves its config, command-line overrides included, as ``workdir/config.json``;
     the codec and evaluate commands use it when ``--config`` is left out."""
