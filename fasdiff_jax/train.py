@@ -1393,30 +1393,38 @@ class _StepTrace:
 
 class _Preemption:
     """Whether a preemption notice (SIGTERM: TPU VMs, SLURM, Kubernetes) has come; the loop
-    then saves the step it is on and returns. One process: a SIGTERM handler sets a flag
-    while the loop runs. Several: JAX's coordination service turns SIGTERM into a sync point
+    then saves the step it is on and returns. One process: a SIGTERM (and first SIGINT)
+    handler sets a flag while the loop runs. Several: JAX's coordination service turns SIGTERM into a sync point
     every process reaches at the same step (``mngr.reached_preemption``), so no Python
     handler goes in its way."""
 
     def __init__(self) -> None:
         self._raised = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._single = jax.process_count() == 1
 
     def __enter__(self) -> "_Preemption":
         if self._single and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        """SIGTERM, or a first Ctrl-C (which ended the run with a traceback, losing the steps
+        since the last checkpoint): save the step the loop is on and stop. A second Ctrl-C
+        stops at once."""
         self._raised = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+            logging.warning("interrupted: the run saves the step it is on and stops (Ctrl-C "
+                            "again stops it at once, without saving)")
 
     def reached(self, mngr: ocp.CheckpointManager, step: int) -> bool:
         return self._raised if self._single else mngr.reached_preemption(step)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def one_device_target(state_dir: Any) -> Any:

@@ -366,6 +366,21 @@ def test_sigterm_saves_the_current_step_and_the_resume_matches(scenario, tmp_pat
                                                              rel=1e-6, abs=1e-7), (term, step)
 
 
+def test_a_first_ctrl_c_saves_and_stops_a_second_stops_at_once():
+    """Ctrl-C ended a run with a traceback, the steps since the last checkpoint lost; now
+    the first one is a preemption notice (the loop saves the step it is on and returns: the
+    SIGTERM test above), the second the usual KeyboardInterrupt."""
+    before = signal.getsignal(signal.SIGINT)
+    with train._Preemption() as preemption:
+        assert not preemption.reached(None, 1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.reached(None, 1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; KeyboardInterrupt ends this
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 class _Preempting:
     """The real train iterator; sends this process SIGTERM when batch ``at_call`` is fetched."""
 
