@@ -349,3 +349,17 @@ def test_missing_or_mismatched_sd_checkpoint(tmp_path):
     (ckpt / "unet" / "config.json").write_text(json.dumps(cfg_json))
     with pytest.raises(ConversionError, match="does not match"):
         fasdiff.build(cfg).init_params(jax.random.key(0))
+
+
+def test_sampler_overrides_of_the_wrong_type_are_refused(tiny_model):
+    """``int()`` took steps=1.7 as 1, steps=True as 1 and steps="3" as 3, silently."""
+    model, _ = tiny_model
+    for kw, what in ((dict(steps=1.7), "steps must be an integer"),
+                     (dict(steps=True), "steps must be an integer"),
+                     (dict(steps="3"), "steps must be an integer"),
+                     (dict(seed=1.5), "seed must be an integer"),
+                     (dict(eta="0.5"), "eta must be a number")):
+        with pytest.raises(ValueError, match=what):
+            model.sampler_spec(**kw)
+    spec = model.sampler_spec(steps=np.int64(3), eta=1, seed=np.uint32(7), t_start=0)
+    assert (spec.steps, spec.eta, spec.seed) == (3, 1.0, 7)

@@ -408,10 +408,16 @@ class FaSDiff:
                      eta: float | None = None, seed: int | None = None) -> ct.SamplerSpec:
         """The spec :meth:`compress` writes: the config's ``sampler`` with these overrides."""
         sc = self.cfg["sampler"]
-        spec = ct.SamplerSpec(int(sc["steps"] if steps is None else steps),
-                              int(sc["t_start"] if t_start is None else t_start),
-                              float(sc["eta"] if eta is None else eta),
-                              int(sc["seed"] if seed is None else seed))
+        given = {"steps": steps, "t_start": t_start, "eta": eta, "seed": seed}
+        value = {k: sc[k] if v is None else v for k, v in given.items()}
+        for k, v in value.items():  # int() took steps=1.7 as 1 and steps="3" as 3, silently
+            whole = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            number = whole or isinstance(v, (float, np.floating))
+            if not (number if k == "eta" else whole):
+                raise ValueError(f"sampler {k} must be {'a number' if k == 'eta' else 'an integer'}"
+                                 f", got {v!r}")
+        spec = ct.SamplerSpec(int(value["steps"]), int(value["t_start"]), float(value["eta"]),
+                              int(value["seed"]))
         self._check_spec(spec)
         return spec
 
