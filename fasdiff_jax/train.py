@@ -630,7 +630,8 @@ def _as_uint32(a: jax.Array) -> jax.Array:
         return a.astype(jnp.uint32)
     width = a.dtype.itemsize
     if width < 4:
-        return jax.lax.bitcast_convert_type(a, {1: jnp.uint8, 2: jnp.uint16}[width]).astype(jnp.uint32)
+        narrow = {1: jnp.uint8, 2: jnp.uint16}[width]
+        return jax.lax.bitcast_convert_type(a, narrow).astype(jnp.uint32)
     return jax.lax.bitcast_convert_type(a, jnp.uint32)
 
 
@@ -1394,9 +1395,9 @@ class _StepTrace:
 class _Preemption:
     """Whether a preemption notice (SIGTERM: TPU VMs, SLURM, Kubernetes) has come; the loop
     then saves the step it is on and returns. One process: a SIGTERM (and first SIGINT)
-    handler sets a flag while the loop runs. Several: JAX's coordination service turns SIGTERM into a sync point
-    every process reaches at the same step (``mngr.reached_preemption``), so no Python
-    handler goes in its way."""
+    handler sets a flag while the loop runs. Several: JAX's coordination service turns
+    SIGTERM into a sync point every process reaches at the same step
+    (``mngr.reached_preemption``), so no Python handler goes in its way."""
 
     def __init__(self) -> None:
         self._raised = False

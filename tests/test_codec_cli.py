@@ -87,7 +87,8 @@ def test_write_atomically_leaves_nothing_half_written(tmp_path):
 
 @pytest.mark.parametrize("source, message", [
     ("def nothing():\n    pass\n", "defines no get_config()"),
-    ("def get_config():\n    return 5\n", "must return an ml_collections ConfigDict with a model section, got int"),
+    ("def get_config():\n    return 5\n",
+     "must return an ml_collections ConfigDict with a model section, got int"),
     ("def get_config(:\n", "SyntaxError"),
     ("def get_config():\n    raise RuntimeError('no data here')\n", "RuntimeError: no data here"),
 ])

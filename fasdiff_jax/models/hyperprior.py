@@ -777,8 +777,9 @@ def _check_finite(params: dict) -> None:
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
            if not np.isfinite(np.asarray(leaf)).all()]
     if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
         raise ConversionError(f"non-finite values (NaN or Inf) in the hyperprior's weights: "
-                              f"{', '.join(bad[:8])}{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}")
+                              f"{', '.join(bad[:8])}{more}")
 
 
 def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
@@ -788,7 +789,8 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
     reproduce the host's integers on the check inputs is not used (a warning says so)."""
     place = hs_place()
     for m_id, p_id, prep in _CACHE:
-        if m_id == id(model) and p_id == id(params) and prep.made_from(params) and prep.place == place:
+        if (m_id == id(model) and p_id == id(params) and prep.made_from(params)
+                and prep.place == place):
             return prep
     p = params["params"]
     _check_finite(p)
