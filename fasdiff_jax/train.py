@@ -615,7 +615,7 @@ def _leaf_finite(tree: Any) -> Any:
 def _check_params_finite(train_params: Any, step: int) -> None:
     """Refuse to checkpoint non-finite params (e.g. a NaN update after a finite loss)."""
     flags = jax.device_get(_leaf_finite(train_params))
-    bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+    bad = [jax.tree_util.keystr(path, simple=True, separator="/")
            for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
     if bad:
         raise NonFiniteLossError(
@@ -650,7 +650,7 @@ def _leaf_sums(tree: Any) -> Any:
 def _named_sums(tree: Any) -> dict[str, int]:
     """``{"a/b/c": checksum}`` of every leaf (:func:`_leaf_sums`), for a checkpoint's meta."""
     sums = jax.device_get(_leaf_sums(tree))
-    return {"/".join(str(getattr(k, "key", k)) for k in path): int(v)
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): int(v)
             for path, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 

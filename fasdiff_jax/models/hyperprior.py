@@ -773,7 +773,7 @@ def _check_finite(params: dict) -> None:
     (OverflowError) or coded garbage; it is refused by name."""
     from fasdiff_jax.errors import ConversionError
 
-    bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+    bad = [jax.tree_util.keystr(path, simple=True, separator="/")
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
            if not np.isfinite(np.asarray(leaf)).all()]
     if bad:
