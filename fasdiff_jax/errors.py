@@ -25,6 +25,11 @@ class CheckpointError(FasdiffError, OSError):
     """A training checkpoint's files cannot be read: damaged, truncated or incomplete."""
 
 
+class WorkdirInUseError(FasdiffError, RuntimeError):
+    """Another training run holds the workdir's lock: two runs would overwrite each other's
+    checkpoints and config."""
+
+
 class NonFiniteLossError(FasdiffError, FloatingPointError):
     """A loss term became NaN or Inf; ``terms`` names which."""
 

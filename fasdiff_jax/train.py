@@ -46,6 +46,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -67,7 +68,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fasdiff_jax import sharding
 from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_data_source,
                                        stream_batches)
-from fasdiff_jax.errors import CheckpointError, FasdiffError, NonFiniteLossError
+from fasdiff_jax.errors import (CheckpointError, FasdiffError, NonFiniteLossError,
+                                WorkdirInUseError)
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import layers, perceptual, train_step
@@ -742,6 +744,50 @@ def _check_workdir(workdir: str) -> None:
         raise TrainConfigError(f"workdir {workdir}: {there} is not writable")
 
 
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local ``workdir`` while a run trains in it: a second run
+    started on the same folder (a repeated launch, a resume while the first still runs) would
+    save over the first one's checkpoints and config. ``flock`` dies with its process, so a
+    killed run leaves no stale lock. Only process 0 locks (processes of one run share the
+    folder); URLs and file systems without ``flock`` (some NFS mounts) are not locked."""
+    if "://" in workdir or jax.process_index() != 0:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirInUseError(
+                f"{workdir}: another training run is using this workdir ({holder}, lock "
+                f"{path}); wait for it to end or stop it, or train in another workdir") from None
+        except OSError as e:  # ENOLCK and the like: go on unlocked, as on a URL
+            logging.warning("%s: cannot lock %s (%s); two runs on it are not kept apart",
+                            workdir, path, e)
+            locked = False
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
 MODEL_PATHS = ("sd_checkpoint", "identity_path")  # files ``config.model`` names
 
 
@@ -991,7 +1037,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     it = make_train_iterator(config.data, mesh)
     try:
         _check_epochs(config, int(tc["steps"]), it.order["records"])
-        return _train(config, workdir, tc, mesh, rules, model, it)
+        with workdir_lock(workdir):
+            return _train(config, workdir, tc, mesh, rules, model, it)
     finally:
         it.close()
 

@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import celeba, mbt2018_mean, tiny
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
-from fasdiff_jax import convert, safetensors_io, sharding, train
+from fasdiff_jax import convert, errors, safetensors_io, sharding, train
 from fasdiff_jax.errors import DataError
 from fasdiff_jax.errors import IdentityWeightsError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
@@ -1664,3 +1664,35 @@ def test_an_empty_workdir_is_refused_and_a_tilde_expanded(monkeypatch, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert train._workdir("~/runs/x") == str(tmp_path / "runs" / "x")
     assert train._workdir("gs://bucket/~run") == "gs://bucket/~run"
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path):
+    """Two runs on one workdir saved over each other's checkpoints: the second is refused,
+    naming the holder; a lock left by a killed run does not block (flock dies with it)."""
+    work = tmp_path / "w"
+    with train.workdir_lock(str(work)):
+        assert f"pid {os.getpid()} on" in (work / train.LOCK_FILE).read_text()
+        with pytest.raises(errors.WorkdirInUseError,
+                           match=re.escape(f"{work}: another training run is using this "
+                                           f"workdir (pid {os.getpid()} on")):
+            train.train_and_evaluate(tiny.get_config(), str(work))
+    assert not (work / "checkpoints").exists()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.truncate(0); f.write('pid 1 on elsewhere'); f.flush(); print('held', flush=True)\n"
+         "time.sleep(60)\n", str(work / train.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(errors.WorkdirInUseError, match=r"\(pid 1 on elsewhere, lock "):
+            with train.workdir_lock(str(work)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with train.workdir_lock(str(work)):  # the killed holder's lock went with it
+        assert f"pid {os.getpid()} on" in (work / train.LOCK_FILE).read_text()
+    with train.workdir_lock("gs://bucket/run"):  # URLs are not locked (nor touched)
+        pass
