@@ -57,6 +57,7 @@ import numpy as np
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
+from fasdiff_jax.data.sources import file_sha256
 from fasdiff_jax.errors import DataError, FasdiffError, OutOfMemoryError, is_out_of_memory
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
@@ -168,13 +169,6 @@ def dists_weights(flag: str = "auto") -> str | None:
     if not os.path.isfile(flag):
         raise FasdiffError(f"--dists_weights {flag}: no such file")
     return os.path.abspath(flag)
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 class Metrics:
@@ -752,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             settings["lpips_vgg"] = True
         dists_path = dists_weights(args.dists_weights)
         if dists_path is not None:  # a resumed run's rows all have DISTS, of these weights
-            settings["dists_weights_sha256"] = _file_sha256(dists_path)
+            settings["dists_weights_sha256"] = file_sha256(dists_path)
         elif args.dists_weights == "auto":
             print("note: DISTS left out (its weights are not installed: pip install --no-deps "
                   "DISTS-pytorch==0.1, or --dists_weights=FILE)", file=sys.stderr)

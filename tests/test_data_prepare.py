@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 
 import matplotlib
 import numpy as np
@@ -120,6 +121,33 @@ def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
     changed = {f for f in mtimes if os.path.getmtime(os.path.join(out, f)) != mtimes[f]}
     assert changed == {shard, shard.replace(".array_record", ".json")}
     assert sorted(open_prepared(out)[i]["key"] for i in range(len(src))) == sorted(keys)
+
+    # A byte flipped inside a record (the footer still reads, the folder opens): the shard
+    # no longer has the sha256 its summary keeps, so a rerun makes it again too.
+    path = os.path.join(out, shard)
+    with open(path, "r+b") as f:
+        f.seek(5000)  # inside the first record (the file is padded to 64 KiB blocks)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    damaged = open_prepared(out)
+    with pytest.raises(DataError, match=re.escape(shard)):
+        [damaged[i] for i in range(len(damaged))]
+    mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in mtimes}
+    assert prepare(str(odd_folder), out, OPTS, progress=False)["complete"]
+    changed = {f for f in mtimes if os.path.getmtime(os.path.join(out, f)) != mtimes[f]}
+    assert changed == {shard, shard.replace(".array_record", ".json")}
+    assert sorted(open_prepared(out)[i]["key"] for i in range(len(src))) == sorted(keys)
+    # a summary written before shards had a sha256 is checked by its record count instead
+    summary_path = os.path.join(out, shard.replace(".array_record", ".json"))
+    with open(summary_path) as f:
+        summary = json.load(f)
+    del summary["sha256"]
+    with open(summary_path, "w") as f:
+        json.dump(summary, f)
+    mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in mtimes}
+    assert prepare(str(odd_folder), out, OPTS, progress=False)["complete"]
+    assert all(os.path.getmtime(os.path.join(out, f)) == mtimes[f] for f in mtimes)
 
 
 def test_missing_input_and_bad_options_are_readable_errors(tmp_path, capsys):

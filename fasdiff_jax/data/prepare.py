@@ -26,7 +26,8 @@ import numpy as np
 
 from fasdiff_jax.data import align
 from fasdiff_jax.data.sources import (
-    MANIFEST, count_records, decode_image_file, encode_record, list_images, parse_tfds_spec,
+    MANIFEST, count_records, decode_image_file, encode_record, file_sha256, list_images,
+    parse_tfds_spec,
 )
 from fasdiff_jax.errors import DataError
 
@@ -104,8 +105,10 @@ def _chunk_paths(output: str, chunk: int) -> tuple[str, str]:
 
 def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) -> bool:
     """A chunk is reused only if it holds the same keys, made with the same options, and its
-    shard's footer reads and counts the records its summary says (a damaged or truncated
-    shard is made again, so "re-run prepare" mends it)."""
+    shard has the bytes it was written with (sha256 in the summary: a record damaged inside
+    a shard whose footer still reads was otherwise reused) -- summaries written before that
+    have its footer count the records they say. A damaged or truncated shard is made again,
+    so "re-run prepare" mends it."""
     rec, meta = _chunk_paths(output, chunk)
     if not (os.path.isfile(meta) and os.path.isfile(rec)):
         return False
@@ -117,6 +120,11 @@ def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) 
     if not (isinstance(summary, dict) and summary.get("keys") == keys
             and summary.get("options") == dataclasses.asdict(opts)):
         return False
+    if "sha256" in summary:  # summaries before it kept only the record count
+        try:
+            return file_sha256(rec) == summary["sha256"]
+        except OSError:
+            return False
     try:
         return count_records(rec) == summary.get("num_records")
     except DataError:
@@ -150,7 +158,8 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
     writer.close()
     summary = {"chunk": chunk, "keys": keys, "options": dataclasses.asdict(opts),
                "file": os.path.basename(rec_path),
-               "num_records": num_faces, "num_photos_with_faces": num_ok, "skipped": skipped}
+               "num_records": num_faces, "num_photos_with_faces": num_ok, "skipped": skipped,
+               "sha256": file_sha256(tmp_rec)}
     os.replace(tmp_rec, rec_path)
     tmp_meta = meta_path + f".tmp{os.getpid()}"
     with open(tmp_meta, "w") as f:
