@@ -1228,13 +1228,11 @@ def _restore(mngr: ocp.CheckpointManager, step: int, workdir: str, **items: Any)
 def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
     """Refuse a checkpoint whose saved trainable params differ in names or shapes from the
     model's (another config), before anything is restored into it."""
-    want = {k: np.shape(v) for k, v in flatten_dict(want).items()}
-    have = {k: np.shape(v) for k, v in flatten_dict(have).items()}
-    if want != have:
-        diff = sorted("/".join(k) for k in set(want) ^ set(have)
-                      | {k for k in set(want) & set(have) if want[k] != have[k]})
+    diff = layers.shape_differences(want, have)
+    if diff:
+        more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
         raise TrainConfigError(f"{workdir}: checkpoint {step} does not fit this config's "
-                               f"model: {diff[:8]}")
+                               f"model: {'; '.join(diff[:8])}{more}")
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,

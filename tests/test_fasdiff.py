@@ -298,6 +298,33 @@ def test_codec_rejects_bad_files(tiny_model):
         model.compress(params, _photo_variants()["rgb"], steps=0)
 
 
+def test_params_of_another_config_are_refused_by_name(tiny_model):
+    """A part missing or a weight of another shape failed inside flax after the device work
+    began (decompress_batch: once per file); now one ConversionError naming it."""
+    from flax.traverse_util import unflatten_dict
+
+    model, params = tiny_model
+    img = _photo_variants()["rgb"]
+    data = model.compress(params, img)
+    no_vae = {k: v for k, v in params.items() if k != "vae"}
+    with pytest.raises(ConversionError, match=re.escape(
+            "params lack vae (FaSDiff codes with compressor, hlfe, controlnet, unet, vae)")):
+        model.compress(no_vae, img)
+    flat = flatten_dict(params["controlnet"])
+    name = sorted(flat)[0]
+    before = flat[name].shape
+    flat[name] = flat[name][..., :-1]
+    wrong = {**params, "controlnet": unflatten_dict(flat)}
+    message = (f"params do not fit this FaSDiff config: controlnet/{'/'.join(name)}: "
+               f"{flat[name].shape} != {before}")
+    for call in (lambda: model.compress(wrong, img), lambda: model.decompress(wrong, data),
+                 lambda: model.decompress_batch(wrong, [data, data])):
+        with pytest.raises(ConversionError, match=re.escape(message) + "$"):
+            call()
+    with pytest.raises(ConversionError, match="expected the dict init_params returns, got list"):
+        model.decompress([], data)
+
+
 def test_fingerprint_covers_frozen_weights_and_files_of_the_first_scheme_decode(tiny_model):
     """Files carry fingerprint scheme 2 (per-array sha256 in parallel); one frozen weight
     changed changes it; a file written with scheme 1 (before 2026-11-27, forged here by

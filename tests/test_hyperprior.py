@@ -5,6 +5,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -425,6 +426,29 @@ def test_params_from_compressai_match_torch_layers():
     assert np.abs(relu_means / 1024 - nhwc(means_ref)[0]).max() > 0.05
     with pytest.raises(ConversionError, match="h_s.4.weight"):
         H.params_from_compressai({k: v for k, v in sd.items() if k != "h_s.4.weight"})
+
+
+def test_params_of_another_model_are_refused_by_name():
+    """Params of another N/M or with a layer missing failed inside flax (ScopeParamShapeError,
+    KeyError) or the CDF tables; the dict itself passed for the wrapper, a TypeError."""
+    model, params = _tiny(0)
+    data = H.compress(model, params, skdata.astronaut()[:64, :64])
+    _, wider = _tiny(0, m=16)
+    img = skdata.astronaut()[:64, :64]
+    for call in (lambda p: H.compress(model, p, img), lambda p: H.decompress(model, p, data),
+                 lambda p: H.estimate_bits(model, p, img)):
+        with pytest.raises(ConversionError, match=re.escape(
+                "params do not fit MeanScaleHyperprior(N=8, M=12): params/g_a_6/bias: (16,) "
+                "!= (12,); params/g_a_6/kernel: (5, 5, 8, 16) != (5, 5, 8, 12); ")):
+            call(wider)
+    missing = {"params": {k: v for k, v in params["params"].items() if k != "h_s_0"}}
+    with pytest.raises(ConversionError, match=r"N=8, M=12\): missing params/h_s_0/bias; "
+                                              r"missing params/h_s_0/kernel$"):
+        H.compress(model, missing, img)
+    with pytest.raises(ConversionError, match="expected the {'params': {...}} dict init_params "
+                                              "returns, got dict"):
+        H.decompress(model, params["params"], data)
+    assert H.decompress(model, params, data).shape == (64, 64, 3)  # the right ones still fit
 
 
 def test_bad_image_input_errors():

@@ -45,6 +45,12 @@ class HFCompressor(H.MeanScaleHyperprior):
         """Padding multiple: y is at 1/(2f), the hyper-latent at 1/(8f)."""
         return 2 ** (self.vae_levels + 3)
 
+    def dummy_inputs(self) -> tuple:
+        """Inputs for ``init``: an image of one padding multiple and its VAE latent."""
+        m, f = self.multiple, 2 ** self.vae_levels
+        z0 = jnp.zeros((1, m // f, m // f, self.latent_channels))
+        return jnp.zeros((1, m, m, 3)), z0, "round"
+
     def setup(self):
         super().setup()  # h_a, h_s, entropy models (unused g_a/g_s layers create no params)
         if not 0 <= self.dwt_levels <= self.vae_levels:

@@ -56,7 +56,7 @@ from fasdiff_jax.coding.errors import BitstreamError
 from fasdiff_jax.coding.symbols import SymbolDecoder, SymbolEncoder
 from fasdiff_jax.models import entropy as E
 from fasdiff_jax.models import train_step
-from fasdiff_jax.models.layers import CONV_KERNEL_AXES, Conv, conv2d
+from fasdiff_jax.models.layers import CONV_KERNEL_AXES, Conv, conv2d, shape_differences
 
 W_FRAC = 12
 W_CLIP = 1 << 17
@@ -782,6 +782,38 @@ def _check_finite(params: dict) -> None:
                               f"{', '.join(bad[:8])}{more}")
 
 
+_SHAPES: list[tuple[Any, Any]] = []  # (model, its params' shapes): models held, ids stay theirs
+
+
+def param_shapes(model: MeanScaleHyperprior) -> dict:
+    """The shapes (``jax.ShapeDtypeStruct``) of ``model``'s params, as :func:`init_params`
+    makes them, without computing any (cached per model object)."""
+    for m, shapes in _SHAPES:
+        if m is model:
+            return shapes
+    key = jax.random.key(0, impl="rbg")
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": key},
+                                                             *model.dummy_inputs())))
+    _SHAPES.insert(0, (model, shapes))
+    del _SHAPES[8:]
+    return shapes
+
+
+def check_params_fit(model: MeanScaleHyperprior, params: Any) -> None:
+    """Refuse params made for another model (other N/M, another kind, a missing layer) by
+    name: they failed inside flax (ScopeParamShapeError, KeyError) or the CDF tables."""
+    from fasdiff_jax.errors import ConversionError
+
+    if not (isinstance(params, Mapping) and isinstance(params.get("params"), Mapping)):
+        raise ConversionError(f"params: expected the {{'params': {{...}}}} dict init_params "
+                              f"returns, got {type(params).__name__}")
+    diff = shape_differences(param_shapes(model), params)
+    if diff:
+        more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
+        raise ConversionError(f"params do not fit {type(model).__name__}(N={model.N}, "
+                              f"M={model.M}): {'; '.join(diff[:8])}{more}")
+
+
 def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
     """Tables, integer h_s and fingerprint for these params (cached per params object).
 
@@ -792,6 +824,7 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
         if (m_id == id(model) and p_id == id(params) and prep.made_from(params)
                 and prep.place == place):
             return prep
+    check_params_fit(model, params)
     p = params["params"]
     _check_finite(p)
     eb = {k: np.asarray(v) for k, v in p["entropy_bottleneck"].items()}
@@ -1071,9 +1104,7 @@ class TrainableHyperprior:
         return {}
 
     def trainable_shapes(self) -> dict:
-        key = jax.random.key(0, impl="rbg")
-        return {self.KEY: jax.eval_shape(lambda: nn.meta.unbox(
-            self.model.init({"params": key}, *self.model.dummy_inputs())))}
+        return {self.KEY: param_shapes(self.model)}
 
     @staticmethod
     def split(params: dict) -> tuple[dict, dict]:

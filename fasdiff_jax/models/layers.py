@@ -30,6 +30,21 @@ ATTN_OUT_KERNEL_AXES = ("heads", "embed")
 _default_kernel_init = nn.initializers.lecun_normal()
 
 
+def shape_differences(want: Any, have: Any) -> list[str]:
+    """How the params tree ``have`` differs from ``want`` in names and shapes ('missing a/b',
+    'unexpected a/c', 'a/d: (3,) != (4,)'), sorted; empty when they fit. Params of another
+    config otherwise failed deep inside flax or Orbax."""
+    def shapes(tree: Any) -> dict[str, tuple]:
+        return {jax.tree_util.keystr(path, simple=True, separator="/"):
+                tuple(getattr(leaf, "shape", None) or jnp.shape(leaf))
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    w, h = shapes(want), shapes(have)
+    return sorted([f"missing {k}" for k in w.keys() - h.keys()]
+                  + [f"unexpected {k}" for k in h.keys() - w.keys()]
+                  + [f"{k}: {h[k]} != {w[k]}" for k in w.keys() & h.keys() if w[k] != h[k]])
+
+
 # ----------------------------------------------------------------------------------------
 # 2-D convolution with gradients that XLA:CPU runs fast everywhere, loops included (canonical
 # forward convs for both gradients, sub-pixel input gradient of strided convs).
