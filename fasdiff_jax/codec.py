@@ -67,6 +67,7 @@ from PIL import Image
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
+from fasdiff_jax.files import write_atomically
 
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
 
@@ -311,23 +312,6 @@ def _not_onto_itself(src: str, dst: str) -> tuple[str, str]:
     if os.path.realpath(src) == os.path.realpath(dst):
         raise FasdiffError(f"{src}: the output would overwrite the input")
     return src, dst
-
-
-def write_atomically(path: str, content: bytes | Callable[[str], None]) -> None:
-    """Write ``content`` (bytes, or ``content(tmp_path)`` writes the file) to a temporary name,
-    then rename it to ``path``: an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(content)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # Output formats and how they are written: all but JPEG hold the decoded 8-bit pixels

@@ -694,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
-    from fasdiff_jax.codec import (MODEL_FLAGS, add_model_flags, given_flags, load_codec,
-                                   write_atomically)
+    from fasdiff_jax.codec import MODEL_FLAGS, add_model_flags, given_flags, load_codec
+    from fasdiff_jax.files import write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from fasdiff_jax import codec
+from fasdiff_jax import codec, files
 from fasdiff_jax.errors import FasdiffError
 
 
@@ -75,13 +75,13 @@ def test_write_atomically_leaves_nothing_half_written(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        codec.write_atomically(str(dst), half_then_fail)
+        files.write_atomically(str(dst), half_then_fail)
     assert os.listdir(tmp_path / "d") == []
     dst.write_bytes(b"old")
     with pytest.raises(KeyboardInterrupt):
-        codec.write_atomically(str(dst), half_then_fail)
+        files.write_atomically(str(dst), half_then_fail)
     assert dst.read_bytes() == b"old" and os.listdir(tmp_path / "d") == ["f.fsd"]
-    codec.write_atomically(str(dst), b"new")
+    files.write_atomically(str(dst), b"new")
     assert dst.read_bytes() == b"new" and os.listdir(tmp_path / "d") == ["f.fsd"]
 
 
