@@ -34,7 +34,9 @@ With ``--out_dir`` every input (a file, or a folder searched recursively for ima
 ``.fsd`` files when decompressing) is written to ``out_dir`` under its own name (for folders,
 its path relative to the folder) with the suffix ``.fsd`` or ``.png``. A file that fails is
 reported and skipped; the others still run. Outputs appear whole or not at all (written to a
-temporary name, then renamed), so ``--skip_existing`` resumes an interrupted run.
+temporary name, then renamed), so ``--skip_existing`` resumes an interrupted run. The outputs'
+folders are checked writable before the model loads; a full disk, quota or read-only file
+system part-way stops the run (every later file would fail alike), the written files kept.
 Both commands take ``--batch_size`` inputs (default 8) at a time: ``compress`` runs images of
 one padded size through the analysis transforms (FaSDiff: VAE encoder and compressor) in one
 device call (at most ``hyperprior.BATCH_PIXELS``, 4.2 M pixels, per call), ``decompress`` runs FaSDiff files of one size and sampler spec through the sampler
@@ -43,7 +45,9 @@ rounding of batched device math: byte-identical files and decodes within one gre
 the tests on CPU.
 
 Errors (unreadable image, malformed file, other model's file, missing checkpoint) are one
-readable line each; the exit status is 2 when any file failed, else 0.
+readable line each; the exit status is 2 when any file failed, else 0. Write errors name
+the output. A stdout that fails stops the command: quietly with status 141 where its reader
+left (``| head``, as cat does), else ``error: stdout: ...`` and 2.
 
 Compiled programs are kept for the next run (``--compile_cache=DIR|none``, default
 ``~/.cache/fasdiff_jax/xla``; :mod:`fasdiff_jax.compile_cache`): a later run with the same
@@ -54,8 +58,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,9 +73,14 @@ from PIL import Image
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
-from fasdiff_jax.files import write_atomically
+from fasdiff_jax.files import check_writable, write_atomically
 
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
+# Write errors after which every later output would fail the same way: the run stops there.
+FATAL_WRITE_ERRNOS = frozenset(
+    n for n in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", None)) if n is not None)
+# The status a shell reports for a command killed by SIGPIPE (``cat big | head``).
+EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
 
 
 def load_config(path: str) -> Any:
@@ -341,26 +352,101 @@ def _image_format(path: str) -> str:
     return fmt
 
 
+class _StdoutFailed(Exception):
+    """stdout could not be written: the reader left (``| head``) or its disk is full. No
+    input is at fault, and every later line would fail too, so the command stops."""
+
+
+def _say(line: str) -> None:
+    """Print ``line`` to stdout now (flushed, so a failure shows at this line, not at exit)."""
+    try:
+        print(line, flush=True)
+    except OSError as e:
+        raise _StdoutFailed(str(e)) from e
+
+
+def _stdout_failed(e: _StdoutFailed) -> int:
+    """The exit status after stdout failed. A broken pipe is the reader's choice (``| head``):
+    no message and the status of a command killed by SIGPIPE, as cat or grep give (the shell
+    shows 141; ``set -o pipefail`` still sees it). Other failures: ``error: stdout: ...``, 2."""
+    cause = e.__cause__
+    _discard_stdout()
+    if isinstance(cause, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)
+    print(f"error: stdout: {why}", file=sys.stderr)
+    return 2
+
+
+def _discard_stdout() -> None:
+    """Point stdout's descriptor at the null device: what is still buffered then goes nowhere
+    at exit, instead of failing again with an "Exception ignored" traceback (Python's
+    documented recipe for SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file descriptor (a test's capture): nothing is flushed to one at exit
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def _info(paths: list[str]) -> int:
-    """One JSON line per ``.fsd`` file (folders searched recursively): its header, no model."""
+    """One JSON line per ``.fsd`` file (folders searched recursively): its header, no model.
+    A file that cannot be read is reported and skipped; stdout failing stops at once."""
     import json
 
     from fasdiff_jax.coding.container import describe
 
     failed = 0
-    for path in paths:
-        files = ([os.path.join(path, f) for f in _fsd_files(path)] if os.path.isdir(path)
-                 else [path])
-        if not files:
-            failed += 1
-            print(f"error: {path}: no .fsd files", file=sys.stderr)
-        for f in files:
-            try:
-                print(json.dumps({"file": f, **describe(read_fsd(f))}))
-            except (FasdiffError, OSError) as e:
+    try:
+        for path in paths:
+            files = ([os.path.join(path, f) for f in _fsd_files(path)] if os.path.isdir(path)
+                     else [path])
+            if not files:
                 failed += 1
-                print(f"error: {f}: {e}", file=sys.stderr)
+                print(f"error: {path}: no .fsd files", file=sys.stderr)
+            for f in files:
+                try:
+                    line = json.dumps({"file": f, **describe(read_fsd(f))})
+                except (FasdiffError, OSError) as e:
+                    failed += 1
+                    print(f"error: {f}: {e}", file=sys.stderr)
+                    continue
+                _say(line)
+    except _StdoutFailed as e:
+        return _stdout_failed(e)
     return 2 if failed else 0
+
+
+def check_outputs_writable(jobs: Sequence[tuple[str, str]]) -> None:
+    """Refuse outputs that cannot be written (read-only place, a file where a folder should
+    be, a name ending in a separator) before the model loads: the first write comes only
+    after a file is coded (FaSDiff: a whole sampler run). One check per output folder;
+    missing folders are made."""
+    checked: set[str] = set()
+    for _, dst in jobs:
+        if dst.endswith(os.sep) or (os.altsep is not None and dst.endswith(os.altsep)):
+            raise FasdiffError(f"{dst}: ends in a separator, not a file name")
+        folder = os.path.dirname(os.path.abspath(dst))
+        if folder in checked:
+            continue
+        checked.add(folder)
+        check_writable(dst, flag="")
+
+
+def write_error(dst: str, e: OSError) -> str:
+    """``dst: cannot write (cause)``: the output at fault and why (not the input's name, nor
+    the temporary file's, nor a bare "File exists" for a parent that is a file)."""
+    cause = e.strerror or str(e)
+    where = e.filename if isinstance(e.filename, str) else None
+    if where and e.errno in (errno.EEXIST, errno.ENOTDIR) and os.path.isfile(where):
+        cause = f"{where} is a file, not a folder"
+    elif where and not where.startswith(dst):  # dst itself or its temporary name: said
+        cause = f"{cause}: {where}"
+    return f"{dst}: cannot write ({cause})"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -449,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "decompress":  # before loading a model
             for _, dst in jobs:
                 _image_format(dst)
+        check_outputs_writable(jobs)
         codec = load_codec(args)
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -479,25 +566,42 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(inputs[0], np.ndarray) else "")
             return [OutOfMemoryError(f"out of memory coding it{size} on {_device_kind()}")]
 
-    for start in range(0, len(jobs), args.batch_size):
-        read_ok, inputs = [], []
-        for src, dst in jobs[start:start + args.batch_size]:
-            try:
-                inputs.append(read(src, dst))
-                read_ok.append((src, dst))
-            except (FasdiffError, OSError, ValueError) as e:
-                report(src, e)
-        for (src, dst), result in zip(read_ok, code_or_split(inputs) if inputs else []):
-            if isinstance(result, Exception):
-                report(src, result)
-                continue
-            try:
-                print(write(dst, result))
-            except (FasdiffError, OSError, ValueError) as e:
-                report(src, e)
-    if len(jobs) > 1:
-        print(f"{args.command}ed {len(jobs) - failed} of {len(jobs)} files"
-              + (f", {failed} failed" if failed else ""))
+    written = 0
+    try:
+        for start in range(0, len(jobs), args.batch_size):
+            read_ok, inputs = [], []
+            for src, dst in jobs[start:start + args.batch_size]:
+                try:
+                    inputs.append(read(src, dst))
+                    read_ok.append((src, dst))
+                except (FasdiffError, OSError, ValueError) as e:
+                    report(src, e)
+            for (src, dst), result in zip(read_ok, code_or_split(inputs) if inputs else []):
+                if isinstance(result, Exception):
+                    report(src, result)
+                    continue
+                try:
+                    line = write(dst, result)
+                except OSError as e:
+                    failed += 1
+                    print(f"error: {write_error(dst, e)}", file=sys.stderr)
+                    if e.errno in FATAL_WRITE_ERRNOS:  # every later file would fail the same
+                        resume = (f"; rerun with --skip_existing to resume"
+                                  if args.out_dir is not None else "")
+                        print(f"stopped: {written} of {len(jobs)} files written (they stay)"
+                              f"{resume}", file=sys.stderr)
+                        return 2
+                    continue
+                except (FasdiffError, ValueError) as e:
+                    report(src, e)
+                    continue
+                written += 1
+                _say(line)
+        if len(jobs) > 1:
+            _say(f"{args.command}ed {len(jobs) - failed} of {len(jobs)} files"
+                 + (f", {failed} failed" if failed else ""))
+    except _StdoutFailed as e:
+        return _stdout_failed(e)
     return 2 if failed else 0
 
 

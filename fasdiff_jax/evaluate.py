@@ -47,7 +47,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -625,28 +624,6 @@ def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
     return rows
 
 
-def check_writable(path: str) -> None:
-    """Refuse an output path that cannot be written (a read-only place, a file where a folder
-    should be) with a :class:`DataError` naming it, before any work: the first write comes
-    after the model is loaded and an image coded. Missing parent folders are made."""
-    folder = os.path.dirname(os.path.abspath(path))
-    there = folder
-    while not os.path.exists(there):
-        there = os.path.dirname(there)
-    if not os.path.isdir(there):
-        raise DataError(f"--out {path}: {there} is a file, not a folder")
-    if os.path.isdir(path):
-        raise DataError(f"--out {path} is a folder, not a file")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise DataError(f"--out {path}: cannot create a file in {folder} "
-                        f"({e.strerror or e})") from e
-
-
 def load_run(path: str) -> object:
     """An evaluate (or CompressAI) JSON as it is; unreadable or not JSON: a
     :class:`DataError` naming ``path`` (its shape is :func:`bd_report`'s to check)."""
@@ -695,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
     from fasdiff_jax.codec import MODEL_FLAGS, add_model_flags, given_flags, load_codec
-    from fasdiff_jax.files import write_atomically
+    from fasdiff_jax.files import check_writable, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 
 import pytest
 
@@ -165,3 +167,153 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
     assert "not a regular file" in capsys.readouterr().err
     with pytest.raises(FasdiffError, match="not a regular file"):
         codec.read_fsd(str(tmp_path / "x.fsd"))
+
+
+# Output and stdout failures, injected: no read-only mount or full disk is needed.
+
+def _images(folder, names=("a", "b", "c", "d")):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Stands in for load_codec (a codec whose files are b"fsd"); records each model load."""
+    calls = []
+
+    def fake_load(args):
+        calls.append(args)
+        return codec.LoadedCodec("fake", {}, lambda image: b"fsd", lambda data: None)
+
+    monkeypatch.setattr(codec, "load_codec", fake_load)
+    return calls
+
+
+def _oserror(code, filename=None):
+    return OSError(code, os.strerror(code), *([filename] if filename else []))
+
+
+@pytest.mark.parametrize("case", ["read-only", "parent is a file", "ends in a separator"])
+def test_an_unwritable_output_is_refused_before_the_model_loads(
+        tmp_path, capsys, monkeypatch, loads, case):
+    """It was found only after the model loaded and every input was coded (FaSDiff: a
+    sampler run per file), then reported once per input with the input's name."""
+    import tempfile
+
+    src = _images(tmp_path / "in", ("a", "b"))
+    out = tmp_path / "small" / "fsd"
+    argv = ["compress", str(src), f"--out_dir={out}", "--model_dir=mbt"]
+    if case == "read-only":
+        def read_only(*a, **k):
+            raise _oserror(errno.EROFS, str(out))
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+        want = f"error: {out / 'a.fsd'}: cannot create a file in {out} (Read-only file system)"
+    elif case == "parent is a file":
+        _touch(tmp_path / "small")
+        want = f"error: {out / 'a.fsd'}: {tmp_path / 'small'} is a file, not a folder"
+    else:
+        argv = ["compress", str(src / "a.png"), f"{tmp_path / 'face.fsd.dir'}{os.sep}",
+                "--model_dir=mbt"]
+        want = f"error: {tmp_path / 'face.fsd.dir'}{os.sep}: ends in a separator, not a file name"
+    assert codec.main(argv) == 2
+    out_text, err = capsys.readouterr()
+    assert err.splitlines() == [want] and out_text == ""
+    assert loads == []  # nothing loaded, nothing coded
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_a_full_disk_stops_the_run_names_the_output_and_resumes(
+        tmp_path, capsys, monkeypatch, loads, code):
+    """Every remaining file failed the same way, each blamed on its input."""
+    src, out = _images(tmp_path / "in"), tmp_path / "fsd"
+    tried = []
+
+    def fills_up(path, content):
+        tried.append(path)
+        if len(tried) > 2:
+            raise _oserror(code)  # as a failed write() says it: no file name
+        files.write_atomically(path, content)
+
+    monkeypatch.setattr(codec, "write_atomically", fills_up)
+    argv = ["compress", str(src), f"--out_dir={out}", "--model_dir=mbt", "--batch_size=1"]
+    assert codec.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {out / 'c.fsd'}: cannot write ({os.strerror(code)})",
+                   "stopped: 2 of 4 files written (they stay); rerun with --skip_existing "
+                   "to resume"]
+    assert len(tried) == 3 and sorted(os.listdir(out)) == ["a.fsd", "b.fsd"]
+    monkeypatch.setattr(codec, "write_atomically", files.write_atomically)
+    assert codec.main([*argv, "--skip_existing"]) == 0
+    assert "compressed 2 of 2 files" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd", "c.fsd", "d.fsd"]
+
+
+def test_an_output_that_cannot_be_written_is_named_and_the_others_still_run(
+        tmp_path, capsys, loads):
+    src, out = _images(tmp_path / "in", ("a", "b", "c")), tmp_path / "fsd"
+    (out / "b.fsd").mkdir(parents=True)  # a folder where the file goes: only this one fails
+    assert codec.main(["compress", str(src), f"--out_dir={out}", "--model_dir=mbt"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {out / 'b.fsd'}: cannot write (Is a directory)"]
+    assert "compressed 2 of 3 files, 1 failed" in captured.out
+    assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd", "c.fsd"]
+
+
+def test_write_errors_name_the_output_not_the_temporary_file_or_a_bare_errno(tmp_path):
+    _touch(tmp_path / "afile")
+    dst = str(tmp_path / "afile" / "x.fsd")
+    made = FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "afile"))  # os.makedirs
+    assert codec.write_error(dst, made) == (
+        f"{dst}: cannot write ({tmp_path / 'afile'} is a file, not a folder)")
+    tmp = FileNotFoundError(errno.ENOENT, "No such file or directory", f"{dst}.tmp-8115")
+    assert codec.write_error(dst, tmp) == f"{dst}: cannot write (No such file or directory)"
+
+
+class _FailingStdout:
+    """A stdout whose every write fails with ``error`` (a reader gone, a full disk)."""
+
+    def __init__(self, error):
+        self.error, self.writes = error, 0
+
+    def write(self, text):
+        self.writes += 1
+        raise self.error
+
+    def flush(self):
+        pass
+
+
+def _fsd_folder(folder, n):
+    from fasdiff_jax.coding import container as C
+
+    data = C.pack(C.Container(8, 8, 0, 0, 3, 1, b"f" * 16, (b"ab",)))
+    for i in range(n):
+        _touch(folder / f"f{i}.fsd", data)
+    return folder
+
+
+@pytest.mark.parametrize("error, status, message", [
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), 141, ""),  # 128 + SIGPIPE, as cat gives
+    (_oserror(errno.ENOSPC), 2, "error: stdout: No space left on device\n"),
+])
+def test_info_stops_at_the_first_stdout_error_and_blames_no_file(
+        tmp_path, capsys, monkeypatch, error, status, message):
+    """``info many | head -1`` printed one "Broken pipe" error per remaining file, naming it."""
+    folder = _fsd_folder(tmp_path / "many", 5)
+    stdout = _FailingStdout(error)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert codec.main(["info", str(folder)]) == status
+    assert capsys.readouterr().err == message and stdout.writes == 1
+
+
+def test_compress_stops_quietly_when_its_reader_leaves(tmp_path, capsys, monkeypatch, loads):
+    src, out = _images(tmp_path / "in"), tmp_path / "fsd"
+    monkeypatch.setattr(sys, "stdout", _FailingStdout(BrokenPipeError(errno.EPIPE, "x")))
+    argv = ["compress", str(src), f"--out_dir={out}", "--model_dir=mbt", "--batch_size=1"]
+    assert codec.main(argv) == 141
+    assert capsys.readouterr().err == "" and os.listdir(out) == ["a.fsd"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from fasdiff_jax import evaluate
+from fasdiff_jax import evaluate, files
 from fasdiff_jax.errors import DataError
 from fasdiff_jax.models import identity as identity_lib
 
@@ -541,9 +541,9 @@ def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, mo
 
 def test_check_writable_makes_the_folders_and_leaves_nothing(tmp_path):
     out = tmp_path / "new" / "sub" / "x.json"
-    evaluate.check_writable(str(out))
+    files.check_writable(str(out))
     assert list((tmp_path / "new" / "sub").iterdir()) == []
     if os.path.isdir("/proc/self"):  # no file can be made there, even by root
         with pytest.raises(DataError, match=r"^--out /proc/x.json: cannot create a "
                                                      r"file in /proc \("):
-            evaluate.check_writable("/proc/x.json")
+            files.check_writable("/proc/x.json")
