@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import importlib
 import inspect
 import json
 import os
-import shutil
 import sys
 from typing import Any, Mapping
 
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from fasdiff_jax import safetensors_io
+from fasdiff_jax import files, safetensors_io
 from fasdiff_jax.diffusion import schedules
 from fasdiff_jax.errors import ConversionError, FasdiffError, UnsupportedConfigError
 
@@ -279,11 +279,27 @@ NULL_TEXT_FILE = "null_text_embedding.safetensors"
 
 
 def save_component(folder: str, cfg: Mapping[str, Any], params: Params) -> None:
+    """``folder/config.json`` + ``folder/params.safetensors``, each written atomically, and
+    as a pair: a failed write (a full disk) leaves the folder's old pair, whole and matched."""
     os.makedirs(folder, exist_ok=True)
     flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
-    safetensors_io.save_file(flat, os.path.join(folder, PARAMS_FILE))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dict(cfg), f, indent=2, sort_keys=True)
+    config = json.dumps(dict(cfg), indent=2, sort_keys=True).encode()
+    params_path = os.path.join(folder, PARAMS_FILE)
+    config_path = os.path.join(folder, "config.json")
+    for path in (params_path, config_path):  # a rename onto it would fail after the other's
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+    # Params go to their temporary file first; the config is written and renamed in place
+    # only once they are whole, and the params renamed last. Any failed write thus leaves
+    # the old config and old params (the temporaries removed); only a kill between the two
+    # renames can pair a new config with old params, which load_component's shape check
+    # reports unless both have the same shapes.
+    def write_pair(params_tmp: str) -> None:
+        safetensors_io.write_file(flat, params_tmp)
+        files.write_atomically(config_path, config)
+
+    files.write_atomically(params_path, write_pair)
 
 
 def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
@@ -386,16 +402,9 @@ def _read_fingerprint_memo() -> dict[str, str]:
 def _write_fingerprint_memo(memo: dict[str, str]) -> None:
     """Whole or not at all (a concurrent command may write too: the last one wins, and either
     memo is right); the newest 64 folders' entries kept. Unwritable: no memo, no error."""
-    path = _fingerprint_memo_path()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(dict(list(memo.items())[-64:]), f)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    with contextlib.suppress(OSError):
+        files.write_atomically(_fingerprint_memo_path(),
+                               json.dumps(dict(list(memo.items())[-64:])).encode())
 
 
 def check_out(out: str, src: str | None = None) -> None:
@@ -487,8 +496,9 @@ def convert_pipeline(src: str, out: str) -> dict[str, str]:
         safetensors_io.save_file({"null_text": np.asarray(emb)}, os.path.join(out, NULL_TEXT_FILE))
         written["null_text"] = os.path.join(out, NULL_TEXT_FILE)
     if os.path.isfile(sched):
-        os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-        shutil.copy(sched, os.path.join(out, "scheduler", "scheduler_config.json"))
+        with open(sched, "rb") as f:  # copied atomically: a full disk left half a JSON file
+            files.write_atomically(
+                os.path.join(out, "scheduler", "scheduler_config.json"), f.read())
         written["scheduler"] = os.path.join(out, "scheduler")
     return written
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from fasdiff_jax import files
 from fasdiff_jax.errors import ConversionError
 
 _DTYPES = {
@@ -74,7 +75,16 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (numpy or jax arrays) in the safetensors layout, atomically."""
+    """Write tensors (numpy or jax arrays) in the safetensors layout, atomically: a failure
+    (a full disk) leaves the old file or none, and no temporary file (GBs for a UNet)."""
+    path = os.fspath(path)
+    files.write_atomically(path, lambda tmp: write_file(tensors, tmp, metadata))
+
+
+def write_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+               metadata: Mapping[str, str] | None = None) -> None:
+    """:func:`save_file` straight into ``path``, not atomically: for a caller that writes to
+    its own temporary name (:func:`fasdiff_jax.files.write_atomically`)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -91,10 +101,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         offset += a.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays:
             f.write(a.tobytes())
-    os.replace(tmp, path)

@@ -1,6 +1,11 @@
 """The generic diffusers-key -> Flax-path rule and its strict checks, on a small Flax model."""
 
+import builtins
+import errno
+import io
 import json
+import os
+import re
 
 import flax.linen as nn
 import jax
@@ -11,7 +16,8 @@ import torch
 
 from fasdiff_jax import convert, safetensors_io
 from fasdiff_jax.errors import ConversionError, UnsupportedConfigError
-from fasdiff_jax.models import layers
+from fasdiff_jax.models import hyperprior, layers
+from test_hyperprior import _compressai_state_dict
 
 
 def test_key_to_path():
@@ -157,3 +163,96 @@ def test_load_component_names_the_config_of_a_missing_or_unknown_class(tmp_path)
     cfg.write_text('{"_class_name": "Nope"}')
     with pytest.raises(UnsupportedConfigError, match=re.escape(f"{cfg}: model class 'Nope'")):
         convert.load_component(str(folder))
+
+
+class _FullDisk:
+    """A file opened for writing on a disk with ``free[0]`` bytes left: a write past them
+    stores what fits, then raises ENOSPC. No ``fileno``, so shutil copies through ``write``."""
+
+    def __init__(self, f, free: list[int]):
+        self._f, self._free = f, free
+
+    def write(self, data):
+        n = len(data)
+        if n > self._free[0]:
+            self._f.write(data[:self._free[0]])
+            self._free[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._free[0] -= n
+        return self._f.write(data)
+
+    def fileno(self):
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def full_disk(monkeypatch, free: int, only: str = "") -> None:
+    """Fill the disk after ``free`` more bytes, for files whose name starts with ``only``."""
+    real_open, left = builtins.open, [free]
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        writing = any(c in mode for c in "wax+")
+        if writing and os.path.basename(os.fspath(file)).startswith(only):
+            return _FullDisk(f, left)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_save_file_on_a_full_disk_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    safetensors_io.save_file({"a": np.zeros(64, np.float32)}, path)
+    old = path.read_bytes()
+    for free in (0, 100):
+        with monkeypatch.context() as m:
+            full_disk(m, free)
+            with pytest.raises(OSError, match=re.escape(f"No space left on device: '{path}'")):
+                safetensors_io.save_file({"a": np.ones(64, np.float32)}, path)
+        assert os.listdir(tmp_path) == ["w.safetensors"] and path.read_bytes() == old
+
+
+def test_save_file_error_names_the_file_not_its_temp(tmp_path, capsys):
+    """An output path that is a folder: the rename fails, and the message named the temp."""
+    sd = _compressai_state_dict(8, 12)
+    np.savez(tmp_path / "mbt.npz", **sd)
+    out = tmp_path / "cm"
+    (out / convert.PARAMS_FILE).mkdir(parents=True)
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "mbt.npz"),
+                         "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out / convert.PARAMS_FILE}: Is a directory\n"
+    assert sorted(os.listdir(out)) == [convert.PARAMS_FILE]  # no temp, no config.json
+    with pytest.raises(IsADirectoryError, match=re.escape(f"'{out / convert.PARAMS_FILE}'")):
+        safetensors_io.save_file({"a": np.zeros(2, np.float32)}, out / convert.PARAMS_FILE)
+
+
+@pytest.mark.parametrize("where", ["params", "mid-params", "config"])
+def test_a_failed_conversion_leaves_the_old_folder_whole(tmp_path, capsys, monkeypatch, where):
+    """A full disk part-way through config.json left 10 bytes of JSON next to new params."""
+    for seed in (0, 1):
+        np.savez(tmp_path / f"mbt{seed}.npz", **_compressai_state_dict(8, 12, seed=seed))
+    out = tmp_path / "mbt"
+    argv = ["--compressai_checkpoint", str(tmp_path / "mbt1.npz"), "--out", str(out)]
+    assert convert.main(argv[:1] + [str(tmp_path / "mbt0.npz")] + argv[2:]) == 0
+    capsys.readouterr()
+    old = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    size = len(old[convert.PARAMS_FILE])
+    free = {"params": 0, "mid-params": size // 2, "config": size + 10}[where]
+    with monkeypatch.context() as m:
+        full_disk(m, free)
+        assert convert.main(argv) == 2
+    failed = "config.json" if where == "config" else convert.PARAMS_FILE
+    assert capsys.readouterr().err == f"error: {out / failed}: No space left on device\n"
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == old  # no temp left either
+    model, params = hyperprior.load_model(str(out))
+    assert (model.N, model.M) == (8, 12)
+    assert convert.main(argv) == 0  # the rerun, with room, replaces both
+    assert (out / convert.PARAMS_FILE).read_bytes() != old[convert.PARAMS_FILE]

@@ -19,6 +19,7 @@ from transformers import CLIPTextModel as TorchCLIP
 from fasdiff_jax import convert
 from fasdiff_jax.errors import ConversionError
 from fasdiff_jax.models.sd import text_encoder
+from test_convert_core import full_disk
 
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=12, bos_token_id=50,
@@ -196,3 +197,28 @@ def test_hyperprior_workdir_errors_do_not_advise_a_missing_flag(tmp_path, capsys
         assert err.startswith(f"error: {workdir}") and why in err
         assert "--config" not in err and "configs/mbt2018_mean.py" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_leaves_the_old_scheduler_config_whole(tmp_path, capsys, monkeypatch):
+    """The scheduler config was copied in place: a full disk left half a JSON file, which
+    every later training build refused."""
+    src, out = tmp_path / "sd", tmp_path / "ckpt"
+    for component in ("unet", "vae"):  # any model folder converts; a tiny VAE is cheapest
+        _tiny_vae_folder(src / component)
+    sched = src / "scheduler" / "scheduler_config.json"
+    sched.parent.mkdir()
+    sched.write_text(json.dumps({"prediction_type": "epsilon"}))
+    argv = ["--diffusers_dir", str(src), "--out", str(out)]
+    assert convert.main(argv) == 0
+    old = (out / "scheduler" / "scheduler_config.json").read_bytes()
+    sched.write_text(json.dumps({"prediction_type": "v_prediction"}))
+    with monkeypatch.context() as m:
+        full_disk(m, 10, only="scheduler_config.json")
+        assert convert.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out / 'scheduler' / 'scheduler_config.json'}: No space left on device\n"
+    assert os.listdir(out / "scheduler") == ["scheduler_config.json"]  # no temp left
+    assert (out / "scheduler" / "scheduler_config.json").read_bytes() == old
+    assert convert.main(argv) == 0
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text()) == {
+        "prediction_type": "v_prediction"}
