@@ -1,9 +1,12 @@
 """prepare: bad and odd files are reported, never fatal; resumable; sharded; alignment quality."""
 
+import dataclasses
+import errno
 import io
 import json
 import os
 import re
+import time
 
 import matplotlib
 import numpy as np
@@ -11,9 +14,10 @@ import pytest
 from PIL import Image
 
 from fasdiff_jax.data import align
+from fasdiff_jax.data import prepare as prepare_module
 from fasdiff_jax.data.embedded import photo_path
 from fasdiff_jax.data.prepare import PrepareOptions, main, prepare, process_photo
-from fasdiff_jax.data.sources import open_prepared, read_image
+from fasdiff_jax.data.sources import file_sha256, open_prepared, read_image
 from fasdiff_jax.errors import DataError
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 
@@ -288,3 +292,155 @@ def test_cli_bad_input_and_output_paths_are_one_error_line(tmp_path, capsys):
         assert err == f"error: {message}\n", err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert "no face" in json.loads((tmp_path / "o3" / "manifest.json").read_text())["skipped"][0]["reason"]
+
+
+def _disk_full_writer(monkeypatch, fail_from: int = 1) -> list[str]:
+    """ArrayRecordWriter whose files from the ``fail_from``-th on fail at close as on a full
+    disk (the file left half written); returns the paths it was given."""
+    from array_record.python import array_record_module
+
+    real, opened = array_record_module.ArrayRecordWriter, []
+
+    class DiskFull:
+        def __init__(self, path, options):
+            self._writer, self._path = real(path, options), path
+            opened.append(path)
+            self._fail = len(opened) >= fail_from
+
+        def write(self, record):
+            self._writer.write(record)
+
+        def close(self):
+            self._writer.close()
+            if self._fail:
+                raise RuntimeError(f"write() failed: No space left on device; writing "
+                                   f"{self._path}; at byte 0; Failed to close chunk_writer")
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", DiskFull)
+    return opened
+
+
+def _temps(folder) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if ".tmp" in f)
+
+
+def test_cli_write_failures_are_one_error_line_and_leave_no_temp(tmp_path, monkeypatch, capsys):
+    """A full disk, a failed manifest write, a folder named manifest.json: each was a traceback
+    that left its pid-named temp file, so a rerun after freeing space still found it full."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _grace_small().save(src / "a.png")
+    _noise_photos(src, ["b.png", "c.png"])
+    argv = ["--input", str(src), "--output", str(out), "--size", "32", "--min_face_size", "40",
+            "--min_image_size", "48", "--chunk_size", "2", "--no_progress"]
+    out.mkdir()
+    # Leftovers of earlier killed runs: removed at the start, before they fill the disk again.
+    for name in ("part-000000.array_record.tmp8607", "part-000001.json.tmp-12",
+                 "manifest.json.tmp8607"):
+        (out / name).write_bytes(b"x" * 1000)
+        os.utime(out / name, (time.time() - 3600,) * 2)
+
+    with monkeypatch.context() as m:
+        opened = _disk_full_writer(m)
+        assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: cannot write {out / 'part-000000.array_record'}: "
+                                       f"No space left on device\n")
+    assert opened and not os.path.exists(opened[0]) and _temps(out) == []
+
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if "manifest.json" in os.fspath(path) and "w" in mode:
+            real_open(path, mode).close()  # created, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_open(path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", full_open)
+        assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: cannot write {out / 'manifest.json'}: "
+                                       f"No space left on device\n")
+    assert _temps(out) == []
+
+    (out / "manifest.json").unlink()  # the one written before the shards, then a folder
+    (out / "manifest.json").mkdir()
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: cannot write {out / 'manifest.json'}: "
+                                       f"Is a directory\n")
+    assert _temps(out) == []
+    (out / "manifest.json").rmdir()
+
+    # With --shard_index/--num_shards, only temps of this process's own chunks are removed
+    # (another process may be writing the others), and a manifest temp only once it is old.
+    for name in ("part-000000.array_record.tmp1", "part-000001.array_record.tmp2",
+                 "manifest.json.tmp-3"):
+        (out / name).write_bytes(b"x")
+    prepare(str(src), str(out), PrepareOptions(size=32, min_face_size=40, min_image_size=48,
+                                               chunk_size=2), shard_index=0, num_shards=2,
+            progress=False)
+    assert _temps(out) == ["manifest.json.tmp-3", "part-000001.array_record.tmp2"]
+    assert main(argv) == 0
+    assert _temps(out) == ["manifest.json.tmp-3"]  # younger than any write could take
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def _assert_claims_hold(out) -> dict:
+    """Every shard the manifest lists was made with its options and has the bytes its
+    summary recorded; its images have the manifest's size."""
+    m = json.loads((out / "manifest.json").read_text())
+    for shard in m["shards"]:
+        summary = json.loads((out / shard["file"].replace(".array_record", ".json")).read_text())
+        assert summary["options"] == m["options"], shard
+        assert summary["sha256"] == file_sha256(str(out / shard["file"])), shard
+    if m["num_faces"]:
+        ds = open_prepared(out)
+        assert {ds[i]["image"].shape for i in range(len(ds))} == {(m["output_size"],) * 2 + (3,)}
+    assert _temps(out) == []
+    return m
+
+
+def test_failed_rerun_with_other_options_never_claims_replaced_shards(tmp_path, monkeypatch):
+    """A rerun with another --size replaced shards in place and wrote the manifest last: when
+    it failed, the folder said "complete, size 64" over 32 px shards."""
+    src, out = tmp_path / "rf", tmp_path / "prepf"
+    src.mkdir()
+    _grace_small().save(src / "a.png")
+    _grace_small().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(src / "b.png")
+    opts64 = PrepareOptions(size=64, min_face_size=40, chunk_size=1)
+    assert prepare(str(src), str(out), opts64, progress=False)["complete"]
+    assert _assert_claims_hold(out)["output_size"] == 64
+
+    # --size 32 fails writing the manifest at the end, after replacing both shards.
+    real_write, manifest_writes = prepare_module.write_atomically, []
+
+    def failing_final_manifest(path, content):
+        if path.endswith("manifest.json"):
+            manifest_writes.append(path)
+            if len(manifest_writes) == 2:
+                def half(tmp):
+                    with open(tmp, "wb") as f:
+                        f.write(content[:10])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real_write(path, half)
+        return real_write(path, content)
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module, "write_atomically", failing_final_manifest)
+        with pytest.raises(DataError, match="manifest.json: No space left on device"):
+            prepare(str(src), str(out), dataclasses.replace(opts64, size=32), progress=False)
+    m32 = _assert_claims_hold(out)
+    assert not m32["complete"] and m32["pending_chunks"] == [0, 1] and not m32["shards"]
+
+    # --size 48: the disk fills up on the second shard, after the first was replaced.
+    opts48 = dataclasses.replace(opts64, size=48)
+    with monkeypatch.context() as m:
+        _disk_full_writer(m, fail_from=2)
+        with pytest.raises(DataError, match="part-000001.array_record: No space left on device"):
+            prepare(str(src), str(out), opts48, progress=False)
+    m48 = _assert_claims_hold(out)
+    assert not m48["complete"] and m48["pending_chunks"] == [0, 1]
+
+    # Once there is space, a rerun finishes the job.
+    assert prepare(str(src), str(out), opts48, progress=False)["complete"]
+    m = _assert_claims_hold(out)
+    assert m["output_size"] == 48 and m["num_faces"] == 2

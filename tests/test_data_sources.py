@@ -272,3 +272,44 @@ def test_a_damaged_embedded_cache_says_to_delete_it(embedded_dirs, tmp_path):  #
             f"Delete {cache / os.path.basename(root)}; it is rebuilt on next use")):
         open_source("embedded:heldout", cache_dir=str(cache))
     assert len(open_source("embedded:train", cache_dir=str(cache))) > 0
+
+
+def test_embedded_build_on_a_full_or_read_only_disk_is_a_data_error(tmp_path, monkeypatch):
+    """Was ``RuntimeError: write() failed: No space left on device; writing
+    .../.embedded-build-.../part-000000.array_record``, a traceback in evaluate and training."""
+    import errno
+    import tempfile
+
+    from array_record.python import array_record_module
+
+    from fasdiff_jax.data import embedded
+
+    real = array_record_module.ArrayRecordWriter
+
+    class DiskFull:
+        def __init__(self, path, options):
+            self._writer, self._path = real(path, options), path
+
+        def write(self, record):
+            raise RuntimeError(f"write() failed: No space left on device; writing {self._path}; "
+                               f"at byte 0")
+
+        def close(self):
+            self._writer.close()
+
+    with monkeypatch.context() as m:
+        m.setattr(array_record_module, "ArrayRecordWriter", DiskFull)
+        with pytest.raises(DataError, match=re.escape(
+                f"cannot build the embedded dataset in {tmp_path}: No space left on device "
+                f"(set FASDIFF_CACHE to a folder with 3 MB free)")):
+            embedded.embedded_dataset(cache_dir=str(tmp_path), size=64)
+    assert os.listdir(tmp_path) == []  # the temp build folder is removed
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot build the embedded dataset in {tmp_path}: Read-only file system "
+            f"(set FASDIFF_CACHE to a writable folder with 3 MB free)")):
+        embedded.embedded_dataset(cache_dir=str(tmp_path), size=64)

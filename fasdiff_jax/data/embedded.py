@@ -93,19 +93,29 @@ def _build_split(split: str, out_dir: str, size: int) -> None:
     opts = PrepareOptions(size=size, min_face_size=48)
     n_faces = n_tex = 0
     skipped = []
-    for package, name in FACE_PHOTOS[split]:
-        photo = read_image(photo_path(package, name))
-        faces, reason = process_photo(photo, opts)
-        if reason:
-            skipped.append({"key": f"{package}/{name}", "reason": reason})
-        for aligned, meta in faces:
-            writer.write(encode_record(aligned, {"key": f"{package}/{name}", "kind": "face", **meta}))
-            n_faces += 1
-    for j, (package, name) in enumerate(TEXTURE_PHOTOS[split]):
-        photo = read_image(photo_path(package, name))
-        for k, crop in enumerate(_texture_crops(photo, size, CROPS_PER_TEXTURE_PHOTO, seed=1000 * VERSION + j)):
-            writer.write(encode_record(crop, {"key": f"{package}/{name}", "kind": "texture", "crop": k}))
-            n_tex += 1
+    try:
+        for package, name in FACE_PHOTOS[split]:
+            photo = read_image(photo_path(package, name))
+            faces, reason = process_photo(photo, opts)
+            if reason:
+                skipped.append({"key": f"{package}/{name}", "reason": reason})
+            for aligned, meta in faces:
+                writer.write(encode_record(aligned, {"key": f"{package}/{name}", "kind": "face",
+                                                     **meta}))
+                n_faces += 1
+        for j, (package, name) in enumerate(TEXTURE_PHOTOS[split]):
+            photo = read_image(photo_path(package, name))
+            crops = _texture_crops(photo, size, CROPS_PER_TEXTURE_PHOTO, seed=1000 * VERSION + j)
+            for k, crop in enumerate(crops):
+                writer.write(encode_record(crop, {"key": f"{package}/{name}", "kind": "texture",
+                                                  "crop": k}))
+                n_tex += 1
+    except BaseException:
+        try:  # let go of the file before the temp folder is removed
+            writer.close()
+        except RuntimeError:
+            pass  # the same write failure again
+        raise
     writer.close()
     manifest = {
         "format": "fasdiff-prepared-v1", "source": f"embedded-v{VERSION}:{split}",
@@ -123,22 +133,45 @@ def _build_split(split: str, out_dir: str, size: int) -> None:
 def embedded_dataset(cache_dir: str | None = None, size: int = 256) -> dict[str, str]:
     """Build (once) and return ``{"train": dir, "heldout": dir}`` prepared folders.
 
-    Built in a temporary folder and renamed into place, so concurrent first uses are safe.
+    Built in a temporary folder and renamed into place, so concurrent first uses are safe;
+    a failed build (disk full, read-only cache) is a DataError and leaves nothing behind.
     """
     root = os.path.join(cache_dir or default_cache_dir(), f"embedded-v{VERSION}-{size}")
     dirs = {s: os.path.join(root, s) for s in ("train", "heldout")}
     if all(os.path.isfile(os.path.join(d, "manifest.json")) for d in dirs.values()):
         return dirs
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".embedded-build-", dir=os.path.dirname(root))
+    parent = os.path.dirname(root)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".embedded-build-", dir=parent)
+    except OSError as e:
+        raise _cache_error(parent, size, e) from e
     try:
         for s in dirs:
+            # Photos come from installed packages (DataError when one is missing); an OSError
+            # or ArrayRecord's RuntimeError here is a write failing: disk full, read-only.
             _build_split(s, os.path.join(tmp, s), size)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first
             if not os.path.isdir(root):
                 raise
+    except (OSError, RuntimeError) as e:
+        raise _cache_error(parent, size, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dirs
+
+
+def _cache_error(cache_dir: str, size: int, e: BaseException) -> DataError:
+    """A failed build as one line that says where, why, and what to do: ArrayRecord reports
+    a full disk as ``RuntimeError: write() failed: ...`` naming a temp file."""
+    from fasdiff_jax.data.prepare import is_out_of_space, write_error_cause
+
+    # An upper bound: every record as raw pixels, plus 2 MiB for block padding, manifests.
+    records = sum(len(FACE_PHOTOS[s]) + CROPS_PER_TEXTURE_PHOTO * len(TEXTURE_PHOTOS[s])
+                  for s in FACE_PHOTOS)
+    mb = -(-(records * size * size * 3 + (2 << 20)) // (1 << 20))
+    where = "a folder" if is_out_of_space(e) else "a writable folder"
+    return DataError(f"cannot build the embedded dataset in {cache_dir}: {write_error_cause(e)} "
+                     f"(set FASDIFF_CACHE to {where} with {mb} MB free)")

@@ -7,8 +7,12 @@ Work is split into fixed chunks of the (sorted) input list. Each finished chunk 
 ``part-CCCCCC.array_record`` and ``part-CCCCCC.json`` (written atomically), so a rerun skips
 finished chunks (resumable; a chunk is redone if its inputs or the options changed) and
 several machines can take disjoint chunks (``--shard_index/--num_shards``) into the same
-folder; ``--num_workers`` runs chunks in parallel processes on one machine. Every run rewrites ``manifest.json``
-from all finished chunks: source, counts, output size and every skipped file with its reason.
+folder; ``--num_workers`` runs chunks in parallel processes on one machine. Every run rewrites
+``manifest.json`` from all finished chunks: source, counts, output size and every skipped file
+with its reason; before it replaces any shard it rewrites it with that chunk pending, so a run
+that fails part-way never leaves a "complete" manifest over shards it changed. A failed write
+(disk full, read-only folder) is one ``error:`` line naming the file; temp files of failed or
+killed runs are removed.
 A bad file (unreadable bytes, truncated, tiny, no face, odd mode) is reported, never fatal.
 """
 
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import glob
 import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,6 +36,7 @@ from fasdiff_jax.data.sources import (
     parse_tfds_spec,
 )
 from fasdiff_jax.errors import DataError
+from fasdiff_jax.files import write_atomically
 
 FORMAT = "fasdiff-prepared-v1"
 
@@ -76,7 +83,8 @@ def _tfds_source(source: str, data_dir: str | None):
     return _TFDS_CACHE[key]
 
 
-def process_photo(image: np.ndarray, opts: PrepareOptions) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
+def process_photo(image: np.ndarray,
+                  opts: PrepareOptions) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
     """Aligned faces of one photo with their metadata, or ([], reason) when none qualify."""
     h, w = image.shape[:2]
     if min(h, w) < opts.min_image_size:
@@ -131,40 +139,75 @@ def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) 
         return False
 
 
+def write_error_cause(e: BaseException) -> str:
+    """The reason of a failed write in a few words ("No space left on device"): ArrayRecord's
+    RuntimeError ("write() failed: ...; writing <temp name>; at byte 0; ...") would name
+    the temporary file, which is removed, instead of the file the user knows."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).split(";")[0].strip()
+    return text.split("failed: ", 1)[1] if "failed: " in text else text or type(e).__name__
+
+
+def is_out_of_space(e: BaseException) -> bool:
+    """Disk full, as an OSError (ENOSPC, EDQUOT) or as ArrayRecord's RuntimeError text."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    return "No space left on device" in str(e) or "quota exceeded" in str(e).lower()
+
+
+def _write(path: str, content: bytes | Callable[[str], None]) -> None:
+    """``write_atomically`` (its temp file is removed on failure), a failure as a DataError
+    naming ``path`` and the cause: disk full, read-only folder, a folder in the way."""
+    try:
+        write_atomically(path, content)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"cannot write {path}: {write_error_cause(e)}") from e
+
+
 def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | None]) -> dict:
-    """Align every key of one chunk into its own ArrayRecord file; returns the chunk summary."""
+    """Align every key of one chunk into its own ArrayRecord file; returns the chunk summary.
+
+    Shard, then summary, each written to a temp name and renamed (temp removed on failure);
+    a failed write is a DataError naming the file."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     source, output, chunk, keys, opts, tfds_data_dir = args
     rec_path, meta_path = _chunk_paths(output, chunk)
-    tmp_rec = rec_path + f".tmp{os.getpid()}"
-    writer = ArrayRecordWriter(tmp_rec, "group_size:1")
-    skipped, num_faces, num_ok = [], 0, 0
-    for key in keys:
+    summary: dict[str, Any] = {"chunk": chunk, "keys": keys, "options": dataclasses.asdict(opts),
+                               "file": os.path.basename(rec_path)}
+
+    def write_shard(tmp_rec: str) -> None:
+        writer = ArrayRecordWriter(tmp_rec, "group_size:1")
+        skipped, num_faces, num_ok = [], 0, 0
         try:
-            photo = _load_photo(source, key, tfds_data_dir)
-            faces, reason = process_photo(photo, opts)
-        except DataError as e:
-            faces, reason = [], str(e)
-        except Exception as e:  # never let one file stop the run; report it instead
-            faces, reason = [], f"error: {type(e).__name__}: {e}"
-        if reason:
-            skipped.append({"key": key, "reason": reason})
-            continue
-        num_ok += 1
-        for aligned, meta in faces:
-            writer.write(encode_record(aligned, {"key": key, **meta}))
-            num_faces += 1
-    writer.close()
-    summary = {"chunk": chunk, "keys": keys, "options": dataclasses.asdict(opts),
-               "file": os.path.basename(rec_path),
-               "num_records": num_faces, "num_photos_with_faces": num_ok, "skipped": skipped,
-               "sha256": file_sha256(tmp_rec)}
-    os.replace(tmp_rec, rec_path)
-    tmp_meta = meta_path + f".tmp{os.getpid()}"
-    with open(tmp_meta, "w") as f:
-        json.dump(summary, f)
-    os.replace(tmp_meta, meta_path)
+            for key in keys:
+                try:
+                    photo = _load_photo(source, key, tfds_data_dir)
+                    faces, reason = process_photo(photo, opts)
+                except DataError as e:
+                    faces, reason = [], str(e)
+                except Exception as e:  # never let one file stop the run; report it instead
+                    faces, reason = [], f"error: {type(e).__name__}: {e}"
+                if reason:
+                    skipped.append({"key": key, "reason": reason})
+                    continue
+                num_ok += 1
+                for aligned, meta in faces:
+                    writer.write(encode_record(aligned, {"key": key, **meta}))
+                    num_faces += 1
+        except BaseException:
+            try:  # let go of the file before write_atomically removes it
+                writer.close()
+            except RuntimeError:
+                pass  # the same failure again
+            raise
+        writer.close()
+        summary.update({"num_records": num_faces, "num_photos_with_faces": num_ok,
+                        "skipped": skipped, "sha256": file_sha256(tmp_rec)})
+
+    _write(rec_path, write_shard)
+    _write(meta_path, json.dumps(summary).encode())
     return summary
 
 
@@ -222,11 +265,32 @@ def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[st
         "pending_chunks": pending,
         "complete": not pending,
     }
-    tmp = os.path.join(output, MANIFEST + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output, MANIFEST))
+    _write(os.path.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+STALE_MANIFEST_TEMP_S = 60.0  # a manifest write takes milliseconds: older temps are leftovers
+
+
+def _remove_temps(output: str, chunks: list[int], manifest: bool = False) -> None:
+    """Remove temp files left by a killed or failed earlier run (a full disk stays full
+    otherwise, and each run added its own).
+
+    Only temps of ``chunks`` -- the chunks this process is assigned: with
+    ``--shard_index/--num_shards`` the processes sharing a folder take disjoint chunks, so
+    no other process of the same run writes these names (two processes given the same
+    shard would overwrite each other's shards anyway). ``manifest.json`` is written by
+    every process, so its temps are removed only once older than any write in progress."""
+    finals = [p for c in chunks for p in _chunk_paths(output, c)]
+    manifest_path = os.path.join(output, MANIFEST)
+    now = time.time()
+    for final in finals + ([manifest_path] if manifest else []):
+        for tmp in glob.glob(glob.escape(final) + ".tmp*"):
+            try:
+                if final != manifest_path or now - os.path.getmtime(tmp) > STALE_MANIFEST_TEMP_S:
+                    os.remove(tmp)
+            except OSError:
+                pass  # gone already, or not removable: a write to it names the cause
 
 
 def prepare(
@@ -252,31 +316,46 @@ def prepare(
     except OSError as e:
         raise DataError(f"cannot create --output folder {output}: {type(e).__name__}: {e}") from e
     num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
+    mine = list(range(shard_index, num_chunks, num_shards))
+    _remove_temps(output, mine, manifest=True)
     todo = []
-    for c in range(shard_index, num_chunks, num_shards):
+    for c in mine:
         chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
         if not _chunk_done(output, c, chunk_keys, opts):
             todo.append((source, output, c, chunk_keys, opts, tfds_data_dir))
+    if todo:
+        # Before any shard is replaced, the manifest stops claiming it: written with these
+        # options, it lists the chunks to redo as pending (not complete). A run that fails
+        # part-way (disk full, killed) then never leaves a "complete" manifest over shards
+        # made with other options; the final write_manifest lists them once redone.
+        write_manifest(source, output, opts, keys)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(t[3]) for t in todo), unit="img", disable=not progress,
                desc=f"prepare {os.path.basename(os.path.normpath(source))}")
-    if num_workers > 0 and len(todo) > 1:
-        import multiprocessing as mp
+    try:
+        if num_workers > 0 and len(todo) > 1:
+            import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(num_workers, len(todo))) as pool:
-            for s in pool.imap_unordered(process_chunk, todo):
+            with mp.get_context("spawn").Pool(min(num_workers, len(todo))) as pool:
+                for s in pool.imap_unordered(process_chunk, todo):
+                    bar.update(len(s["keys"]))
+        else:
+            for t in todo:
+                s = process_chunk(t)
                 bar.update(len(s["keys"]))
-    else:
-        for t in todo:
-            s = process_chunk(t)
-            bar.update(len(s["keys"]))
-    bar.close()
+    except BaseException:
+        # The pool's other workers were terminated mid-chunk, leaving their temp files.
+        _remove_temps(output, [t[2] for t in todo])
+        raise
+    finally:
+        bar.close()
     return write_manifest(source, output, opts, keys)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="image folder (recursive) or tfds:NAME[:SPLIT]")
     p.add_argument("--output", required=True)
     p.add_argument("--size", type=int, default=256)
@@ -302,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                     a.tfds_data_dir, progress=not a.no_progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # one not turned into a DataError above: still one line, no traceback
+        name = f"{e.filename}: " if e.filename else ""
+        print(f"error: {name}{e.strerror or e}", file=sys.stderr)
         return 2
     if m["complete"] and not m["num_faces"]:  # training or evaluate would stop on it later
         print(f"error: no faces found in the {m['num_inputs']} inputs under {a.input}; the "
