@@ -25,6 +25,11 @@ class CheckpointError(FasdiffError, OSError):
     """A training checkpoint's files cannot be read: damaged, truncated or incomplete."""
 
 
+class WriteError(FasdiffError, OSError):
+    """An output (checkpoint, run config, export) could not be written: disk full, read-only
+    or vanished folder. What was complete before is kept; rerunning resumes or redoes it."""
+
+
 class WorkdirInUseError(FasdiffError, RuntimeError):
     """Another training run holds the workdir's lock: two runs would overwrite each other's
     checkpoints and config."""

@@ -9,7 +9,8 @@ on Cloud TPU VMs and under SLURM, or from ``JAX_COORDINATOR_ADDRESS`` +
 
 Errors the user can fix (a config field, data, a checkpoint, a NaN loss: every
 ``fasdiff_jax.errors.FasdiffError``) end the run with one ``error: ...`` line on stderr and exit
-status 2; the last good checkpoint stays the latest. So does running out of device memory,
+status 2; the last good checkpoint stays the latest. So do the machine's errors (a full disk,
+a read-only or vanished folder: ``OSError``) and running out of device memory, the latter
 with the settings that make a step smaller.
 """
 
@@ -61,6 +62,9 @@ def main(argv: list[str]) -> None:
     try:
         out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except FasdiffError as e:  # a config, data or checkpoint to fix: the message, not a trace
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    except OSError as e:  # the machine's side (a full disk, a vanished folder): no trace either
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except RuntimeError as e:

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -69,7 +70,7 @@ from fasdiff_jax import sharding
 from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_data_source,
                                        stream_batches)
 from fasdiff_jax.errors import (CheckpointError, FasdiffError, NonFiniteLossError,
-                                WorkdirInUseError)
+                                WorkdirInUseError, WriteError)
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import layers, perceptual, train_step
@@ -759,9 +760,11 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         return
     import fcntl
 
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
-    with open(path, "a+") as f:
+    with writing(path):
+        os.makedirs(workdir, exist_ok=True)
+        f = open(path, "a+")
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
@@ -817,8 +820,39 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     path = epath.Path(workdir) / RUN_CONFIG
     tmp = path.parent / f"{RUN_CONFIG}.tmp"
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        with writing(str(path)):
+            tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+            tmp.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
+
+
+# What the messages of a failed write say (Orbax/TensorStore raise ValueError or RuntimeError
+# with the OS's text; the OS raises OSError).
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "Read-only file system",
+                   "Disk quota exceeded", "Permission denied", "Is a directory",
+                   "Not a directory")
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """A write of ``what`` that fails for want of space or access becomes one
+    :class:`WriteError` naming it and the cause (was: Orbax's ValueError or the OS's error
+    with a traceback). Other errors (bugs) pass unchanged."""
+    try:
+        yield
+    except FasdiffError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        text = str(e).strip()
+        if not isinstance(e, OSError) and not any(w in text for w in _WRITE_FAILURES):
+            raise
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else text.splitlines()[0]
+        raise WriteError(f"{what}: cannot write ({cause[:300]}); what was complete before is "
+                         f"kept: free space or fix the folder and rerun") from e
 
 
 def _tuples(x: Any) -> Any:
@@ -1131,7 +1165,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any
         return _loop(config, workdir, tc, mesh, model, state.params, state.opt_state,
                      state.opt_shardings, step_fns, it, mngr, held_out, eval_step, sample_step)
     finally:
-        mngr.wait_until_finished()  # an async save of a good step completes even on error
+        with writing(f"{workdir}: a checkpoint"):
+            mngr.wait_until_finished()  # an async save of a good step completes even on error
         mngr.close()
 
 
@@ -1299,12 +1334,13 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         sums = {"params": _named_sums(train_params), "opt_state": _named_sums(opt_state)}
         if ema_params(opt_state) is not None:  # also in opt_state; alone for the codec's read
             sums["ema_params"] = _named_sums(ema_params(opt_state))
-        mngr.save(at, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
-            data=grain.checkpoint.CheckpointSave(it.grain_iterator),
-            meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint,
-                                    "data_order": it.order, "sums": sums})),
-            metrics=dict(eval_metrics) if eval_metrics else None)
+        with writing(f"{workdir}: checkpoint {at}"):
+            mngr.save(at, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
+                data=grain.checkpoint.CheckpointSave(it.grain_iterator),
+                meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint,
+                                        "data_order": it.order, "sums": sums})),
+                metrics=dict(eval_metrics) if eval_metrics else None)
 
     # CLU's writers import TensorFlow (~10 s here): only training pays it, not the codec and
     # evaluate commands that import this module for restore_for_inference.
@@ -1673,6 +1709,7 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
     optimizer or data state (with Adam a third of the bytes), a folder to share. Training does
     not resume from it (refused by name). Returns the step and the weights exported."""
     config = load_run_config(workdir)
+    out = _workdir(out)  # Orbax takes absolute paths only (a relative --out always failed)
     _check_export_folder(workdir, out)
     mngr, step = _open_checkpoint(config, workdir, step)
     try:
@@ -1685,13 +1722,31 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
     finally:
         mngr.close()
     meta = {**meta, "sums": {"params": _named_sums(params)}}  # the export's params are these
+    meta = {**meta, "export_of": f"{_workdir(workdir)}@{step}", "weights": weights}
     register_checkpoint_array_handler()
-    with ocp.CheckpointManager(os.path.join(out, "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(create=True)) as exported:
-        exported.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params}),
-            meta=ocp.args.JsonSave({**meta, "export_of": f"{_workdir(workdir)}@{step}",
-                                    "weights": weights})))
-        exported.wait_until_finished()
-    save_run_config(config, out)
+    if "://" in out:  # object stores have no folder rename: written in place
+        _write_export(out, step, params, meta, config)
+        return step, weights
+    # A local export is written next to ``out`` and renamed into place: a failed one (disk
+    # full) left a half-written folder that every rerun then refused as "has checkpoints".
+    tmp = f"{out}.tmp-export-{os.getpid()}"
+    try:
+        _write_export(tmp, step, params, meta, config)
+        with writing(out):
+            if os.path.isdir(out):
+                os.rmdir(out)  # empty (checked above)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return step, weights
+
+
+def _write_export(folder: str, step: int, params: Any, meta: Mapping[str, Any],
+                  config: ml_collections.ConfigDict) -> None:
+    with writing(folder):
+        with ocp.CheckpointManager(os.path.join(folder, "checkpoints"),
+                                   options=ocp.CheckpointManagerOptions(create=True)) as exported:
+            exported.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)))
+            exported.wait_until_finished()
+        save_run_config(config, folder)

@@ -425,6 +425,31 @@ def test_a_checkpoint_exports_to_a_folder_for_coding(trained, tmp_path, capsys):
 
 
 @pytest.mark.xdist_group("baseline_training")
+def test_an_export_to_a_relative_path_works_and_a_failed_one_leaves_nothing(
+        trained, tmp_path, capsys, monkeypatch):
+    """A relative export folder always failed (Orbax takes absolute paths only); one that
+    failed part-way (disk full) left a half-written folder that every rerun refused."""
+    work = trained["a"]
+    monkeypatch.chdir(tmp_path)
+    assert codec.main(["export", f"--workdir={work}", "rel"]) == 0
+    assert (tmp_path / "rel" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]  # no temporary folder left
+
+    def full(config, folder):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_run_config", full)
+        assert codec.main(["export", f"--workdir={work}", "full"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'full'}.tmp-export-{os.getpid()}: cannot write (No space left on " \
+           f"device)" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]  # nothing half-written
+    assert codec.main(["export", f"--workdir={work}", "full"]) == 0  # the rerun works
+    assert (tmp_path / "full" / "config.json").is_file()
+
+
+@pytest.mark.xdist_group("baseline_training")
 def test_a_fasdiff_config_does_not_load_the_baseline(trained):
     from configs import tiny
 

@@ -1696,3 +1696,42 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path):
         assert f"pid {os.getpid()} on" in (work / train.LOCK_FILE).read_text()
     with train.workdir_lock("gs://bucket/run"):  # URLs are not locked (nor touched)
         pass
+
+
+def test_failed_writes_are_one_named_error_and_leave_no_temporary_file(tmp_path, capsys):
+    """A full disk during a checkpoint save (Orbax's ValueError), the lock or the run config
+    (OSError) ended training with a traceback; config.json.tmp was left behind."""
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0.mu" in OCDBT database '
+                      'at local file "/w/d/x": No space left on device\n  (async trace...)')
+    for raised, cause in ((full, full.args[0].splitlines()[0]),
+                          (OSError(28, "No space left on device"), "No space left on device")):
+        with pytest.raises(errors.WriteError, match=re.escape(f"W: checkpoint 4: cannot write "
+                                                              f"({cause}); what was complete")):
+            with train.writing("W: checkpoint 4"):
+                raise raised
+    for other in (ValueError("a bug, not a write"), errors.DataError("d")):  # unchanged
+        with pytest.raises(type(other), match=str(other)), train.writing("W"):
+            raise other
+
+    work = tmp_path / "w"
+    (work / train.RUN_CONFIG).mkdir(parents=True)  # config.json a folder: the write fails
+    with pytest.raises(errors.WriteError, match=re.escape(
+            f"{work / train.RUN_CONFIG}: cannot write (")):
+        train.save_run_config(tiny.get_config(), str(work))
+    assert sorted(p.name for p in work.iterdir()) == [train.RUN_CONFIG]  # no .tmp left
+
+    from fasdiff_jax import main as main_lib
+
+    argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}"]
+    with mock.patch.object(sys, "argv", argv):
+        main_lib.FLAGS(argv)
+    try:
+        with mock.patch.object(train, "train_and_evaluate",
+                               side_effect=OSError(28, "No space left on device")), \
+                pytest.raises(SystemExit) as stop:
+            main_lib.main(argv[:1])
+    finally:
+        main_lib.FLAGS.unparse_flags()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: OSError: [Errno 28] No space left on device"]
