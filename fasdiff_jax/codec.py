@@ -73,7 +73,7 @@ from PIL import Image
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
-from fasdiff_jax.files import check_writable, write_atomically
+from fasdiff_jax.files import check_writable, remove_stale_temps, write_atomically
 
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
 # Write errors after which every later output would fail the same way: the run stops there.
@@ -425,16 +425,17 @@ def check_outputs_writable(jobs: Sequence[tuple[str, str]]) -> None:
     """Refuse outputs that cannot be written (read-only place, a file where a folder should
     be, a name ending in a separator) before the model loads: the first write comes only
     after a file is coded (FaSDiff: a whole sampler run). One check per output folder;
-    missing folders are made."""
-    checked: set[str] = set()
+    missing folders are made, temporary files a killed run left for these outputs removed."""
+    folders: dict[str, set[str]] = {}
     for _, dst in jobs:
         if dst.endswith(os.sep) or (os.altsep is not None and dst.endswith(os.altsep)):
             raise FasdiffError(f"{dst}: ends in a separator, not a file name")
         folder = os.path.dirname(os.path.abspath(dst))
-        if folder in checked:
-            continue
-        checked.add(folder)
-        check_writable(dst, flag="")
+        if folder not in folders:
+            check_writable(dst, flag="")
+        folders.setdefault(folder, set()).add(os.path.basename(dst))
+    for folder, names in folders.items():  # what a killed run (kill -9) left half-written
+        remove_stale_temps(folder, names)
 
 
 def write_error(dst: str, e: OSError) -> str:
@@ -602,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
                  + (f", {failed} failed" if failed else ""))
     except _StdoutFailed as e:
         return _stdout_failed(e)
+    except KeyboardInterrupt:  # Ctrl-C: what is written stays whole (written atomically)
+        resume = "; rerun with --skip_existing to go on" if args.out_dir is not None else ""
+        print(f"interrupted: {written} of {len(jobs)} files written (they stay){resume}",
+              file=sys.stderr)
+        return 130
     return 2 if failed else 0
 
 

@@ -289,6 +289,7 @@ def save_component(folder: str, cfg: Mapping[str, Any], params: Params) -> None:
     for path in (params_path, config_path):  # a rename onto it would fail after the other's
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    files.remove_stale_temps(folder, {PARAMS_FILE, "config.json"})  # a killed run's (GBs)
 
     # Params go to their temporary file first; the config is written and renamed in place
     # only once they are whole, and the params renamed last. Any failed write thus leaves
@@ -496,6 +497,7 @@ def convert_pipeline(src: str, out: str) -> dict[str, str]:
         safetensors_io.save_file({"null_text": np.asarray(emb)}, os.path.join(out, NULL_TEXT_FILE))
         written["null_text"] = os.path.join(out, NULL_TEXT_FILE)
     if os.path.isfile(sched):
+        files.remove_stale_temps(os.path.join(out, "scheduler"), {"scheduler_config.json"})
         with open(sched, "rb") as f:  # copied atomically: a full disk left half a JSON file
             files.write_atomically(
                 os.path.join(out, "scheduler", "scheduler_config.json"), f.read())

@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
     from fasdiff_jax.codec import MODEL_FLAGS, add_model_flags, given_flags, load_codec
-    from fasdiff_jax.files import check_writable, write_atomically
+    from fasdiff_jax.files import check_writable, remove_stale_temps, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -709,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out:  # before the model loads and the first image is coded
             check_writable(args.out)
+            remove_stale_temps(os.path.dirname(os.path.abspath(args.out)),
+                               {os.path.basename(args.out)})  # a killed run's
         if args.baseline is not None:
             given = given_flags(args, MODEL_FLAGS)
             if given:
@@ -766,6 +768,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the rows saved so far are the resume point
+        kept = (f"; the rows done are saved in {args.out}: rerun the same command to go on"
+                if args.out else "")
+        print(f"interrupted{kept}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,8 +4,11 @@ user's file was (disk full, a kill, an exception part-way)."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
-from typing import Callable
+import time
+from typing import Callable, Collection
 
 from fasdiff_jax.errors import DataError
 
@@ -15,7 +18,7 @@ def write_atomically(path: str, content: bytes | Callable[[str], None]) -> None:
     then rename it to ``path``: an interrupted run never leaves half a file, a failed one
     removes its temporary file and raises an error naming ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     try:
         if callable(content):
             content(tmp)
@@ -53,3 +56,54 @@ def check_writable(path: str, flag: str = "--out ") -> None:
     except OSError as e:
         raise DataError(f"{flag}{path}: cannot create a file in {folder} "
                         f"({e.strerror or e})") from e
+
+
+def temp_name(path: str) -> str:
+    """Where an output is written before it is renamed to ``path``: ``path.tmp-PID``, so that
+    :func:`remove_stale_temps` can tell a killed writer's leftover from a live one's."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+_TEMP = re.compile(r"(?P<name>.+)\.tmp-?(?P<pid>\d+)")  # (no dash: prepare's older names)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # (a number no pid reaches)
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0.0
+                       ) -> list[str]:
+    """Remove the :func:`temp_name` files and folders in ``folder`` of outputs named
+    ``names`` that a killed writer left: its process no longer runs on this machine
+    and the temp was not modified for ``min_age_s`` (give one where writers on other machines
+    may share the folder). A ``kill -9`` never reaches a writer's own cleanup, and each kill
+    left another temp (GBs for an SD UNet). Returns what was removed."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    removed, now = [], time.time()
+    for entry in entries:
+        m = _TEMP.fullmatch(entry)
+        if m is None or m["name"] not in names or _running(int(m["pid"])):
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            if min_age_s and now - os.path.getmtime(path) < min_age_s:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass  # gone already, or not ours to remove: a later write names any real problem
+    return removed

@@ -76,8 +76,10 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors (numpy or jax arrays) in the safetensors layout, atomically: a failure
-    (a full disk) leaves the old file or none, and no temporary file (GBs for a UNet)."""
+    (a full disk) leaves the old file or none, and no temporary file (GBs for a UNet); one a
+    killed run left is removed."""
     path = os.fspath(path)
+    files.remove_stale_temps(os.path.dirname(os.path.abspath(path)), {os.path.basename(path)})
     files.write_atomically(path, lambda tmp: write_file(tensors, tmp, metadata))
 
 

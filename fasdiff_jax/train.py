@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -71,6 +72,7 @@ from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_dat
                                        stream_batches)
 from fasdiff_jax.errors import (CheckpointError, FasdiffError, NonFiniteLossError,
                                 WorkdirInUseError, WriteError)
+from fasdiff_jax.files import remove_stale_temps, temp_name
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import layers, perceptual, train_step
@@ -1729,13 +1731,21 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
         return step, weights
     # A local export is written next to ``out`` and renamed into place: a failed one (disk
     # full) left a half-written folder that every rerun then refused as "has checkpoints".
-    tmp = f"{out}.tmp-export-{os.getpid()}"
+    # (A killed export's folder is removed first.)
+    remove_stale_temps(os.path.dirname(out), {os.path.basename(out)})
+    tmp = temp_name(out)
     try:
         _write_export(tmp, step, params, meta, config)
         with writing(out):
-            if os.path.isdir(out):
-                os.rmdir(out)  # empty (checked above)
-            os.replace(tmp, out)
+            try:
+                if os.path.isdir(out):
+                    os.rmdir(out)  # empty (checked above)
+                os.replace(tmp, out)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise TrainConfigError(f"{out}: was filled while this export ran (another "
+                                           f"export to it?); export into a new folder") from e
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return step, weights

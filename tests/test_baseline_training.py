@@ -442,11 +442,16 @@ def test_an_export_to_a_relative_path_works_and_a_failed_one_leaves_nothing(
         m.setattr(train, "save_run_config", full)
         assert codec.main(["export", f"--workdir={work}", "full"]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'full'}.tmp-export-{os.getpid()}: cannot write (No space left on " \
+    assert f"{tmp_path / 'full'}.tmp-{os.getpid()}: cannot write (No space left on " \
            f"device)" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]  # nothing half-written
+    from test_files import dead_pid
+
+    killed = tmp_path / f"full.tmp-{dead_pid()}"  # what a kill -9 left: removed by the rerun
+    (killed / "checkpoints").mkdir(parents=True)
     assert codec.main(["export", f"--workdir={work}", "full"]) == 0  # the rerun works
     assert (tmp_path / "full" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "rel"]
 
 
 @pytest.mark.xdist_group("baseline_training")

@@ -317,3 +317,39 @@ def test_compress_stops_quietly_when_its_reader_leaves(tmp_path, capsys, monkeyp
     argv = ["compress", str(src), f"--out_dir={out}", "--model_dir=mbt", "--batch_size=1"]
     assert codec.main(argv) == 141
     assert capsys.readouterr().err == "" and os.listdir(out) == ["a.fsd"]
+
+
+def test_temporary_files_a_killed_run_left_are_removed(tmp_path, capsys, loads):
+    """``kill -9`` skips write_atomically's cleanup: each killed run left a NAME.tmp-PID that
+    no rerun removed (``--skip_existing`` or not)."""
+    from test_files import dead_pid
+
+    src, out = _images(tmp_path / "in", ("a", "b")), tmp_path / "fsd"
+    out.mkdir()
+    dead = dead_pid()
+    for name in (f"a.fsd.tmp-{dead}", f"b.fsd.tmp-{dead}", f"other.fsd.tmp-{dead}"):
+        _touch(out / name, b"half")
+    assert codec.main(["compress", str(src), f"--out_dir={out}", "--model_dir=mbt"]) == 0
+    assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd", f"other.fsd.tmp-{dead}"]  # not ours
+
+
+def test_ctrl_c_says_what_is_written_and_the_rerun_goes_on(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C ended the command with a KeyboardInterrupt traceback."""
+    coded = []
+
+    def compress(image):
+        coded.append(1)
+        if len(coded) == 3:
+            raise KeyboardInterrupt
+        return b"fsd"
+
+    monkeypatch.setattr(codec, "load_codec",
+                        lambda args: codec.LoadedCodec("fake", {}, compress, lambda data: None))
+    src, out = _images(tmp_path / "in"), tmp_path / "fsd"
+    argv = ["compress", str(src), f"--out_dir={out}", "--model_dir=mbt", "--batch_size=1"]
+    assert codec.main(argv) == 130
+    assert capsys.readouterr().err == ("interrupted: 2 of 4 files written (they stay); rerun "
+                                       "with --skip_existing to go on\n")
+    assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd"]
+    assert codec.main([*argv, "--skip_existing"]) == 0
+    assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd", "c.fsd", "d.fsd"]

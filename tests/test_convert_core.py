@@ -254,5 +254,11 @@ def test_a_failed_conversion_leaves_the_old_folder_whole(tmp_path, capsys, monke
     assert {p: (out / p).read_bytes() for p in os.listdir(out)} == old  # no temp left either
     model, params = hyperprior.load_model(str(out))
     assert (model.N, model.M) == (8, 12)
+    from test_files import dead_pid
+
+    dead = dead_pid()  # a kill -9 skips the cleanup: what it left goes with the rerun
+    for name in (convert.PARAMS_FILE, "config.json"):
+        (out / f"{name}.tmp-{dead}").write_bytes(b"half")
     assert convert.main(argv) == 0  # the rerun, with room, replaces both
     assert (out / convert.PARAMS_FILE).read_bytes() != old[convert.PARAMS_FILE]
+    assert sorted(os.listdir(out)) == sorted(old)

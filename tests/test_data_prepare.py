@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import matplotlib
@@ -320,6 +322,13 @@ def _disk_full_writer(monkeypatch, fail_from: int = 1) -> list[str]:
     return opened
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has ended (a killed writer's)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
 def _temps(folder) -> list[str]:
     return sorted(f for f in os.listdir(folder) if ".tmp" in f)
 
@@ -334,9 +343,10 @@ def test_cli_write_failures_are_one_error_line_and_leave_no_temp(tmp_path, monke
     argv = ["--input", str(src), "--output", str(out), "--size", "32", "--min_face_size", "40",
             "--min_image_size", "48", "--chunk_size", "2", "--no_progress"]
     out.mkdir()
+    dead = _dead_pid()
     # Leftovers of earlier killed runs: removed at the start, before they fill the disk again.
-    for name in ("part-000000.array_record.tmp8607", "part-000001.json.tmp-12",
-                 "manifest.json.tmp8607"):
+    for name in (f"part-000000.array_record.tmp-{dead}", f"part-000001.json.tmp-{dead}",
+                 f"manifest.json.tmp{dead}"):  # (before the dash: an older version's name)
         (out / name).write_bytes(b"x" * 1000)
         os.utime(out / name, (time.time() - 3600,) * 2)
 
@@ -371,16 +381,26 @@ def test_cli_write_failures_are_one_error_line_and_leave_no_temp(tmp_path, monke
     (out / "manifest.json").rmdir()
 
     # With --shard_index/--num_shards, only temps of this process's own chunks are removed
-    # (another process may be writing the others), and a manifest temp only once it is old.
-    for name in ("part-000000.array_record.tmp1", "part-000001.array_record.tmp2",
-                 "manifest.json.tmp-3"):
-        (out / name).write_bytes(b"x")
-    prepare(str(src), str(out), PrepareOptions(size=32, min_face_size=40, min_image_size=48,
-                                               chunk_size=2), shard_index=0, num_shards=2,
-            progress=False)
-    assert _temps(out) == ["manifest.json.tmp-3", "part-000001.array_record.tmp2"]
+    # (another machine may be writing the others), a manifest temp only once it is old, and
+    # none whose writer still runs (the same command started twice: was "cannot write ...:
+    # No such file or directory" for both).
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = (f"part-000000.array_record.tmp-{dead}", f"part-000001.array_record.tmp-{dead}",
+                 f"manifest.json.tmp-{dead}", f"part-000000.json.tmp-{live.pid}")
+        for name in names:
+            (out / name).write_bytes(b"x")
+        prepare(str(src), str(out), PrepareOptions(size=32, min_face_size=40, min_image_size=48,
+                                                   chunk_size=2), shard_index=0, num_shards=2,
+                progress=False)
+        assert _temps(out) == sorted(names[1:])
+        assert main(argv) == 0
+        assert _temps(out) == sorted(names[2:])  # young, or its writer runs
+    finally:
+        live.kill()
+        live.wait()
     assert main(argv) == 0
-    assert _temps(out) == ["manifest.json.tmp-3"]  # younger than any write could take
+    assert _temps(out) == [names[2]]  # younger than any write could take
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -304,6 +305,15 @@ def test_embedded_build_on_a_full_or_read_only_disk_is_a_data_error(tmp_path, mo
                 f"(set FASDIFF_CACHE to a folder with 3 MB free)")):
             embedded.embedded_dataset(cache_dir=str(tmp_path), size=64)
     assert os.listdir(tmp_path) == []  # the temp build folder is removed
+    # a killed build's folder (kill -9 skips the cleanup) is removed once abandoned
+    old_build = tmp_path / f"{embedded.BUILD_PREFIX}old"
+    recent = tmp_path / f"{embedded.BUILD_PREFIX}recent"
+    for d in (old_build, recent):
+        (d / "train").mkdir(parents=True)
+    os.utime(old_build, (time.time() - embedded.ABANDONED_BUILD_S - 1,) * 2)
+    embedded._remove_abandoned_builds(str(tmp_path))
+    assert os.listdir(tmp_path) == [recent.name]  # a build going on elsewhere stays
+    shutil.rmtree(recent)
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))

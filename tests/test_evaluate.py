@@ -547,3 +547,30 @@ def test_check_writable_makes_the_folders_and_leaves_nothing(tmp_path):
         with pytest.raises(DataError, match=r"^--out /proc/x.json: cannot create a "
                                                      r"file in /proc \("):
             files.check_writable("/proc/x.json")
+
+
+def test_ctrl_c_keeps_the_rows_done_and_the_rerun_goes_on(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C ended evaluate with a KeyboardInterrupt traceback; the rows saved stay and
+    the same command goes on from them."""
+    seen = []
+
+    class StopsAtTheSecond(_PsnrOnly):
+        def __call__(self, orig, recon):
+            seen.append(1)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+            return super().__call__(orig, recon)
+
+    monkeypatch.setattr(evaluate, "Metrics", StopsAtTheSecond)
+    src = _face_folder(tmp_path / "faces", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "jpeg.json"
+    args = ["--baseline=jpeg:50", f"--source={src}", "--dists_weights=none", f"--out={out}",
+            "--batch_size=1"]
+    assert evaluate.main(args) == 130
+    assert capsys.readouterr().err == (f"interrupted; the rows done are saved in {out}: rerun "
+                                       f"the same command to go on\n")
+    saved = json.loads(out.read_text())
+    assert [r["image"] for r in saved["images"]] == ["a.png"] and saved["complete"] is False
+    assert evaluate.main(args) == 0
+    assert [r["image"] for r in json.loads(out.read_text())["images"]] == ["a.png", "b.png",
+                                                                          "c.png"]

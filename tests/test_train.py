@@ -19,6 +19,7 @@ preemption notice, and one process resumes their checkpoint
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -882,20 +883,30 @@ def test_bad_configs_are_refused_early(tmp_path):
     assert not os.listdir(tmp_path)  # refused before writing anything
 
 
-def test_main_reports_our_errors_as_one_line(tmp_path, capsys):
-    """``python -m fasdiff_jax.main`` with a config the user must fix: exit status 2 and the
-    typed error's message on stderr, no traceback."""
+def _main_exit_code(config: str, workdir, raises: BaseException | None = None) -> int:
+    """``python -m fasdiff_jax.main --config=configs/CONFIG --workdir=WORKDIR`` in this
+    process (training replaced by ``raises`` where given): its exit status."""
     from fasdiff_jax import main as main_lib
 
-    argv = ["main", f"--config={ROOT / 'configs' / 'celeba.py'}", f"--workdir={tmp_path / 'w'}"]
+    argv = ["main", f"--config={ROOT / 'configs' / config}", f"--workdir={workdir}"]
     with mock.patch.object(sys, "argv", argv):
         main_lib.FLAGS(argv)
     try:
-        with pytest.raises(SystemExit) as stop:
-            main_lib.main(argv[:1])
+        with contextlib.ExitStack() as stack:
+            if raises is not None:
+                stack.enter_context(mock.patch.object(train, "train_and_evaluate",
+                                                      side_effect=raises))
+            with pytest.raises(SystemExit) as stop:
+                main_lib.main(argv[:1])
     finally:
         main_lib.FLAGS.unparse_flags()
-    assert stop.value.code == 2
+    return stop.value.code
+
+
+def test_main_reports_our_errors_as_one_line(tmp_path, capsys):
+    """``python -m fasdiff_jax.main`` with a config the user must fix: exit status 2 and the
+    typed error's message on stderr, no traceback."""
+    assert _main_exit_code("celeba.py", tmp_path / "w") == 2
     err = capsys.readouterr().err
     assert "error: TrainConfigError: config.model.sd_checkpoint is required" in err
     assert "Traceback" not in err
@@ -914,18 +925,9 @@ def test_main_reports_running_out_of_memory_with_what_to_change(tmp_path, capsys
     exit status 2, its first line and the settings that shrink a step, not a traceback."""
     from fasdiff_jax import main as main_lib
 
-    argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={tmp_path / 'w'}"]
     oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                                      "34359738368 bytes.\nBufferAssignment OOM Debugging.")
-    with mock.patch.object(sys, "argv", argv):
-        main_lib.FLAGS(argv)
-    try:
-        with mock.patch.object(train, "train_and_evaluate", side_effect=oom), \
-                pytest.raises(SystemExit) as stop:
-            main_lib.main(argv[:1])
-    finally:
-        main_lib.FLAGS.unparse_flags()
-    assert stop.value.code == 2
+    assert _main_exit_code("tiny.py", tmp_path / "w", raises=oom) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: out of memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
         "34359738368 bytes.", main_lib.OOM_ADVICE]
@@ -1720,18 +1722,7 @@ def test_failed_writes_are_one_named_error_and_leave_no_temporary_file(tmp_path,
         train.save_run_config(tiny.get_config(), str(work))
     assert sorted(p.name for p in work.iterdir()) == [train.RUN_CONFIG]  # no .tmp left
 
-    from fasdiff_jax import main as main_lib
-
-    argv = ["main", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={work}"]
-    with mock.patch.object(sys, "argv", argv):
-        main_lib.FLAGS(argv)
-    try:
-        with mock.patch.object(train, "train_and_evaluate",
-                               side_effect=OSError(28, "No space left on device")), \
-                pytest.raises(SystemExit) as stop:
-            main_lib.main(argv[:1])
-    finally:
-        main_lib.FLAGS.unparse_flags()
-    assert stop.value.code == 2
+    full = OSError(28, "No space left on device")
+    assert _main_exit_code("tiny.py", work, raises=full) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: OSError: [Errno 28] No space left on device"]

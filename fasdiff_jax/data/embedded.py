@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 
@@ -130,6 +131,24 @@ def _build_split(split: str, out_dir: str, size: int) -> None:
         json.dump(manifest, f, indent=1)
 
 
+BUILD_PREFIX = ".embedded-build-"
+ABANDONED_BUILD_S = 600.0  # a build takes ~20 s on a 2-core CPU; one untouched this long died
+
+
+def _remove_abandoned_builds(cache_dir: str) -> None:
+    """Remove build folders a killed first use left (``kill -9`` skips the cleanup below):
+    each kill left another. Age, not process id, tells them apart: the cache folder may be
+    shared by machines (a home folder on NFS)."""
+    now = time.time()
+    for entry in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, entry)
+        try:
+            if entry.startswith(BUILD_PREFIX) and now - os.path.getmtime(path) > ABANDONED_BUILD_S:
+                shutil.rmtree(path)
+        except OSError:
+            pass  # removed by another process, or not ours to remove
+
+
 def embedded_dataset(cache_dir: str | None = None, size: int = 256) -> dict[str, str]:
     """Build (once) and return ``{"train": dir, "heldout": dir}`` prepared folders.
 
@@ -143,7 +162,8 @@ def embedded_dataset(cache_dir: str | None = None, size: int = 256) -> dict[str,
     parent = os.path.dirname(root)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".embedded-build-", dir=parent)
+        _remove_abandoned_builds(parent)
+        tmp = tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=parent)
     except OSError as e:
         raise _cache_error(parent, size, e) from e
     try:

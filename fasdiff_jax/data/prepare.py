@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import glob
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ from fasdiff_jax.data.sources import (
     parse_tfds_spec,
 )
 from fasdiff_jax.errors import DataError
-from fasdiff_jax.files import write_atomically
+from fasdiff_jax.files import remove_stale_temps, write_atomically
 
 FORMAT = "fasdiff-prepared-v1"
 
@@ -273,24 +272,16 @@ STALE_MANIFEST_TEMP_S = 60.0  # a manifest write takes milliseconds: older temps
 
 
 def _remove_temps(output: str, chunks: list[int], manifest: bool = False) -> None:
-    """Remove temp files left by a killed or failed earlier run (a full disk stays full
-    otherwise, and each run added its own).
-
-    Only temps of ``chunks`` -- the chunks this process is assigned: with
-    ``--shard_index/--num_shards`` the processes sharing a folder take disjoint chunks, so
-    no other process of the same run writes these names (two processes given the same
-    shard would overwrite each other's shards anyway). ``manifest.json`` is written by
-    every process, so its temps are removed only once older than any write in progress."""
-    finals = [p for c in chunks for p in _chunk_paths(output, c)]
-    manifest_path = os.path.join(output, MANIFEST)
-    now = time.time()
-    for final in finals + ([manifest_path] if manifest else []):
-        for tmp in glob.glob(glob.escape(final) + ".tmp*"):
-            try:
-                if final != manifest_path or now - os.path.getmtime(tmp) > STALE_MANIFEST_TEMP_S:
-                    os.remove(tmp)
-            except OSError:
-                pass  # gone already, or not removable: a write to it names the cause
+    """Remove temp files left by killed or failed earlier runs (a full disk stays full
+    otherwise, and each run added its own): those of ``chunks`` (the chunks this process
+    is assigned; with ``--shard_index/--num_shards`` other machines take other chunks)
+    whose writer no longer runs here, so a second run of the same command beside this one
+    keeps its temps. ``manifest.json`` is written by every machine sharing the folder: its
+    temps also wait until older than any write in progress."""
+    names = {os.path.basename(p) for c in chunks for p in _chunk_paths(output, c)}
+    remove_stale_temps(output, names)
+    if manifest:
+        remove_stale_temps(output, {MANIFEST}, min_age_s=STALE_MANIFEST_TEMP_S)
 
 
 def prepare(

@@ -1,0 +1,46 @@
+"""fasdiff_jax.files: atomic writes and the removal of what killed writers left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from fasdiff_jax import files
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (as a ``kill -9``-ed writer's)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
+    """A killed writer's ``NAME.tmp-PID`` (a file, or a folder for an export) was never
+    removed, and each kill added another; a live writer's, another output's, a young one
+    where writers on other machines may share the folder, and other files stay."""
+    dead = dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {f"a.fsd.tmp-{dead}": "removed", f"a.fsd.tmp{dead}": "removed (older name)",
+                 f"a.fsd.tmp-{live.pid}": "its writer runs", f"a.fsd.tmp-{os.getpid()}": "ours",
+                 f"b.fsd.tmp-{dead}": "another output", "a.fsd": "the output",
+                 "a.fsd.tmp-x": "not a pid", f"a.fsd.tmp-{10**30}": "removed (no such pid)"}
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / f"exp.tmp-{dead}" / "checkpoints").mkdir(parents=True)
+        removed = files.remove_stale_temps(str(tmp_path), {"a.fsd", "exp"})
+        gone = {n for n, why in names.items() if why.startswith("removed")} | {f"exp.tmp-{dead}"}
+        assert sorted(removed) == sorted(str(tmp_path / n) for n in gone)
+        assert sorted(os.listdir(tmp_path)) == sorted(set(names) - gone)
+
+        young = tmp_path / f"b.fsd.tmp-{dead}"
+        assert files.remove_stale_temps(str(tmp_path), {"b.fsd"}, min_age_s=60) == []
+        os.utime(young, (time.time() - 120,) * 2)
+        assert files.remove_stale_temps(str(tmp_path), {"b.fsd"}, min_age_s=60) == [str(young)]
+    finally:
+        live.kill()
+        live.wait()
+    assert files.remove_stale_temps(str(tmp_path / "missing"), {"a"}) == []
