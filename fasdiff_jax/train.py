@@ -1723,8 +1723,8 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
         _check_sums(params, meta.get("sums", {}).get(key), workdir, step, key.replace("_", " "))
     finally:
         mngr.close()
-    meta = {**meta, "sums": {"params": _named_sums(params)}}  # the export's params are these
-    meta = {**meta, "export_of": f"{_workdir(workdir)}@{step}", "weights": weights}
+    meta = {**meta, "sums": {"params": _named_sums(params)},  # the export's params are these
+            "export_of": f"{_workdir(workdir)}@{step}", "weights": weights}
     register_checkpoint_array_handler()
     if "://" in out:  # object stores have no folder rename: written in place
         _write_export(out, step, params, meta, config)
@@ -1753,6 +1753,7 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
 
 def _write_export(folder: str, step: int, params: Any, meta: Mapping[str, Any],
                   config: ml_collections.ConfigDict) -> None:
+    """The export's one checkpoint (params and meta) and run config into ``folder``."""
     with writing(folder):
         with ocp.CheckpointManager(os.path.join(folder, "checkpoints"),
                                    options=ocp.CheckpointManagerOptions(create=True)) as exported:
