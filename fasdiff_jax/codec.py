@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing written yet
+        print("interrupted before any file was coded", file=sys.stderr)
+        return 130
     failed = 0
 
     def report(src: str, e: Exception) -> None:

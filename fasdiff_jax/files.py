@@ -4,8 +4,8 @@ user's file was (disk full, a kill, an exception part-way)."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import socket
 import tempfile
 import time
 from typing import Callable, Collection
@@ -59,12 +59,25 @@ def check_writable(path: str, flag: str = "--out ") -> None:
 
 
 def temp_name(path: str) -> str:
-    """Where an output is written before it is renamed to ``path``: ``path.tmp-PID``, so that
-    :func:`remove_stale_temps` can tell a killed writer's leftover from a live one's."""
-    return f"{path}.tmp-{os.getpid()}"
+    """Where an output is written before it is renamed to ``path``: ``path.tmp-HOST-PID``, so
+    that :func:`remove_stale_temps` can tell a killed writer's leftover from a live one's,
+    also where machines share the folder (NFS)."""
+    return f"{path}.tmp-{_HOST}-{os.getpid()}"
 
 
-_TEMP = re.compile(r"(?P<name>.+)\.tmp-?(?P<pid>\d+)")  # (no dash: prepare's older names)
+_HOST = socket.gethostname().replace(os.sep, "_") or "host"
+
+
+def _writer(entry: str, names: Collection[str]) -> tuple[str | None, int] | None:
+    """(host or None, pid) of a :func:`temp_name` of one of ``names``; None for any other
+    entry. Names without a host (``.tmp-PID``, ``.tmpPID``) are those of earlier versions."""
+    for name in names:
+        if entry.startswith(f"{name}.tmp"):
+            rest = entry[len(name) + 4:].removeprefix("-")
+            host, _, pid = rest.rpartition("-")
+            if pid.isdigit() and pid.isascii():
+                return host or None, int(pid)
+    return None
 
 
 def _running(pid: int) -> bool:
@@ -82,18 +95,18 @@ def _running(pid: int) -> bool:
 def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0.0
                        ) -> list[str]:
     """Remove the :func:`temp_name` files and folders in ``folder`` of outputs named
-    ``names`` that a killed writer left: its process no longer runs on this machine
-    and the temp was not modified for ``min_age_s`` (give one where writers on other machines
-    may share the folder). A ``kill -9`` never reaches a writer's own cleanup, and each kill
-    left another temp (GBs for an SD UNet). Returns what was removed."""
+    ``names`` that a killed writer on this machine left (its process no longer runs) and
+    that were not modified for ``min_age_s``; other machines' stay. A ``kill -9`` never
+    reaches a writer's own cleanup, and each kill left another temp (GBs for an SD UNet).
+    Returns what was removed."""
     try:
         entries = os.listdir(folder)
     except OSError:
         return []
     removed, now = [], time.time()
     for entry in entries:
-        m = _TEMP.fullmatch(entry)
-        if m is None or m["name"] not in names or _running(int(m["pid"])):
+        writer = _writer(entry, names)
+        if writer is None or writer[0] not in (None, _HOST) or _running(writer[1]):
             continue
         path = os.path.join(folder, entry)
         try:

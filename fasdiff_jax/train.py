@@ -756,10 +756,39 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     started on the same folder (a repeated launch, a resume while the first still runs) would
     save over the first one's checkpoints and config. ``flock`` dies with its process, so a
     killed run leaves no stale lock. Only process 0 locks (processes of one run share the
-    folder); URLs and file systems without ``flock`` (some NFS mounts) are not locked."""
-    if "://" in workdir or jax.process_index() != 0:
+    folder) and tells the others whether it got the lock; URLs and file systems without
+    ``flock`` (some NFS mounts) are not locked."""
+    if "://" in workdir:
         yield
         return
+    if jax.process_count() > 1:  # process 0 decides for all: the others would wait in the
+        with _lock_on_process_0(workdir):  # first collective until the coordinator gave up
+            yield
+        return
+    with _flock(workdir):
+        yield
+
+
+@contextlib.contextmanager
+def _lock_on_process_0(workdir: str) -> Iterator[None]:
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        refused: FasdiffError | None = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(_flock(workdir))
+            except FasdiffError as e:  # in use, or the lock file cannot be written
+                refused = e
+        if int(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))):
+            raise refused or WorkdirInUseError(
+                f"{workdir}: process 0 could not lock the workdir (another training run is "
+                f"using it, or the lock cannot be written: see process 0's error)")
+        yield
+
+
+@contextlib.contextmanager
+def _flock(workdir: str) -> Iterator[None]:
     import fcntl
 
     path = os.path.join(workdir, LOCK_FILE)
@@ -852,7 +881,8 @@ def writing(what: str) -> Iterator[None]:
         text = str(e).strip()
         if not isinstance(e, OSError) and not any(w in text for w in _WRITE_FAILURES):
             raise
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else text.splitlines()[0]
+        cause = (e.strerror if isinstance(e, OSError) and e.strerror
+                 else (text.splitlines() or [type(e).__name__])[0])
         raise WriteError(f"{what}: cannot write ({cause[:300]}); what was complete before is "
                          f"kept: free space or fix the folder and rerun") from e
 
@@ -1726,24 +1756,35 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
     meta = {**meta, "sums": {"params": _named_sums(params)},  # the export's params are these
             "export_of": f"{_workdir(workdir)}@{step}", "weights": weights}
     register_checkpoint_array_handler()
-    if "://" in out:  # object stores have no folder rename: written in place
-        _write_export(out, step, params, meta, config)
+    if "://" in out or os.path.isdir(out):
+        # An object store has no folder rename, and a folder the user made (empty: checked
+        # above; maybe a link, a mount or with its own permissions) is kept: written in place,
+        # and on failure emptied again (a half-written one was refused by every rerun).
+        try:
+            _write_export(out, out, step, params, meta, config)
+        except BaseException:
+            if "://" not in out:
+                for entry in os.listdir(out):
+                    path = os.path.join(out, entry)
+                    with contextlib.suppress(OSError):
+                        if os.path.isdir(path) and not os.path.islink(path):
+                            shutil.rmtree(path)
+                        else:
+                            os.remove(path)
+            raise
         return step, weights
-    # A local export is written next to ``out`` and renamed into place: a failed one (disk
-    # full) left a half-written folder that every rerun then refused as "has checkpoints".
-    # (A killed export's folder is removed first.)
+    # A new folder is written next to ``out`` and renamed into place (a killed export's
+    # temporary folder is removed first).
     remove_stale_temps(os.path.dirname(out), {os.path.basename(out)})
     tmp = temp_name(out)
     try:
-        _write_export(tmp, step, params, meta, config)
+        _write_export(tmp, out, step, params, meta, config)
         with writing(out):
             try:
-                if os.path.isdir(out):
-                    os.rmdir(out)  # empty (checked above)
-                os.replace(tmp, out)
+                os.rename(tmp, out)
             except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise TrainConfigError(f"{out}: was filled while this export ran (another "
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+                    raise TrainConfigError(f"{out}: was made while this export ran (another "
                                            f"export to it?); export into a new folder") from e
                 raise
     finally:
@@ -1751,13 +1792,17 @@ def export_for_coding(workdir: str, out: str, step: int | str | None = None,
     return step, weights
 
 
-def _write_export(folder: str, step: int, params: Any, meta: Mapping[str, Any],
+def _write_export(folder: str, out: str, step: int, params: Any, meta: Mapping[str, Any],
                   config: ml_collections.ConfigDict) -> None:
-    """The export's one checkpoint (params and meta) and run config into ``folder``."""
-    with writing(folder):
+    """The export's one checkpoint (params and meta) and run config into ``folder`` (``out``
+    or its temporary name; errors name ``out``)."""
+    with writing(out):
         with ocp.CheckpointManager(os.path.join(folder, "checkpoints"),
                                    options=ocp.CheckpointManagerOptions(create=True)) as exported:
             exported.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)))
             exported.wait_until_finished()
-        save_run_config(config, folder)
+        try:
+            save_run_config(config, folder)
+        except WriteError as e:  # it names the file it wrote: name the export's instead
+            raise WriteError(str(e).replace(folder, out)) from e

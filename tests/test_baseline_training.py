@@ -438,20 +438,24 @@ def test_an_export_to_a_relative_path_works_and_a_failed_one_leaves_nothing(
     def full(config, folder):
         raise OSError(28, "No space left on device")
 
-    with monkeypatch.context() as m:
-        m.setattr(train, "save_run_config", full)
-        assert codec.main(["export", f"--workdir={work}", "full"]) == 2
-    err = capsys.readouterr().err
-    assert f"{tmp_path / 'full'}.tmp-{os.getpid()}: cannot write (No space left on " \
-           f"device)" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]  # nothing half-written
+    (tmp_path / "made").mkdir()  # a folder the user made: written in place, emptied on failure
+    for name in ("full", "made"):
+        with monkeypatch.context() as m:
+            m.setattr(train, "save_run_config", full)
+            assert codec.main(["export", f"--workdir={work}", name]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name}: cannot write (No space left on device)" in err
+        assert "Traceback" not in err and ".tmp" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "rel"]  # nothing half-written
+    assert list((tmp_path / "made").iterdir()) == []
+    assert codec.main(["export", f"--workdir={work}", "made"]) == 0
     from test_files import dead_pid
 
     killed = tmp_path / f"full.tmp-{dead_pid()}"  # what a kill -9 left: removed by the rerun
     (killed / "checkpoints").mkdir(parents=True)
     assert codec.main(["export", f"--workdir={work}", "full"]) == 0  # the rerun works
     assert (tmp_path / "full" / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "rel"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "made", "rel"]
 
 
 @pytest.mark.xdist_group("baseline_training")

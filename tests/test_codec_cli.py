@@ -353,3 +353,11 @@ def test_ctrl_c_says_what_is_written_and_the_rerun_goes_on(tmp_path, capsys, mon
     assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd"]
     assert codec.main([*argv, "--skip_existing"]) == 0
     assert sorted(os.listdir(out)) == ["a.fsd", "b.fsd", "c.fsd", "d.fsd"]
+
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codec, "load_codec", interrupted)  # Ctrl-C while the model loads
+    assert codec.main(argv) == 130
+    assert capsys.readouterr().err == "interrupted before any file was coded\n"

@@ -128,6 +128,21 @@ def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
     assert changed == {shard, shard.replace(".array_record", ".json")}
     assert sorted(open_prepared(out)[i]["key"] for i in range(len(src))) == sorted(keys)
 
+    # A rerun hashes no shard that was not written since its summary (size and mtime as
+    # recorded); one touched (or copied) is hashed and, with the same bytes, reused.
+    hashed = []
+    real_sha = prepare_module.file_sha256
+    prepare_module.file_sha256 = lambda p: hashed.append(p) or real_sha(p)
+    try:
+        assert prepare(str(odd_folder), out, OPTS, progress=False)["complete"] and hashed == []
+        os.utime(os.path.join(out, shard))
+        mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in mtimes}
+        assert prepare(str(odd_folder), out, OPTS, progress=False)["complete"]
+        assert hashed and {os.path.basename(p) for p in hashed} == {shard}
+        assert all(os.path.getmtime(os.path.join(out, f)) == mtimes[f] for f in mtimes)
+    finally:
+        prepare_module.file_sha256 = real_sha
+
     # A byte flipped inside a record (the footer still reads, the folder opens): the shard
     # no longer has the sha256 its summary keeps, so a rerun makes it again too.
     path = os.path.join(out, shard)

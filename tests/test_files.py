@@ -24,15 +24,20 @@ def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
     dead = dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        names = {f"a.fsd.tmp-{dead}": "removed", f"a.fsd.tmp{dead}": "removed (older name)",
+        host = files.temp_name("a.fsd").split(".tmp-")[1].rsplit("-", 1)[0]
+        assert files.temp_name("a.fsd") == f"a.fsd.tmp-{host}-{os.getpid()}"
+        names = {f"a.fsd.tmp-{host}-{dead}": "removed", f"a.fsd.tmp-{dead}": "removed (older)",
+                 f"a.fsd.tmp{dead}": "removed (older name)",
+                 f"a.fsd.tmp-elsewhere-{dead}": "another machine's (NFS)",
                  f"a.fsd.tmp-{live.pid}": "its writer runs", f"a.fsd.tmp-{os.getpid()}": "ours",
                  f"b.fsd.tmp-{dead}": "another output", "a.fsd": "the output",
                  "a.fsd.tmp-x": "not a pid", f"a.fsd.tmp-{10**30}": "removed (no such pid)"}
         for name in names:
             (tmp_path / name).write_bytes(b"x")
-        (tmp_path / f"exp.tmp-{dead}" / "checkpoints").mkdir(parents=True)
+        (tmp_path / f"exp.tmp-{host}-{dead}" / "checkpoints").mkdir(parents=True)
         removed = files.remove_stale_temps(str(tmp_path), {"a.fsd", "exp"})
-        gone = {n for n, why in names.items() if why.startswith("removed")} | {f"exp.tmp-{dead}"}
+        gone = ({n for n, why in names.items() if why.startswith("removed")}
+                | {f"exp.tmp-{host}-{dead}"})
         assert sorted(removed) == sorted(str(tmp_path / n) for n in gone)
         assert sorted(os.listdir(tmp_path)) == sorted(set(names) - gone)
 

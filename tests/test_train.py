@@ -1569,12 +1569,30 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
             "eval.best_metric": "loss", "eval.best_mode": "max"}  # max: not the latest
     argv += [f"--config.{k}={v}" for k, v in {**_overrides(src), "train.checkpoint_every": 100,
                                               "train.max_to_keep": 1, **held}.items()]
-    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, env=dict(
-                                  os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
-                                  JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                  XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-             for i in range(2)]
+    def start(port: int) -> list[subprocess.Popen]:
+        return [subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
+                     JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     XLA_FLAGS="--xla_force_host_platform_device_count=4")) for i in range(2)]
+
+    # The workdir in use: both processes stop with the error (process 1 waited in its first
+    # collective until the coordinator gave up: only process 0 takes the lock).
+    with train.workdir_lock(str(work)):
+        refused = start(port)
+        try:
+            errs = [p.communicate(timeout=300)[1] for p in refused]
+        finally:
+            for p in refused:
+                p.kill()
+    assert [p.returncode for p in refused] == [2, 2], errs
+    assert f"WorkdirInUseError: {work}: another training run is using this workdir (pid " \
+           f"{os.getpid()} on" in errs[0]
+    assert "WorkdirInUseError" in errs[1] and not (work / "checkpoints").exists()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = start(port)
     logs = [[], []]
     readers = [threading.Thread(target=lambda i=i: logs[i].extend(procs[i].stderr), daemon=True)
                for i in range(2)]

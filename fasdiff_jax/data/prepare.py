@@ -113,8 +113,9 @@ def _chunk_paths(output: str, chunk: int) -> tuple[str, str]:
 def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) -> bool:
     """A chunk is reused only if it holds the same keys, made with the same options, and its
     shard has the bytes it was written with (sha256 in the summary: a record damaged inside
-    a shard whose footer still reads was otherwise reused) -- summaries written before that
-    have its footer count the records they say. A damaged or truncated shard is made again,
+    a shard whose footer still reads was otherwise reused; hashed only when the shard's size
+    or modification time is not the one recorded) -- summaries written before that have its
+    footer count the records they say. A damaged or truncated shard is made again,
     so "re-run prepare" mends it."""
     rec, meta = _chunk_paths(output, chunk)
     if not (os.path.isfile(meta) and os.path.isfile(rec)):
@@ -129,7 +130,12 @@ def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) 
         return False
     if "sha256" in summary:  # summaries before it kept only the record count
         try:
-            return file_sha256(rec) == summary["sha256"]
+            st = os.stat(rec)
+            if st.st_size != summary.get("size", st.st_size):
+                return False
+            if st.st_mtime_ns == summary.get("mtime_ns"):
+                return True  # not written since (a rerun over 200 GB read it all 2-3 times)
+            return file_sha256(rec) == summary["sha256"]  # touched or copied: same bytes?
         except OSError:
             return False
     try:
@@ -203,7 +209,9 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
             raise
         writer.close()
         summary.update({"num_records": num_faces, "num_photos_with_faces": num_ok,
-                        "skipped": skipped, "sha256": file_sha256(tmp_rec)})
+                        "skipped": skipped, "sha256": file_sha256(tmp_rec),
+                        "size": os.stat(tmp_rec).st_size,  # (a rename keeps both)
+                        "mtime_ns": os.stat(tmp_rec).st_mtime_ns})
 
     _write(rec_path, write_shard)
     _write(meta_path, json.dumps(summary).encode())
