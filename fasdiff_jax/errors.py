@@ -52,3 +52,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     allocating N bytes" on CPU), raised as ``jax.errors.JaxRuntimeError``."""
     text = str(e)
     return isinstance(e, RuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+
+
+def listed(items: list[str], sep: str = "; ", most: int = 8) -> str:
+    """The first ``most`` of ``items`` joined for a message, and how many more there are."""
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return sep.join(items[:most]) + more

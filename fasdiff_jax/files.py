@@ -3,6 +3,7 @@ user's file was (disk full, a kill, an exception part-way)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -120,3 +121,31 @@ def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0
         except OSError:
             pass  # gone already, or not ours to remove: a later write names any real problem
     return removed
+
+
+# What the messages of a failed write say where the OS's error arrives as text: Orbax and
+# TensorStore raise ValueError ("RESOURCE_EXHAUSTED: Error writing ..."), ArrayRecord
+# RuntimeError ("write() failed: No space left on device; writing <temp name>; ...").
+WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "Read-only file system",
+                  "Disk quota exceeded", "Permission denied", "Is a directory",
+                  "Not a directory", "write() failed", "open() failed", "close() failed")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """The cause of a failed write in a few words ("No space left on device"), or None where
+    ``e`` is not one (a bug, to be seen as it is). Never the temporary file's name, which
+    the libraries' texts carry and which is gone when the user reads the message."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    text = str(e).strip()
+    if not isinstance(e, (ValueError, RuntimeError)) or not any(w in text for w in WRITE_FAILURES):
+        return None
+    first = text.splitlines()[0].split(";")[0].strip()
+    return first.split("failed: ", 1)[1] if "failed: " in first else first
+
+
+def is_out_of_space(e: BaseException) -> bool:
+    """Disk full or over quota, as an OSError or as a library's text."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    return "No space left on device" in str(e) or "quota exceeded" in str(e).lower()

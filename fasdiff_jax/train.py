@@ -71,8 +71,8 @@ from fasdiff_jax import sharding
 from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_data_source,
                                        stream_batches)
 from fasdiff_jax.errors import (CheckpointError, FasdiffError, NonFiniteLossError,
-                                WorkdirInUseError, WriteError)
-from fasdiff_jax.files import remove_stale_temps, temp_name
+                                WorkdirInUseError, WriteError, listed)
+from fasdiff_jax.files import remove_stale_temps, temp_name, write_failure
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import layers, perceptual, train_step
@@ -861,13 +861,6 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                 tmp.unlink()
 
 
-# What the messages of a failed write say (Orbax/TensorStore raise ValueError or RuntimeError
-# with the OS's text; the OS raises OSError).
-_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "Read-only file system",
-                   "Disk quota exceeded", "Permission denied", "Is a directory",
-                   "Not a directory")
-
-
 @contextlib.contextmanager
 def writing(what: str) -> Iterator[None]:
     """A write of ``what`` that fails for want of space or access becomes one
@@ -878,11 +871,9 @@ def writing(what: str) -> Iterator[None]:
     except FasdiffError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
-        text = str(e).strip()
-        if not isinstance(e, OSError) and not any(w in text for w in _WRITE_FAILURES):
+        cause = write_failure(e)
+        if cause is None:
             raise
-        cause = (e.strerror if isinstance(e, OSError) and e.strerror
-                 else (text.splitlines() or [type(e).__name__])[0])
         raise WriteError(f"{what}: cannot write ({cause[:300]}); what was complete before is "
                          f"kept: free space or fix the folder and rerun") from e
 
@@ -1297,9 +1288,8 @@ def _check_fits(want: Any, have: Any, workdir: str, step: int) -> None:
     model's (another config), before anything is restored into it."""
     diff = layers.shape_differences(want, have)
     if diff:
-        more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
         raise TrainConfigError(f"{workdir}: checkpoint {step} does not fit this config's "
-                               f"model: {'; '.join(diff[:8])}{more}")
+                               f"model: {listed(diff)}")
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any], mesh: Mesh,

@@ -191,12 +191,12 @@ def embedded_dataset(cache_dir: str | None = None, size: int = 256) -> dict[str,
 def _cache_error(cache_dir: str, size: int, e: BaseException) -> DataError:
     """A failed build as one line that says where, why, and what to do: ArrayRecord reports
     a full disk as ``RuntimeError: write() failed: ...`` naming a temp file."""
-    from fasdiff_jax.data.prepare import is_out_of_space, write_error_cause
+    from fasdiff_jax.files import is_out_of_space, write_failure
 
     # An upper bound: every record as raw pixels, plus 2 MiB for block padding, manifests.
     records = sum(len(FACE_PHOTOS[s]) + CROPS_PER_TEXTURE_PHOTO * len(TEXTURE_PHOTOS[s])
                   for s in FACE_PHOTOS)
     mb = -(-(records * size * size * 3 + (2 << 20)) // (1 << 20))
     where = "a folder" if is_out_of_space(e) else "a writable folder"
-    return DataError(f"cannot build the embedded dataset in {cache_dir}: {write_error_cause(e)} "
+    return DataError(f"cannot build the embedded dataset in {cache_dir}: {write_failure(e) or e} "
                      f"(set FASDIFF_CACHE to {where} with {mb} MB free)")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from fasdiff_jax.data.sources import (
     parse_tfds_spec,
 )
 from fasdiff_jax.errors import DataError
-from fasdiff_jax.files import remove_stale_temps, write_atomically
+from fasdiff_jax.files import remove_stale_temps, write_atomically, write_failure
 
 FORMAT = "fasdiff-prepared-v1"
 
@@ -144,30 +143,13 @@ def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) 
         return False
 
 
-def write_error_cause(e: BaseException) -> str:
-    """The reason of a failed write in a few words ("No space left on device"): ArrayRecord's
-    RuntimeError ("write() failed: ...; writing <temp name>; at byte 0; ...") would name
-    the temporary file, which is removed, instead of the file the user knows."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).split(";")[0].strip()
-    return text.split("failed: ", 1)[1] if "failed: " in text else text or type(e).__name__
-
-
-def is_out_of_space(e: BaseException) -> bool:
-    """Disk full, as an OSError (ENOSPC, EDQUOT) or as ArrayRecord's RuntimeError text."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        return True
-    return "No space left on device" in str(e) or "quota exceeded" in str(e).lower()
-
-
 def _write(path: str, content: bytes | Callable[[str], None]) -> None:
     """``write_atomically`` (its temp file is removed on failure), a failure as a DataError
     naming ``path`` and the cause: disk full, read-only folder, a folder in the way."""
     try:
         write_atomically(path, content)
     except (OSError, RuntimeError) as e:
-        raise DataError(f"cannot write {path}: {write_error_cause(e)}") from e
+        raise DataError(f"cannot write {path}: {write_failure(e) or e}") from e
 
 
 def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | None]) -> dict:

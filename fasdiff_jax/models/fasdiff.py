@@ -42,7 +42,7 @@ from fasdiff_jax.coding import container as ct
 from fasdiff_jax.coding.errors import BitstreamError
 from fasdiff_jax.data.pipeline import to_model_input
 from fasdiff_jax.diffusion import samplers, schedules
-from fasdiff_jax.errors import ConversionError, FasdiffError, NonFiniteLossError
+from fasdiff_jax.errors import ConversionError, FasdiffError, NonFiniteLossError, listed
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models import layers, perceptual, train_step, wavelets
@@ -341,9 +341,7 @@ class FaSDiff:
         want = self.trainable_shapes()
         diff = layers.shape_differences(want, {k: params[k] for k in want})
         if diff:
-            more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
-            raise ConversionError(f"params do not fit this FaSDiff config: "
-                                  f"{'; '.join(diff[:8])}{more}")
+            raise ConversionError(f"params do not fit this FaSDiff config: {listed(diff)}")
 
     def _prepared(self, params: Params):
         """(hyperprior coder, this model's fingerprint, compressor params wrapped once).

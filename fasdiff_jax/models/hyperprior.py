@@ -771,15 +771,14 @@ def _fingerprint(model: MeanScaleHyperprior, params: dict, tables_digest: bytes)
 def _check_finite(params: dict) -> None:
     """A NaN or Inf weight (a damaged file) failed deep in the CDF tables' integer conversion
     (OverflowError) or coded garbage; it is refused by name."""
-    from fasdiff_jax.errors import ConversionError
+    from fasdiff_jax.errors import ConversionError, listed
 
     bad = [jax.tree_util.keystr(path, simple=True, separator="/")
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
            if not np.isfinite(np.asarray(leaf)).all()]
     if bad:
-        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
         raise ConversionError(f"non-finite values (NaN or Inf) in the hyperprior's weights: "
-                              f"{', '.join(bad[:8])}{more}")
+                              f"{listed(bad, ', ')}")
 
 
 _SHAPES: list[tuple[Any, Any]] = []  # (model, its params' shapes): models held, ids stay theirs
@@ -802,16 +801,15 @@ def param_shapes(model: MeanScaleHyperprior) -> dict:
 def check_params_fit(model: MeanScaleHyperprior, params: Any) -> None:
     """Refuse params made for another model (other N/M, another kind, a missing layer) by
     name: they failed inside flax (ScopeParamShapeError, KeyError) or the CDF tables."""
-    from fasdiff_jax.errors import ConversionError
+    from fasdiff_jax.errors import ConversionError, listed
 
     if not (isinstance(params, Mapping) and isinstance(params.get("params"), Mapping)):
         raise ConversionError(f"params: expected the {{'params': {{...}}}} dict init_params "
                               f"returns, got {type(params).__name__}")
     diff = shape_differences(param_shapes(model), params)
     if diff:
-        more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
         raise ConversionError(f"params do not fit {type(model).__name__}(N={model.N}, "
-                              f"M={model.M}): {'; '.join(diff[:8])}{more}")
+                              f"M={model.M}): {listed(diff)}")
 
 
 def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
