@@ -73,12 +73,10 @@ from PIL import Image
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
-from fasdiff_jax.files import check_writable, remove_stale_temps, write_atomically
+from fasdiff_jax.files import (check_writable, is_out_of_space, remove_stale_temps,
+                               write_atomically)
 
 SUFFIX = {"compress": ".fsd", "decompress": ".png"}
-# Write errors after which every later output would fail the same way: the run stops there.
-FATAL_WRITE_ERRNOS = frozenset(
-    n for n in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", None)) if n is not None)
 # The status a shell reports for a command killed by SIGPIPE (``cat big | head``).
 EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
 
@@ -589,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError as e:
                     failed += 1
                     print(f"error: {write_error(dst, e)}", file=sys.stderr)
-                    if e.errno in FATAL_WRITE_ERRNOS:  # every later file would fail the same
+                    if is_out_of_space(e) or e.errno == errno.EROFS:  # so would every later one
                         resume = (f"; rerun with --skip_existing to resume"
                                   if args.out_dir is not None else "")
                         print(f"stopped: {written} of {len(jobs)} files written (they stay)"

@@ -56,8 +56,8 @@ import numpy as np
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
-from fasdiff_jax.data.sources import file_sha256
 from fasdiff_jax.errors import DataError, FasdiffError, OutOfMemoryError, is_out_of_memory
+from fasdiff_jax.files import check_writable, file_sha256, remove_stale_temps, write_atomically
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
 from fasdiff_jax.models import perceptual
@@ -672,7 +672,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bd-rate"]:
         return bd_main(argv[1:])
     from fasdiff_jax.codec import MODEL_FLAGS, add_model_flags, given_flags, load_codec
-    from fasdiff_jax.files import check_writable, remove_stale_temps, write_atomically
     from fasdiff_jax.data.sources import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

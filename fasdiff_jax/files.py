@@ -4,6 +4,7 @@ user's file was (disk full, a kill, an exception part-way)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import socket
@@ -149,3 +150,13 @@ def is_out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return True
     return "No space left on device" in str(e) or "quota exceeded" in str(e).lower()
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB pieces (shards and weights files can be
+    larger than memory allows)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            h.update(piece)
+    return h.hexdigest()

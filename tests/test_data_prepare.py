@@ -19,7 +19,8 @@ from fasdiff_jax.data import align
 from fasdiff_jax.data import prepare as prepare_module
 from fasdiff_jax.data.embedded import photo_path
 from fasdiff_jax.data.prepare import PrepareOptions, main, prepare, process_photo
-from fasdiff_jax.data.sources import file_sha256, open_prepared, read_image
+from fasdiff_jax.data.sources import open_prepared, read_image
+from fasdiff_jax.files import file_sha256
 from fasdiff_jax.errors import DataError
 from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
 

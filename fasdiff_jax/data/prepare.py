@@ -30,11 +30,10 @@ import numpy as np
 
 from fasdiff_jax.data import align
 from fasdiff_jax.data.sources import (
-    MANIFEST, count_records, decode_image_file, encode_record, file_sha256, list_images,
-    parse_tfds_spec,
+    MANIFEST, count_records, decode_image_file, encode_record, list_images, parse_tfds_spec,
 )
 from fasdiff_jax.errors import DataError
-from fasdiff_jax.files import remove_stale_temps, write_atomically, write_failure
+from fasdiff_jax.files import file_sha256, remove_stale_temps, write_atomically, write_failure
 
 FORMAT = "fasdiff-prepared-v1"
 

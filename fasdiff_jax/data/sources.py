@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -30,15 +29,6 @@ from PIL import Image
 
 from fasdiff_jax.errors import DataError
 
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes, read in 16 MiB pieces (shards and weights files can be
-    larger than memory allows)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 24):
-            h.update(piece)
-    return h.hexdigest()
 
 RECORD_MAGIC = b"FSD1"
 MANIFEST = "manifest.json"
