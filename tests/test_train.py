@@ -1214,7 +1214,9 @@ def test_flipped_bytes_in_a_checkpoint_are_found(scenario, tmp_path, capsys, mon
     work = tmp_path / "run"
     shutil.copytree(scenario["a"], work)
     _flip_data_bytes(work / "checkpoints" / "6")
-    with pytest.raises(CheckpointError, match="checkpoint 6 is damaged"):
+    # refused by the checksums, or earlier where the flip lands in a zstd-compressed chunk
+    # (which chunks are compressed varies between runs: this failed CI once at bc1253a)
+    with pytest.raises(CheckpointError, match="checkpoint 6 (is damaged|cannot be read)"):
         train.train_and_evaluate(_config(scenario["source"], **{"train.steps": 8}), str(work))
 
 
