@@ -141,6 +141,9 @@ def write_failure(e: BaseException) -> str | None:
     text = str(e).strip()
     if not isinstance(e, (ValueError, RuntimeError)) or not any(w in text for w in WRITE_FAILURES):
         return None
+    for cause in ("No space left on device", "Disk quota exceeded"):  # TensorStore's text
+        if cause in text:  # names the temporary chunk file first: the cause says enough
+            return cause
     first = text.splitlines()[0].split(";")[0].strip()
     return first.split("failed: ", 1)[1] if "failed: " in first else first
 
@@ -150,6 +153,20 @@ def is_out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return True
     return "No space left on device" in str(e) or "quota exceeded" in str(e).lower()
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes free to an unprivileged writer on the file system that holds ``path`` (or its
+    nearest existing parent); None for URLs and where the system will not say."""
+    if "://" in path:
+        return None
+    there = os.path.abspath(path)
+    while not os.path.exists(there) and os.path.dirname(there) != there:
+        there = os.path.dirname(there)
+    try:
+        return shutil.disk_usage(there).free
+    except OSError:
+        return None
 
 
 def file_sha256(path: str) -> str:

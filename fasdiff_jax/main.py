@@ -16,6 +16,7 @@ with the settings that make a step smaller.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 from typing import Any, Iterator
@@ -40,9 +41,21 @@ OOM_ADVICE = ("A step needs less memory with --config.train.microbatches=N (the 
               "--config.data.global_batch_size; rerunning resumes from the last checkpoint.")
 
 
+def quiet_orbax_info() -> None:
+    """Keep Orbax's INFO lines (about 45 per checkpoint save: threads, renames, throughput)
+    out of the run's log, where they buried the loss lines; its warnings and errors stay,
+    and ``--verbosity=1`` shows everything."""
+    if logging.get_verbosity() >= 1:
+        return
+    orbax_dir = f"{os.sep}orbax{os.sep}"
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or orbax_dir not in r.pathname)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_orbax_info()
     import jax
 
     if FLAGS.jax_distributed:

@@ -43,6 +43,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging as std_logging
 import math
 import os
 import re
@@ -72,7 +73,7 @@ from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_dat
                                        stream_batches)
 from fasdiff_jax.errors import (CheckpointError, FasdiffError, NonFiniteLossError,
                                 WorkdirInUseError, WriteError, listed)
-from fasdiff_jax.files import remove_stale_temps, temp_name, write_failure
+from fasdiff_jax.files import free_bytes, remove_stale_temps, temp_name, write_failure
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
 from fasdiff_jax.models import layers, perceptual, train_step
@@ -866,6 +867,7 @@ def writing(what: str) -> Iterator[None]:
     """A write of ``what`` that fails for want of space or access becomes one
     :class:`WriteError` naming it and the cause (was: Orbax's ValueError or the OS's error
     with a traceback). Other errors (bugs) pass unchanged."""
+    _drop_late_orbax_callbacks()
     try:
         yield
     except FasdiffError:
@@ -876,6 +878,36 @@ def writing(what: str) -> Iterator[None]:
             raise
         raise WriteError(f"{what}: cannot write ({cause[:300]}); what was complete before is "
                          f"kept: free space or fix the folder and rerun") from e
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree))
+
+
+# Beyond the arrays' bytes: metadata, the data iterator's state, a filesystem's block slack.
+CHECKPOINT_MARGIN_BYTES = 1 << 20
+
+
+def check_checkpoint_space(workdir: str, at: int, need: int) -> None:
+    """Refuse a save that cannot fit before Orbax starts it. A save that runs out of space
+    midway fails in Orbax's writer threads, which logged ~3,400 lines of tracebacks (one
+    per TensorStore write left on a closed event loop) around the one error line. The
+    arrays' own bytes are the bound: zstd shrinks trained weights little. Local workdirs
+    only (a bucket says nothing of its space); with several processes, process 0's figure
+    decides for all, so all stop together."""
+    free = free_bytes(os.path.join(workdir, "checkpoints"))
+    if jax.process_count() > 1 and "://" not in workdir:
+        from jax.experimental import multihost_utils
+
+        mib = float(multihost_utils.broadcast_one_to_all(
+            np.float32(-1 if free is None else free / 2**20)))
+        free = None if mib < 0 else int(mib * 2**20)
+    need += CHECKPOINT_MARGIN_BYTES
+    if free is not None and free < need:
+        raise WriteError(
+            f"{workdir}: checkpoint {at} needs about {need / 2**20:.1f} MiB and its file "
+            f"system has {free / 2**20:.1f} MiB free; the checkpoints written before are "
+            f"kept: free space and rerun to resume")
 
 
 def _tuples(x: Any) -> Any:
@@ -1235,13 +1267,24 @@ def _is_orbax_unretrieved_task(record: Any) -> bool:
     return False
 
 
-def _drop_late_read_callbacks() -> None:
-    """When a read fails Orbax closes its event loop while TensorStore's other reads are in
-    flight; each of their completions then reports an "Event loop is closed" RuntimeError as
-    unraisable from TensorStore's threads, and read tasks that failed too are reported by
-    asyncio's logger when collected (pages of tracebacks around our one error line). Drop
-    exactly those; installed before reading, since they may come before the error reaches
-    us (they did under load)."""
+def _is_orbax_write_failure_log(record: Any) -> bool:
+    """Orbax's own ERROR record (with its traceback) of a failed checkpoint write: the save
+    in the main thread raises the same error, which :func:`writing` reports in one line."""
+    if record.levelno < std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is not None and write_failure(exc) is not None
+
+
+def _drop_late_orbax_callbacks() -> None:
+    """When a read or a write fails, Orbax closes its event loop while TensorStore's other
+    reads or writes are in flight; each of their completions then reports an "Event loop
+    is closed" RuntimeError as unraisable from TensorStore's threads, read tasks that failed
+    too are reported by asyncio's logger when collected, and Orbax logs a failed write with
+    its traceback from each thread it passed through (a full disk during a save: 3,449
+    lines around our one error line, 366 without the late callbacks). Drop exactly those;
+    installed before reading or writing, since they may come before the error reaches us
+    (they did under load)."""
     previous = sys.unraisablehook
     if getattr(previous, "_fasdiff_filter", False):
         return
@@ -1252,9 +1295,8 @@ def _drop_late_read_callbacks() -> None:
 
     hook._fasdiff_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    import logging as std_logging
-
     std_logging.getLogger("asyncio").addFilter(lambda r: not _is_orbax_unretrieved_task(r))
+    std_logging.getLogger("absl").addFilter(lambda r: not _is_orbax_write_failure_log(r))
 
 
 @contextlib.contextmanager
@@ -1263,7 +1305,7 @@ def _reading(workdir: str, step: int) -> Iterator[None]:
     RuntimeError, OSError, JSON errors, with pages of async traces) becomes one
     :class:`CheckpointError` with the innermost message. Callers check first that the
     checkpoint fits the model, so what is left is damage."""
-    _drop_late_read_callbacks()
+    _drop_late_orbax_callbacks()
     try:
         yield
     except Exception as e:  # noqa: BLE001 - see above
@@ -1357,12 +1399,17 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         if ema_params(opt_state) is not None:  # also in opt_state; alone for the codec's read
             sums["ema_params"] = _named_sums(ema_params(opt_state))
         with writing(f"{workdir}: checkpoint {at}"):
+            mngr.wait_until_finished()  # the last save's bytes are on disk (or its error here)
+            check_checkpoint_space(
+                workdir, at, _tree_bytes({"params": train_params, "opt_state": opt_state}))
             mngr.save(at, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
                 data=grain.checkpoint.CheckpointSave(it.grain_iterator),
                 meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint,
                                         "data_order": it.order, "sums": sums})),
                 metrics=dict(eval_metrics) if eval_metrics else None)
+        logging.info("checkpoint %d: saving to %s/checkpoints/%d (in the background)", at,
+                     workdir, at)
 
     # CLU's writers import TensorFlow (~10 s here): only training pays it, not the codec and
     # evaluate commands that import this module for restore_for_inference.

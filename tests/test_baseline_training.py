@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -422,6 +423,25 @@ def test_a_checkpoint_exports_to_a_folder_for_coding(trained, tmp_path, capsys):
     assert codec.main(["export", f"--workdir={work}", "--step=best", str(tmp_path / "b")]) == 0
     assert codec.main(["export", f"--workdir={work}", "--model_dir=m", str(tmp_path / "c")]) == 2
     assert "not --model_dir" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("baseline_training")
+def test_a_checkpoint_that_cannot_fit_is_refused_before_orbax_writes_it(
+        trained, tmp_path, monkeypatch):
+    """A save that ran out of space midway failed inside Orbax's threads (3,449 lines of
+    tracebacks): a checkpoint whose arrays need more than the file system has free stops
+    the run with one WriteError; the checkpoints before it stay and the run resumes."""
+    work = tmp_path / "w"
+    free = iter([1 << 40, 1000])  # room for checkpoint 1, then 1000 bytes
+    monkeypatch.setattr(train, "free_bytes", lambda path: next(free))
+    cfg = small_config(trained["source"], steps=2, checkpoint_every=1)
+    with pytest.raises(train.WriteError, match=re.escape(
+            f"{work}: checkpoint 2 needs about ")) as e:
+        train.train_and_evaluate(cfg, str(work))
+    assert "MiB and its file system has 0.0 MiB free" in str(e.value)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1"]
+    monkeypatch.setattr(train, "free_bytes", lambda path: None)  # a bucket: no figure
+    assert train.train_and_evaluate(cfg, str(work))["step"] == 2
 
 
 @pytest.mark.xdist_group("baseline_training")
