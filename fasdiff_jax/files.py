@@ -40,8 +40,9 @@ def write_atomically(path: str, content: bytes | Callable[[str], None]) -> None:
 def check_writable(path: str, flag: str = "--out ") -> None:
     """Refuse an output path that cannot be written (a read-only place, a file where a folder
     should be) with a :class:`DataError` naming it (``flag`` and the path), before any work:
-    the first write comes after the model is loaded and an image coded. Missing parent
-    folders are made."""
+    the first write comes after the model is loaded and an image coded. Missing folders are
+    probed, not made: :func:`write_atomically` makes them with the first output, so a run
+    that fails before it (the model does not load) leaves no empty folders behind."""
     folder = os.path.dirname(os.path.abspath(path))
     there = folder
     while not os.path.exists(there):
@@ -51,10 +52,12 @@ def check_writable(path: str, flag: str = "--out ") -> None:
     if os.path.isdir(path):
         raise DataError(f"{flag}{path} is a folder, not a file")
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-        os.close(fd)
-        os.remove(tmp)
+        if there == folder:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+            os.close(fd)
+            os.remove(tmp)
+        else:  # the first missing folder would be made here
+            os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=there))
     except OSError as e:
         raise DataError(f"{flag}{path}: cannot create a file in {folder} "
                         f"({e.strerror or e})") from e

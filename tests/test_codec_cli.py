@@ -211,7 +211,8 @@ def test_an_unwritable_output_is_refused_before_the_model_loads(
         def read_only(*a, **k):
             raise _oserror(errno.EROFS, str(out))
 
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)  # out_dir there or to be made
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)
         want = f"error: {out / 'a.fsd'}: cannot create a file in {out} (Read-only file system)"
     elif case == "parent is a file":
         _touch(tmp_path / "small")

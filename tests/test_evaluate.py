@@ -539,10 +539,19 @@ def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, mo
     assert _one_error_line(capsys) == f"error: --out {want}\n"
 
 
-def test_check_writable_makes_the_folders_and_leaves_nothing(tmp_path):
+def test_check_writable_probes_missing_folders_and_leaves_nothing(tmp_path):
+    """Missing folders were made by the check: a run that then failed (its model did not
+    load) left them empty. The first write makes them."""
     out = tmp_path / "new" / "sub" / "x.json"
     files.check_writable(str(out))
-    assert list((tmp_path / "new" / "sub").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+    files.write_atomically(str(out), b"{}")
+    files.check_writable(str(out))
+    assert [p.name for p in out.parent.iterdir()] == ["x.json"]
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(DataError, match="cannot create a file in"):
+            files.check_writable(str(tmp_path / "ro" / "new" / "x.json"))
     if os.path.isdir("/proc/self"):  # no file can be made there, even by root
         with pytest.raises(DataError, match=r"^--out /proc/x.json: cannot create a "
                                                      r"file in /proc \("):
