@@ -503,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, str] = {}  # output path -> what its line should add
 
     def read_still(src: str, dst: str) -> np.ndarray:
-        image = read_image(src, keep_gray=True)  # gray files come back gray
+        from fasdiff_jax.models import hyperprior as H  # loaded with the model
+
+        # gray files come back gray; one too large to code is refused before it is decoded
+        image = read_image(src, keep_gray=True, max_pixels=H.MAX_PIXELS)
         frames = frame_count(src)
         if frames > 1:
             notes[dst] = f" (the first of {src}'s {frames} frames: the codec codes still images)"
@@ -578,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                     read_ok.append((src, dst))
                 except (FasdiffError, OSError, ValueError) as e:
                     report(src, e)
+                except Exception as e:  # noqa: BLE001 - one file's fault: the others still run
+                    report(src, FasdiffError(f"cannot read it: {type(e).__name__}: {e}"))
             for (src, dst), result in zip(read_ok, code_or_split(inputs) if inputs else []):
                 if isinstance(result, Exception):
                     report(src, result)

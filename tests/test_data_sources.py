@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -323,3 +324,177 @@ def test_embedded_build_on_a_full_or_read_only_disk_is_a_data_error(tmp_path, mo
             f"cannot build the embedded dataset in {tmp_path}: Read-only file system "
             f"(set FASDIFF_CACHE to a writable folder with 3 MB free)")):
         embedded.embedded_dataset(cache_dir=str(tmp_path), size=64)
+
+
+# Image files: damaged, oversized or of wide modes (tiny files built here, not shipped).
+
+def _ifd_entries(data: bytes, ifd: int):
+    """(byte offset, tag) of each entry of the little-endian TIFF IFD at ``ifd``."""
+    import struct
+
+    (n,) = struct.unpack("<H", data[ifd:ifd + 2])
+    return [(ifd + 2 + 12 * i, struct.unpack("<H", data[ifd + 2 + 12 * i:ifd + 4 + 12 * i])[0])
+            for i in range(n)]
+
+
+def _damaged_multi_frame(folder):
+    """A 3-page TIFF whose second page lost its width, and a 3-frame GIF cut inside its
+    later frames: frame 1 decodes, counting the frames makes Pillow raise TypeError and
+    IndexError (asserted, so the files keep testing what they are meant to)."""
+    import io
+    import struct
+
+    frames = [Image.new("L", (8, 8), v) for v in (10, 90, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    tif = bytearray(buf.getvalue())
+    first = struct.unpack("<I", tif[4:8])[0]
+    end = _ifd_entries(tif, first)[-1][0] + 12
+    second = struct.unpack("<I", tif[end:end + 4])[0]
+    for at, tag in _ifd_entries(tif, second):
+        if tag == 256:  # ImageWidth -> an unknown tag
+            tif[at:at + 2] = struct.pack("<H", 65000)
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    gif = buf.getvalue()[:-30]
+    paths = [folder / "pages.tif", folder / "anim.gif"]
+    for path, data, error in zip(paths, (bytes(tif), gif), (TypeError, IndexError)):
+        path.write_bytes(data)
+        with Image.open(path) as im, pytest.raises(error):
+            im.n_frames
+    return paths
+
+
+def test_damaged_later_frames_neither_fail_the_file_nor_its_frame_count(tmp_path):
+    """frame_count walked every frame and let Pillow's TypeError/IndexError out: the codec
+    stopped with a traceback on a file whose first frame (all it codes) decodes."""
+    from fasdiff_jax.data.sources import frame_count, header_error, read_image
+
+    for path in _damaged_multi_frame(tmp_path):
+        assert read_image(str(path)).shape == (8, 8, 3)
+        assert frame_count(str(path)) == 1
+        assert header_error(str(path)) is None
+
+
+def _tiff_with_rational_strip_offsets(path):
+    """A TIFF whose StripOffsets tag says RATIONAL: Pillow's decoder raises TypeError."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 10).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    for at, tag in _ifd_entries(data, struct.unpack("<I", data[4:8])[0]):
+        if tag == 273:
+            data[at + 2:at + 4] = struct.pack("<H", 5)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_whatever_pillow_raises_decoding_a_file_is_that_files_data_error(tmp_path, monkeypatch):
+    """Pillow's plugins raise TypeError (and KeyError, IndexError...) on damaged files; it
+    escaped the codec and evaluate as a traceback. Running out of memory or Ctrl-C is not
+    the file's fault: not reported as a corrupt image."""
+    from PIL import ImageFile
+
+    from fasdiff_jax.data.sources import read_image
+    from fasdiff_jax.errors import OutOfMemoryError
+
+    path = _tiff_with_rational_strip_offsets(tmp_path / "bad.tif")
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot decode image {path}: corrupt image: TypeError: 'IFDRational' object")):
+        read_image(str(path))
+    good = tmp_path / "good.png"
+    Image.new("RGB", (6, 4)).save(good)
+
+    def load_raising(error):
+        def load(self):
+            raise error
+        return load
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_raising(MemoryError()))
+    with pytest.raises(OutOfMemoryError, match=re.escape(
+            f"cannot decode image {good}: out of memory decoding it (4x6 pixels)")) as e:
+        read_image(str(good))
+    assert not isinstance(e.value, DataError)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_raising(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        read_image(str(good))
+
+
+def test_an_image_over_the_callers_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A small all-zero PNG asking for more pixels than the codec's decoders take was decoded
+    whole (13300x13300: 2.8 GB) before being refused; now its header refuses it."""
+    from PIL import ImageFile
+
+    from fasdiff_jax.data.sources import read_image
+
+    path = tmp_path / "zeros.png"
+    Image.new("L", (300, 200)).save(path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees: 200x300, the same pixel count
+    Image.new("L", (20, 30)).save(tmp_path / "rotated.png", exif=exif.tobytes())
+    assert read_image(str(tmp_path / "rotated.png"), max_pixels=600).shape == (20, 30, 3)
+    assert read_image(str(path), max_pixels=60000).shape == (200, 300, 3)
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: loads.append(self.size) or real_load(self))
+    for name, limit in (("zeros.png", 59999), ("rotated.png", 599)):
+        with pytest.raises(DataError, match=r"image of \d+x\d+ pixels exceeds the decoders' "
+                                            f"limit of {limit} pixels; code it in tiles"):
+            read_image(str(tmp_path / name), max_pixels=limit)
+    assert loads == []  # refused before decoding
+    # over Pillow's warning threshold (89 M pixels), under its error one: no warning either
+    (tmp_path / "huge.png").write_bytes(_png_header_only(10000, 10000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="image of 10000x10000 pixels exceeds"):
+            read_image(str(tmp_path / "huge.png"), max_pixels=1 << 24)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming an RGB image of this size, with a few bytes of pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I",
+                                                                     zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("mode, values, want", [
+    ("F", (0.5, 0.5), (128, 128)),  # a flat grey was stretched to black
+    ("F", (0.4, 0.6), (102, 153)),  # and a narrow range to 0..255
+    ("F", (0.0, 1.0), (0, 255)),
+    ("I", (40000, 40000), (156, 156)),  # 32-bit ints as 16-bit: / 257
+    ("I", (0, 65535), (0, 255)),
+])
+def test_wide_gray_modes_map_by_their_range_not_the_images(tmp_path, mode, values, want):
+    from fasdiff_jax.data.sources import read_image
+
+    arr = np.linspace(*values, 16, dtype=np.float32 if mode == "F" else np.int32)
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.tile(arr, (4, 1)), mode).save(path)
+    out = read_image(str(path), keep_gray=True)
+    assert (out[0, 0, 0], out[0, -1, 0]) == want
+
+
+@pytest.mark.parametrize("mode, values, found", [
+    ("I", (0, 196605), "0..196605, outside the 0..65535"),
+    ("I", (-5, 100), "-5..100, outside the 0..65535"),
+    ("F", (-0.5, 2.0), "-0.5..2, outside the 0..1"),
+])
+def test_wide_gray_values_outside_the_modes_range_are_named(tmp_path, mode, values, found):
+    from fasdiff_jax.data.sources import read_image
+
+    path = tmp_path / "wide.tif"
+    arr = np.array([values], np.float32 if mode == "F" else np.int32)
+    Image.fromarray(arr, mode).save(path)
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot decode image {path}: mode {mode} pixel values span {found}")):
+        read_image(str(path))

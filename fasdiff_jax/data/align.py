@@ -228,23 +228,39 @@ def is_gray_mode(mode: str) -> bool:
     return mode in GRAY_MODES or mode.startswith("I;16")
 
 
+def _wide_gray_to_l(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float one-channel image as 8-bit "L", by the mode's fixed range
+    (integers 0..65535 / 257, floats 0..1 * 255), never by the image's own min..max: a
+    stretch turns a flat grey black and a dim photo bright.
+
+    Values outside that range have no 8-bit meaning we could guess: DataError with the range
+    found (the caller adds the file's name)."""
+    arr = np.asarray(img, dtype=np.float64)
+    is_float = img.mode == "F"
+    if arr.size and not np.isfinite(arr).all():
+        raise DataError(f"mode {img.mode} image holds NaN or infinite values")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if is_float:  # half an output grey level of float rounding either side is still in range
+        top, scale, slack, found = 1.0, 255.0, 0.5 / 255, f"{lo:g}..{hi:g}"
+    else:
+        top, scale, slack, found = 65535.0, 1 / 257, 0.0, f"{lo:.0f}..{hi:.0f}"
+    if lo < -slack or hi > top + slack:
+        raise DataError(f"mode {img.mode} pixel values span {found}, outside the 0..{top:g} "
+                        f"this reader maps to 0..255; save the image as 8- or 16-bit")
+    return Image.fromarray(np.uint8(np.clip(np.rint(arr * scale), 0, 255)), "L")
+
+
 def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
     """Any PIL mode (L, LA, P, PA, RGBA, CMYK, I;16, I, F, 1), EXIF-rotated, as 8-bit RGB.
 
-    Alpha is composited over white; 16-bit and float images are scaled by their range.
-    ``keep_gray`` returns one-channel modes as 8-bit "L" instead, so a codec can hand back
-    a grayscale file as grayscale.
+    Alpha is composited over white; 16/32-bit integer and float images are mapped by their
+    mode's range (:func:`_wide_gray_to_l`). ``keep_gray`` returns one-channel modes as 8-bit
+    "L" instead, so a codec can hand back a grayscale file as grayscale.
     """
     img = ImageOps.exif_transpose(img)
     gray = keep_gray and is_gray_mode(img.mode)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F") or img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
-        else:
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(np.uint8(np.clip(np.rint(arr), 0, 255)), "L")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _wide_gray_to_l(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):

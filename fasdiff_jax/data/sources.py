@@ -22,12 +22,13 @@ import itertools
 import json
 import os
 import struct
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from fasdiff_jax.errors import DataError
+from fasdiff_jax.errors import DataError, OutOfMemoryError
 
 
 RECORD_MAGIC = b"FSD1"
@@ -199,33 +200,60 @@ def list_images(directory: str, all_files: bool = False) -> list[str]:
     return sorted(out)
 
 
-def decode_image_file(path: str, keep_gray: bool = False) -> np.ndarray:
+def decode_image_file(path: str, keep_gray: bool = False,
+                      max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file to uint8 RGB HxWx3 (EXIF-rotated, odd modes converted), or with
     ``keep_gray`` a grayscale file to HxWx1.
 
+    ``max_pixels`` (the codec passes its decoders' limit) refuses a larger image from its
+    header, before decoding: a small all-zero PNG can ask for gigabytes, and Pillow only
+    warns below twice its own ``MAX_IMAGE_PIXELS``. EXIF rotation keeps the pixel count.
+
     Raises :class:`DataError` whose message is only the reason (``empty file``,
     ``unreadable: ...``, ``truncated image: ...``, ``corrupt image: ...``, ``unsupported
-    mode ...``), so ``prepare`` can report it per file in its manifest.
+    mode ...``), so ``prepare`` can report it per file in its manifest: whatever Pillow
+    raises on a damaged file (its plugins raise TypeError, KeyError, IndexError... too) is
+    that file's fault. Running out of memory is not: :class:`OutOfMemoryError`.
     """
     from fasdiff_jax.data.align import to_rgb
 
+    size = None
     try:
         if os.path.getsize(path) == 0:
             raise DataError("empty file")
-        with Image.open(path) as im:
+        with _open_image(path, max_pixels is not None) as im:
+            size = im.size
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(f"image of {im.height}x{im.width} pixels exceeds the decoders' "
+                                f"limit of {max_pixels} pixels; code it in tiles")
             im.load()
             try:
                 arr = np.asarray(to_rgb(im, keep_gray))
                 return arr[..., None] if arr.ndim == 2 else arr
+            except DataError:
+                raise
             except (ValueError, OSError) as e:
                 raise DataError(f"unsupported mode {im.mode}: {type(e).__name__}: {e}") from e
     except DataError:
         raise
-    except _READ_ERRORS as e:
+    except MemoryError as e:  # the host's state, not the file's: no "corrupt image"
+        pixels = f" ({size[1]}x{size[0]} pixels)" if size else ""
+        raise OutOfMemoryError(f"out of memory decoding it{pixels}") from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types; Ctrl-C still stops
         raise DataError(_reason(e)) from e
 
 
-# What Pillow raises for a file it cannot open or decode, and the reason each one gives.
+def _open_image(path: str, quiet_bomb: bool) -> Image.Image:
+    """``Image.open``; with ``quiet_bomb`` (the caller checks the size itself) without
+    Pillow's DecompressionBombWarning, which would add a second, traceback-like line."""
+    if not quiet_bomb:
+        return Image.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+# What Pillow raises for a record it cannot decode (PreparedSource; files: any Exception).
 _READ_ERRORS = (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
                 struct.error)
 
@@ -241,22 +269,24 @@ def _reason(e: BaseException) -> str:
     return f"{kind} image: {type(e).__name__}: {e}"
 
 
-def read_image(path: str, keep_gray: bool = False) -> np.ndarray:
+def read_image(path: str, keep_gray: bool = False, max_pixels: int | None = None) -> np.ndarray:
     """:func:`decode_image_file` with the path in the error message."""
     try:
-        return decode_image_file(path, keep_gray)
-    except DataError as e:
-        raise DataError(f"cannot decode image {path}: {e}") from e
+        return decode_image_file(path, keep_gray, max_pixels)
+    except (DataError, OutOfMemoryError) as e:
+        raise type(e)(f"cannot decode image {path}: {e}") from e
 
 
 def frame_count(path: str) -> int:
     """How many frames the image file holds (animated GIF/WebP/PNG, multi-page TIFF); 1 for
-    a still image or a file Pillow cannot open (:func:`read_image` reports that one). The
-    decoders read the first frame only, so callers tell the user when there are more."""
+    a still image or a file whose frames Pillow cannot count. The decoders read the first
+    frame only, so callers tell the user when there are more; counting walks every frame,
+    and a damaged later one (Pillow raises TypeError, IndexError, KeyError...) must not fail
+    a file whose first frame decoded (:func:`read_image` reports a bad first one)."""
     try:
         with Image.open(path) as im:
             return int(getattr(im, "n_frames", 1))
-    except _READ_ERRORS:
+    except Exception:  # noqa: BLE001 - a note's count: never worth failing the file
         return 1
 
 
@@ -269,7 +299,9 @@ def header_error(path: str) -> str | None:
             return "empty file"
         with Image.open(path):
             return None
-    except _READ_ERRORS as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged header makes Pillow raise
         return _reason(e)
 
 
