@@ -1,5 +1,6 @@
 """Container format and malformed input: every bad file is a BitstreamError, quickly."""
 
+import dataclasses
 import struct
 import time
 
@@ -135,3 +136,32 @@ def test_pack_rejects_unrepresentable():
         pack(Container(0, 5, 0, 0, 3, 1, FP, (b"",)))
     with pytest.raises(ValueError):
         pack(Container(5, 5, 0, 0, 3, 1, b"short", (b"",)))
+
+
+_SMALL = Container(5, 5, 59, 59, 3, 1, FP, (b"ab",), SamplerSpec(2, 3, 0.5, 7))
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("height", 10.0, TypeError, "height 10.0 .float."),  # was struct.error
+    ("pad_bottom", 1.5, TypeError, "pad_bottom 1.5"),
+    ("height", "10", TypeError, "height '10' .str."),  # was a TypeError from a comparison
+    ("channels", True, TypeError, "channels True .bool."),
+    ("sampler", None, TypeError, "sampler must be a SamplerSpec, got NoneType"),  # AttributeError
+    ("sampler", SamplerSpec(steps=2.0), TypeError, "sampler steps 2.0"),
+    ("sampler", SamplerSpec(eta="0.5"), TypeError, "eta must be a real number"),
+    ("fingerprint", "x" * 16, TypeError, "fingerprint must be bytes"),
+    ("sampler", SamplerSpec(eta=1e40), ValueError, "finite float32 eta"),  # was OverflowError
+    ("sampler", SamplerSpec(eta=float("inf")), ValueError, "finite float32 eta"),
+    ("pad_right", 4096, ValueError, "padding 59,4096 outside 0..4095"),
+])
+def test_pack_refuses_wrong_types_and_ranges_by_field(field, value, error, message):
+    """``pack`` said ValueError but raised struct.error, OverflowError or AttributeError from
+    inside; now a TypeError (wrong type) or ValueError (out of range) naming the field."""
+    with pytest.raises(error, match=message):
+        pack(dataclasses.replace(_SMALL, **{field: value}))
+
+
+def test_pack_takes_numpy_scalars_as_integers_and_reals():
+    spec = SamplerSpec(np.uint16(2), 3, np.float32(0.5), np.uint64(2**64 - 1))
+    c = unpack(pack(dataclasses.replace(_SMALL, height=np.int64(5), sampler=spec)))
+    assert c.height == 5 and c.sampler == SamplerSpec(2, 3, 0.5, 2**64 - 1)

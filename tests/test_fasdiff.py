@@ -325,6 +325,50 @@ def test_params_of_another_config_are_refused_by_name(tiny_model):
         model.decompress([], data)
 
 
+def test_frozen_sd_parts_of_other_shapes_are_refused_by_name(tiny_model):
+    """A VAE or UNet of other shapes failed inside flax (compress: ScopeParamShapeError) or
+    as a fingerprint mismatch (decompress); the outer convolutions' shapes, computed from the
+    config without tracing, now give one ConversionError naming the leaves."""
+    model, params = tiny_model
+    want = fasdiff.frozen_probe_shapes(model.unet, model.vae)
+    flat = flatten_dict(params, sep="/")
+    assert {k: np.shape(flat[k]) for k in want} == want  # the rule matches the real modules
+    img = _photo_variants()["rgb"]
+    # a well-formed file carrying this model's fingerprint: no device work needed
+    data = ct.pack(ct.Container(61, 50, 3, 14, 3, fasdiff.CODEC_ID, model.fingerprint(params),
+                                (b"\x01",), ct.SamplerSpec(2, 0, 0.0, 1)))
+    narrow = {**params, "vae": jax.tree.map(lambda x: x[..., :1], params["vae"])}
+    message = "params do not fit this FaSDiff config: .*vae/encoder/conv_in/kernel: " + re.escape(
+        f"(3, 3, 3, 1) != {want['vae/encoder/conv_in/kernel']}")
+    for call in (lambda: model.compress(narrow, img), lambda: model.decompress(narrow, data),
+                 lambda: model.decompress_batch(narrow, [data])):
+        with pytest.raises(ConversionError, match=message):
+            call()
+    unet = {**params, "unet": jax.tree.map(lambda x: x[..., :1], params["unet"])}
+    with pytest.raises(ConversionError, match="unet/conv_out/kernel: "):
+        model.decompress(unet, data)
+    no_quant = {**params, "vae": {k: v for k, v in params["vae"].items() if k != "quant_conv"}}
+    with pytest.raises(ConversionError, match="config: missing vae/quant_conv/kernel$"):
+        model.compress(no_quant, img)
+
+
+def test_one_image_or_file_where_a_batch_is_expected_is_refused(tiny_model):
+    """compress_batch(params, img) coded each pixel row as an image; decompress_batch(params,
+    data) gave one BitstreamError per byte; compress(params, [img]) an AttributeError."""
+    model, params = tiny_model
+    img = _photo_variants()["rgb"]
+    with pytest.raises(TypeError, match="got one HxWxC image .*use compress.*N x H x W x 1"):
+        model.compress_batch(params, img)
+    for data in (bytes(80), bytearray(80), memoryview(bytes(80))):
+        with pytest.raises(TypeError, match="sequence of bytes objects; got one "
+                                            f"{type(data).__name__} object: use decompress"):
+            model.decompress_batch(params, data)
+    with pytest.raises(TypeError, match="expected one image .* got a list"):
+        model.compress(params, [img])
+    with pytest.raises(TypeError, match="max_pixels must be an int"):
+        model.decompress_batch(params, [bytes(80)], max_pixels="1000")
+
+
 def test_fingerprint_covers_frozen_weights_and_files_of_the_first_scheme_decode(tiny_model):
     """Files carry fingerprint scheme 2 (per-array sha256 in parallel); one frozen weight
     changed changes it; a file written with scheme 1 (before 2026-11-27, forged here by

@@ -463,6 +463,51 @@ def test_bad_image_input_errors():
     assert H.pad_to_multiple(np.zeros((4096, 4096, 1), np.uint8))[0].shape == (4096, 4096, 1)
 
 
+def test_one_image_where_a_batch_is_expected_is_refused():
+    """One HxWx3 array given to compress_batch was iterated: H files, each pixel row coded as
+    a gray image; a list given to compress was an AttributeError. Both raise TypeError saying
+    what to pass, before any model work; an NHWC array is still a batch."""
+    model, params = _tiny()
+    img = skdata.astronaut()[:64, :64]
+    for batch, what in ((img, "one HxWxC image"), (img[..., 0], "one HxW image"),
+                        (np.stack([img[..., 0]] * 2), "one HxWxC image")):  # 3-D: never N gray
+        with pytest.raises(TypeError, match=f"array; got {what} .*compress.*N x H x W x 1"):
+            H.compress_batch(model, params, batch)
+    with pytest.raises(TypeError, match="expected one image .* got a list"):
+        H.compress(model, params, [img])
+    (data,) = H.compress_batch(model, params, img[None])
+    assert H.decompress(model, params, data, max_pixels=None).shape == img.shape  # None: no limit
+    with pytest.raises(TypeError, match="max_pixels must be an int .pixels. or None"):
+        H.decompress(model, params, data, max_pixels=1e9)
+    with pytest.raises(ValueError, match="max_pixels must be at least 1"):
+        H.decompress(model, params, data, max_pixels=0)
+
+
+def test_rgba_is_composited_over_white_as_the_cli_reads_it(tmp_path):
+    """The API dropped alpha and coded the colours under transparent pixels; the CLI
+    (``read_image``) composites over white. Both now code the same pixels; the file records 4
+    channels and decodes opaque."""
+    from PIL import Image
+
+    from fasdiff_jax.data.sources import read_image
+
+    model, params = _tiny()
+    rgb = skdata.astronaut()[:64, :64]
+    rgba = np.concatenate([rgb, np.full((64, 64, 1), 255, np.uint8)], -1)
+    rgba[:, :20, 3] = 0
+    rgba[:, 20:40, 3] = 128
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    got, channels = H.to_rgb(rgba)
+    assert channels == 4 and np.array_equal(got, read_image(str(tmp_path / "a.png")))
+    assert (got[:, :20] == 255).all() and np.array_equal(got[:, 40:], rgb[:, 40:])
+    data = H.compress(model, params, rgba)
+    white = H.compress(model, params, got)
+    assert container.unpack(data).streams == container.unpack(white).streams
+    out = H.decompress(model, params, data)
+    assert container.unpack(data).channels == 4 and out.shape == (64, 64, 4)
+    assert (out[..., 3] == 255).all()
+
+
 # (a placeholder only while make_hyperprior_golden.py imports this module to write the file)
 _GF = GOLDEN / "hyperprior_tiny.fsd"
 GOLDEN_BYTES = _GF.read_bytes() if _GF.exists() else bytes(120)

@@ -37,6 +37,7 @@ length. Every failure is a :class:`BitstreamError` naming the field.
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ MAX_STREAM_BYTES = 1 << 28
 _FIXED = struct.Struct("<4sHHIIHHBBH16sHHfQH")
 FIXED_SIZE = _FIXED.size  # 58
 CRC_SIZE = 4
+_F32_MAX = 3.4028234663852886e38  # struct's 'f' overflows above (the header's eta)
 
 
 def header_bytes(n_streams: int) -> int:
@@ -102,24 +104,46 @@ def describe(data: bytes) -> dict:
     return info
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def pack(c: Container) -> bytes:
-    """Serialise; raises ValueError for values the format cannot hold."""
+    """Serialise. Raises TypeError for a field of the wrong type (a float size, a sampler
+    that is not a :class:`SamplerSpec`) and ValueError for a value the format cannot hold:
+    both before any packing, where they were struct.error, OverflowError or AttributeError."""
+    ints = {"height": c.height, "width": c.width, "pad_bottom": c.pad_bottom,
+            "pad_right": c.pad_right, "channels": c.channels, "codec_id": c.codec_id}
+    if not isinstance(c.sampler, SamplerSpec):
+        raise TypeError(f"sampler must be a SamplerSpec, got {type(c.sampler).__name__}")
+    s = c.sampler
+    ints.update({"sampler steps": s.steps, "sampler t_start": s.t_start, "sampler seed": s.seed})
+    wrong = [f"{k} {v!r} ({type(v).__name__})" for k, v in ints.items() if not _is_int(v)]
+    if wrong:
+        raise TypeError(f"container fields must be integers: {', '.join(wrong)}")
+    if not isinstance(s.eta, numbers.Real) or isinstance(s.eta, bool):
+        raise TypeError(f"sampler eta must be a real number, got {type(s.eta).__name__}")
+    if not isinstance(c.fingerprint, (bytes, bytearray)):
+        raise TypeError(f"fingerprint must be bytes, got {type(c.fingerprint).__name__}")
+    if not isinstance(c.streams, (tuple, list)) or not all(
+            isinstance(x, (bytes, bytearray)) for x in c.streams):
+        raise TypeError("streams must be a tuple of bytes objects")
     if not (1 <= c.height <= MAX_SIDE and 1 <= c.width <= MAX_SIDE):
         raise ValueError(f"image size {c.height}x{c.width} outside 1..{MAX_SIDE}")
     if not (0 <= c.pad_bottom <= MAX_PAD and 0 <= c.pad_right <= MAX_PAD):
-        raise ValueError("padding outside 0..4095")
+        raise ValueError(f"padding {c.pad_bottom},{c.pad_right} outside 0..{MAX_PAD}")
     if c.channels not in (1, 3, 4) or not 0 <= c.codec_id <= 255:
         raise ValueError(f"channels {c.channels} not in 1, 3, 4 or codec id {c.codec_id} not a byte")
     if len(c.fingerprint) != 16:
         raise ValueError("fingerprint must be 16 bytes")
     if not (1 <= len(c.streams) <= MAX_STREAMS):
         raise ValueError(f"need 1..{MAX_STREAMS} streams")
-    if any(len(s) > MAX_STREAM_BYTES for s in c.streams):
+    if any(len(x) > MAX_STREAM_BYTES for x in c.streams):
         raise ValueError("stream too long")
-    s = c.sampler
     if not (0 <= s.steps < 2**16 and 0 <= s.t_start < 2**16 and 0 <= s.seed < SEED_LIMIT
-            and math.isfinite(s.eta)):
-        raise ValueError(f"sampler spec {s} does not fit u16 steps/t_start, finite eta, u64 seed")
+            and math.isfinite(s.eta) and abs(s.eta) <= _F32_MAX):
+        raise ValueError(f"sampler spec {s} does not fit u16 steps/t_start, a finite float32 "
+                         f"eta, u64 seed")
     head = _FIXED.pack(
         MAGIC, VERSION, 0, c.height, c.width, c.pad_bottom, c.pad_right, c.channels,
         c.codec_id, 0, c.fingerprint, s.steps, s.t_start, s.eta, s.seed, len(c.streams),

@@ -74,6 +74,39 @@ def unet_skip_targets(unet: UNet2DConditionModel) -> tuple[list[tuple[int, int]]
     return out, (unet.block_out_channels[-1], 2 ** (n - 1))
 
 
+def frozen_probe_shapes(unet: UNet2DConditionModel, vae: AutoencoderKL) -> dict[str, tuple]:
+    """Shapes the config fixes for the frozen SD parts' outer convolutions (channels in and
+    out, kernel sizes), by path: enough to refuse another SD's weights by name before flax
+    does, without tracing the UNet and VAE (~1.1 s at SD-2.1's size)."""
+    b, lat = vae.block_out_channels, vae.latent_channels
+    k_in, k_out = unet.conv_in_kernel, unet.conv_out_kernel
+    want = {"vae/encoder/conv_in/kernel": (3, 3, vae.in_channels, b[0]),
+            "vae/encoder/conv_out/kernel": (3, 3, b[-1], 2 * lat),
+            "vae/decoder/conv_in/kernel": (3, 3, lat, b[-1]),
+            "vae/decoder/conv_out/kernel": (3, 3, b[0], vae.out_channels),
+            "unet/conv_in/kernel": (k_in, k_in, unet.in_channels, unet.block_out_channels[0]),
+            "unet/conv_out/kernel": (k_out, k_out, unet.block_out_channels[0], unet.out_channels)}
+    if vae.use_quant_conv:
+        want["vae/quant_conv/kernel"] = (1, 1, 2 * lat, 2 * lat)
+    if vae.use_post_quant_conv:
+        want["vae/post_quant_conv/kernel"] = (1, 1, lat, lat)
+    return want
+
+
+def _frozen_differences(want: Mapping[str, tuple], params: Params) -> list[str]:
+    """:func:`layers.shape_differences`' lines for the leaves ``want`` names."""
+    out = []
+    for path, shape in want.items():
+        node: Any = params
+        for key in path.split("/"):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is None:
+            out.append(f"missing {path}")
+        elif tuple(np.shape(node)) != shape:
+            out.append(f"{path}: {tuple(np.shape(node))} != {shape}")
+    return out
+
+
 def _as_dict(cfg: Any) -> dict:
     if cfg is None:
         return {}
@@ -327,9 +360,10 @@ class FaSDiff:
     def check_params_fit(self, params: Params) -> None:
         """Refuse params of another config by name (a part missing, trained parts of other
         shapes): they failed inside flax (ScopeParamShapeError, KeyError) after the device
-        work began. The frozen SD parts are checked for presence only (tracing their shapes
-        costs ~1.1 s at SD-2.1's size; they come from this model's own SD folder), the loss
-        networks not at all: coding does not use them."""
+        work began, or (decompress) as a misleading fingerprint mismatch. Of the frozen SD
+        parts only the outer convolutions the config fixes are checked
+        (:func:`frozen_probe_shapes`; tracing all their shapes costs ~1.1 s at SD-2.1's
+        size), the loss networks not at all: coding does not use them."""
         if not isinstance(params, Mapping):
             raise ConversionError(f"params: expected the dict init_params returns, got "
                                   f"{type(params).__name__}")
@@ -340,6 +374,7 @@ class FaSDiff:
                                   f"{', '.join(coding)})")
         want = self.trainable_shapes()
         diff = layers.shape_differences(want, {k: params[k] for k in want})
+        diff += _frozen_differences(frozen_probe_shapes(self.unet, self.vae), params)
         if diff:
             raise ConversionError(f"params do not fit this FaSDiff config: {listed(diff)}")
 
@@ -401,7 +436,8 @@ class FaSDiff:
     def compress(self, params: Params, image: np.ndarray, steps: int | None = None,
                  t_start: int | None = None, eta: float | None = None,
                  seed: int | None = None) -> bytes:
-        """uint8 image (HxW, HxWx1/3/4, any size) -> container bytes with the sampler spec."""
+        """uint8 image (HxW, HxWx1/3/4, any size) -> container bytes with the sampler spec;
+        alpha is composited over white, as the CLI reads RGBA files (:func:`H.to_rgb`)."""
         (data,) = self.compress_batch(params, [image], steps, t_start, eta, seed)
         if isinstance(data, Exception):
             raise data
@@ -414,7 +450,10 @@ class FaSDiff:
         """:meth:`compress` of several images, those of one padded size through the VAE
         encoder and the compressor's analysis in one device call; an image that cannot be
         coded gets its error in its place. A file may differ from the one written alone
-        where float rounding differs between batch sizes; it decodes all the same."""
+        where float rounding differs between batch sizes; it decodes all the same.
+        ``images``: a sequence of images or an NHWC array; one image (a 2-D or 3-D array) is
+        a TypeError (:func:`H.check_image_batch`)."""
+        H.check_image_batch(images)
         spec = self.sampler_spec(steps, t_start, eta, seed)
         prep, fp, _ = self._prepared(params)
 
@@ -455,16 +494,23 @@ class FaSDiff:
         if not 0 <= spec.seed < ct.SEED_LIMIT:  # else every file's packing fails
             raise ValueError(f"sampler seed must be in 0..2**64-1, got {spec.seed}")
 
-    def decompress(self, params: Params, data: bytes, max_pixels: int = H.MAX_PIXELS) -> np.ndarray:
-        """Container bytes -> uint8 image of the original size and channel count."""
+    def decompress(self, params: Params, data: bytes, max_pixels: int | None = H.MAX_PIXELS
+                   ) -> np.ndarray:
+        """Container bytes -> uint8 image of the original size and channel count (an RGBA
+        image decoded opaque, as its composite over white); ``max_pixels`` None: no limit."""
         return self._reconstruct(params, [self._decoded(params, data, max_pixels)])[0]
 
     def decompress_batch(self, params: Params, datas: Sequence[bytes],
-                         max_pixels: int = H.MAX_PIXELS) -> list[np.ndarray | Exception]:
+                         max_pixels: int | None = H.MAX_PIXELS) -> list[np.ndarray | Exception]:
         """:meth:`decompress` of several files, those of one latent size and sampler (steps,
         t_start, eta) in one sampler run: the device works on a batch instead of one image
         at a time. Each file draws its noise from its own seed, so it decodes as it would
-        alone. A file that cannot be decoded gets its error in its place; the others go on."""
+        alone. A file that cannot be decoded gets its error in its place; the others go on.
+        One bytes object for ``datas`` is a TypeError (iterated, it was one error per byte)."""
+        if isinstance(datas, (bytes, bytearray, memoryview, str)):
+            raise TypeError(f"datas must be a sequence of bytes objects; got one "
+                            f"{type(datas).__name__} object: use decompress()")
+        H.check_max_pixels(max_pixels)  # once, not one error per file
         self._prepared(params)  # params that do not fit: one error, not one per file
         out: list[Any] = [None] * len(datas)
         decoded: dict[int, tuple[ct.Container, np.ndarray]] = {}
@@ -483,7 +529,7 @@ class FaSDiff:
                 out[i] = image
         return out
 
-    def _decoded(self, params: Params, data: bytes, max_pixels: int
+    def _decoded(self, params: Params, data: bytes, max_pixels: int | None
                  ) -> tuple[ct.Container, np.ndarray]:
         """A file's container and latents: the host's part of decoding (header, fingerprint,
         entropy decoding with the integer h_s)."""

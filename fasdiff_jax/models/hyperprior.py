@@ -846,22 +846,33 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
 
 
 def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
-    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 -> (HxWx3, original channel count)."""
+    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 -> (HxWx3, original channel count).
+
+    HxWx4 is composited over white by the rule the CLI reads RGBA files with
+    (:func:`fasdiff_jax.data.align.to_rgb`): dropping alpha coded the colours hidden under
+    transparent pixels, so the API and the CLI made different files of one picture."""
+    if isinstance(image, (list, tuple)):  # np.asarray made it one more axis, then a raw error
+        raise TypeError(f"expected one image (a uint8 numpy array), got a {type(image).__name__}"
+                        f": pass the array itself, or several to compress_batch()")
     img = np.asarray(image)
     if img.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {img.dtype}")
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+        raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4, got shape {np.shape(image)}")
     h, w = img.shape[:2]
     if not (1 <= h <= _ct.MAX_SIDE and 1 <= w <= _ct.MAX_SIDE):  # before any device work
         raise ValueError(f"image size {h}x{w} outside 1..{_ct.MAX_SIDE} pixels a side")
     c = img.shape[-1]
     if c == 1:
         img = np.repeat(img, 3, axis=-1)
-    elif c == 4:
-        img = img[..., :3]  # alpha is not coded; decoded as opaque
+    elif c == 4:  # the file still records 4 channels: decoded as HxWx4, opaque
+        from PIL import Image
+
+        from fasdiff_jax.data.align import to_rgb as composite_over_white  # PIL: only for RGBA
+
+        img = np.asarray(composite_over_white(Image.fromarray(np.ascontiguousarray(img))))
     return img, c
 
 
@@ -909,13 +920,28 @@ def pow2_padded(items: list) -> list:
 BATCH_PIXELS = 1 << 22
 
 
+def check_image_batch(images: Any) -> None:
+    """Refuse one image where a batch is expected (TypeError): iterating it made each pixel
+    row an image of its own (H files of one HxWx3 picture). An array batch must be NHWC, so
+    a 3-D array is always read as one HxWxC image, never as N gray HxW images."""
+    ndim = getattr(images, "ndim", None)
+    if ndim is None or ndim == 4:
+        return
+    what = {2: "one HxW image", 3: "one HxWxC image"}.get(ndim, f"a {ndim}-D array")
+    raise TypeError(f"images must be a sequence of images or an NHWC array; got {what} "
+                    f"(shape {tuple(np.shape(images))}): use compress() for one image; pass N "
+                    f"gray HxW images as an N x H x W x 1 array (images[..., None]) or a list")
+
+
 def analyse_images(images: Sequence[np.ndarray], analyse: Callable, multiple: int = MULTIPLE,
                    to_input: Callable = lambda u8: u8.astype(np.float32) / 255.0) -> list:
     """The device's part of compressing: per image ``(y, z, (h, w), channels, pad_bottom,
     pad_right)`` (y, z float64 HWC) or, in its place, the error that image raised (TypeError,
     ValueError: bad dtype, shape or size). Images of one padded size go through
     ``analyse(x) -> (y, z)`` together, ``x`` a power-of-two batch (:func:`pow2_padded`) of at
-    most :data:`BATCH_PIXELS` pixels (any single image alone)."""
+    most :data:`BATCH_PIXELS` pixels (any single image alone). ``images``: a sequence of
+    images or an NHWC array (:func:`check_image_batch`)."""
+    check_image_batch(images)
     prepared: list = []
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
@@ -971,14 +997,18 @@ def compress_batch(model: MeanScaleHyperprior, params: dict, images: Sequence[np
     """:func:`compress` of several images, those of one padded size in one device call; an
     image that cannot be coded gets its error in its place, the others go on. A file may
     differ from the one :func:`compress` writes alone where float rounding of the transforms
-    differs between batch sizes; it decodes all the same (the decoder needs only the file)."""
+    differs between batch sizes; it decodes all the same (the decoder needs only the file).
+    ``images``: a sequence of images or an NHWC array; one image (a 2-D or 3-D array) is a
+    TypeError (:func:`check_image_batch`)."""
+    check_image_batch(images)  # before prepare's work
     prep = prepare(model, params)
     analysed = analyse_images(images, lambda x: _encode_device(model, params, x))
     return files_of(prep.coder, analysed, CODEC_ID, prep.fingerprint)
 
 
 def compress(model: MeanScaleHyperprior, params: dict, image: np.ndarray) -> bytes:
-    """uint8 image (HxW, HxWx1/3/4) -> container bytes."""
+    """uint8 image (HxW, HxWx1/3/4) -> container bytes. Alpha is composited over white, as
+    the CLI reads RGBA files (:func:`to_rgb`); the file records the channel count."""
     (data,) = compress_batch(model, params, [image])
     if isinstance(data, Exception):
         raise data
@@ -986,34 +1016,50 @@ def compress(model: MeanScaleHyperprior, params: dict, image: np.ndarray) -> byt
 
 
 def decode_file_latents(
-    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = MAX_PIXELS, *,
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int | None = MAX_PIXELS, *,
     codec_id: int = CODEC_ID, fingerprint: bytes | None = None,
 ) -> tuple[_ct.Container, np.ndarray]:
     """Parse and validate a file and decode its symbols: -> (container, y_hat (h, w, M)).
 
     All host-side, no device work; every malformed file is a :class:`BitstreamError`.
-    ``max_pixels`` bounds the (padded) image a file may ask the decoder to synthesise.
+    ``max_pixels`` bounds the (padded) image a file may ask the decoder to synthesise; None
+    lifts the bound (only for trusted files: a header may ask for 65535x65535 pixels).
     Codecs built on this entropy model (FaSDiff) pass their own ``codec_id`` and a
     ``fingerprint`` that also covers their other weights; ``model.multiple`` (default 64)
     is the padding multiple.
     """
+    check_max_pixels(max_pixels)
     prep = prepare(model, params)
     c = _ct.unpack(data, fingerprint or prep.fingerprint, codec_id)
     m = getattr(model, "multiple", MULTIPLE)
     hp, wp = c.height + c.pad_bottom, c.width + c.pad_right
     if hp % m or wp % m or c.pad_bottom >= m or c.pad_right >= m:
         raise BitstreamError(f"padded size {hp}x{wp} is not the minimal multiple of {m}")
-    if hp * wp > max_pixels:
+    if max_pixels is not None and hp * wp > max_pixels:
         raise BitstreamError(f"image of {hp}x{wp} pixels exceeds the limit of {max_pixels}")
     if len(c.streams) != 1:
         raise BitstreamError(f"expected 1 stream, the file has {len(c.streams)}")
     return c, decode_latents(prep.coder, c.streams[0], (hp // m, wp // m, model.N))
 
 
+def check_max_pixels(max_pixels: Any) -> None:
+    """Refuse a ``max_pixels`` that is neither a positive int nor None (no limit): None was a
+    raw TypeError from the comparison; a float or a bool would bound the image silently."""
+    if max_pixels is None:
+        return
+    if not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, (bool, np.bool_)):
+        raise TypeError(f"max_pixels must be an int (pixels) or None (no limit), got "
+                        f"{type(max_pixels).__name__} {max_pixels!r}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+
+
 def decompress(
-    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int = MAX_PIXELS
+    model: MeanScaleHyperprior, params: dict, data: bytes, max_pixels: int | None = MAX_PIXELS
 ) -> np.ndarray:
-    """Container bytes -> uint8 HxWxC image (C as given to :func:`compress`; alpha = 255)."""
+    """Container bytes -> uint8 HxWxC image (C as given to :func:`compress`; alpha = 255, an
+    RGBA image decoded as its composite over white). ``max_pixels``: as in
+    :func:`decode_file_latents` (None: no limit)."""
     c, y_hat = decode_file_latents(model, params, data, max_pixels)
     x_hat = _decode_device(model, params, jnp.asarray(y_hat[None], jnp.float32))
     return to_uint8(np.asarray(x_hat[0]), c)
