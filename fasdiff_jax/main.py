@@ -45,11 +45,14 @@ def quiet_orbax_info() -> None:
     """Keep Orbax's INFO lines (about 45 per checkpoint save: threads, renames, throughput)
     out of the run's log, where they buried the loss lines; its warnings and errors stay,
     and ``--verbosity=1`` shows everything."""
-    if logging.get_verbosity() >= 1:
+    handler = logging.get_absl_handler()
+    if logging.get_verbosity() >= 1 or _orbax_info_filter in handler.filters:
         return
-    orbax_dir = f"{os.sep}orbax{os.sep}"
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= std_logging.WARNING or orbax_dir not in r.pathname)
+    handler.addFilter(_orbax_info_filter)
+
+
+def _orbax_info_filter(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def main(argv: list[str]) -> None:
