@@ -308,7 +308,8 @@ def test_params_of_another_config_are_refused_by_name(tiny_model):
     data = model.compress(params, img)
     no_vae = {k: v for k, v in params.items() if k != "vae"}
     with pytest.raises(ConversionError, match=re.escape(
-            "params lack vae (FaSDiff codes with compressor, hlfe, controlnet, unet, vae)")):
+            "params lack vae (FaSDiff codes with compressor, hlfe, controlnet, unet, vae, "
+            "null_text)")):
         model.compress(no_vae, img)
     flat = flatten_dict(params["controlnet"])
     name = sorted(flat)[0]
@@ -350,6 +351,13 @@ def test_frozen_sd_parts_of_other_shapes_are_refused_by_name(tiny_model):
     no_quant = {**params, "vae": {k: v for k, v in params["vae"].items() if k != "quant_conv"}}
     with pytest.raises(ConversionError, match="config: missing vae/quant_conv/kernel$"):
         model.compress(no_quant, img)
+    other_text = {**params, "null_text": params["null_text"][..., :3]}  # another text encoder
+    with pytest.raises(ConversionError, match=re.escape(
+            f"null_text: (1, {params['null_text'].shape[1]}, 3) != (1, L, "
+            f"{model.unet.cross_attention_dim})")):
+        model.decompress(other_text, data)
+    with pytest.raises(ConversionError, match="params lack null_text"):
+        model.compress({k: v for k, v in params.items() if k != "null_text"}, img)
 
 
 def test_one_image_or_file_where_a_batch_is_expected_is_refused(tiny_model):

@@ -367,7 +367,7 @@ class FaSDiff:
         if not isinstance(params, Mapping):
             raise ConversionError(f"params: expected the dict init_params returns, got "
                                   f"{type(params).__name__}")
-        coding = (*TRAINABLE, "unet", "vae")
+        coding = (*TRAINABLE, "unet", "vae", "null_text")
         absent = [k for k in coding if k not in params]
         if absent:
             raise ConversionError(f"params lack {', '.join(absent)} (FaSDiff codes with "
@@ -375,6 +375,9 @@ class FaSDiff:
         want = self.trainable_shapes()
         diff = layers.shape_differences(want, {k: params[k] for k in want})
         diff += _frozen_differences(frozen_probe_shapes(self.unet, self.vae), params)
+        null, width = tuple(np.shape(params["null_text"])), self.unet.cross_attention_dim
+        if len(null) != 3 or null[0] != 1 or null[2] != width:  # any prompt length L
+            diff.append(f"null_text: {null} != (1, L, {width})")
         if diff:
             raise ConversionError(f"params do not fit this FaSDiff config: {listed(diff)}")
 
