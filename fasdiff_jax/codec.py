@@ -63,6 +63,7 @@ import importlib.util
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,9 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     def read_still(src: str, dst: str) -> np.ndarray:
         from fasdiff_jax.models import hyperprior as H  # loaded with the model
 
-        # gray files come back gray; one too large to code is refused before it is decoded
-        image = read_image(src, keep_gray=True, max_pixels=H.MAX_PIXELS)
-        frames = frame_count(src)
+        # gray files come back gray; one too large to code is refused before it is decoded.
+        # Pillow's warnings on a damaged file ("Corrupt EXIF data") named its plugin's source
+        # line, not the file: said here as the file's warnings, once each
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = read_image(src, keep_gray=True, max_pixels=H.MAX_PIXELS)
+            frames = frame_count(src)
+        for text in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+            print(f"warning: {src}: {text}", file=sys.stderr)
         if frames > 1:
             notes[dst] = f" (the first of {src}'s {frames} frames: the codec codes still images)"
         return image
