@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch_size must be >= 1")
     compile_cache.enable(args.compile_cache)
 
-    from fasdiff_jax.data.sources import frame_count, read_image
+    from fasdiff_jax.data.sources import frame_count, read_image, warning_lines
 
     notes: dict[str, str] = {}  # output path -> what its line should add
 
@@ -507,14 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         from fasdiff_jax.models import hyperprior as H  # loaded with the model
 
         # gray files come back gray; one too large to code is refused before it is decoded.
-        # Pillow's warnings on a damaged file ("Corrupt EXIF data") named its plugin's source
-        # line, not the file: said here as the file's warnings, once each
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:  # said as the file's
             warnings.simplefilter("always")
             image = read_image(src, keep_gray=True, max_pixels=H.MAX_PIXELS)
             frames = frame_count(src)
-        for text in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
-            print(f"warning: {src}: {text}", file=sys.stderr)
+        for line in warning_lines(caught, src):
+            print(line, file=sys.stderr)
         if frames > 1:
             notes[dst] = f" (the first of {src}'s {frames} frames: the codec codes still images)"
         return image

@@ -56,6 +56,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -66,6 +67,7 @@ from fasdiff_jax import compile_cache
 from fasdiff_jax.codec import LoadedCodec
 from fasdiff_jax.errors import (DataError, FasdiffError, OutOfMemoryError, is_out_of_memory,
                                 listed)
+from fasdiff_jax.data.sources import warning_lines
 from fasdiff_jax.files import check_writable, file_sha256, remove_stale_temps, write_atomically
 from fasdiff_jax.models import identity as identity_lib
 from fasdiff_jax.models.hyperprior import to_rgb
@@ -695,11 +697,15 @@ def images_from_source(source: Sequence[Mapping], limit: int | None = None
     n = len(source) if limit is None else min(limit, len(source))
     seen: set[str] = set()
     for i in range(n):
-        rec = source[i]
+        with warnings.catch_warnings(record=True) as caught:  # Pillow's, said as the image's
+            warnings.simplefilter("always")
+            rec = source[i]
         name = str(rec.get("key", i))
         if name in seen:
             name = f"{name}#{i}"
         seen.add(name)
+        for line in warning_lines(caught, name):
+            print(line, file=sys.stderr)
         yield name, np.asarray(rec["image"])
 
 

@@ -360,6 +360,24 @@ def test_images_from_source_names_repeated_keys_by_index():
     assert [n for n, _ in evaluate.images_from_source(source, limit=2)] == ["a.png", "b.png"]
 
 
+def test_pillows_warnings_on_a_source_image_name_the_image(capsys):
+    """They named Pillow's source line ("TiffImagePlugin.py:949: UserWarning: Corrupt EXIF
+    data"), not the image; now one line per distinct warning with the image's name."""
+    import warnings
+
+    class Warns(list):
+        def __getitem__(self, i):
+            if i == 1:
+                for _ in range(2):
+                    warnings.warn("Corrupt EXIF data.\n  Expecting 12 bytes", UserWarning)
+            return super().__getitem__(i)
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    source = Warns([{"key": "a.png", "image": img}, {"key": "b.tif", "image": img}])
+    assert [n for n, _ in evaluate.images_from_source(source)] == ["a.png", "b.tif"]
+    assert capsys.readouterr().err == "warning: b.tif: Corrupt EXIF data. Expecting 12 bytes\n"
+
+
 # --------------------------------------------------------------------------------------------
 # The commands' handling of bad input: one "error:" line naming the file, exit status 2
 # --------------------------------------------------------------------------------------------

@@ -277,6 +277,13 @@ def read_image(path: str, keep_gray: bool = False, max_pixels: int | None = None
         raise type(e)(f"cannot decode image {path}: {e}") from e
 
 
+def warning_lines(caught: Sequence[warnings.WarningMessage], name: str) -> list[str]:
+    """``warning: NAME: text`` once per distinct warning caught while reading ``name``:
+    Pillow's own ("Corrupt EXIF data") name its plugin's source line, not the file."""
+    texts = dict.fromkeys(" ".join(str(w.message).split()) for w in caught)
+    return [f"warning: {name}: {text}" for text in texts]
+
+
 def frame_count(path: str) -> int:
     """How many frames the image file holds (animated GIF/WebP/PNG, multi-page TIFF); 1 for
     a still image or a file whose frames Pillow cannot count. The decoders read the first
