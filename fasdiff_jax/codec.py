@@ -423,8 +423,9 @@ def _info(paths: list[str]) -> int:
 def check_outputs_writable(jobs: Sequence[tuple[str, str]]) -> None:
     """Refuse outputs that cannot be written (read-only place, a file where a folder should
     be, a name ending in a separator) before the model loads: the first write comes only
-    after a file is coded (FaSDiff: a whole sampler run). One check per output folder;
-    missing folders are made, temporary files a killed run left for these outputs removed."""
+    after a file is coded (FaSDiff: a whole sampler run). One check per output folder
+    (a missing one is probed, then made by the first write); temporary files a killed run
+    left for these outputs removed."""
     folders: dict[str, set[str]] = {}
     for _, dst in jobs:
         if dst.endswith(os.sep) or (os.altsep is not None and dst.endswith(os.altsep)):
@@ -586,8 +587,6 @@ def main(argv: list[str] | None = None) -> int:
                     read_ok.append((src, dst))
                 except (FasdiffError, OSError, ValueError) as e:
                     report(src, e)
-                except Exception as e:  # noqa: BLE001 - one file's fault: the others still run
-                    report(src, FasdiffError(f"cannot read it: {type(e).__name__}: {e}"))
             for (src, dst), result in zip(read_ok, code_or_split(inputs) if inputs else []):
                 if isinstance(result, Exception):
                     report(src, result)

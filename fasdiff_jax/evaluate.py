@@ -768,9 +768,19 @@ def metric_weights(lpips_vgg: bool = False) -> dict[str, str]:
     return out
 
 
+# Settings a run records that files written before them lack: such a file resumes (its rows
+# were made the same way); where both have one, a difference is refused as any other.
+ADDED_SETTINGS = ("image_size", "lpips_weights_sha256", "lpips_vgg_weights_sha256",
+                  "identity_weights_sha256", "landmarks_weights_sha256")
+# Recorded, not compared: a package upgraded between an interruption and the rerun is said
+# in a warning (the file then records the rerun's versions).
+RECORDED_SETTINGS = ("versions",)
+
+
 def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
     """Rows by image name of an earlier run of the same settings written to ``path`` (none if
-    there is no such file); a file of other settings, or not ours, is refused."""
+    there is no such file); a file of other settings, or not ours, is refused
+    (:data:`ADDED_SETTINGS` and :data:`RECORDED_SETTINGS` aside)."""
     if not os.path.exists(path):
         return {}
     try:
@@ -784,9 +794,16 @@ def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
         raise FasdiffError(f"{path} exists and is not an evaluate JSON ({e}); remove it or "
                            f"choose another --out") from e
     settings = json.loads(json.dumps(settings))  # as the file holds it (tuples -> lists)
-    if old_settings != settings:
-        diff = sorted(k for k in set(old_settings) | set(settings)
-                      if old_settings.get(k) != settings.get(k))
+    diff = sorted(k for k in set(old_settings) | set(settings)
+                  if old_settings.get(k) != settings.get(k) and k not in RECORDED_SETTINGS
+                  and not (k in ADDED_SETTINGS and k not in old_settings))
+    old_versions, versions_now = old_settings.get("versions") or {}, settings.get("versions") or {}
+    changed = [f"{k} {old_versions[k]} -> {v}" for k, v in versions_now.items()
+               if k in old_versions and old_versions[k] != v]
+    if changed and not diff:
+        print(f"warning: {path}: its rows were made with other package versions "
+              f"({', '.join(changed)}); the rerun goes on with these", file=sys.stderr)
+    if diff:
         raise FasdiffError(f"{path} holds a run with other settings ({', '.join(diff)} differ); "
                            f"remove it or choose another --out")
     return rows

@@ -52,13 +52,14 @@ def quiet_orbax_info() -> None:
 
 
 def _orbax_info_filter(record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    from fasdiff_jax.train import is_orbax_record
+
+    return record.levelno >= std_logging.WARNING or not is_orbax_record(record)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_orbax_info()
     import jax
 
     if FLAGS.jax_distributed:
@@ -72,6 +73,7 @@ def main(argv: list[str]) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     from fasdiff_jax import train
 
+    quiet_orbax_info()
     logging.info("compilation cache: %s", compile_cache.enable(FLAGS.compile_cache))
     from fasdiff_jax.errors import FasdiffError, is_out_of_memory
 

@@ -888,20 +888,40 @@ def _tree_bytes(tree: Any) -> int:
 CHECKPOINT_MARGIN_BYTES = 1 << 20
 
 
-def check_checkpoint_space(workdir: str, at: int, need: int) -> None:
-    """Refuse a save that cannot fit before Orbax starts it. A save that runs out of space
-    midway fails in Orbax's writer threads, which logged ~3,400 lines of tracebacks (one
-    per TensorStore write left on a closed event loop) around the one error line. The
-    arrays' own bytes are the bound: zstd shrinks trained weights little. Local workdirs
-    only (a bucket says nothing of its space); with several processes, process 0's figure
-    decides for all, so all stop together."""
+def finish_save_and_check_space(mngr: ocp.CheckpointManager, workdir: str,
+                                previous: int | None, at: int, need: int) -> None:
+    """Wait for the background save of checkpoint ``previous`` (its failure is named as
+    its own), then refuse checkpoint ``at`` where it cannot fit, before Orbax starts it: a
+    save that ran out of space midway failed in Orbax's threads with 3,449 lines of
+    tracebacks. The arrays' own bytes are the bound (zstd shrinks trained weights little;
+    Orbax deletes old checkpoints only after the new one is complete). A bucket says nothing
+    of its space. With several processes all hear of any process's failed write and the
+    fullest file system decides, so all stop together: one process leaving alone would
+    leave the others waiting in the next collective."""
+    failure: Exception | None = None
+    try:
+        with writing(f"{workdir}: " + (f"checkpoint {previous}" if previous is not None
+                                       else "a checkpoint")):
+            mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - raised below, once the other processes know
+        failure = e
     free = free_bytes(os.path.join(workdir, "checkpoints"))
-    if jax.process_count() > 1 and "://" not in workdir:
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        mib = float(multihost_utils.broadcast_one_to_all(
-            np.float32(-1 if free is None else free / 2**20)))
-        free = None if mib < 0 else int(mib * 2**20)
+        mine = np.array([-1.0 if free is None else free / 2**20, failure is not None],
+                        np.float32)
+        every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+        failed = [str(i) for i in np.flatnonzero(every[:, 1])]
+        if failure is None and failed:
+            who = listed(failed, ", ")
+            raise WriteError(f"{workdir}: checkpoint {previous}: process {who} could "
+                             f"not write its part (its own error says why); what was complete "
+                             f"before is kept: free space or fix the folder and rerun")
+        known = every[:, 0][every[:, 0] >= 0]
+        free = int(float(known.min()) * 2**20) if known.size else None
+    if failure is not None:
+        raise failure
     need += CHECKPOINT_MARGIN_BYTES
     if free is not None and free < need:
         raise WriteError(
@@ -1267,10 +1287,19 @@ def _is_orbax_unretrieved_task(record: Any) -> bool:
     return False
 
 
+# Where Orbax's modules live: their log records come from files under it.
+ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__))) + os.sep
+
+
+def is_orbax_record(record: std_logging.LogRecord) -> bool:
+    """A log record of Orbax's own (not one of a checkout that has "orbax" in its path)."""
+    return record.pathname.startswith(ORBAX_DIR)
+
+
 def _is_orbax_write_failure_log(record: Any) -> bool:
     """Orbax's own ERROR record (with its traceback) of a failed checkpoint write: the save
     in the main thread raises the same error, which :func:`writing` reports in one line."""
-    if record.levelno < std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+    if record.levelno < std_logging.ERROR or not is_orbax_record(record):
         return False
     exc = record.exc_info[1] if record.exc_info else None
     return exc is not None and write_failure(exc) is not None
@@ -1392,22 +1421,24 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     opt_state = set_hyperparams(opt_state, tc, mesh)
     save_run_config(config, workdir)
 
+    saved: list[int] = []  # this run's saves: the last may still be written in the background
+
     def save(at: int, eval_metrics: Mapping[str, float] | None = None) -> None:
         train_params = model.split(params)[0]
         _check_params_finite(train_params, at)
         sums = {"params": _named_sums(train_params), "opt_state": _named_sums(opt_state)}
         if ema_params(opt_state) is not None:  # also in opt_state; alone for the codec's read
             sums["ema_params"] = _named_sums(ema_params(opt_state))
+        finish_save_and_check_space(mngr, workdir, saved[-1] if saved else None, at,
+                                    _tree_bytes({"params": train_params, "opt_state": opt_state}))
         with writing(f"{workdir}: checkpoint {at}"):
-            mngr.wait_until_finished()  # the last save's bytes are on disk (or its error here)
-            check_checkpoint_space(
-                workdir, at, _tree_bytes({"params": train_params, "opt_state": opt_state}))
             mngr.save(at, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": train_params, "opt_state": opt_state}),
                 data=grain.checkpoint.CheckpointSave(it.grain_iterator),
                 meta=ocp.args.JsonSave({"step": at, "frozen": fingerprint,
                                         "data_order": it.order, "sums": sums})),
                 metrics=dict(eval_metrics) if eval_metrics else None)
+        saved.append(at)
         logging.info("checkpoint %d: saving to %s/checkpoints/%d (in the background)", at,
                      workdir, at)
 

@@ -4,6 +4,7 @@ evaluate commands coding with the trained checkpoint from its workdir alone."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -442,6 +443,41 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_orbax_writes_it(
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1"]
     monkeypatch.setattr(train, "free_bytes", lambda path: None)  # a bucket: no figure
     assert train.train_and_evaluate(cfg, str(work))["step"] == 2
+
+
+def test_processes_learn_of_each_others_failed_saves_and_the_fullest_disk_decides(
+        monkeypatch):
+    """Process 0's free space decided for all (another host's full local disk passed), and a
+    process whose background write failed left alone while the others waited in the next
+    collective. Now every process gathers (free MiB, failed) and all stop together."""
+    from jax.experimental import multihost_utils
+
+    class Manager:
+        def __init__(self, error=None):
+            self.error = error
+
+        def wait_until_finished(self):
+            if self.error:
+                raise self.error
+
+    others = {}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, others["row"]]))
+    monkeypatch.setattr(train, "free_bytes", lambda path: 100 << 20)
+    check = functools.partial(train.finish_save_and_check_space, workdir="W", previous=4, at=5)
+    others["row"] = np.float32([1.0, 0])  # the other host: 1 MiB free
+    with pytest.raises(train.WriteError, match=r"checkpoint 5 needs about 3\.0 MiB and its "
+                                               r"file system has 1\.0 MiB free"):
+        check(Manager(), need=2 << 20)
+    others["row"] = np.float32([-1.0, 1])  # its write of checkpoint 4 failed
+    with pytest.raises(train.WriteError, match=r"W: checkpoint 4: process 1 could not write"):
+        check(Manager(), need=1)
+    full = OSError(28, "No space left on device")  # ours failed: our own error, after the gather
+    with pytest.raises(train.WriteError, match=r"W: checkpoint 4: cannot write \(No space"):
+        check(Manager(full), need=1)
+    others["row"] = np.float32([200.0, 0])
+    check(Manager(), need=1)  # both have room
 
 
 @pytest.mark.xdist_group("baseline_training")

@@ -370,14 +370,15 @@ def test_images_that_cannot_be_read_are_one_line_each_and_the_batch_goes_on(
     """Pillow's TypeError/IndexError on a damaged file (a later frame counted, or a decode)
     stopped the run with a traceback, the batch's good files unwritten; an image over the
     decoders' limit was decoded whole (gigabytes for a 13300x13300 PNG) before being
-    refused. Whatever reading one file raises is that file's one error line."""
+    refused. Whatever Pillow raises reading one file is that file's one error line; its
+    warnings name the file."""
     from PIL import Image
 
     from fasdiff_jax.data import sources
     from fasdiff_jax.models import hyperprior as H
     from test_data_sources import _damaged_multi_frame, _tiff_with_rational_strip_offsets
 
-    src, out = _images(tmp_path / "in", ("a", "odd")), tmp_path / "fsd"
+    src, out = _images(tmp_path / "in", ("a",)), tmp_path / "fsd"
     _damaged_multi_frame(src)  # pages.tif, anim.gif: their first frames are coded
     _tiff_with_rational_strip_offsets(src / "bad.tif")
     Image.new("RGB", (20, 20)).save(src / "big.png")
@@ -385,8 +386,6 @@ def test_images_that_cannot_be_read_are_one_line_each_and_the_batch_goes_on(
     read_image = sources.read_image
 
     def read_odd(path, *args, **kwargs):
-        if path.endswith("odd.png"):
-            raise RuntimeError("a reader's bug")
         if path.endswith("a.png"):  # as Pillow warns of a damaged EXIF block, twice
             for _ in range(2):
                 warnings.warn("Corrupt EXIF data.  Expecting to read 12 bytes", UserWarning)
@@ -400,7 +399,6 @@ def test_images_that_cannot_be_read_are_one_line_each_and_the_batch_goes_on(
         f"error: cannot decode image {src / 'bad.tif'}: corrupt image: TypeError: "
         f"'IFDRational' object cannot be interpreted as an integer",
         f"error: cannot decode image {src / 'big.png'}: image of 20x20 pixels exceeds the "
-        f"decoders' limit of 256 pixels; code it in tiles",
-        f"error: {src / 'odd.png'}: cannot read it: RuntimeError: a reader's bug"]
-    assert "compressed 3 of 6 files, 3 failed" in captured.out
+        f"decoders' limit of 256 pixels; code it in tiles"]
+    assert "compressed 3 of 5 files, 2 failed" in captured.out
     assert sorted(os.listdir(out)) == ["a.fsd", "anim.fsd", "pages.fsd"]

@@ -212,7 +212,7 @@ def test_batched_coding_gives_the_same_rows_in_order(faces):
                           batch_size=4)
 
 
-def test_resume_rows_takes_only_a_run_of_the_same_settings(tmp_path):
+def test_resume_rows_takes_only_a_run_of_the_same_settings(tmp_path, capsys):
     from fasdiff_jax.errors import FasdiffError
 
     path = tmp_path / "r.json"
@@ -223,6 +223,19 @@ def test_resume_rows_takes_only_a_run_of_the_same_settings(tmp_path):
     assert evaluate.resume_rows(str(path), settings) == {"a": {"image": "a", "bpp": 1.0}}
     with pytest.raises(FasdiffError, match=r"other settings \(sampler differ\)"):
         evaluate.resume_rows(str(path), {**settings, "sampler": {"steps": 3, "eta": 0.0}})
+    # a file written before image_size, weights' sha256 and versions were recorded resumes;
+    # where both have them they count (versions: a warning only)
+    now = {**settings, "image_size": None, "identity_weights_sha256": "ab",
+           "versions": {"jax": "0.10.2"}}
+    assert evaluate.resume_rows(str(path), now) == {"a": {"image": "a", "bpp": 1.0}}
+    path.write_text(json.dumps({"name": "x", "images": [], "settings": now, "complete": False}))
+    with pytest.raises(FasdiffError, match=r"other settings \(identity_weights_sha256 differ"):
+        evaluate.resume_rows(str(path), {**now, "identity_weights_sha256": "cd"})
+    capsys.readouterr()
+    assert evaluate.resume_rows(str(path), {**now, "versions": {"jax": "0.11.0"}}) == {}
+    assert capsys.readouterr().err == (f"warning: {path}: its rows were made with other "
+                                       f"package versions (jax 0.10.2 -> 0.11.0); the rerun "
+                                       f"goes on with these\n")
     path.write_text("{not json")
     with pytest.raises(FasdiffError, match="not an evaluate JSON"):
         evaluate.resume_rows(str(path), settings)

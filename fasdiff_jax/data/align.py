@@ -229,12 +229,14 @@ def is_gray_mode(mode: str) -> bool:
 
 
 def _wide_gray_to_l(img: Image.Image) -> Image.Image:
-    """A 16/32-bit integer or float one-channel image as 8-bit "L", by the mode's fixed range
-    (integers 0..65535 / 257, floats 0..1 * 255), never by the image's own min..max: a
-    stretch turns a flat grey black and a dim photo bright.
+    """A 16/32-bit integer or float one-channel image as 8-bit "L", by a fixed range
+    (integers as 16-bit: 0..65535 / 257; floats 0..1 * 255), never by the image's own
+    min..max: a stretch turns a flat grey black and a dim photo bright.
 
     Values outside that range have no 8-bit meaning we could guess: DataError with the range
-    found (the caller adds the file's name)."""
+    found (the caller adds the file's name). So has a 32-bit integer image ("I": also how
+    Pillow opens a 16-bit PGM) whose values all lie in 1..255: 8-bit values in a wider file,
+    or a nearly black 16-bit image? Mapped as 16-bit it came out black without a word."""
     arr = np.asarray(img, dtype=np.float64)
     is_float = img.mode == "F"
     if arr.size and not np.isfinite(arr).all():
@@ -247,6 +249,10 @@ def _wide_gray_to_l(img: Image.Image) -> Image.Image:
     if lo < -slack or hi > top + slack:
         raise DataError(f"mode {img.mode} pixel values span {found}, outside the 0..{top:g} "
                         f"this reader maps to 0..255; save the image as 8- or 16-bit")
+    if img.mode == "I" and 0 < hi <= 255:
+        raise DataError(f"mode I (32-bit integer) pixel values span {found}: 8-bit values in "
+                        f"a 32-bit file, or a nearly black 16-bit image? Save it as 8- or "
+                        f"16-bit")
     return Image.fromarray(np.uint8(np.clip(np.rint(arr * scale), 0, 255)), "L")
 
 
