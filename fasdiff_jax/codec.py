@@ -109,6 +109,9 @@ def load_config(path: str) -> Any:
 
 
 SAMPLER_FLAGS = (("steps", int), ("t_start", int), ("eta", float), ("seed", int))
+SAMPLER_HELP = {"steps": "DDIM steps, 1..1000", "t_start": "the timestep it starts from, 0 = "
+                "from pure noise", "eta": "DDIM's eta in [0, 1] (0: deterministic)",
+                "seed": "the noise's seed, 0..2**64-1"}
 FASDIFF_FLAGS = ("sd_checkpoint", *(name for name, _ in SAMPLER_FLAGS))
 MODEL_FLAGS = ("config", "workdir", "model_dir", "step", "weights", *FASDIFF_FLAGS)
 
@@ -149,7 +152,10 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                     help="where the run's converted SD weights are on this machine (default: "
                          "the config's model.sd_checkpoint); checked by content")
     for name, kind in SAMPLER_FLAGS:
-        ap.add_argument(f"--{name}", type=kind, default=None, help="FaSDiff sampler spec override")
+        ap.add_argument(f"--{name}", type=kind, default=None,
+                        help=f"FaSDiff's sampler: {SAMPLER_HELP[name]} (default: the config's "
+                             f"model.sampler.{name}); compress writes it into each file, "
+                             f"decompress reads it from there")
 
 
 @dataclass(frozen=True)
@@ -474,7 +480,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fasdiff_jax.codec",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("compress", "decompress", "info", "export"))
     ap.add_argument("paths", nargs="+", metavar="path",
                     help="INPUT OUTPUT, or with --out_dir: inputs (files or folders)")
@@ -541,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
             print("nothing to do: every output exists")
             return 0
         if args.command == "decompress":  # before loading a model
+            sampler = given_flags(args, [name for name, _ in SAMPLER_FLAGS])
+            if sampler:  # they were ignored without a word
+                raise FasdiffError(f"{sampler}: decompress decodes with the sampler each file "
+                                   f"was compressed with (its header); these set compress's")
             for _, dst in jobs:
                 _image_format(dst)
         check_outputs_writable(jobs)

@@ -592,7 +592,8 @@ def export_hyperprior(workdir: str, out: str) -> tuple[dict[str, Any], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fasdiff_jax.convert",
+                                     description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--diffusers_dir",
                      help="a diffusers pipeline folder, or one model folder with config.json")

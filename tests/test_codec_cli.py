@@ -365,6 +365,19 @@ def test_ctrl_c_says_what_is_written_and_the_rerun_goes_on(tmp_path, capsys, mon
     assert capsys.readouterr().err == "interrupted before any file was coded\n"
 
 
+def test_sampler_flags_given_to_decompress_are_refused(tmp_path, capsys, loads):
+    """decompress decodes with the spec in each file's header: --steps and the like were
+    ignored without a word."""
+    (tmp_path / "a.fsd").write_bytes(b"x")
+    argv = ["decompress", str(tmp_path / "a.fsd"), str(tmp_path / "a.png"), "--workdir=w",
+            "--steps=4", "--seed=1"]
+    assert codec.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --steps --seed: decompress decodes with the sampler each file was compressed "
+        "with (its header); these set compress's\n")
+    assert loads == []
+
+
 def test_images_that_cannot_be_read_are_one_line_each_and_the_batch_goes_on(
         tmp_path, capsys, monkeypatch, loads):
     """Pillow's TypeError/IndexError on a damaged file (a later frame counted, or a decode)

@@ -334,7 +334,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fasdiff_jax.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="image folder (recursive) or tfds:NAME[:SPLIT]")
     p.add_argument("--output", required=True)
