@@ -549,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "decompress":  # before loading a model
             sampler = given_flags(args, [name for name, _ in SAMPLER_FLAGS])
-            if sampler:  # they were ignored without a word
-                raise FasdiffError(f"{sampler}: decompress decodes with the sampler each file "
-                                   f"was compressed with (its header); these set compress's")
+            if sampler:  # ignored without a word before (a script may pass both the same flags)
+                print(f"warning: {sampler}: decompress decodes with the sampler each file was "
+                      f"compressed with (its header); these set compress's and are ignored here",
+                      file=sys.stderr)
             for _, dst in jobs:
                 _image_format(dst)
         check_outputs_writable(jobs)
