@@ -70,7 +70,7 @@ from fasdiff_jax.errors import (DataError, FasdiffError, OutOfMemoryError, is_ou
 from fasdiff_jax.data.sources import warning_lines
 from fasdiff_jax.files import check_writable, file_sha256, remove_stale_temps, write_atomically
 from fasdiff_jax.models import identity as identity_lib
-from fasdiff_jax.models.hyperprior import to_rgb
+from fasdiff_jax.models.hyperprior import MAX_PIXELS, to_rgb
 from fasdiff_jax.models import perceptual
 
 DEFAULT_IDENTITY_CROP = identity_lib.ALIGNED_FACE_BOX
@@ -941,7 +941,8 @@ def main(argv: list[str] | None = None) -> int:
             print("note: DISTS left out (its weights are not installed: pip install --no-deps "
                   "DISTS-pytorch==0.1, or --dists_weights=FILE)", file=sys.stderr)
         done = resume_rows(args.out, settings) if args.out else {}
-        src = open_source(args.source, **codec.source_options)
+        # the codec's limit, from each header: a small PNG can ask for gigabytes
+        src = open_source(args.source, max_pixels=MAX_PIXELS, **codec.source_options)
         n = len(src) if args.limit is None else min(args.limit, len(src))
         if len(done) > n:  # the run would rewrite the file without the rest
             covers, fix = ((f"--limit={args.limit} of the {len(src)}", "raise --limit, or ")

@@ -20,7 +20,7 @@ from fasdiff_jax.data.sources import (
 )
 from fasdiff_jax.errors import DataError
 from fasdiff_jax.sharding import create_mesh
-from data_fixtures import embedded_dirs  # noqa: F401 (fixture)
+from data_fixtures import embedded_dirs, png_header_only  # noqa: F401 (fixture)
 
 
 def test_tfds_celeb_a_through_data_source_and_pipeline(tmp_path):
@@ -446,26 +446,38 @@ def test_an_image_over_the_callers_pixel_limit_is_refused_from_its_header(tmp_pa
             read_image(str(tmp_path / name), max_pixels=limit)
     assert loads == []  # refused before decoding
     # over Pillow's warning threshold (89 M pixels), under its error one: no warning either
-    (tmp_path / "huge.png").write_bytes(_png_header_only(10000, 10000))
+    (tmp_path / "huge.png").write_bytes(png_header_only(10000, 10000))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(DataError, match="image of 10000x10000 pixels exceeds"):
             read_image(str(tmp_path / "huge.png"), max_pixels=1 << 24)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG claiming an RGB image of this size, with a few bytes of pixel data."""
-    import struct
-    import zlib
+def test_a_folder_source_refuses_images_over_its_pixel_limit_from_their_headers(tmp_path,
+                                                                              monkeypatch):
+    """evaluate's folder source decoded an image up to Pillow's bomb limit (179 M pixels)
+    before the codec's 2^24 refused it; with a limit the folder's opening names it."""
+    from PIL import ImageFile
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I",
-                                                                     zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
-
+    Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
+    (tmp_path / "huge.png").write_bytes(png_header_only(10000, 10000))
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: loads.append(self.size) or real_load(self))
+    with pytest.raises(DataError, match=re.escape(
+            f"1 of 2 files under {tmp_path} are not images that can be read (huge.png: image of "
+            f"10000x10000 pixels exceeds the decoders' limit of 16777216 pixels; code it")):
+        open_source(str(tmp_path), max_pixels=1 << 24)
+    assert loads == []
+    (tmp_path / "huge.png").unlink()
+    Image.new("RGB", (41, 30)).save(tmp_path / "wide.png")  # past the opening check: read refuses
+    src = open_source(f"folder:{tmp_path}", max_pixels=1230)
+    assert src[src.files.index("small.png")]["image"].shape == (30, 40, 3)
+    (tmp_path / "wide.png").write_bytes(png_header_only(100, 100))
+    with pytest.raises(DataError, match="wide.png: image of 100x100 pixels exceeds"):
+        src[src.files.index("wide.png")]
+    assert len(open_source(str(tmp_path))) == 2  # no limit: training's folders
 
 @pytest.mark.parametrize("mode, values, want", [
     ("F", (0.5, 0.5), (128, 128)),  # a flat grey was stretched to black

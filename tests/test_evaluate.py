@@ -523,6 +523,22 @@ def _face_folder(path, names):
     return str(path)
 
 
+def test_evaluate_refuses_a_folder_image_over_the_codecs_limit_before_decoding(tmp_path,
+                                                                              capsys):
+    """A small PNG asking for 10000x10000 pixels was decoded (~300 MB) before the codec's
+    2^24-pixel limit refused it; now the folder's opening names it and nothing is written."""
+    from data_fixtures import png_header_only
+
+    src = _face_folder(tmp_path / "faces", ["a.png"])
+    (tmp_path / "faces" / "huge.png").write_bytes(png_header_only(10000, 10000))
+    out = tmp_path / "jpeg.json"
+    assert evaluate.main(["--baseline=jpeg:50", f"--source={src}", "--dists_weights=none",
+                          f"--out={out}"]) == 2
+    err = _one_error_line(capsys)
+    assert ("huge.png: image of 10000x10000 pixels exceeds the decoders' limit of 16777216 "
+            "pixels") in err, err
+    assert not out.exists()
+
 def test_evaluate_rerun_never_drops_rows_it_holds(tmp_path, capsys, monkeypatch):
     """A rerun with a smaller --limit (or over a source that lost images) would rewrite --out
     without the rows it does not cover: refused, the file kept as it was (or, for rows of

@@ -224,8 +224,7 @@ def decode_image_file(path: str, keep_gray: bool = False,
         with _open_image(path, max_pixels is not None) as im:
             size = im.size
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"image of {im.height}x{im.width} pixels exceeds the decoders' "
-                                f"limit of {max_pixels} pixels; code it in tiles")
+                raise DataError(_over_limit(im, max_pixels))
             im.load()
             try:
                 arr = np.asarray(to_rgb(im, keep_gray))
@@ -241,6 +240,11 @@ def decode_image_file(path: str, keep_gray: bool = False,
         raise OutOfMemoryError(f"out of memory decoding it{pixels}") from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types; Ctrl-C still stops
         raise DataError(_reason(e)) from e
+
+
+def _over_limit(im: Image.Image, max_pixels: int) -> str:
+    return (f"image of {im.height}x{im.width} pixels exceeds the decoders' limit of "
+            f"{max_pixels} pixels; code it in tiles")
 
 
 def _open_image(path: str, quiet_bomb: bool) -> Image.Image:
@@ -297,14 +301,16 @@ def frame_count(path: str) -> int:
         return 1
 
 
-def header_error(path: str) -> str | None:
+def header_error(path: str, max_pixels: int | None = None) -> str | None:
     """Why ``path`` is not an image Pillow can open (empty, not an image format, over the
-    decompression-bomb limit), from its header alone; None if it opens. A file truncated
-    after its header passes here and fails when decoded."""
+    decompression-bomb limit or ``max_pixels``), from its header alone; None if it opens. A
+    file truncated after its header passes here and fails when decoded."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
-        with Image.open(path):
+        with _open_image(path, max_pixels is not None) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                return _over_limit(im, max_pixels)
             return None
     except MemoryError:
         raise
@@ -318,20 +324,23 @@ class FolderSource:
     Every file's header is read when the folder is opened (threads; ~33 us a file on a local
     disk), so a file that is not an image stops a training run or an evaluation at its start,
     with every such file named, rather than at the step that first reads it, where every
-    resume would stop again."""
+    resume would stop again. ``max_pixels`` (evaluate passes the codec's limit) counts an image
+    larger than that as such a file; None leaves only Pillow's decompression-bomb limit."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_pixels: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
+        from functools import partial
 
         self.directory = os.fspath(directory)
+        self.max_pixels = max_pixels
         if not os.path.isdir(self.directory):
             raise DataError(f"image folder does not exist: {self.directory}")
         self.files = list_images(self.directory)
         if not self.files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.directory}")
         with ThreadPoolExecutor(16) as pool:
-            errors = list(pool.map(header_error, (os.path.join(self.directory, f)
-                                                  for f in self.files)))
+            errors = list(pool.map(partial(header_error, max_pixels=max_pixels),
+                                   (os.path.join(self.directory, f) for f in self.files)))
         bad = [f"{f}: {e}" for f, e in zip(self.files, errors) if e is not None]
         if bad:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -345,7 +354,7 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         rel = self.files[int(index)]
         try:
-            image = read_image(os.path.join(self.directory, rel))
+            image = read_image(os.path.join(self.directory, rel), max_pixels=self.max_pixels)
         except DataError as e:  # e.g. truncated after a header the opening check read
             raise DataError(f"{e}; replace or remove the file and rerun the command: training "
                             f"and evaluate resume where they stopped") from e
@@ -416,15 +425,17 @@ def parse_tfds_spec(spec: str) -> tuple[str, str]:
 
 
 def open_source(spec: str, data_dir: str | None = None, cache_dir: str | None = None,
-                image_size: int = 256) -> Sequence[dict[str, Any]]:
-    """A random-access source from a spec string (see the module docstring)."""
+                image_size: int = 256,
+                max_pixels: int | None = None) -> Sequence[dict[str, Any]]:
+    """A random-access source from a spec string (see the module docstring); ``max_pixels``
+    bounds the images of a folder source (see :class:`FolderSource`)."""
     if spec.startswith("tfds:"):
         name, split = parse_tfds_spec(spec)
         return TfdsSource(name, split, data_dir=data_dir)
     if spec.startswith("prepared:"):
         return open_prepared(spec[len("prepared:"):])
     if spec.startswith("folder:"):
-        return FolderSource(spec[len("folder:"):])
+        return FolderSource(spec[len("folder:"):], max_pixels)
     if spec == "embedded" or spec.startswith("embedded:"):
         from fasdiff_jax.data.embedded import FACE_PHOTOS, embedded_dataset
 
@@ -441,7 +452,7 @@ def open_source(spec: str, data_dir: str | None = None, cache_dir: str | None = 
     if os.path.isfile(os.path.join(spec, MANIFEST)):
         return open_prepared(spec)
     if os.path.isdir(spec):
-        return FolderSource(spec)
+        return FolderSource(spec, max_pixels)
     raise DataError(
         f"unknown data source {spec!r}: use tfds:NAME[:SPLIT], prepared:DIR, folder:DIR, "
         f"embedded[:train|heldout], or an existing folder"
