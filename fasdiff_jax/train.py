@@ -70,7 +70,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fasdiff_jax import sharding
 from fasdiff_jax.data.pipeline import (DataConfig, make_train_iterator, open_data_source,
-                                       stream_batches)
+                                       state_workers, stream_batches)
 from fasdiff_jax.errors import (CheckpointError, FasdiffError, NonFiniteLossError,
                                 WorkdirInUseError, WriteError, listed)
 from fasdiff_jax.files import free_bytes, remove_stale_temps, temp_name, write_failure
@@ -1349,6 +1349,18 @@ def _reading(workdir: str, step: int) -> Iterator[None]:
             f"checkpoints/{step} aside to use the one before it") from e
 
 
+def _saved_data_state(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """This process's Grain state in checkpoint ``step`` as Grain's handler wrote it; None when
+    it cannot be read here (Grain's restore then names the fault)."""
+    path = (mngr.directory / str(step) / "data"
+            / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def _restore(mngr: ocp.CheckpointManager, step: int, workdir: str, **items: Any) -> Any:
     with _reading(workdir, step):
         return mngr.restore(step, args=ocp.args.Composite(**items))
@@ -1395,11 +1407,21 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
         items = dict(state=ocp.args.StandardRestore({
             "params": target,
             "opt_state": opt_state.inner_state if starts_ema else opt_state}))
+        data_state = None  # set here when written with another data.num_workers
         if _data_state_fits(mngr, latest, workdir, tc["on_process_count_change"]):
-            items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
+            data_state = _saved_data_state(mngr, latest)
+            if data_state is None or state_workers(data_state) == it.num_workers:
+                data_state = None
+                items["data"] = grain.checkpoint.CheckpointRestore(it.grain_iterator)
             _warn_if_batch_order_changed(meta.get("data_order"), it.order, latest,
                                          config.data.source)
         restored = _restore(mngr, latest, workdir, **items)
+        if data_state is not None:
+            it.set_state(data_state)  # converted to this run's worker count
+            it.grain_iterator.start_prefetch()
+            logging.info("checkpoint %d's data position was saved with data.num_workers=%s; "
+                         "it resumes at the same batch with %d", latest,
+                         state_workers(data_state), it.num_workers)
         sums = meta.get("sums", {})
         _check_sums(restored["state"]["params"], sums.get("params"), workdir, latest, "params")
         _check_sums(restored["state"]["opt_state"], sums.get("opt_state"), workdir, latest,

@@ -208,6 +208,34 @@ def test_worker_processes_match_in_process_and_resume(embedded_dirs):
             np.testing.assert_array_equal(g["index"], r["index"])
 
 
+def test_a_data_position_resumes_with_another_worker_count(embedded_dirs):
+    """Grain's state has another form per num_workers: a state of 2 workers restored with 0
+    raised KeyError, with 1 IndexError, and 1 -> 2 resumed silently at other batches. The
+    iterator now carries the position over; each form is checked against Grain's own."""
+    from fasdiff_jax.data.pipeline import state_at, state_position, state_workers
+
+    mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    base = dict(source="prepared:" + embedded_dirs["train"], image_size=16, global_batch_size=4)
+    ref = local_batches(make_dataset(cfg(**base), None, 0, 1), 10)
+    states = {}
+    for workers in (0, 2, 3):
+        with make_train_iterator(cfg(num_workers=workers, **base), mesh) as it:
+            for _ in range(5):
+                next(it)
+            states[workers] = it.get_state()
+        assert states[workers] == state_at(5, workers), workers
+        assert state_position(states[workers]) == 5 and state_workers(states[workers]) == workers
+    for saved, now in ((2, 0), (0, 2), (3, 2)):
+        with make_train_iterator(cfg(num_workers=now, **base), mesh) as it:
+            it.set_state(states[saved])
+            for r in ref[5:8]:
+                np.testing.assert_array_equal(jax.device_get(next(it))["index"], r["index"])
+    odd = {**states[2], "exhausted": [0, 1]}  # a worker run out: no single position
+    with make_train_iterator(cfg(num_workers=0, **base), mesh) as it:
+        with pytest.raises(DataError, match=r"written with data.num_workers=2: .* cannot be "
+                                            r"resumed with data.num_workers=0: rerun with"):
+            it.set_state(odd)
+
 TWO_PROCESS_SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -253,6 +253,26 @@ def test_a_resume_on_another_mesh_reshards_the_state(scenario, tmp_path, monkeyp
                                                          abs=1e-6), term
 
 
+@pytest.mark.xdist_group("train_scenario")  # one worker builds the scenario
+def test_a_resume_with_other_data_workers_gets_the_same_batches(scenario, tmp_path, caplog):
+    """Grain's state depends on data.num_workers: checkpoint 3 (0 workers) resumed with 2 was
+    'damaged' (KeyError 'exhausted'), and 1 -> 2 resumed silently at other batches. Now the
+    position is carried over: step 4 sees run A's batch."""
+    d = tmp_path / "d"
+    (d / "checkpoints").mkdir(parents=True)
+    shutil.copytree(scenario["a"] / "checkpoints" / "3", d / "checkpoints" / "3")
+    cfg = _config(scenario["source"], **{"train.steps": 4, "model.sampler.steps": 3,
+                                         "data.num_workers": 2})
+    with caplog.at_level(logging.INFO, logger="absl"):
+        assert train.train_and_evaluate(cfg, str(d))["step"] == 4
+    assert "saved with data.num_workers=0; it resumes at the same batch with 2" in caplog.text
+    a_s, d_s = _scalars(scenario["a"]), _scalars(d)
+    for term in TERMS:
+        assert d_s[f"train/{term}"][4] == pytest.approx(a_s[f"train/{term}"][4], rel=1e-6,
+                                                         abs=1e-7), term
+    saved = json.loads((d / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+    assert saved["iterators_in_use_states"] == [{"next_index": 2}, {"next_index": 2}]
+
 def _conv_pair_loss(params, x, rng):
     """A stride-2 conv then a conv: the smallest net whose gradients XLA gets wrong on a
     data x fsdp x tensor mesh (next test)."""

@@ -23,6 +23,7 @@ epoch) -> repeat(num_epochs) -> random crop/flip (per-example rng from seed and 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -225,6 +226,45 @@ def batch_order(cfg: DataConfig, records: int) -> dict[str, Any]:
             "global_batch_size": cfg.global_batch_size, "num_epochs": cfg.num_epochs}
 
 
+def state_workers(state: Mapping[str, Any]) -> int | None:
+    """How many Grain worker processes (``num_workers``) wrote a state of :func:`make_dataset`'s
+    iterator; None for a form this Grain does not write."""
+    if set(state) == {"next_index"}:
+        return 0
+    inner = state.get("iterators_in_use_states")
+    return len(inner) if isinstance(inner, list) and inner else None
+
+
+def state_position(state: Mapping[str, Any]) -> int | None:
+    """The batches a state of :func:`make_dataset`'s iterator has handed out, whichever
+    ``num_workers`` wrote it (None: a form not known, or a worker run out). With W workers,
+    Grain's ``mp_prefetch`` (0.2.18) has worker i yield batches i, i+W, ... and takes them in
+    turn, so each worker's position sums to the stream's."""
+    workers = state_workers(state)
+    if workers == 0:
+        return int(state["next_index"])
+    if workers is None or state_at(0, workers).keys() != state.keys():
+        return None
+    inner = state["iterators_in_use_states"]
+    if (state["iterators_in_use_indices"] != list(range(workers)) or any(state["exhausted"])
+            or state["future_states"] or any(set(s) != {"next_index"} for s in inner)):
+        return None
+    position = sum(int(s["next_index"]) for s in inner)
+    return position if state == state_at(position, workers) else None
+
+
+def state_at(position: int, num_workers: int) -> dict[str, Any]:
+    """The Grain state of :func:`make_dataset`'s iterator with ``num_workers`` workers after
+    ``position`` batches (the inverse of :func:`state_position`)."""
+    if num_workers == 0:
+        return {"next_index": position}
+    return {"next_index_in_cycle": position % num_workers, "next_index_in_datasets": num_workers,
+            "iterators_in_use_indices": list(range(num_workers)),
+            "iterators_in_use_states": [{"next_index": -(-(position - i) // num_workers)}
+                                        for i in range(num_workers)],
+            "exhausted": [0] * num_workers, "future_states": {}}
+
+
 class TrainIterator:
     """Yields ``{"image", "index"}`` global jax.Arrays; ``get_state``/``set_state`` resume exactly.
 
@@ -233,10 +273,11 @@ class TrainIterator:
 
     def __init__(self, dataset: Any, mesh: Any, global_batch_size: int,
                  batch_axes: Sequence[str] = ("data", "fsdp"),
-                 order: Mapping[str, Any] | None = None):
+                 order: Mapping[str, Any] | None = None, num_workers: int = 0):
         self.grain_iterator = iter(dataset)
         self.mesh, self.global_batch_size, self.batch_axes = mesh, global_batch_size, tuple(batch_axes)
         self.order = dict(order or {})
+        self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -260,7 +301,19 @@ class TrainIterator:
         return self.grain_iterator.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`get_state`: the next batches are exactly those that followed it."""
+        """Resume from :meth:`get_state`: the next batches are exactly those that followed it,
+        also where the state was written with another ``num_workers`` (Grain's own state of
+        another worker count failed with a KeyError, or resumed at other batches)."""
+        if state_workers(state) != self.num_workers:
+            position = state_position(state)
+            if position is None:
+                saved = state_workers(state)
+                were = "another Grain" if saved is None else f"data.num_workers={saved}"
+                raise DataError(f"the saved data position (written with {were}: "
+                                f"{json.dumps(state)[:200]}) cannot be resumed with "
+                                f"data.num_workers={self.num_workers}: rerun with the saving "
+                                f"run's data.num_workers")
+            state = state_at(position, self.num_workers)
         self.grain_iterator.set_state(state)
 
     def close(self) -> None:
@@ -305,7 +358,7 @@ def make_train_iterator(
         source = open_data_source(cfg)
     ds = make_dataset(cfg, source, process_index, process_count)
     return TrainIterator(ds, mesh, cfg.global_batch_size, cfg.batch_axes,
-                         batch_order(cfg, len(source)))
+                         batch_order(cfg, len(source)), cfg.num_workers)
 
 
 def to_model_input(images: Any) -> Any:
