@@ -92,6 +92,11 @@ def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
     m0 = prepare(str(odd_folder), out, OPTS, shard_index=0, num_shards=2, progress=False)
     assert not m0["complete"] and m0["pending_chunks"] == [1, 3]
     assert m0["num_inputs"] == len(FACES) + len(SKIPS) == 14
+    # half done, the folder is not a dataset yet: training would have used 1/2 of it
+    with pytest.raises(DataError, match=re.escape(
+            f"prepared folder {out} is unfinished: {out}/manifest.json lists chunks 1, 3 of "
+            f"its input as still to do (prepare was interrupted, or the --shard_index runs")):
+        open_prepared(out)
     m = prepare(str(odd_folder), out, OPTS, shard_index=1, num_shards=2, progress=False)
     assert m["complete"] and m["num_inputs"] == len(FACES) + len(SKIPS)
     skipped = {s["key"]: s["reason"] for s in m["skipped"]}
@@ -171,6 +176,52 @@ def test_odd_and_bad_files_reported_resumable_sharded(odd_folder, tmp_path):
     assert prepare(str(odd_folder), out, OPTS, progress=False)["complete"]
     assert all(os.path.getmtime(os.path.join(out, f)) == mtimes[f] for f in mtimes)
 
+
+def test_a_chunk_is_redone_when_its_input_files_change(tmp_path, monkeypatch):
+    """Chunks were matched by file names and options only: prepare of folder B into A's
+    output (same names) finished in 0.1 s with A's faces under a manifest naming B, and a
+    file replaced in place kept its old face. Now each file's size and mtime are kept too."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    g = _grace_small()
+    g.save(a / "img.png")
+    g.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(b / "img.png")
+    os.utime(b / "img.png", ns=(1, 10**18))  # other bytes, not just a later mtime
+    out = str(tmp_path / "out")
+    made = []
+    real = prepare_module.process_chunk
+    monkeypatch.setattr(prepare_module, "process_chunk", lambda t: made.append(t[0]) or real(t))
+
+    def face() -> np.ndarray:
+        return open_prepared(out)[0]["image"]
+
+    prepare(str(a), out, OPTS, progress=False)
+    face_a = face()
+    prepare(str(a), out, OPTS, progress=False)  # nothing changed: reused
+    m = prepare(str(b), out, OPTS, progress=False)
+    assert made == [str(a), str(b)] and m["source"] == str(b)  # (reused A's before)
+    face_b = face()
+    assert not np.array_equal(face_b, face_a)
+    prepare(str(b), str(tmp_path / "fresh"), OPTS, progress=False)
+    np.testing.assert_array_equal(face_b, open_prepared(str(tmp_path / "fresh"))[0]["image"])
+    moved = tmp_path / "moved"
+    os.rename(b, moved)  # a folder moved (or mounted elsewhere) keeps its stamps: reused
+    prepare(str(moved), out, OPTS, progress=False)
+    assert made == [str(a), str(b), str(b)]  # (the fresh folder's)
+    g.save(moved / "img.png")  # replaced in place
+    prepare(str(moved), out, OPTS, progress=False)
+    assert made[-1] == str(moved)
+    np.testing.assert_array_equal(face(), face_a)
+    # a summary written before the stamps were kept is reused as it was
+    summary_path = os.path.join(out, "part-000000.json")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    del summary["inputs"]
+    with open(summary_path, "w") as f:
+        json.dump(summary, f)
+    prepare(str(moved), out, OPTS, progress=False)
+    assert len(made) == 4
 
 def test_missing_input_and_bad_options_are_readable_errors(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2

@@ -108,8 +108,28 @@ def _chunk_paths(output: str, chunk: int) -> tuple[str, str]:
     return base + ".array_record", base + ".json"
 
 
-def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) -> bool:
-    """A chunk is reused only if it holds the same keys, made with the same options, and its
+def input_stamps(source: str, keys: list[str]) -> list[Any]:
+    """What identifies a chunk's inputs beyond their names: each file's (size, mtime_ns), None
+    for one that cannot be read; for a TFDS source its spec. A chunk made from another folder
+    whose files have the same names, or from a file replaced since, was reused as it was (the
+    manifest naming the new source over the old faces). A folder moved or mounted elsewhere
+    keeps its stamps."""
+    if source.startswith("tfds:"):
+        return [source]
+    stamps: list[Any] = []
+    for key in keys:
+        try:
+            st = os.stat(os.path.join(source, key))
+            stamps.append([st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamps.append(None)
+    return stamps
+
+
+def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions,
+                stamps: list[Any]) -> bool:
+    """A chunk is reused only if it holds the same keys (their :func:`input_stamps` too; summaries
+    written before those were kept are taken as they are), made with the same options, and its
     shard has the bytes it was written with (sha256 in the summary: a record damaged inside
     a shard whose footer still reads was otherwise reused; hashed only when the shard's size
     or modification time is not the one recorded) -- summaries written before that have its
@@ -124,7 +144,8 @@ def _chunk_done(output: str, chunk: int, keys: list[str], opts: PrepareOptions) 
     except (OSError, ValueError):
         return False
     if not (isinstance(summary, dict) and summary.get("keys") == keys
-            and summary.get("options") == dataclasses.asdict(opts)):
+            and summary.get("options") == dataclasses.asdict(opts)
+            and summary.get("inputs", stamps) == stamps):
         return False
     if "sha256" in summary:  # summaries before it kept only the record count
         try:
@@ -161,6 +182,7 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
     source, output, chunk, keys, opts, tfds_data_dir = args
     rec_path, meta_path = _chunk_paths(output, chunk)
     summary: dict[str, Any] = {"chunk": chunk, "keys": keys, "options": dataclasses.asdict(opts),
+                               "inputs": input_stamps(source, keys),  # before they are read
                                "file": os.path.basename(rec_path)}
 
     def write_shard(tmp_rec: str) -> None:
@@ -231,7 +253,7 @@ def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[st
     photos_ok = 0
     for c in range(num_chunks):
         chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
-        if not _chunk_done(output, c, chunk_keys, opts):
+        if not _chunk_done(output, c, chunk_keys, opts, input_stamps(source, chunk_keys)):
             pending.append(c)
             continue
         with open(_chunk_paths(output, c)[1]) as f:
@@ -301,7 +323,7 @@ def prepare(
     todo = []
     for c in mine:
         chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
-        if not _chunk_done(output, c, chunk_keys, opts):
+        if not _chunk_done(output, c, chunk_keys, opts, input_stamps(source, chunk_keys)):
             todo.append((source, output, c, chunk_keys, opts, tfds_data_dir))
     if todo:
         # Before any shard is replaced, the manifest stops claiming it: written with these

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from fasdiff_jax.errors import DataError, OutOfMemoryError
+from fasdiff_jax.errors import DataError, OutOfMemoryError, listed
 
 
 RECORD_MAGIC = b"FSD1"
@@ -138,6 +138,14 @@ class PreparedSource:
         if not os.path.isfile(path):
             raise DataError(f"{self.directory} is not a prepared folder: no {MANIFEST}")
         self.manifest, shards = _read_manifest(path)
+        if self.manifest.get("complete") is False:  # manifests before the field: complete
+            pending = self.manifest.get("pending_chunks")
+            which = (f"chunks {listed([str(c) for c in pending], ', ')} of "
+                     if isinstance(pending, list) and pending else "")
+            raise DataError(f"prepared folder {self.directory} is unfinished: {path} lists "
+                            f"{which}its input as still to do (prepare was interrupted, or the "
+                            f"--shard_index runs of other machines have not finished); rerun "
+                            f"the prepare command, which keeps the finished chunks")
         if not shards:
             raise DataError(f"prepared folder {self.directory} holds no records ({path})")
         self._paths = [os.path.join(self.directory, s) for s in shards]
