@@ -55,6 +55,22 @@ def test_same_seed_same_batches_other_seed_differs():
     assert a[0]["image"].shape == (8, 16, 16, 3) and a[0]["image"].dtype == np.uint8
 
 
+@pytest.mark.parametrize("h, w", [(108, 192), (480, 640), (640, 480), (10, 200), (64, 64)])
+@pytest.mark.parametrize("ratio", [(0.9, 1.1), (1.2, 1.5), (0.5, 0.6)])
+def test_random_crops_keep_their_aspect_on_any_image_shape(h, w, ratio):
+    """The crop's area was a share of the whole image's: on a 1920x1080 photo its side over the
+    height was cut to it, the crop 1.14-1.40 wide per high, then resized to a square."""
+    from fasdiff_jax.data.pipeline import CropFlip
+
+    crop, rng = CropFlip(16, (0.3, 1.0), ratio), np.random.default_rng(0)
+    side = min(h, w)
+    for _ in range(200):
+        x0, y0, x1, y1 = crop.crop_box(h, w, rng)
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        cw, ch = x1 - x0, y1 - y0
+        assert ratio[0] * (1 - 1 / ch) - 1 / ch <= cw / ch <= ratio[1] * (1 + 1 / ch) + 1 / ch
+        assert cw * ch <= side * side * 1.0 * (1 + 2 / min(cw, ch)) ** 2
+
 class _CountingSource(list):
     """A source that counts the records read from it."""
 
