@@ -339,6 +339,32 @@ def test_output_inside_input_is_not_an_input(tmp_path):
         prepare(str(src), str(src), opts, progress=False)
 
 
+def test_ctrl_c_is_one_line_and_keeps_the_finished_chunks(tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed a 24-28 line KeyboardInterrupt traceback (codec and evaluate: a line)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _grace_small().rotate(i).save(src / f"g{i}.png")
+    real, calls = prepare_module.process_chunk, []
+
+    def interrupted_second(t):
+        calls.append(t[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(t)
+
+    monkeypatch.setattr(prepare_module, "process_chunk", interrupted_second)
+    out = tmp_path / "out"
+    assert main(["--input", str(src), "--output", str(out), "--size", "48", "--min_face_size",
+                 "40", "--chunk_size", "1", "--no_progress"]) == 130
+    assert capsys.readouterr().err == (f"interrupted: the chunks finished so far are kept in "
+                                       f"{out}; rerun the same command to go on\n")
+    assert sorted(os.listdir(out)) == ["manifest.json", "part-000000.array_record",
+                                       "part-000000.json"]
+    monkeypatch.setattr(prepare_module, "process_chunk", real)
+    assert prepare(str(src), str(out), PrepareOptions(size=48, min_face_size=40, chunk_size=1),
+                   progress=False)["complete"]
+
 def test_cli_bad_input_and_output_paths_are_one_error_line(tmp_path, capsys):
     """Each was a traceback (FileExistsError), a wrong reason, or an exit 0 with a "complete"
     prepared folder that only failed when training or evaluate opened it."""

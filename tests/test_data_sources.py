@@ -101,6 +101,28 @@ def test_tfds_missing_dataset_is_a_readable_error(tmp_path):
     with pytest.raises(DataError, match="celeb_a_hq"):  # the prepare CLI's source too
         prepare("tfds:celeb_a_hq", str(tmp_path / "out"), progress=False, tfds_data_dir=str(tmp_path))
     assert not (tmp_path / "out").exists()
+    # a name TFDS does not know: its error listed every one it does (460 lines)
+    with pytest.raises(DataError) as e:
+        TfdsSource("nosuch_dataset_xyz", "train", data_dir=str(tmp_path))
+    assert "nosuch_dataset_xyz" in str(e.value) and "\n" not in str(e.value)
+    assert len(str(e.value)) < 800, str(e.value)
+
+
+def test_linked_folders_are_followed_once_and_a_link_loop_ends(tmp_path):
+    """A linked subfolder's images were left out without a word (os.walk does not follow)."""
+    from fasdiff_jax.data.sources import list_images
+
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside" / "far.png")
+    top = tmp_path / "top"
+    (top / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(top / "near.png")
+    Image.new("RGB", (8, 8)).save(top / "sub" / "deep.png")
+    (top / "linked").symlink_to(tmp_path / "outside")
+    (top / "sub" / "loop").symlink_to(top)  # back to the top: followed no further
+    (top / "twin").symlink_to(top / "sub")  # the same folder twice: listed once
+    assert list_images(str(top)) == ["linked/far.png", "near.png", "sub/deep.png"]
+    assert len(open_source(f"folder:{top}")) == 3
 
 
 def test_record_roundtrip_and_bad_record():

@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: finished chunks are whole (written atomically)
+        print(f"interrupted: the chunks finished so far are kept in {a.output}; rerun the same "
+              f"command to go on", file=sys.stderr)
+        return 130
     except OSError as e:  # one not turned into a DataError above: still one line, no traceback
         name = f"{e.filename}: " if e.filename else ""
         print(f"error: {name}{e.strerror or e}", file=sys.stderr)

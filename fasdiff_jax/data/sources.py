@@ -196,10 +196,19 @@ def open_prepared(directory: str | os.PathLike) -> PreparedSource:
 
 
 def list_images(directory: str, all_files: bool = False) -> list[str]:
-    """Relative paths under ``directory`` (recursive, sorted, hidden entries skipped)."""
+    """Relative paths under ``directory`` (recursive, sorted, hidden entries skipped).
+    Linked folders are followed (they were left out without a word), each real folder once,
+    so a link loop ends."""
     out = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    seen = {os.path.realpath(directory)}
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
@@ -396,9 +405,12 @@ class TfdsSource:
                     self.name, split=self.split, data_dir=self.data_dir, download=False
                 )
             except Exception as e:  # tfds raises many types (AssertionError, DatasetNotFound...)
+                # its first line: a name it does not know came with all ~1,300 it does
+                reason = (str(e).strip().splitlines() or [""])[0][:300]
                 raise DataError(
                     f"cannot open TFDS {self.name}:{self.split} (data_dir={self.data_dir}): "
-                    f"{type(e).__name__}: {e}. tfds.data_source reads ArrayRecord only: build it "
+                    f"{type(e).__name__}: {reason}. tfds.data_source reads ArrayRecord only: "
+                    f"build it "
                     f"with `tfds build {self.name} --file_format=array_record "
                     f"--manual_dir=DIR` (CelebA(-HQ) files must be downloaded by hand)."
                 ) from e
