@@ -7,6 +7,11 @@ host (see ``launch/``); ``jax.distributed.initialize()`` then finds the coordina
 on Cloud TPU VMs and under SLURM, or from ``JAX_COORDINATOR_ADDRESS`` +
 ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` anywhere else.
 
+A run stopped by SIGTERM (a preemption notice) or a first Ctrl-C saves the step it is on and
+exits with status 143 or 130, as a process the signal ended: ``main && evaluate`` must not go
+on, and a scheduler must not count it as done (it exited 0: SLURM logged COMPLETED, a
+Kubernetes Job never restarted it).
+
 Errors the user can fix (a config field, data, a checkpoint, a NaN loss: every
 ``fasdiff_jax.errors.FasdiffError``) end the run with one ``error: ...`` line on stderr and exit
 status 2; the last good checkpoint stays the latest. So do the machine's errors (a full disk,
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import signal
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -63,11 +69,11 @@ def main(argv: list[str]) -> None:
     import jax
 
     if FLAGS.jax_distributed:
-        env = os.environ
-        kwargs = {}
-        if "JAX_NUM_PROCESSES" in env:  # generic clusters (TPU VMs and SLURM auto-detect)
-            kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
-                          process_id=int(env["JAX_PROCESS_ID"]))
+        try:
+            kwargs = distributed_settings(os.environ)
+        except ValueError as e:
+            print(f"error: --jax_distributed: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         jax.distributed.initialize(**kwargs)
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -91,9 +97,39 @@ def main(argv: list[str]) -> None:
         print(f"error: out of memory: {str(e).splitlines()[0][:300]}\n{OOM_ADVICE}",
               file=sys.stderr)
         raise SystemExit(2) from e
-    if out["step"] < FLAGS.config.train.steps:
-        logging.warning("stopped at step %d of %d after a preemption notice (checkpoint saved); "
-                        "rerun the same command to resume", out["step"], FLAGS.config.train.steps)
+    if "stopped_by_signal" in out:  # not finished: a scheduler must not count it as done
+        signum = out["stopped_by_signal"]
+        logging.warning("stopped at step %d of %d by %s (checkpoint saved); rerun the same "
+                        "command to resume. Exit status %d, as a process ended by it",
+                        out["step"], FLAGS.config.train.steps, signal.Signals(signum).name,
+                        128 + signum)
+        raise SystemExit(128 + signum)
+
+
+DISTRIBUTED_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """``jax.distributed.initialize``'s arguments on a generic cluster: all three
+    :data:`DISTRIBUTED_VARIABLES` (TPU VMs and SLURM need none; JAX finds them). One missing
+    or not a number was a KeyError/ValueError traceback from inside JAX."""
+    if not any(env.get(n) for n in DISTRIBUTED_VARIABLES[1:]):
+        return {}  # JAX_COORDINATOR_ADDRESS alone: JAX reads it beside SLURM's or the TPU's
+    missing = [n for n in DISTRIBUTED_VARIABLES if not env.get(n)]
+    if missing:
+        given = [n for n in DISTRIBUTED_VARIABLES if env.get(n)]
+        raise ValueError(f"{' and '.join(given)} set but not {' and '.join(missing)}: set all "
+                         f"three (or none on Cloud TPU VMs and under SLURM, where JAX finds them)")
+    try:
+        count, index = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    except ValueError:
+        raise ValueError(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                         f"{env['JAX_PROCESS_ID']!r} must be whole numbers") from None
+    if not 0 <= index < count:
+        raise ValueError(f"JAX_PROCESS_ID={index} must be in 0..JAX_NUM_PROCESSES-1 "
+                         f"(JAX_NUM_PROCESSES={count})")
+    return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=count,
+                process_id=index)
 
 
 def _config_file(argv: list[str]) -> str | None:

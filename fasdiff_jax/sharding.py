@@ -48,6 +48,10 @@ def create_mesh(
         sizes = [int(v) for v in shape.values()]
     else:
         sizes = [int(v) for v in shape]
+    for name, size in zip(axis_names, sizes):  # 0 divided by zero; -2 x -4 made 8 "devices"
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh axis {name!r} must be a positive size or -1 (the devices "
+                             f"left), got {size}")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)

@@ -793,6 +793,7 @@ def _flock(workdir: str) -> Iterator[None]:
     import fcntl
 
     path = os.path.join(workdir, LOCK_FILE)
+    made = [p for p in (workdir, path) if not os.path.exists(p)]
     with writing(path):
         os.makedirs(workdir, exist_ok=True)
         f = open(path, "a+")
@@ -819,8 +820,21 @@ def _flock(workdir: str) -> Iterator[None]:
         try:
             yield
         finally:
+            if path in made and os.listdir(workdir) == [LOCK_FILE]:
+                # a run refused before writing anything (a config the held-out or best-metric
+                # checks reject) left a new workdir holding only its lock
+                _remove_quietly(path, workdir if workdir in made else None)
             if locked:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_quietly(path: str, folder: str | None) -> None:
+    try:
+        os.remove(path)
+        if folder is not None:
+            os.rmdir(folder)
+    except OSError:  # another run's lock may be there by now: leave it
+        pass
 
 
 MODEL_PATHS = ("sd_checkpoint", "identity_path")  # files ``config.model`` names
@@ -1468,7 +1482,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
     # evaluate commands that import this module for restore_for_inference.
     from clu import metric_writers, periodic_actions
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = SummaryWriter(metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0), workdir)
     if step == 0:
         writer.write_hparams({k: v for k, v in flatten_dict(config.to_dict(), sep=".").items()
                               if isinstance(v, (int, float, str, bool))})
@@ -1532,11 +1547,71 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, tc: Mapping[str, Any]
             if step < tc["steps"] and preemption.reached(mngr, step):
                 logging.warning("preemption notice: saving step %d and stopping; the same "
                                 "command resumes from there", step)
+                stopped = {"stopped_by_signal": int(preemption.signum)}
                 break
+        else:
+            stopped = {}
         if mngr.latest_step() != step:
             save(step, last_eval if evaluated else None)
     return {**last, **{f"eval/{k}": v for k, v in last_eval.items()},
-            **{f"eval_params/{k}": v for k, v in last_eval_params.items()}, "step": step}
+            **{f"eval_params/{k}": v for k, v in last_eval_params.items()}, "step": step,
+            **stopped}
+
+
+class SummaryWriter:
+    """The run's CLU writer, where a failed summary write is a warning and not the end of the
+    run: an events file that could not be flushed (made read-only, a vanished NFS or GCS
+    folder) ended training with CLU's AsyncError traceback, exit 1, and the steps since the
+    last checkpoint lost. The loss lines still reach the log (CLU's log writer goes first),
+    checkpoints are written as before (their own failures end the run, named), and a
+    transient fault heals: each write is tried again. CLU's traceback per failed write (three
+    at a time) is left out of the log; the warning names the cause."""
+
+    def __init__(self, writer: Any, workdir: str):
+        self._writer, self._workdir = writer, workdir
+        self.failures = 0
+
+    def _call(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self._writer, method)(*args)
+        except Exception as e:  # noqa: BLE001 - CLU's AsyncError wraps TensorFlow's or OSError
+            self.failures += 1
+            cause = e
+            while cause.__cause__ is not None:  # AsyncError from AsyncError from the fault
+                cause = cause.__cause__
+            if self.failures == 1:
+                logging.warning("%s: the training summaries (TensorBoard events) cannot be "
+                                "written (%s: %s); training goes on, the metric lines stay in "
+                                "this log and checkpoints are saved as before", self._workdir,
+                                type(cause).__name__, str(cause).splitlines()[0][:300])
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._call("write_scalars", step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        self._call("write_images", step, images)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._call("write_hparams", hparams)
+
+    def flush(self) -> None:
+        self._call("flush")
+        if self.failures:
+            logging.warning("%s: %d summary writes failed in this run (see the first warning); "
+                            "their metrics are in this log only", self._workdir, self.failures)
+            self.failures = 0
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def _is_clu_write_failure_log(record: std_logging.LogRecord) -> bool:
+    """CLU's ``logging.exception`` from its writer thread, which :class:`SummaryWriter`
+    turns into one warning."""
+    return record.msg == "Error in producer thread for %s"
+
+
+std_logging.getLogger("absl").addFilter(lambda r: not _is_clu_write_failure_log(r))
 
 
 def _best_kept(mngr: ocp.CheckpointManager, name: str, mode: str) -> tuple[int, float] | None:
@@ -1604,6 +1679,7 @@ class _Preemption:
 
     def __init__(self) -> None:
         self._raised = False
+        self.signum = signal.SIGTERM  # the one that came (several processes: JAX's, SIGTERM)
         self._previous: dict[int, Any] = {}
         self._single = jax.process_count() == 1
 
@@ -1617,7 +1693,7 @@ class _Preemption:
         """SIGTERM, or a first Ctrl-C (which ended the run with a traceback, losing the steps
         since the last checkpoint): save the step the loop is on and stop. A second Ctrl-C
         stops at once."""
-        self._raised = True
+        self._raised, self.signum = True, signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
             logging.warning("interrupted: the run saves the step it is on and stops (Ctrl-C "

@@ -13,7 +13,7 @@
 #SBATCH --exclusive
 set -euo pipefail
 # WORKDIR must be given (not empty, not a flag); CONFIG may be left out before the overrides.
-if [ $# -lt 1 ] || [ -z "$1" ] || [[ $1 == -* ]]; then sed -n 2,12p "$0"; exit 2; fi
+if [ $# -lt 1 ] || [ -z "$1" ] || [[ $1 == -* ]]; then sed -n 2,11p "$0"; exit 2; fi
 WORKDIR=$1; shift; CONFIG=configs/celeba.py
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then CONFIG=$1; shift; fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}

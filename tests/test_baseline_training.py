@@ -163,7 +163,11 @@ def test_the_best_held_out_checkpoint_is_kept_and_coded_with(trained, embedded_d
                        match=r"best_metric='lpips' is not among the held-out metrics \['bpp', "
                              r"'loss', 'mse', 'psnr'\]"):
         train.train_and_evaluate(cfg, str(tmp_path / "other"))
-    assert not (tmp_path / "other" / "checkpoints").exists()
+    assert not (tmp_path / "other").exists()  # it held the run's train.lock
+    (tmp_path / "mine").mkdir()  # a folder the user made stays; only the lock goes
+    with pytest.raises(train.TrainConfigError, match="best_metric='lpips'"):
+        train.train_and_evaluate(cfg, str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == []
     cfg.eval.update(best_metric="psnr", best_mode="highest")
     with pytest.raises(train.TrainConfigError, match="best_mode must be 'min' or 'max'"):
         train.train_and_evaluate(cfg, str(tmp_path / "other"))

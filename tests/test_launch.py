@@ -131,4 +131,40 @@ def test_gpu_slurm_starts_one_main_per_gpu_with_the_flags_intact(tmp_path):
     for args in ([], [""], ["--help"], ["--config.train.steps=3"]):  # no WORKDIR: usage
         run = _run("gpu_slurm.sh", args, tmp_path / "bin")
         assert run.returncode == 2 and "sbatch --nodes=4" in run.stdout, args
+        assert "#SBATCH" not in run.stdout and run.stdout.rstrip().endswith("/shared/path/xla.")
         assert not (tmp_path / "srun.json").exists()
+
+
+def test_a_half_set_cluster_environment_is_one_error_line(tmp_path):
+    """``--jax_distributed`` with JAX_NUM_PROCESSES but no JAX_PROCESS_ID was a KeyError
+    traceback; without JAX_COORDINATOR_ADDRESS a ValueError from inside JAX."""
+    import pytest
+
+    from fasdiff_jax.main import distributed_settings
+
+    full = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+            "JAX_PROCESS_ID": "3"}
+    assert distributed_settings(full) == dict(coordinator_address="10.0.0.1:1234",
+                                              num_processes=4, process_id=3)
+    assert distributed_settings({}) == {}  # TPU VMs, SLURM: JAX finds them
+    assert distributed_settings({"JAX_COORDINATOR_ADDRESS": "h:1"}) == {}
+    for env, message in (
+            ({"JAX_NUM_PROCESSES": "2"}, "JAX_NUM_PROCESSES set but not JAX_COORDINATOR_ADDRESS "
+                                         "and JAX_PROCESS_ID: set all three"),
+            ({**full, "JAX_PROCESS_ID": "x"}, "JAX_NUM_PROCESSES='4' and JAX_PROCESS_ID='x' must "
+                                              "be whole numbers"),
+            ({**full, "JAX_PROCESS_ID": "4"}, "JAX_PROCESS_ID=4 must be in 0..JAX_NUM_PROCESSES-1")):
+        with pytest.raises(ValueError, match=message):
+            distributed_settings(env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "fasdiff_jax.main", "--jax_distributed",
+         f"--config={REPO / 'configs' / 'tiny.py'}", f"--workdir={tmp_path / 'w'}"], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+        env={**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.endswith(
+        "error: --jax_distributed: JAX_NUM_PROCESSES set but not JAX_COORDINATOR_ADDRESS and "
+        "JAX_PROCESS_ID: set all three (or none on Cloud TPU VMs and under SLURM, where JAX "
+        "finds them)\n"), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and not (tmp_path / "w").exists()

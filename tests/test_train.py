@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import hashlib
@@ -378,8 +379,9 @@ def test_sigterm_saves_the_current_step_and_the_resume_matches(scenario, tmp_pat
                                                        "train.checkpoint_every": 100}), str(work))
     assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone again
     assert out["step"] == 3 and _steps(work) == [3]
+    assert out["stopped_by_signal"] == signal.SIGTERM  # main exits 143 (it exited 0)
     resumed = train.train_and_evaluate(_config(src, **{"train.steps": 5}), str(work))
-    assert resumed["step"] == 5
+    assert resumed["step"] == 5 and "stopped_by_signal" not in resumed
     a, p = _scalars(scenario["a"]), _scalars(work)
     for term in TERMS:
         for step in (1, 2, 3, 4, 5):
@@ -395,7 +397,7 @@ def test_a_first_ctrl_c_saves_and_stops_a_second_stops_at_once():
     with train._Preemption() as preemption:
         assert not preemption.reached(None, 1)
         os.kill(os.getpid(), signal.SIGINT)
-        assert preemption.reached(None, 1)
+        assert preemption.reached(None, 1) and preemption.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes; KeyboardInterrupt ends this
@@ -419,6 +421,68 @@ class _Preempting:
 
 
 # ------------------------------------------------------------------ cheap unit tests
+def test_a_failed_summary_write_is_a_warning_and_training_goes_on(caplog):
+    """An events file that could not be flushed (made read-only during a run) ended training
+    with CLU's AsyncError traceback (3 producer-thread tracebacks before it), exit 1, and the
+    steps since the last checkpoint lost. Here CLU's real async writer fails under the run's
+    writer: one warning naming the cause, the metric lines still logged, later writes tried
+    again (a transient fault heals)."""
+    from clu.metric_writers import AsyncWriter, LoggingWriter, MultiWriter, interface
+
+    class Events(interface.MetricWriter):
+        failing, written = True, []
+
+        def write_summaries(self, step, values, metadata=None):
+            pass
+
+        def write_scalars(self, step, scalars):
+            if self.failing:
+                raise OSError(errno.EROFS, "Read-only file system", "events.out.tfevents.1")
+            self.written.append(step)
+
+        def write_images(self, step, images):
+            pass
+
+        def write_videos(self, step, videos):
+            pass
+
+        def write_audios(self, step, audios, *, sample_rate):
+            pass
+
+        def write_texts(self, step, texts):
+            pass
+
+        def write_histograms(self, step, arrays, num_buckets=None):
+            pass
+
+        def write_hparams(self, hparams):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    events = Events()
+    writer = train.SummaryWriter(MultiWriter([LoggingWriter(), AsyncWriter(events)]), "/w")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        for step in range(1, 5):
+            writer.write_scalars(step, {"train/loss": 0.5})
+            time.sleep(0.05)  # the async write fails before the next call re-raises it
+        events.failing = False
+        for step in range(5, 9):
+            writer.write_scalars(step, {"train/loss": 0.25})
+        writer.flush()
+    text = caplog.text
+    assert text.count("the training summaries (TensorBoard events) cannot be written "
+                      "(OSError: [Errno 30] Read-only file system: 'events.out.tfevents.1')") == 1
+    assert "summary writes failed in this run" in text
+    assert "Error in producer thread" not in text and "Traceback" not in text
+    assert text.count("train/loss=0.5") == 4 and text.count("train/loss=0.25") == 4
+    assert events.written == [5, 6, 7, 8]
+
+
 def _save_compiles(tmp_path: Path, devices, first_dim: int) -> tuple[int, dict, dict]:
     """Backend compiles during one Orbax save of small replicated arrays (shapes new to this
     process, so no compiled slice op is cached yet), and the tree saved and restored."""
@@ -870,6 +934,9 @@ def test_bad_configs_are_refused_early(tmp_path):
             ("train.b1", 1.5, "train.b1 must be in [0, 1), got 1.5"),
             ("train.grad_clip_norm", -1.0, "train.grad_clip_norm must be a finite number >= 0"),
             ("mesh.data", 3, "mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
+            ("mesh.fsdp", 0, "mesh: mesh axis 'fsdp' must be a positive size or -1 (the devices "
+                             "left), got 0"),  # was a ZeroDivisionError traceback
+            ("mesh.tensor", -8, "mesh: mesh axis 'tensor' must be a positive size or -1"),
             ("compute_dtype", "bfloat16", "compute_dtype='bfloat16' is not read: the model's is "
                                           "config.model.compute_dtype ('float32')")):
         cfg = tiny.get_config()
@@ -1576,7 +1643,7 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
     """``main --jax_distributed``: 2 processes x 4 CPU devices (gloo), one mesh of 8, a
     held-out evaluation and a checkpoint with its metrics every step, the best kept besides
     the latest. After step 2 one process gets SIGTERM (a host's preemption notice): both reach
-    JAX's preemption sync point at the same step, stop there together and exit cleanly. Then
+    JAX's preemption sync point at the same step, stop there together and exit with 143. Then
     this process (1 x 8 devices) loads the best and the last checkpoint and resumes the last."""
     src = f"prepared:{embedded_dirs['train']}"
     work = tmp_path / "w"
@@ -1635,7 +1702,7 @@ def test_two_processes_train_and_one_process_resumes(embedded_dirs, tmp_path):  
             p.kill()
     logs = ["".join(lines) for lines in logs]
     for i, err in enumerate(logs):
-        assert procs[i].returncode == 0, err[-4000:]
+        assert procs[i].returncode == 128 + signal.SIGTERM, err[-4000:]  # stopped, not done
         assert f"process {i}/2, 4 local / 8 global devices" in err
         assert f"compilation cache: {tmp_path / 'xla'}" in err
     assert list((tmp_path / "xla").glob("*-cache"))  # written by process 0 (JAX's rule)
