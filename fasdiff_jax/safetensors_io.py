@@ -3,7 +3,9 @@
 The format is an 8-byte little-endian header length, a JSON header mapping names to
 ``{dtype, shape, data_offsets}``, then the raw little-endian tensor bytes. We parse it
 ourselves so fp16/bf16 SD checkpoints load without torch and every malformed file raises
-:class:`~fasdiff_jax.errors.ConversionError` naming the file.
+:class:`~fasdiff_jax.errors.ConversionError` naming the file (and the tensor). We accept what
+the reference ``safetensors`` package accepts and nothing more: integer shapes and offsets,
+byte ranges that tile the payload exactly, no repeated names, a string->string metadata map.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Mapping
+from collections import Counter
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -35,8 +38,87 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+class _Object(dict):
+    """A JSON object that remembers which keys it repeated (``json`` keeps the last one)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        self.repeated = sorted(k for k, c in Counter(k for k, _ in pairs).items() if c > 1)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_header(path: str, raw: bytes) -> dict:
+    """The header object, as strict as the format: UTF-8 JSON, no NaN/Infinity, no repeated
+    tensor names (Python's json would keep the last silently)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object,
+                            parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError, OverflowError) as e:
+        # ValueError covers json.JSONDecodeError and over-long integer literals.
+        raise ConversionError(f"{path}: cannot read safetensors header: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: safetensors header is not a JSON object")
+    if header.repeated:
+        raise ConversionError(f"{path}: safetensors header repeats tensor name(s) "
+                              f"{header.repeated[:8]!r}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(v, str) for v in meta.values())):
+        raise ConversionError(f"{path}: safetensors __metadata__ must map strings to strings, "
+                              f"got {str(meta)[:200]}")
+    return header
+
+
+def _uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry(path: str, name: str, info: Any, payload: int) -> tuple[np.dtype, tuple, int, int]:
+    """One tensor's (dtype, shape, begin, end), validated as the format requires."""
+    def bad(why: str) -> ConversionError:
+        return ConversionError(f"{path}: tensor {name!r}: {why} (header entry "
+                               f"{str(info)[:200]})")
+
+    if not isinstance(info, dict):
+        raise bad("entry is not a JSON object")
+    if isinstance(info, _Object) and info.repeated:
+        raise bad(f"entry repeats field(s) {info.repeated}")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise bad(f"missing field {field!r}")
+    dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"unsupported dtype {info['dtype']!r} (supported: {sorted(_DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_uint(s) for s in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_uint, offsets))
+            and offsets[0] <= offsets[1]):
+        raise bad("data_offsets must be [begin, end], non-negative integers, begin <= end")
+    begin, end = offsets
+    # Python ints cannot wrap; stop multiplying once past the payload (a mismatch anyway).
+    count = 0 if 0 in shape else 1
+    for s in shape:
+        if count > payload:
+            break
+        count *= s
+    if count * dtype.itemsize != end - begin:
+        raise bad(f"shape {shape} of {info['dtype']} needs "
+                  f"{'more than ' if count > payload else ''}{count * dtype.itemsize} bytes "
+                  f"but data_offsets span {end - begin}")
+    return dtype, tuple(shape), begin, end
+
+
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy arrays (memory-mapped, read-only)."""
+    """All tensors of a safetensors file as numpy arrays (memory-mapped, read-only).
+
+    Accepts exactly what the format (and the ``safetensors`` package) accepts: tensors whose
+    byte ranges tile the payload from 0 to its end without gaps, overlaps or trailing bytes,
+    so a corrupt or hand-edited file fails here, naming the file and tensor, not later."""
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -47,30 +129,29 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(_MAX_HEADER, size - 8):
                 raise ConversionError(f"{path}: safetensors header length {n} exceeds file size")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = f.read(n)
+    except OSError as e:
         raise ConversionError(f"{path}: cannot read safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path}: safetensors header is not a JSON object")
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConversionError(f"{path}: bad header entry for {name!r}: {info!r}") from e
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - start != expected or start < 0 or end > data.size:
-            raise ConversionError(
-                f"{path}: tensor {name!r} spans bytes [{start}, {end}) but needs {expected} "
-                f"bytes within a {data.size}-byte payload (truncated or corrupt file)"
-            )
-        out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
-    return out
+    header = _parse_header(path, raw)
+    payload = size - 8 - n
+    entries = {name: _entry(path, name, info, payload)
+               for name, info in header.items() if name != "__metadata__"}
+    pos = 0
+    for name in sorted(entries, key=lambda k: entries[k][2:]):
+        begin, end = entries[name][2:]
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise ConversionError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}) "
+                                  f"{what} (expected to begin at byte {pos})")
+        pos = end
+    if pos != payload:
+        why = "truncated or corrupt" if pos > payload else "trailing bytes after the last tensor"
+        raise ConversionError(
+            f"{path}: tensors cover {pos} bytes but the payload has {payload} ({why})")
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if payload
+            else np.zeros(0, np.uint8))
+    return {name: np.frombuffer(data[b:e], dtype=dt).reshape(shape)
+            for name, (dt, shape, b, e) in entries.items()}
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -92,7 +173,8 @@ def write_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     arrays, offset = [], 0
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.asarray(tensors[name])
+        a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes 0-d 1-d
         if a.dtype.newbyteorder("<") in _NAMES:
             a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         if a.dtype not in _NAMES:

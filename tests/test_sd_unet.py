@@ -246,3 +246,46 @@ def test_unknown_block_type(sd1_folder, tmp_path):
         c["down_block_types"] = ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]
     with pytest.raises(UnsupportedConfigError, match="down_block_types"):
         load_diffusers(_copy(sd1_folder, str(tmp_path / "x"), edit_cfg=edit))
+
+
+# Malformed config.json values (hand edits, corrupt downloads): each must fail up front as a
+# ConversionError naming the field, not as a TypeError/ZeroDivisionError or a flax message.
+BAD_UNET_FIELDS = [
+    ("cross_attention_dim", None), ("cross_attention_dim", [24, 24, 24]),
+    ("cross_attention_dim", True), ("in_channels", None), ("in_channels", 4.0),
+    ("out_channels", 0), ("attention_head_dim", 0), ("attention_head_dim", None),
+    ("attention_head_dim", -4), ("attention_head_dim", "4"), ("attention_head_dim", [4, 4, 4]),
+    ("num_attention_heads", [4, 0]), ("norm_num_groups", 0), ("norm_num_groups", 3),
+    ("norm_num_groups", True), ("layers_per_block", 0), ("layers_per_block", [1]),
+    ("transformer_layers_per_block", 0), ("block_out_channels", []),
+    ("block_out_channels", [32, True]), ("block_out_channels", 32),
+    ("upcast_attention", "false"), ("use_linear_projection", 1), ("flip_sin_to_cos", "true"),
+    ("norm_eps", None), ("norm_eps", float("nan")), ("freq_shift", "0"),
+    ("downsample_padding", -1), ("mid_block_scale_factor", None), ("conv_in_kernel", 0),
+    ("conv_out_kernel", None), ("down_block_types", "CrossAttnDownBlock2D"),
+    ("up_block_types", None),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_UNET_FIELDS)
+def test_malformed_config_values_name_the_field(field, value):
+    from fasdiff_jax.models.sd.unet import UNet2DConditionModel
+
+    with pytest.raises(ConversionError, match=field) as info:
+        UNet2DConditionModel.from_diffusers_config(dict(SD1, **{field: value}))
+    assert isinstance(info.value, UnsupportedConfigError)
+    assert repr(value) in str(info.value) or field == "block_out_channels"
+
+
+def test_valid_configs_still_build_and_flags_are_read_as_json():
+    from fasdiff_jax.models.sd.unet import UNet2DConditionModel
+
+    for cfg in (SD1, SD2, dict(SD1, cross_attention_dim=[24, 24]),
+                dict(SD1, num_attention_heads=None, upcast_attention=None)):
+        m = UNet2DConditionModel.from_diffusers_config(cfg)
+        assert m.cross_attention_dim == 24
+    m = UNet2DConditionModel.from_diffusers_config(SD2)
+    assert m.upcast_attention is True and m.use_linear_projection is True
+    assert m.num_attention_heads == (2, 4) and m.transformer_layers_per_block == (2, 1)
+    m = UNet2DConditionModel.from_diffusers_config(dict(SD1, upcast_attention=False))
+    assert m.upcast_attention is False and m.num_attention_heads == (4, 4)

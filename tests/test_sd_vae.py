@@ -174,3 +174,27 @@ def test_unsupported_and_bad_inputs(tiny_vae):
     wrong = AutoencoderKL.from_diffusers_config(cfg)
     with pytest.raises(ConversionError, match="shape mismatch"):
         convert.convert_state_dict(convert.read_weights(folder), convert.abstract_params(wrong))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("scaling_factor", None), ("scaling_factor", "0.18215"), ("scaling_factor", 0),
+    ("norm_num_groups", 0), ("norm_num_groups", 3), ("latent_channels", 0),
+    ("latent_channels", None), ("in_channels", True), ("out_channels", 3.0),
+    ("layers_per_block", 0), ("block_out_channels", [True, 64]), ("block_out_channels", []),
+    ("sample_size", None), ("shift_factor", "x"), ("latents_mean", [0.1, 0.2]),
+    ("latents_std", [1.0, 1.0, 1.0, 0.0]), ("latents_mean", 0.5),
+    ("use_quant_conv", "false"), ("mid_block_add_attention", 0),
+])
+def test_malformed_config_values_name_the_field(field, value):
+    with pytest.raises(UnsupportedConfigError, match=field):
+        AutoencoderKL.from_diffusers_config(dict(TINY, **{field: value}))
+
+
+def test_valid_configs_still_build():
+    m = AutoencoderKL.from_diffusers_config(TINY)
+    assert m.block_out_channels == (32, 64) and m.scaling_factor == 0.18215
+    m = AutoencoderKL.from_diffusers_config(dict(
+        TINY, scaling_factor=1, shift_factor=0.0609, latents_mean=[0, 0.1, 0.2, 0.3],
+        latents_std=[1, 2, 3, 4], sample_size=[16, 16], use_quant_conv=None, force_upcast=True))
+    assert m.scaling_factor == 1.0 and m.shift_factor == 0.0609 and m.sample_size == 16
+    assert m.latents_std == (1.0, 2.0, 3.0, 4.0) and m.use_quant_conv is False

@@ -404,6 +404,83 @@ def _unsupported(field: str, value: Any, why: str) -> UnsupportedConfigError:
     return UnsupportedConfigError(f"config field {field}={value!r} is not supported: {why}")
 
 
+# Typed readers of diffusers config.json fields. A hand-edited or corrupt config (null, 0, a
+# string "false") must fail here naming the field, not deep inside flax or as bool("false").
+
+def invalid_field(field: str, value: Any, why: str, owner: str = "") -> UnsupportedConfigError:
+    """The error for a config value of the wrong type or range, naming field and value."""
+    return UnsupportedConfigError(f"{owner}config field {field}={value!r} is invalid: {why}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1 channel
+
+
+def config_int(cfg: Mapping[str, Any], field: str, default: int, minimum: int = 1,
+               owner: str = "") -> int:
+    """An integer field >= ``minimum`` (bools and floats rejected)."""
+    v = cfg.get(field, default)
+    if not _is_int(v) or v < minimum:
+        raise invalid_field(field, v, f"need an integer >= {minimum}", owner)
+    return v
+
+
+def config_ints(cfg: Mapping[str, Any], field: str, default: Any, n: int, minimum: int = 1,
+                owner: str = "") -> tuple[int, ...]:
+    """A per-block field: one integer for all ``n`` blocks or a list of ``n`` integers."""
+    v = cfg.get(field, default)
+    values = (v,) * n if _is_int(v) else v
+    if (not isinstance(values, (list, tuple)) or len(values) != n
+            or not all(_is_int(x) and x >= minimum for x in values)):
+        raise invalid_field(field, v, f"need an integer >= {minimum} or a list of {n} "
+                            f"(one per block)", owner)
+    return tuple(values)
+
+
+def config_channels(cfg: Mapping[str, Any], field: str, default: Sequence[int],
+                    owner: str = "") -> tuple[int, ...]:
+    """A non-empty list of positive channel counts (``block_out_channels``)."""
+    v = cfg.get(field, default)
+    if (not isinstance(v, (list, tuple)) or not v
+            or not all(_is_int(c) and c > 0 for c in v)):
+        raise invalid_field(field, v, "need a non-empty list of positive integers", owner)
+    return tuple(v)
+
+
+def config_flag(cfg: Mapping[str, Any], field: str, default: bool, owner: str = "") -> bool:
+    """A JSON boolean; ``null`` is False as in diffusers (``if flag:``), a string is an error
+    (``bool("false")`` is True)."""
+    v = cfg.get(field, default)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise invalid_field(field, v, "need true or false", owner)
+    return v
+
+
+def config_float(cfg: Mapping[str, Any], field: str, default: Any, positive: bool = False,
+                 owner: str = "", allow_none: bool = False) -> Optional[float]:
+    """A finite JSON number (``positive``: > 0); ``null`` only where ``allow_none``."""
+    v = cfg.get(field, default)
+    if v is None and allow_none:
+        return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (positive and v <= 0):
+        raise invalid_field(field, v, f"need a finite{' positive' if positive else ''} number",
+                            owner)
+    return float(v)
+
+
+def check_groups(groups: int, channels: Sequence[int], field: str = "norm_num_groups",
+                 owner: str = "") -> None:
+    """GroupNorm needs ``groups`` to divide every block's channels; say so before flax does
+    (its message names neither the field nor the block)."""
+    for i, c in enumerate(channels):
+        if c % groups:
+            raise invalid_field(field, groups, f"block {i} has {c} channels (block_out_channels"
+                                f" {list(channels)}), not divisible into {groups} groups", owner)
+
+
 # field -> (value that is supported, explanation)
 _MUST_BE = {
     "addition_embed_type": (None, "additional embeddings (SDXL text_time, ...) are not implemented"),
@@ -444,9 +521,12 @@ def encoder_kwargs_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if cfg.get("mid_block_only_cross_attention"):
         raise _unsupported("mid_block_only_cross_attention", cfg["mid_block_only_cross_attention"],
                            "not implemented")
-    block_out = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    block_out = config_channels(cfg, "block_out_channels", (320, 640, 1280, 1280))
     n = len(block_out)
-    down = tuple(cfg.get("down_block_types", UNetEncoderFields.down_block_types))
+    down = cfg.get("down_block_types", UNetEncoderFields.down_block_types)
+    if not isinstance(down, (list, tuple)):
+        raise invalid_field("down_block_types", down, "need a list of block type names")
+    down = tuple(down)
     for t in down:
         if t not in (CROSS_ATTN_DOWN, PLAIN_DOWN):
             raise _unsupported("down_block_types", t, f"only {CROSS_ATTN_DOWN} and {PLAIN_DOWN}")
@@ -455,41 +535,38 @@ def encoder_kwargs_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             f"config field down_block_types has {len(down)} entries but block_out_channels {n}")
     if cfg.get("norm_num_groups", 32) is None:
         raise _unsupported("norm_num_groups", None, "GroupNorm is required")
-    cad = cfg.get("cross_attention_dim", 1280)
-    if isinstance(cad, (list, tuple)):
-        if len(set(cad)) != 1:
-            raise _unsupported("cross_attention_dim", cad, "one cross-attention dim for all blocks")
-        cad = cad[0]
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    cad = config_ints(cfg, "cross_attention_dim", 1280, n)
+    if len(set(cad)) != 1:
+        raise _unsupported("cross_attention_dim", cfg["cross_attention_dim"],
+                           "one cross-attention dim for all blocks")
+    # diffusers: num_attention_heads = num_attention_heads or attention_head_dim
+    heads_field = "num_attention_heads" if cfg.get("num_attention_heads") else "attention_head_dim"
     tl = cfg.get("transformer_layers_per_block", 1)
     if isinstance(tl, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in tl):
         raise _unsupported("transformer_layers_per_block", tl, "nested per-layer lists")
-    as_tuple = lambda v, f: per_block(v, n, f)  # noqa: E731
-    try:
-        kw = dict(
-            in_channels=int(cfg.get("in_channels", 4)),
-            block_out_channels=block_out,
-            down_block_types=down,
-            layers_per_block=as_tuple(cfg.get("layers_per_block", 2), "layers_per_block"),
-            transformer_layers_per_block=as_tuple(tl, "transformer_layers_per_block"),
-            num_attention_heads=as_tuple(heads, "attention_head_dim"),
-            cross_attention_dim=int(cad),
-            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-            upcast_attention=bool(cfg.get("upcast_attention", False)),
-            norm_num_groups=int(cfg.get("norm_num_groups", 32)),
-            norm_eps=float(cfg.get("norm_eps", 1e-5)),
-            flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-            freq_shift=float(cfg.get("freq_shift", 0)),
-            downsample_padding=int(cfg.get("downsample_padding", 1)),
-            mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
-            conv_in_kernel=int(cfg.get("conv_in_kernel", 3)),
-        )
-    except ValueError as e:
-        raise UnsupportedConfigError(f"config field {e}") from e
+    kw = dict(
+        in_channels=config_int(cfg, "in_channels", 4),
+        block_out_channels=block_out,
+        down_block_types=down,
+        layers_per_block=config_ints(cfg, "layers_per_block", 2, n),
+        transformer_layers_per_block=config_ints(cfg, "transformer_layers_per_block", 1, n),
+        num_attention_heads=config_ints(cfg, heads_field, 8, n),
+        cross_attention_dim=cad[0],
+        use_linear_projection=config_flag(cfg, "use_linear_projection", False),
+        upcast_attention=config_flag(cfg, "upcast_attention", False),
+        norm_num_groups=config_int(cfg, "norm_num_groups", 32),
+        norm_eps=config_float(cfg, "norm_eps", 1e-5, positive=True),
+        flip_sin_to_cos=config_flag(cfg, "flip_sin_to_cos", True),
+        freq_shift=config_float(cfg, "freq_shift", 0),
+        downsample_padding=config_int(cfg, "downsample_padding", 1, minimum=0),
+        mid_block_scale_factor=config_float(cfg, "mid_block_scale_factor", 1.0),
+        conv_in_kernel=config_int(cfg, "conv_in_kernel", 3),
+    )
+    check_groups(kw["norm_num_groups"], block_out)
     for i, (c, h) in enumerate(zip(block_out, kw["num_attention_heads"])):
         if c % h:
             raise UnsupportedConfigError(
-                f"config field attention_head_dim: block {i} has {c} channels, not divisible "
+                f"config field {heads_field}: block {i} has {c} channels, not divisible "
                 f"into {h} heads")
     return kw
 
@@ -524,7 +601,10 @@ class UNet2DConditionModel(UNetEncoderFields):
         """Our module for a diffusers ``UNet2DConditionModel`` config; raises
         :class:`UnsupportedConfigError` naming the field for features we do not implement."""
         kw = encoder_kwargs_from_config(cfg)
-        up = tuple(cfg.get("up_block_types", cls.up_block_types))
+        up = cfg.get("up_block_types", cls.up_block_types)
+        if not isinstance(up, (list, tuple)):
+            raise invalid_field("up_block_types", up, "need a list of block type names")
+        up = tuple(up)
         want_up = tuple(CROSS_ATTN_UP if t == CROSS_ATTN_DOWN else PLAIN_UP
                         for t in reversed(kw["down_block_types"]))
         for t in up:
@@ -532,8 +612,8 @@ class UNet2DConditionModel(UNetEncoderFields):
                 raise _unsupported("up_block_types", t, f"only {CROSS_ATTN_UP} and {PLAIN_UP}")
         if up != want_up:
             raise _unsupported("up_block_types", up, f"must mirror down_block_types ({want_up})")
-        kw.update(out_channels=int(cfg.get("out_channels", 4)), up_block_types=up,
-                  conv_out_kernel=int(cfg.get("conv_out_kernel", 3)))
+        kw.update(out_channels=config_int(cfg, "out_channels", 4), up_block_types=up,
+                  conv_out_kernel=config_int(cfg, "conv_out_kernel", 3))
         kw.update(overrides)
         return cls(**kw)
 

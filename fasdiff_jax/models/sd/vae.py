@@ -17,9 +17,26 @@ import jax.numpy as jnp
 from fasdiff_jax.errors import UnsupportedConfigError
 from fasdiff_jax.models import layers
 from fasdiff_jax.models.sd.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from fasdiff_jax.models.sd.unet import (check_groups, config_channels, config_flag, config_float,
+                                        config_int, invalid_field)
 
 Dtype = Any
 _EPS = 1e-6  # diffusers' Encoder/Decoder use resnet_eps=1e-6 and GroupNorm eps 1e-6
+
+
+def _latent_stats(cfg: Mapping[str, Any], field: str, latent_channels: int,
+                  positive: bool) -> Optional[tuple[float, ...]]:
+    """``latents_mean`` / ``latents_std``: absent, null or one finite number per latent
+    channel (a wrong length would broadcast silently or fail mid-run)."""
+    v = cfg.get(field)
+    if v is None:
+        return None
+    per = {f"{field}[{i}]": x for i, x in enumerate(v)} if isinstance(v, (list, tuple)) else {}
+    if len(per) != latent_channels:
+        raise invalid_field(field, v, f"need a list of {latent_channels} numbers "
+                            f"(latent_channels)", "AutoencoderKL ")
+    return tuple(config_float(per, k, None, positive=positive, owner="AutoencoderKL ")
+                 for k in per)
 
 
 class MidBlock2D(nn.Module):
@@ -214,9 +231,13 @@ class AutoencoderKL(nn.Module):
     def from_diffusers_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "AutoencoderKL":
         """Our module for a diffusers ``AutoencoderKL`` config.json dict."""
         cfg = dict(cfg)
-        n = len(cfg.get("block_out_channels", (64,)))
-        down = tuple(cfg.get("down_block_types", ("DownEncoderBlock2D",) * n))
-        up = tuple(cfg.get("up_block_types", ("UpDecoderBlock2D",) * n))
+        owner = "AutoencoderKL "
+        chans = config_channels(cfg, "block_out_channels", (64,), owner)
+        n = len(chans)
+        down = cfg.get("down_block_types", ("DownEncoderBlock2D",) * n)
+        up = cfg.get("up_block_types", ("UpDecoderBlock2D",) * n)
+        down = tuple(down) if isinstance(down, (list, tuple)) else (down,)
+        up = tuple(up) if isinstance(up, (list, tuple)) else (up,)
         if any(t != "DownEncoderBlock2D" for t in down) or len(down) != n:
             raise UnsupportedConfigError(
                 f"AutoencoderKL down_block_types {down}: only {n} x 'DownEncoderBlock2D' "
@@ -228,28 +249,26 @@ class AutoencoderKL(nn.Module):
         if act not in ("silu", "swish"):
             raise UnsupportedConfigError(f"AutoencoderKL act_fn {act!r}: only 'silu' is supported")
         sample_size = cfg.get("sample_size", 32)
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = int(sample_size[0])
+        if isinstance(sample_size, (list, tuple)) and sample_size:
+            sample_size = sample_size[0]
+        latent = config_int(cfg, "latent_channels", 4, owner=owner)
         kwargs = dict(
-            in_channels=int(cfg.get("in_channels", 3)),
-            out_channels=int(cfg.get("out_channels", 3)),
-            block_out_channels=tuple(int(c) for c in cfg.get("block_out_channels", (64,))),
-            layers_per_block=int(cfg.get("layers_per_block", 1)),
-            latent_channels=int(cfg.get("latent_channels", 4)),
-            norm_num_groups=int(cfg.get("norm_num_groups", 32)),
-            sample_size=int(sample_size),
-            scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
-            shift_factor=cfg.get("shift_factor"),
-            latents_mean=tuple(cfg["latents_mean"]) if cfg.get("latents_mean") else None,
-            latents_std=tuple(cfg["latents_std"]) if cfg.get("latents_std") else None,
-            use_quant_conv=bool(cfg.get("use_quant_conv", True)),
-            use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
-            mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
+            in_channels=config_int(cfg, "in_channels", 3, owner=owner),
+            out_channels=config_int(cfg, "out_channels", 3, owner=owner),
+            block_out_channels=chans,
+            layers_per_block=config_int(cfg, "layers_per_block", 1, owner=owner),
+            latent_channels=latent,
+            norm_num_groups=config_int(cfg, "norm_num_groups", 32, owner=owner),
+            sample_size=config_int({"sample_size": sample_size}, "sample_size", 32, owner=owner),
+            scaling_factor=config_float(cfg, "scaling_factor", 0.18215, positive=True,
+                                        owner=owner),
+            shift_factor=config_float(cfg, "shift_factor", None, owner=owner, allow_none=True),
+            latents_mean=_latent_stats(cfg, "latents_mean", latent, positive=False),
+            latents_std=_latent_stats(cfg, "latents_std", latent, positive=True),
+            use_quant_conv=config_flag(cfg, "use_quant_conv", True, owner),
+            use_post_quant_conv=config_flag(cfg, "use_post_quant_conv", True, owner),
+            mid_block_add_attention=config_flag(cfg, "mid_block_add_attention", True, owner),
         )
-        for c in kwargs["block_out_channels"]:
-            if c % kwargs["norm_num_groups"]:
-                raise UnsupportedConfigError(
-                    f"AutoencoderKL block_out_channels {c} not divisible by norm_num_groups "
-                    f"{kwargs['norm_num_groups']}")
+        check_groups(kwargs["norm_num_groups"], chans, owner=owner)
         kwargs.update(overrides)
         return cls(**kwargs)
