@@ -16,7 +16,8 @@ converts a whole pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``toke
 ``scheduler/``) into ``ckpt/{unet,vae}/`` (``config.json`` + ``params.safetensors``) and
 ``ckpt/null_text_embedding.safetensors`` (the empty-prompt CLIP embedding, computed once so
 no text encoder is needed afterwards). A single model folder (one with a ``config.json``)
-converts into ``--out`` directly.
+converts into ``--out`` directly. ``--variant fp16`` reads a pipeline's
+``*.fp16.safetensors`` files (and ``*.safetensors.index.fp16.json`` sharded ones) instead.
 
     python -m fasdiff_jax.convert --compressai_checkpoint mbt2018-mean-3-xxxx.pth.tar --out mbt3/
 
@@ -40,8 +41,10 @@ import importlib
 import inspect
 import json
 import os
+import re
+import shutil
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -51,7 +54,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fasdiff_jax import files, safetensors_io
 from fasdiff_jax.diffusion import schedules
-from fasdiff_jax.errors import ConversionError, FasdiffError, UnsupportedConfigError
+from fasdiff_jax.errors import ConversionError, FasdiffError, UnsupportedConfigError, listed
 
 # diffusers class name -> "module:Class" of our implementation (imported lazily).
 MODEL_CLASSES: dict[str, str] = {
@@ -148,13 +151,26 @@ def random_params(module: nn.Module, seed: int = 0) -> Params:
     return unflatten_dict({k: jnp.asarray(draw(k, v)) for k, v in flat.items()})
 
 
-def read_weights(folder: str) -> dict[str, np.ndarray]:
-    """The state dict of a diffusers/transformers folder, from safetensors only (no pickle)."""
+_VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)\.([^.-]+)(?:-\d+-of-\d+)?"
+                           r"\.safetensors$|^(?:diffusion_pytorch_model|model)\.safetensors"
+                           r"\.index\.([^.]+)\.json$")
+
+
+def _variant_names(name: str, variant: str | None) -> tuple[str, str]:
+    """(weights file, sharded index) of ``name`` for ``variant``, as diffusers names them."""
+    if not variant:
+        return name, name + ".index.json"
+    stem = name[:-len(".safetensors")]
+    return f"{stem}.{variant}.safetensors", f"{name}.index.{variant}.json"
+
+
+def read_weights(folder: str, variant: str | None = None) -> dict[str, np.ndarray]:
+    """The state dict of a diffusers/transformers folder, from safetensors only (no pickle);
+    ``variant`` reads diffusers' variant files (``fp16``: ``*.fp16.safetensors``)."""
     for name in _WEIGHT_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return safetensors_io.load_file(path)
-        index = path + ".index.json"
+        plain, index = (os.path.join(folder, n) for n in _variant_names(name, variant))
+        if os.path.isfile(plain):
+            return safetensors_io.load_file(plain)
         if os.path.isfile(index):
             state: dict[str, np.ndarray] = {}
             for shard in _index_shards(index):
@@ -163,7 +179,13 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
     found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     hint = " (.bin pickles are not read: re-save with safe_serialization=True)" if any(
         f.endswith(".bin") for f in found) else ""
-    raise ConversionError(f"{folder}: no {' or '.join(_WEIGHT_FILES)} found{hint}; has {found}")
+    variants = sorted({m.group(1) or m.group(2) for f in found if (m := _VARIANT_FILE.match(f))}
+                      - {variant})
+    if variants:  # diffusers saves e.g. diffusion_pytorch_model.fp16.safetensors
+        hint += (f" (it has variant weights: pass --variant {variants[0]}"
+                 + (f"; variants {variants}" if len(variants) > 1 else "") + ")")
+    wanted = " or ".join(_variant_names(n, variant)[0] for n in _WEIGHT_FILES)
+    raise ConversionError(f"{folder}: no {wanted} found{hint}; has {found}")
 
 
 def _index_shards(index: str) -> list[str]:
@@ -216,7 +238,8 @@ def convert_state_dict(
     """Map a torch state dict onto the tree ``expected`` (arrays or ShapeDtypeStructs)."""
     want = flatten_dict(expected)
     out: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, twice = [], [], []
+    source_key: dict[tuple[str, ...], str] = {}  # which checkpoint key filled each parameter
     for key in sorted(state):
         if key.endswith(_IGNORED_SUFFIXES):
             continue
@@ -233,6 +256,10 @@ def convert_state_dict(
         if target is None:
             unexpected.append(key)
             continue
+        if target in source_key:  # e.g. a VAE with both to_q.weight and legacy query.weight
+            twice.append(f"{source_key[target]} and {key}: both map to {'/'.join(target)}")
+            continue
+        source_key[target] = key
         shape = tuple(want[target].shape)
         value = _to_flax(target[-1], np.asarray(state[key]), shape)
         if tuple(value.shape) != shape:
@@ -244,7 +271,8 @@ def convert_state_dict(
         out[target] = value.astype(want[target].dtype)
     missing = ["/".join(k) for k in want if k not in out]
     problems = []
-    for title, items in (("shape mismatch", mismatched), ("missing from checkpoint", missing),
+    for title, items in (("keys for one parameter", twice), ("shape mismatch", mismatched),
+                         ("missing from checkpoint", missing),
                          ("unexpected in checkpoint", unexpected)):
         if items:
             listed = "\n    ".join(items[:_MAX_LISTED])
@@ -255,15 +283,17 @@ def convert_state_dict(
     return unflatten_dict(out)
 
 
-def load_diffusers(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
-    """``(module, params)`` for a diffusers ``unet/``, ``vae/`` or ``controlnet/`` folder.
+def load_diffusers(folder: str, variant: str | None = None,
+                   **overrides: Any) -> tuple[nn.Module, Params]:
+    """``(module, params)`` for a diffusers ``unet/``, ``vae/`` or ``controlnet/`` folder
+    (``variant``: see :func:`read_weights`).
 
     ``overrides`` go to the module (e.g. ``dtype=jnp.bfloat16``); params stay float32.
     """
     cfg = read_config(folder)
     module = module_from_config(cfg, **overrides)
     expected = abstract_params(module)
-    state = read_weights(folder)
+    state = read_weights(folder, variant)
     # A class may accept several key spellings of one checkpoint format (a classmethod hook).
     if hasattr(type(module), "canonical_state_dict"):
         state = type(module).canonical_state_dict(state)
@@ -412,7 +442,9 @@ def check_out(out: str, src: str | None = None) -> None:
     """Refuse an ``out`` that is a file, or that is, holds or lies in the input folder ``src``,
     before anything is written: converting a pipeline into its own folder wrote
     params.safetensors into the source's unet/ and vae/, then failed copying a file onto
-    itself."""
+    itself. An empty ``out`` (``--out ""``) is refused: it wrote into the current folder."""
+    if not out.strip():
+        raise ConversionError("--out is empty: name the output folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConversionError(f"--out {out}: is a file, not a folder")
     if src is None or "://" in src:
@@ -475,34 +507,152 @@ def read_scheduler_config(path: str) -> dict:
     return cfg
 
 
-def convert_pipeline(src: str, out: str) -> dict[str, str]:
-    """Convert a diffusers SD pipeline folder; returns what was written. The output folder
-    and the scheduler config are checked before anything is written."""
-    check_out(out, src)
-    sched = os.path.join(src, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sched):
-        read_scheduler_config(sched)
-    written = {}
-    for component in ("unet", "vae"):
-        folder = os.path.join(src, component)
-        if not os.path.isdir(folder):
-            raise ConversionError(f"{src}: pipeline folder has no {component}/")
-        module, params = load_diffusers(folder)
-        save_component(os.path.join(out, component), read_config(folder), params)
-        written[component] = os.path.join(out, component)
-    if os.path.isdir(os.path.join(src, "text_encoder")):
-        from fasdiff_jax.models.sd import text_encoder
+# What a pipeline conversion writes into ``--out`` (and nothing else): the folder is
+# replaced as a whole, so these are also all that a later conversion may replace.
+PIPELINE_FILES = ("unet/config.json", f"unet/{PARAMS_FILE}", "vae/config.json",
+                  f"vae/{PARAMS_FILE}", NULL_TEXT_FILE, "scheduler/scheduler_config.json")
+_PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+_ASIDE = ".old"  # ``OUT.old.tmp-HOST-PID``: a previous conversion moved aside by the swap
 
-        emb = text_encoder.null_text_embedding_from_pipeline(src)
-        safetensors_io.save_file({"null_text": np.asarray(emb)}, os.path.join(out, NULL_TEXT_FILE))
-        written["null_text"] = os.path.join(out, NULL_TEXT_FILE)
-    if os.path.isfile(sched):
-        files.remove_stale_temps(os.path.join(out, "scheduler"), {"scheduler_config.json"})
-        with open(sched, "rb") as f:  # copied atomically: a full disk left half a JSON file
-            files.write_atomically(
-                os.path.join(out, "scheduler", "scheduler_config.json"), f.read())
-        written["scheduler"] = os.path.join(out, "scheduler")
-    return written
+
+def _foreign_files(out: str) -> list[str]:
+    """What ``out`` holds besides a previous pipeline conversion's :data:`PIPELINE_FILES`
+    (and the temporary names of those a killed run left): files convert must not delete."""
+    parts: dict[str, set[str]] = {}
+    for rel in PIPELINE_FILES:
+        head, _, tail = rel.rpartition("/")
+        parts.setdefault(head, set()).add(tail)
+    top = parts.pop("")
+    foreign = []
+    for entry in sorted(os.listdir(out)):
+        path = os.path.join(out, entry)
+        if entry in parts and os.path.isdir(path) and not os.path.islink(path):
+            for inner in sorted(os.listdir(path)):
+                ours = inner in parts[entry] and os.path.isfile(os.path.join(path, inner))
+                if not (ours or files.is_temp_of(inner, parts[entry])):
+                    foreign.append(os.path.join(path, inner))
+        elif not (entry in top and os.path.isfile(path) or files.is_temp_of(entry, top)):
+            foreign.append(path)
+    return foreign
+
+
+def _recover_swap(dest: str) -> None:
+    """Finish what a killed conversion left around ``dest``: its half-written new set
+    (``dest.tmp-HOST-PID``) goes; a previous set it had moved aside (``dest.old.tmp-...``)
+    goes too where ``dest`` holds the new one, and is put back where the kill came between
+    the swap's two renames (no ``dest``). Other machines' and live runs' stay."""
+    parent, name = os.path.split(dest)
+    parent = parent or "."
+    if not os.path.lexists(dest):
+        for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+            if files.is_leftover(entry, {name + _ASIDE}):
+                os.rename(os.path.join(parent, entry), dest)
+                break
+    files.remove_stale_temps(parent, {name, name + _ASIDE})
+
+
+def _check_pipeline(src: str) -> tuple[dict, dict]:
+    """Every part a conversion needs, checked before any weights are read or written:
+    (unet config, vae config). A pipeline without its scheduler config trained with another
+    noise schedule (the config's defaults), one without a text encoder or tokenizer had no
+    empty-prompt embedding (found only when training started), and a text encoder of
+    another width than the UNet's cross-attention failed in the first training step."""
+    if not os.path.isdir(src):
+        if os.path.isfile(src):
+            raise ConversionError(
+                f"--diffusers_dir {src}: is a file; single-file checkpoints (.safetensors, "
+                f".ckpt) are not supported: load it with diffusers' "
+                f"StableDiffusionPipeline.from_single_file and save_pretrained it to a folder")
+        raise ConversionError(f"--diffusers_dir {src}: does not exist")
+    sched = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):  # a damaged one is named first
+        read_scheduler_config(sched)
+    missing = [f"{p}/" for p in _PIPELINE_PARTS if not os.path.isdir(os.path.join(src, p))]
+    if not os.path.isfile(sched):
+        missing.append("scheduler/scheduler_config.json")
+    if missing:
+        raise ConversionError(f"{src}: pipeline folder has no {', '.join(missing)} (a diffusers "
+                              f"Stable Diffusion pipeline folder has them all)")
+    from fasdiff_jax.models.sd import text_encoder
+
+    text_encoder.empty_prompt_ids(os.path.join(src, "tokenizer"))  # refused here, not later
+    unet_cfg, vae_cfg = (read_config(os.path.join(src, p)) for p in ("unet", "vae"))
+    text_cfg = read_config(os.path.join(src, "text_encoder"))
+    width = module_from_config(unet_cfg).cross_attention_dim
+    if text_cfg.get("hidden_size") != width:
+        raise ConversionError(
+            f"{src}: text_encoder hidden_size {text_cfg.get('hidden_size')} != unet "
+            f"cross_attention_dim {width}: the text encoder is not this UNet's")
+    return unet_cfg, vae_cfg
+
+
+def convert_pipeline(src: str, out: str, variant: str | None = None) -> dict[str, str]:
+    """Convert a diffusers SD pipeline folder into ``out``; returns what was written.
+
+    Every part is read and checked first; the whole set (:data:`PIPELINE_FILES`) is then
+    written to ``OUT.tmp-HOST-PID`` next to ``out`` and swapped in: an existing ``out`` is
+    renamed to ``OUT.old.tmp-HOST-PID``, the new set renamed to ``out``, the old removed.
+    A failed write (a full disk) removes the new set and leaves the old ``out`` untouched;
+    so does a kill before the swap (its temporary folder is removed by the next run). A
+    kill between the two renames leaves no ``out``, the whole old set in
+    ``OUT.old.tmp-HOST-PID`` and the whole new one in ``OUT.tmp-HOST-PID``: the next run
+    puts the old set back before it starts (or rename the new one to ``out`` by hand).
+    An ``out`` holding anything else than a previous conversion's files is refused:
+    convert replaces the folder, and must not delete what it did not write."""
+    check_out(out, src)
+    dest = os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
+    _recover_swap(dest)  # first: a run that then fails puts a killed run's old set back too
+    unet_cfg, vae_cfg = _check_pipeline(src)
+    if os.path.isdir(dest):
+        foreign = _foreign_files(dest)
+        if foreign:
+            raise ConversionError(
+                f"--out {out}: holds files that a pipeline conversion did not write: "
+                f"{listed(foreign)}; convert replaces the whole folder: move them, or "
+                f"choose a new folder")
+    from fasdiff_jax.models.sd import text_encoder
+
+    unet = load_diffusers(os.path.join(src, "unet"), variant)[1]
+    vae = load_diffusers(os.path.join(src, "vae"), variant)[1]
+    null = np.asarray(text_encoder.null_text_embedding_from_pipeline(src, variant), np.float32)
+    with open(os.path.join(src, "scheduler", "scheduler_config.json"), "rb") as f:
+        sched = f.read()
+
+    tmp = files.temp_name(dest)
+    try:
+        save_component(os.path.join(tmp, "unet"), unet_cfg, unet)
+        save_component(os.path.join(tmp, "vae"), vae_cfg, vae)
+        safetensors_io.save_file({"null_text": null}, os.path.join(tmp, NULL_TEXT_FILE))
+        files.write_atomically(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
+        _swap_in(tmp, dest)
+    except OSError as e:  # named by the temporary folder, gone when the user reads it: out
+        name = e.filename if isinstance(e.filename, str) else ""
+        if e.errno is None or not name.startswith(tmp + os.sep):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), os.path.join(out, name[len(tmp) + 1:])
+                      ) from e
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {p: os.path.join(out, p) for p in ("unet", "vae")} | {
+        "null_text": os.path.join(out, NULL_TEXT_FILE),
+        "scheduler": os.path.join(out, "scheduler")}
+
+
+def _swap_in(new: str, dest: str) -> None:
+    """Rename the folder ``new`` to ``dest``, a previous ``dest`` aside first and removed
+    after (see :func:`convert_pipeline` for what a kill between the renames leaves)."""
+    if not os.path.isdir(dest):
+        os.rename(new, dest)
+        return
+    aside = files.temp_name(dest + _ASIDE)
+    os.rename(dest, aside)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(aside, dest)  # the old set back in place
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _load_failure(e: Exception) -> str:
@@ -602,7 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--hyperprior_workdir",
                      help="the workdir of a baseline trained with configs/mbt2018_mean.py")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--variant", default=None,
+                        help="read the weights variant NAME (e.g. fp16: the "
+                             "*.fp16.safetensors files) of --diffusers_dir")
     args = parser.parse_args(argv)
+    if args.variant is not None and not args.diffusers_dir:
+        parser.error("--variant applies to --diffusers_dir only")
     try:
         if args.compressai_checkpoint:
             check_out(args.out)
@@ -614,11 +769,11 @@ def main(argv: list[str] | None = None) -> int:
             written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']} (step {step})": args.out}
         elif os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
             check_out(args.out, args.diffusers_dir)
-            _, params = load_diffusers(args.diffusers_dir)
+            _, params = load_diffusers(args.diffusers_dir, args.variant)
             save_component(args.out, read_config(args.diffusers_dir), params)
             written = {"model": args.out}
         else:
-            written = convert_pipeline(args.diffusers_dir, args.out)
+            written = convert_pipeline(args.diffusers_dir, args.out, args.variant)
     except FasdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

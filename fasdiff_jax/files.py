@@ -97,6 +97,18 @@ def _running(pid: int) -> bool:
     return True
 
 
+def is_temp_of(entry: str, names: Collection[str]) -> bool:
+    """Whether the folder entry ``entry`` is a :func:`temp_name` of one of ``names``."""
+    return _writer(entry, names) is not None
+
+
+def is_leftover(entry: str, names: Collection[str]) -> bool:
+    """Whether ``entry`` is a :func:`temp_name` of one of ``names`` whose writer, on this
+    machine, no longer runs (killed); other machines' and live writers' are not."""
+    writer = _writer(entry, names)
+    return writer is not None and writer[0] in (None, _HOST) and not _running(writer[1])
+
+
 def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0.0
                        ) -> list[str]:
     """Remove the :func:`temp_name` files and folders in ``folder`` of outputs named
@@ -110,8 +122,7 @@ def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0
         return []
     removed, now = [], time.time()
     for entry in entries:
-        writer = _writer(entry, names)
-        if writer is None or writer[0] not in (None, _HOST) or _running(writer[1]):
+        if not is_leftover(entry, names):
             continue
         path = os.path.join(folder, entry)
         try:

@@ -113,3 +113,16 @@ def test_latent_resolution_condition_and_errors():
     assert [d.shape[1] for d in down] == [16, 16, 8, 8] and mid.shape == (1, 8, 8, 64)
     with pytest.raises(ValueError, match="cond has shape"):
         module.apply({"params": params}, x, t, ctx, jnp.ones((1, 128, 128, 5)))
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("conditioning_channels", 0, "need an integer >= 1"),
+    ("conditioning_channels", None, "need an integer >= 1"),
+    ("conditioning_embedding_out_channels", [8, "16"], "need a non-empty list of positive"),
+    ("global_pool_conditions", "false", "need true or false"),  # bool("false") was True
+])
+def test_malformed_controlnet_config_values_name_the_field(field, value, why):
+    from fasdiff_jax.errors import UnsupportedConfigError
+
+    with pytest.raises(UnsupportedConfigError, match=f"config field {field}=.* is invalid: {why}"):
+        ControlNetModel.from_diffusers_config(dict(CN, **{field: value}))

@@ -262,3 +262,48 @@ def test_a_failed_conversion_leaves_the_old_folder_whole(tmp_path, capsys, monke
     assert convert.main(argv) == 0  # the rerun, with room, replaces both
     assert (out / convert.PARAMS_FILE).read_bytes() != old[convert.PARAMS_FILE]
     assert sorted(os.listdir(out)) == sorted(old)
+
+
+def test_two_keys_for_one_parameter_are_refused_naming_both():
+    """A VAE with both ``attentions.0.to_q.weight`` and the legacy ``query.weight``: one of
+    the two was dropped silently (whichever sorted last won)."""
+    want = {"mid": {"attentions_0": {"to_q": {"kernel": jax.ShapeDtypeStruct((2, 2),
+                                                                           jnp.float32)}}}}
+    state = {"mid.attentions.0.to_q.weight": np.eye(2, dtype=np.float32),
+             "mid.attentions.0.query.weight": np.zeros((2, 2), np.float32)}
+    with pytest.raises(ConversionError, match=re.escape(
+            "mid.attentions.0.query.weight and mid.attentions.0.to_q.weight: both map to "
+            "mid/attentions_0/to_q/kernel")):
+        convert.convert_state_dict(state, want)
+    del state["mid.attentions.0.query.weight"]
+    got = convert.convert_state_dict(state, want)
+    np.testing.assert_array_equal(got["mid"]["attentions_0"]["to_q"]["kernel"], np.eye(2))
+
+
+def test_variant_weights_are_read_with_variant_and_named_without(tmp_path):
+    """diffusers' ``save_pretrained(variant="fp16")`` files: reported as missing weights."""
+    one = {"a": np.ones(3, np.float32)}
+    safetensors_io.save_file(one, tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(ConversionError, match=r"pass --variant fp16\)"):
+        convert.read_weights(str(tmp_path))
+    np.testing.assert_array_equal(convert.read_weights(str(tmp_path), "fp16")["a"], one["a"])
+    with pytest.raises(ConversionError, match=r"no diffusion_pytorch_model\.bf16\.safetensors "
+                                              r"or model\.bf16\.safetensors found"):
+        convert.read_weights(str(tmp_path), "bf16")
+    # sharded: diffusers names the index *.safetensors.index.fp16.json
+    shard = tmp_path / "sh"
+    safetensors_io.save_file(one, shard / "model.fp16-00001-of-00001.safetensors")
+    (shard / "model.safetensors.index.fp16.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.fp16-00001-of-00001.safetensors"}}))
+    with pytest.raises(ConversionError, match="pass --variant fp16"):
+        convert.read_weights(str(shard))
+    assert list(convert.read_weights(str(shard), "fp16")) == ["a"]
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """``--out ""`` wrote into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "mbt.npz", **_compressai_state_dict(8, 12))
+    assert convert.main(["--compressai_checkpoint", "mbt.npz", "--out", ""]) == 2
+    assert capsys.readouterr().err == "error: --out is empty: name the output folder\n"
+    assert os.listdir(tmp_path) == ["mbt.npz"]

@@ -26,6 +26,7 @@ from fasdiff_jax import convert, sharding
 from fasdiff_jax.coding import BitstreamError
 from fasdiff_jax.coding import container as ct
 from fasdiff_jax.data.pipeline import make_train_iterator
+from fasdiff_jax.diffusion import schedules
 from fasdiff_jax.errors import ConversionError, NonFiniteLossError
 from fasdiff_jax.models import fasdiff
 from fasdiff_jax.models import hyperprior as H
@@ -442,3 +443,59 @@ def test_sampler_overrides_of_the_wrong_type_are_refused(tiny_model):
             model.sampler_spec(**kw)
     spec = model.sampler_spec(steps=np.int64(3), eta=1, seed=np.uint32(7), t_start=0)
     assert (spec.steps, spec.eta, spec.seed) == (3, 1.0, 7)
+
+
+def _tiny_sd_checkpoint(ckpt: Path, null_width: int | None = None) -> Path:
+    """A converted SD folder of configs/tiny.py's shapes, random weights, no scheduler/."""
+    base = fasdiff.build(tiny.get_config().model)
+    for name, mod in (("unet", base.unet), ("vae", base.vae)):
+        convert.save_component(str(ckpt / name), dict(tiny.get_config().model[name]),
+                               convert.random_params(mod, 0))
+    width = null_width or base.unet.cross_attention_dim
+    convert.safetensors_io.save_file({"null_text": np.zeros((1, 5, width), np.float32)},
+                                     ckpt / convert.NULL_TEXT_FILE)
+    return ckpt
+
+
+def test_an_sd_checkpoint_without_a_schedule_is_refused(tmp_path):
+    """A folder converted without scheduler/ built Schedule.create's defaults (linear
+    1e-4..0.02, epsilon), not SD's, when the config gives no scheduler (configs/celeba.py)."""
+    ckpt = _tiny_sd_checkpoint(tmp_path / "ckpt")
+    cfg = tiny.get_config().model
+    cfg.sd_checkpoint = str(ckpt)
+    alphas = lambda m: np.asarray(m.schedule.alphas_cumprod)  # noqa: E731
+    tiny_sched = dict(cfg.scheduler)
+    np.testing.assert_array_equal(alphas(fasdiff.build(cfg)),  # the config's schedule
+                                  np.asarray(schedules.Schedule.create(**{
+                                      k: v for k, v in tiny_sched.items()
+                                      if k in schedules.Schedule.create.__code__.co_varnames
+                                  }).alphas_cumprod))
+    cfg.scheduler = {}  # as configs/celeba.py: read from the checkpoint
+    with pytest.raises(ConversionError, match=re.escape(
+            f"sd_checkpoint {ckpt}: no scheduler/scheduler_config.json and "
+            f"config.model.scheduler is empty")) as e:
+        fasdiff.build(cfg)
+    assert "convert the pipeline again" in str(e.value)
+    (ckpt / "scheduler").mkdir()
+    (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+         "prediction_type": "v_prediction"}))
+    model = fasdiff.build(cfg)
+    want = schedules.Schedule.create(beta_schedule="scaled_linear", beta_start=0.00085,
+                                     beta_end=0.012)
+    np.testing.assert_array_equal(alphas(model), np.asarray(want.alphas_cumprod))
+    assert model.schedule.prediction_type == "v_prediction"
+
+
+def test_a_null_text_of_another_width_is_refused_when_loaded(tmp_path):
+    """A text encoder of another width than the UNet's cross-attention converted, and the
+    first training step failed inside flax (ScopeParamShapeError)."""
+    cfg = tiny.get_config().model
+    cfg.sd_checkpoint = str(_tiny_sd_checkpoint(tmp_path / "ckpt", null_width=7))
+    model = fasdiff.build(cfg)
+    width = model.unet.cross_attention_dim
+    with pytest.raises(ConversionError, match=re.escape(
+            f"{tmp_path / 'ckpt' / convert.NULL_TEXT_FILE} does not fit {tmp_path / 'ckpt'}"
+            f"/unet: null_text: (1, 5, 7) != (1, L, {width})")):
+        model.frozen_params(jax.random.key(0))
+    assert model.null_text_differences(np.zeros((1, 5, width))) == []

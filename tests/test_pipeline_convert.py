@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers import CLIPTextModel as TorchCLIP
 
-from fasdiff_jax import convert
+from fasdiff_jax import convert, files
 from fasdiff_jax.errors import ConversionError
 from fasdiff_jax.models.sd import text_encoder
 from test_convert_core import full_disk
@@ -199,26 +200,184 @@ def test_hyperprior_workdir_errors_do_not_advise_a_missing_flag(tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
-def test_a_full_disk_leaves_the_old_scheduler_config_whole(tmp_path, capsys, monkeypatch):
-    """The scheduler config was copied in place: a full disk left half a JSON file, which
-    every later training build refused."""
-    src, out = tmp_path / "sd", tmp_path / "ckpt"
-    for component in ("unet", "vae"):  # any model folder converts; a tiny VAE is cheapest
-        _tiny_vae_folder(src / component)
-    sched = src / "scheduler" / "scheduler_config.json"
-    sched.parent.mkdir()
-    sched.write_text(json.dumps({"prediction_type": "epsilon"}))
-    argv = ["--diffusers_dir", str(src), "--out", str(out)]
+def _make_pipeline(dst, seed: int, prediction: str) -> None:
+    """A tiny SD pipeline folder as diffusers saves one (the audit's ``mk.py``)."""
+    _randomize(TorchUNet(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4), seed).save_pretrained(str(dst / "unet"), safe_serialization=True)
+    _randomize(TorchVAE(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2), seed + 1).save_pretrained(
+        str(dst / "vae"), safe_serialization=True)
+    _randomize(TorchCLIP(CLIPTextConfig(**TEXT)), seed + 2).save_pretrained(
+        str(dst / "text_encoder"), safe_serialization=True)
+    _save_tokenizer(str(dst / "tokenizer"), "<|endoftext|>")
+    DDIMScheduler(prediction_type=prediction).save_pretrained(str(dst / "scheduler"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Two tiny pipelines of one shape (``a``: epsilon, ``b``: v_prediction) and their
+    conversions (``a_out``, ``b_out``), to tell which set a folder holds."""
+    root = tmp_path_factory.mktemp("pipelines")
+    for name, seed, pred in (("a", 0, "epsilon"), ("b", 7, "v_prediction")):
+        _make_pipeline(root / name, seed, pred)
+        assert convert.main(["--diffusers_dir", str(root / name), "--out",
+                             str(root / f"{name}_out")]) == 0
+    return root
+
+
+def _contents(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_full_disk_leaves_the_old_set_whole(tmp_path, capsys, monkeypatch, pipelines):
+    """Components were written one after another into --out: a full disk after the new
+    UNet (or at the scheduler config) left it with the old VAE, null text and scheduler, a
+    mixture of two models that loads without complaint."""
+    out = tmp_path / "ckpt"
+    shutil.copytree(pipelines / "a_out", out)
+    old = _contents(out)
+    unet_size = len(old[f"unet/{convert.PARAMS_FILE}"])
+    argv = ["--diffusers_dir", str(pipelines / "b"), "--out", str(out)]
+    for only, free, failed in ((convert.PARAMS_FILE, unet_size + 10, f"vae/{convert.PARAMS_FILE}"),
+                               ("scheduler_config.json", 10, "scheduler/scheduler_config.json")):
+        with monkeypatch.context() as m:
+            full_disk(m, free, only=only)
+            assert convert.main(argv) == 2
+        assert capsys.readouterr().err == f"error: {out / failed}: No space left on device\n"
+        assert _contents(out) == old  # the whole old set, nothing new
+        assert os.listdir(tmp_path) == ["ckpt"]  # the new set's temporary folder is gone
     assert convert.main(argv) == 0
-    old = (out / "scheduler" / "scheduler_config.json").read_bytes()
-    sched.write_text(json.dumps({"prediction_type": "v_prediction"}))
-    with monkeypatch.context() as m:
-        full_disk(m, 10, only="scheduler_config.json")
-        assert convert.main(argv) == 2
+    assert _contents(out) == _contents(pipelines / "b_out")
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_kill_during_the_swap_leaves_a_whole_set_and_a_rerun_cleans_up(tmp_path, pipelines):
+    """What a ``kill -9`` leaves at each point (the writer's pid no longer runs): the
+    folder a rerun finds is one whole set, never a mixture, and the leftovers go."""
+    from test_files import dead_pid
+
+    out, dead = tmp_path / "ckpt", dead_pid()
+    tmp_new = files.temp_name(str(out)).rsplit("-", 1)[0] + f"-{dead}"  # a killed run's
+    aside = files.temp_name(f"{out}.old").rsplit("-", 1)[0] + f"-{dead}"
+    a_set, b_set = _contents(pipelines / "a_out"), _contents(pipelines / "b_out")
+    argv = ["--diffusers_dir", str(pipelines / "b"), "--out", str(out)]
+    # killed while writing the new set (after its UNet): --out untouched, the half set goes
+    shutil.copytree(pipelines / "a_out", out)
+    shutil.copytree(pipelines / "b_out" / "unet", f"{tmp_new}/unet")
+    assert convert.main(["--diffusers_dir", str(pipelines / "a"), "--out", str(out)]) == 0
+    assert _contents(out) == a_set and os.listdir(tmp_path) == ["ckpt"]
+    # killed between the two renames: no --out, the old set aside and the new one whole
+    shutil.move(str(out), aside)
+    shutil.copytree(pipelines / "b_out", tmp_new)
+    with pytest.raises(ConversionError, match="not a folder|config.json"):
+        convert.read_config(str(out / "unet"))  # nothing half there to be used
+    bad = ["--diffusers_dir", str(tmp_path / "none"), "--out", str(out)]
+    assert convert.main(bad) == 2  # even a run that fails...
+    assert convert.main(argv[:1] + [str(pipelines / "a")] + argv[2:]) == 0  # ...or succeeds
+    assert _contents(out) == a_set and os.listdir(tmp_path) == ["ckpt"]
+    shutil.move(str(out), aside)
+    shutil.copytree(pipelines / "b_out", tmp_new)
+    (tmp_path / "none").mkdir()
+    assert convert.main(bad) == 2  # a failing rerun puts the old set back
+    assert _contents(out) == a_set and sorted(os.listdir(tmp_path)) == ["ckpt", "none"]
+    # killed after the second rename: the new set in place, the old one aside goes
+    shutil.copytree(pipelines / "a_out", aside)
+    assert convert.main(argv) == 0
+    assert _contents(out) == b_set and sorted(os.listdir(tmp_path)) == ["ckpt", "none"]
+
+
+def test_a_failed_swap_puts_the_old_set_back(tmp_path, capsys, monkeypatch, pipelines):
+    out = tmp_path / "ckpt"
+    shutil.copytree(pipelines / "a_out", out)
+    real_rename, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the new set into place
+            raise OSError(13, "Permission denied", b)
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    assert convert.main(["--diffusers_dir", str(pipelines / "b"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: Permission denied\n"
+    assert _contents(out) == _contents(pipelines / "a_out")
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_files_convert_did_not_write_are_never_deleted(tmp_path, capsys, pipelines):
+    """Convert replaces --out as a whole: a folder holding anything else is refused."""
+    out = tmp_path / "ckpt"
+    shutil.copytree(pipelines / "a_out", out)
+    (out / "notes.txt").write_text("mine")
+    (out / "unet" / "extra.bin").write_text("mine")
+    before = _contents(out)
+    assert convert.main(["--diffusers_dir", str(pipelines / "b"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {out / 'scheduler' / 'scheduler_config.json'}: No space left on device\n"
-    assert os.listdir(out / "scheduler") == ["scheduler_config.json"]  # no temp left
-    assert (out / "scheduler" / "scheduler_config.json").read_bytes() == old
-    assert convert.main(argv) == 0
-    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text()) == {
-        "prediction_type": "v_prediction"}
+    assert err.startswith(f"error: --out {out}: holds files that a pipeline conversion did not "
+                          f"write: {out / 'notes.txt'}; {out / 'unet' / 'extra.bin'};")
+    assert _contents(out) == before and os.listdir(tmp_path) == ["ckpt"]
+    for extra in (out / "notes.txt", out / "unet" / "extra.bin"):
+        extra.unlink()
+    leftover = files.temp_name(str(out / "unet" / convert.PARAMS_FILE)).rsplit("-", 1)[0]
+    with open(leftover + "-1", "w") as f:  # a killed run's temp (pid 1: not ours)
+        f.write("old temp")
+    (tmp_path / "empty").mkdir()  # an empty folder, and a previous conversion, are replaced
+    for folder in (out, tmp_path / "empty"):
+        assert convert.main(["--diffusers_dir", str(pipelines / "b"), "--out", str(folder)]) == 0
+        assert _contents(folder) == _contents(pipelines / "b_out")
+
+
+@pytest.mark.parametrize("drop, why", [
+    ("scheduler", "has no scheduler/scheduler_config.json"),
+    ("text_encoder", "has no text_encoder/"), ("tokenizer", "has no tokenizer/"),
+    ("width", "text_encoder hidden_size 48 != unet cross_attention_dim 32")])
+def test_an_incomplete_pipeline_is_refused_before_writing(tmp_path, capsys, pipelines, drop,
+                                                          why):
+    """Without scheduler/ training used Schedule.create's defaults (not SD's); without
+    text_encoder/ no null text was written (exit 0); without tokenizer/ the error came after
+    the UNet and VAE were written; another width failed in the first training step."""
+    src, out = tmp_path / "sd", tmp_path / "ckpt"
+    shutil.copytree(pipelines / "a", src)
+    shutil.copytree(pipelines / "b_out", out)
+    if drop == "width":
+        cfg = json.loads((src / "text_encoder" / "config.json").read_text())
+        (src / "text_encoder" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))
+    else:
+        shutil.rmtree(src / drop)
+    assert convert.main(["--diffusers_dir", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and why in err and err.count("\n") == 1
+    assert _contents(out) == _contents(pipelines / "b_out")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "sd"]
+
+
+def test_variant_pipelines_convert_with_variant(tmp_path, capsys, pipelines):
+    """diffusers' fp16 variant files were reported as missing weights, with no way to read
+    them."""
+    src = tmp_path / "sd"
+    shutil.copytree(pipelines / "a", src)
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        os.rename(src / part / f"{name}.safetensors", src / part / f"{name}.fp16.safetensors")
+    argv = ["--diffusers_dir", str(src), "--out", str(tmp_path / "o")]
+    assert convert.main(argv) == 2
+    assert "(it has variant weights: pass --variant fp16)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert convert.main(argv + ["--variant", "fp16"]) == 0
+    assert _contents(tmp_path / "o") == _contents(pipelines / "a_out")
+
+
+def test_what_is_not_a_pipeline_folder_is_named(tmp_path, capsys):
+    (tmp_path / "sd.safetensors").write_bytes(b"x")
+    for src, why in ((tmp_path / "nope", "does not exist"),
+                     (tmp_path / "sd.safetensors", "is a file; single-file checkpoints "
+                                                   "(.safetensors, .ckpt) are not supported")):
+        assert convert.main(["--diffusers_dir", str(src), "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --diffusers_dir {src}: {why}")
+    assert convert.main(["--diffusers_dir", str(tmp_path / "nope"), "--out", ""]) == 2
+    assert capsys.readouterr().err == "error: --out is empty: name the output folder\n"
+    assert sorted(os.listdir(tmp_path)) == ["sd.safetensors"]

@@ -375,11 +375,17 @@ class FaSDiff:
         want = self.trainable_shapes()
         diff = layers.shape_differences(want, {k: params[k] for k in want})
         diff += _frozen_differences(frozen_probe_shapes(self.unet, self.vae), params)
-        null, width = tuple(np.shape(params["null_text"])), self.unet.cross_attention_dim
-        if len(null) != 3 or null[0] != 1 or null[2] != width:  # any prompt length L
-            diff.append(f"null_text: {null} != (1, L, {width})")
+        diff += self.null_text_differences(params["null_text"])
         if diff:
             raise ConversionError(f"params do not fit this FaSDiff config: {listed(diff)}")
+
+    def null_text_differences(self, null: Any) -> list[str]:
+        """``["null_text: (shape) != (1, L, width)"]`` where the empty-prompt embedding does
+        not fit the UNet's cross-attention width (any prompt length L), else ``[]``."""
+        shape, width = tuple(np.shape(null)), self.unet.cross_attention_dim
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != width:
+            return [f"null_text: {shape} != (1, L, {width})"]
+        return []
 
     def _prepared(self, params: Params):
         """(hyperprior coder, this model's fingerprint, compressor params wrapped once).
@@ -610,6 +616,11 @@ def _load_sd_checkpoint(model: FaSDiff, ckpt: str) -> tuple[Params, Params, jax.
             raise ConversionError(f"{ckpt}/{what} does not match config.model.{what}: fields "
                                   f"{diff} differ (build the model from the checkpoint's config)")
     null = convert.load_null_text_embedding(ckpt)
+    diff = model.null_text_differences(null)  # a text encoder of another width: it failed
+    if diff:  # in the first training step, with flax's ScopeParamShapeError
+        raise ConversionError(f"{os.path.join(ckpt, convert.NULL_TEXT_FILE)} does not fit "
+                              f"{ckpt}/unet: {listed(diff)} (the text encoder converted with "
+                              f"it is not this UNet's: convert the pipeline again)")
     return unet_params, vae_params, null
 
 
@@ -624,10 +635,15 @@ def build(cfg: Any) -> FaSDiff:
     if ckpt:
         unet_cfg = convert.read_config(os.path.join(ckpt, "unet"))
         vae_cfg = convert.read_config(os.path.join(ckpt, "vae"))
-        sched_path = os.path.join(ckpt, "scheduler")
-        if os.path.isdir(sched_path):  # checked and named by path (a damaged file)
-            sched_cfg = {**convert.read_scheduler_config(
-                os.path.join(sched_path, "scheduler_config.json")), **sched_cfg}
+        sched_path = os.path.join(ckpt, "scheduler", "scheduler_config.json")
+        if os.path.lexists(sched_path):  # checked and named by path (a damaged file)
+            sched_cfg = {**convert.read_scheduler_config(sched_path), **sched_cfg}
+        elif not sched_cfg:  # Schedule.create's defaults are not SD's betas nor v_prediction
+            raise ConversionError(
+                f"sd_checkpoint {ckpt}: no scheduler/scheduler_config.json and "
+                f"config.model.scheduler is empty: the noise schedule is unknown (converted "
+                f"without the pipeline's scheduler/): convert the pipeline again with "
+                f"python -m fasdiff_jax.convert")
         cfg = {**cfg, "unet": unet_cfg, "vae": vae_cfg, "scheduler": sched_cfg}
     unet = UNet2DConditionModel.from_diffusers_config(unet_cfg, **common)
     vae = AutoencoderKL.from_diffusers_config(vae_cfg, **common)

@@ -78,12 +78,14 @@ class ControlNetModel(UNetEncoderFields):
         if order not in ("rgb", "bgr"):
             raise UnsupportedConfigError(
                 f"config field controlnet_conditioning_channel_order={order!r}: need 'rgb' or 'bgr'")
-        ceoc = cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+        ceoc = {"conditioning_embedding_out_channels":  # null: diffusers' default
+                cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)}
         kw.update(
-            conditioning_channels=int(cfg.get("conditioning_channels", 3)),
-            conditioning_embedding_out_channels=tuple(int(c) for c in ceoc),
+            conditioning_channels=unet_lib.config_int(cfg, "conditioning_channels", 3),
+            conditioning_embedding_out_channels=unet_lib.config_channels(
+                ceoc, "conditioning_embedding_out_channels", ()),
             controlnet_conditioning_channel_order=order,
-            global_pool_conditions=bool(cfg.get("global_pool_conditions", False)),
+            global_pool_conditions=unet_lib.config_flag(cfg, "global_pool_conditions", False),
         )
         kw.update(overrides)
         return cls(**kw)

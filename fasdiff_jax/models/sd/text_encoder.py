@@ -202,11 +202,13 @@ def empty_prompt_ids(tokenizer_dir: str) -> np.ndarray:
     return np.array([vocab[bos], vocab[eos]] + [vocab[pad]] * (length - 2), np.int32)
 
 
-def null_text_embedding_from_pipeline(pipeline_dir: str) -> np.ndarray:
-    """The empty-prompt embedding (1, L, hidden) of a diffusers SD pipeline folder."""
+def null_text_embedding_from_pipeline(pipeline_dir: str,
+                                      variant: str | None = None) -> np.ndarray:
+    """The empty-prompt embedding (1, L, hidden) of a diffusers SD pipeline folder
+    (``variant``: its ``*.fp16.safetensors``-style weights, see ``convert.read_weights``)."""
     from fasdiff_jax.convert import load_diffusers  # late: convert imports this module lazily
 
-    module, params = load_diffusers(os.path.join(pipeline_dir, "text_encoder"))
+    module, params = load_diffusers(os.path.join(pipeline_dir, "text_encoder"), variant)
     if not isinstance(module, CLIPTextModel):
         raise UnsupportedConfigError(
             f"{pipeline_dir}/text_encoder is a {type(module).__name__}, not a CLIPTextModel")
