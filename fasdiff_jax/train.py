@@ -1605,13 +1605,14 @@ class SummaryWriter:
         self._call("close")
 
 
-def _is_clu_write_failure_log(record: std_logging.LogRecord) -> bool:
-    """CLU's ``logging.exception`` from its writer thread, which :class:`SummaryWriter`
-    turns into one warning."""
-    return record.msg == "Error in producer thread for %s"
+# Library log records that say nothing to the user of this loop: CLU's traceback from its
+# writer thread, which :class:`SummaryWriter` turns into one warning; Orbax's warning on each
+# save without held-out metrics while a best checkpoint is tracked (every checkpoint between
+# evaluations, and a preemption's: by design, :func:`checkpoint_options` keeps those by age).
+_QUIET_RECORDS = ("Error in producer thread for %s",
+                  "Requested `tracked_metric`; did not provide metrics.")
 
-
-std_logging.getLogger("absl").addFilter(lambda r: not _is_clu_write_failure_log(r))
+std_logging.getLogger("absl").addFilter(lambda r: r.msg not in _QUIET_RECORDS)
 
 
 def _best_kept(mngr: ocp.CheckpointManager, name: str, mode: str) -> tuple[int, float] | None:
