@@ -91,6 +91,10 @@ def main(argv: list[str]) -> None:
     except OSError as e:  # the machine's side (a full disk, a vanished folder): no trace either
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except KeyboardInterrupt:  # a second Ctrl-C (the first saves and stops): a line, no trace
+        print("interrupted at once, the step it was on not saved; rerun the same command to "
+              "resume from the last checkpoint", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise

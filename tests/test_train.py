@@ -1024,6 +1024,15 @@ def test_main_reports_running_out_of_memory_with_what_to_change(tmp_path, capsys
         "34359738368 bytes.", main_lib.OOM_ADVICE]
 
 
+def test_main_ends_a_second_ctrl_c_with_one_line_and_130(tmp_path, capsys):
+    """The first Ctrl-C saves and stops (exit 130, see above); a second stops at once: it
+    printed KeyboardInterrupt's traceback."""
+    assert _main_exit_code("tiny.py", tmp_path / "w", raises=KeyboardInterrupt()) == 130
+    assert capsys.readouterr().err == ("interrupted at once, the step it was on not saved; "
+                                       "rerun the same command to resume from the last "
+                                       "checkpoint\n")
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.train.stpes=20", "has no field config.train.stpes (did you mean config.train.steps?)"),
     ("--config.compute_dtype=bfloat16",
