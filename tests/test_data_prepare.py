@@ -365,6 +365,34 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_chunks(tmp_path, monkeypatch,
     assert prepare(str(src), str(out), PrepareOptions(size=48, min_face_size=40, chunk_size=1),
                    progress=False)["complete"]
 
+def test_pillows_warnings_go_to_the_manifest_by_file(tmp_path, monkeypatch, capsys):
+    """Pillow's warnings (a 95-Mpixel PNG's DecompressionBombWarning, corrupt EXIF) reached
+    prepare's output raw, naming Pillow's source line and not the file, from each worker."""
+    import warnings
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _grace_small().save(src / "a.png")
+    _grace_small().save(src / "b.png")
+    real = prepare_module._load_photo
+
+    def warns(source, key, data_dir):
+        if key == "b.png":
+            warnings.warn("Corrupt EXIF data.\n  Expecting to read 12 bytes", UserWarning)
+            warnings.warn("Corrupt EXIF data.\n  Expecting to read 12 bytes", UserWarning)
+        return real(source, key, data_dir)
+
+    monkeypatch.setattr(prepare_module, "_load_photo", warns)
+    out = tmp_path / "out"
+    assert main(["--input", str(src), "--output", str(out), "--size", "48", "--min_face_size",
+                 "40", "--no_progress"]) == 0
+    err = capsys.readouterr().err
+    assert "2 faces from 2/2 inputs, 0 skipped, 1 with warnings, complete=True" in err, err
+    assert "UserWarning" not in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["warnings"] == [{"key": "b.png", "warning": "Corrupt EXIF data. Expecting "
+                                                                "to read 12 bytes"}]
+
 def test_cli_bad_input_and_output_paths_are_one_error_line(tmp_path, capsys):
     """Each was a traceback (FileExistsError), a wrong reason, or an exit 0 with a "complete"
     prepared folder that only failed when training or evaluate opened it."""

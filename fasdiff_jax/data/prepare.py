@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 from fasdiff_jax.data import align
 from fasdiff_jax.data.sources import (
     MANIFEST, count_records, decode_image_file, encode_record, list_images, parse_tfds_spec,
+    warning_texts,
 )
 from fasdiff_jax.errors import DataError
 from fasdiff_jax.files import file_sha256, remove_stale_temps, write_atomically, write_failure
@@ -187,11 +189,14 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
 
     def write_shard(tmp_rec: str) -> None:
         writer = ArrayRecordWriter(tmp_rec, "group_size:1")
-        skipped, num_faces, num_ok = [], 0, 0
+        skipped, noted, num_faces, num_ok = [], [], 0, 0
         try:
             for key in keys:
                 try:
-                    photo = _load_photo(source, key, tfds_data_dir)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        photo = _load_photo(source, key, tfds_data_dir)
+                    noted += [{"key": key, "warning": text} for text in warning_texts(caught)]
                     faces, reason = process_photo(photo, opts)
                 except DataError as e:
                     faces, reason = [], str(e)
@@ -212,7 +217,7 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
             raise
         writer.close()
         summary.update({"num_records": num_faces, "num_photos_with_faces": num_ok,
-                        "skipped": skipped, "sha256": file_sha256(tmp_rec),
+                        "skipped": skipped, "warnings": noted, "sha256": file_sha256(tmp_rec),
                         "size": os.stat(tmp_rec).st_size,  # (a rename keeps both)
                         "mtime_ns": os.stat(tmp_rec).st_mtime_ns})
 
@@ -249,7 +254,7 @@ def list_inputs(source: str, tfds_data_dir: str | None = None,
 def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[str]) -> dict:
     """Merge all finished chunk summaries into ``manifest.json`` (atomic rewrite)."""
     num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
-    shards, skipped, pending = [], [], []
+    shards, skipped, noted, pending = [], [], [], []
     photos_ok = 0
     for c in range(num_chunks):
         chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
@@ -260,6 +265,7 @@ def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[st
             s = json.load(f)
         shards.append({"file": s["file"], "num_records": s["num_records"]})
         skipped.extend(s["skipped"])
+        noted.extend(s.get("warnings", []))  # summaries before they were kept have none
         photos_ok += s["num_photos_with_faces"]
     manifest = {
         "format": FORMAT,
@@ -271,6 +277,7 @@ def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[st
         "num_faces": sum(s["num_records"] for s in shards),
         "num_skipped": len(skipped),
         "skipped": skipped,
+        "warnings": noted,  # Pillow's about files it read (corrupt EXIF, a huge image)
         "shards": shards,
         "pending_chunks": pending,
         "complete": not pending,
@@ -396,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no faces found in the {m['num_inputs']} inputs under {a.input}; the "
               f"reason for each is in {os.path.join(a.output, MANIFEST)}", file=sys.stderr)
         return 2
+    noted = f", {len(m['warnings'])} with warnings" if m["warnings"] else ""
     print(f"{m['num_faces']} faces from {m['num_photos_with_faces']}/{m['num_inputs']} inputs, "
-          f"{m['num_skipped']} skipped, complete={m['complete']} ({time.time() - t0:.1f}s) "
-          f"-> {os.path.join(a.output, MANIFEST)}", file=sys.stderr)
+          f"{m['num_skipped']} skipped{noted}, complete={m['complete']} "
+          f"({time.time() - t0:.1f}s) -> {os.path.join(a.output, MANIFEST)}", file=sys.stderr)
     return 0
 
 

@@ -298,11 +298,15 @@ def read_image(path: str, keep_gray: bool = False, max_pixels: int | None = None
         raise type(e)(f"cannot decode image {path}: {e}") from e
 
 
+def warning_texts(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """Each distinct warning caught, once, on one line."""
+    return list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+
+
 def warning_lines(caught: Sequence[warnings.WarningMessage], name: str) -> list[str]:
     """``warning: NAME: text`` once per distinct warning caught while reading ``name``:
     Pillow's own ("Corrupt EXIF data") name its plugin's source line, not the file."""
-    texts = dict.fromkeys(" ".join(str(w.message).split()) for w in caught)
-    return [f"warning: {name}: {text}" for text in texts]
+    return [f"warning: {name}: {text}" for text in warning_texts(caught)]
 
 
 def frame_count(path: str) -> int:
