@@ -600,7 +600,8 @@ def convert_pipeline(src: str, out: str, variant: str | None = None) -> dict[str
     An ``out`` holding anything else than a previous conversion's files is refused:
     convert replaces the folder, and must not delete what it did not write."""
     check_out(out, src)
-    dest = os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
+    dest = os.path.realpath(out)  # a link (also "link/") is followed: its target is replaced
+    _check_swappable(out, dest)
     _recover_swap(dest)  # first: a run that then fails puts a killed run's old set back too
     unet_cfg, vae_cfg = _check_pipeline(src)
     if os.path.isdir(dest):
@@ -627,16 +628,34 @@ def convert_pipeline(src: str, out: str, variant: str | None = None) -> dict[str
         _swap_in(tmp, dest)
     except OSError as e:  # named by the temporary folder, gone when the user reads it: out
         name = e.filename if isinstance(e.filename, str) else ""
-        if e.errno is None or not name.startswith(tmp + os.sep):
+        if e.errno is None or not (name == tmp or name.startswith(tmp + os.sep)):
             raise
         raise OSError(e.errno, e.strerror or str(e), os.path.join(out, name[len(tmp) + 1:])
-                      ) from e
+                      if name != tmp else out) from e
     finally:
         if os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return {p: os.path.join(out, p) for p in ("unet", "vae")} | {
         "null_text": os.path.join(out, NULL_TEXT_FILE),
         "scheduler": os.path.join(out, "scheduler")}
+
+
+def _check_swappable(out: str, dest: str) -> None:
+    """The new set is written beside ``dest`` and renamed into place: refuse, before anything
+    is read, an ``out`` whose parent folder is not writable, one that is a mount point (a
+    Docker volume: the set was written on another file system, then the rename failed with
+    EBUSY) and the current folder or one holding it."""
+    parent = os.path.dirname(dest)
+    if os.path.isdir(dest) and os.path.ismount(dest):
+        raise ConversionError(f"--out {out}: is a mount point; convert writes the new set beside "
+                              f"--out and renames it into place: give a folder inside it "
+                              f"(e.g. {os.path.join(out, 'sd')})")
+    if os.path.commonpath([dest, os.path.realpath(os.getcwd())]) == dest:
+        raise ConversionError(f"--out {out}: is the current folder or holds it; convert "
+                              f"replaces --out as a whole: give another folder")
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"--out {out}: its folder {parent} is not writable; convert "
+                              f"writes the new set beside --out and renames it into place")
 
 
 def _swap_in(new: str, dest: str) -> None:
@@ -646,6 +665,7 @@ def _swap_in(new: str, dest: str) -> None:
         os.rename(new, dest)
         return
     aside = files.temp_name(dest + _ASIDE)
+    shutil.copymode(dest, new)  # the folder's permissions (setgid, group write) stay
     os.rename(dest, aside)
     try:
         os.rename(new, dest)

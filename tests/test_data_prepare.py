@@ -337,6 +337,15 @@ def test_output_inside_input_is_not_an_input(tmp_path):
     assert json.loads((out / "manifest.json").read_text()) == m
     with pytest.raises(DataError, match="is the --input folder"):
         prepare(str(src), str(src), opts, progress=False)
+    # reached through a link too (linked folders are followed): not an input either
+    (src / "a_link").symlink_to(out)
+    assert prepare(str(src), str(out), opts, progress=False) == m
+    src2, linked_out = tmp_path / "in2", tmp_path / "elsewhere"
+    _noise_photos(src2, ["a.png", "b.png", "sub/c.png"])
+    linked_out.mkdir()
+    (src2 / "b_link").symlink_to(linked_out)
+    assert prepare(str(src2), str(linked_out), opts, progress=False)["num_inputs"] == 3
+    assert prepare(str(src2), str(linked_out), opts, progress=False)["num_inputs"] == 3
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_finished_chunks(tmp_path, monkeypatch, capsys):
@@ -364,6 +373,33 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_chunks(tmp_path, monkeypatch,
     monkeypatch.setattr(prepare_module, "process_chunk", real)
     assert prepare(str(src), str(out), PrepareOptions(size=48, min_face_size=40, chunk_size=1),
                    progress=False)["complete"]
+
+def test_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group: each spawn worker printed its own
+    KeyboardInterrupt traceback beside the parent's line."""
+    import signal
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(24):
+        _grace_small().rotate(i).save(src / f"g{i:02d}.png")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "fasdiff_jax.data.prepare", "--input", str(src), "--output",
+           str(tmp_path / "out"), "--size", "48", "--min_face_size", "40", "--chunk_size", "2",
+           "--num_workers", "2"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    err = ""
+    while "2/24" not in err:  # a chunk done: both workers at work
+        ch = p.stderr.read(1)
+        assert ch, err
+        err += ch
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGINT)
+    err += p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.rstrip().endswith("rerun the same command to go on"), err[-3000:]
 
 def test_pillows_warnings_go_to_the_manifest_by_file(tmp_path, monkeypatch, capsys):
     """Pillow's warnings (a 95-Mpixel PNG's DecompressionBombWarning, corrupt EXIF) reached

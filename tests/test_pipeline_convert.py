@@ -381,3 +381,34 @@ def test_what_is_not_a_pipeline_folder_is_named(tmp_path, capsys):
     assert convert.main(["--diffusers_dir", str(tmp_path / "nope"), "--out", ""]) == 2
     assert capsys.readouterr().err == "error: --out is empty: name the output folder\n"
     assert sorted(os.listdir(tmp_path)) == ["sd.safetensors"]
+
+
+def test_an_out_the_swap_cannot_replace_is_refused_before_reading(tmp_path, capsys,
+                                                                  monkeypatch, pipelines):
+    """``--out link/`` (a trailing slash) replaced the user's link by a real folder on the
+    link's file system, the old set left behind it; a mount point was written beside, on
+    another file system, then refused with EBUSY; ``--out .`` renamed the current folder."""
+    target = tmp_path / "big" / "ckpt"
+    shutil.copytree(pipelines / "a_out", target)
+    (tmp_path / "link").symlink_to(target)
+    argv = ["--diffusers_dir", str(pipelines / "b")]
+    assert convert.main(argv + ["--out", f"{tmp_path / 'link'}/"]) == 0
+    assert (tmp_path / "link").is_symlink() and _contents(target) == _contents(
+        pipelines / "b_out")
+    assert sorted(os.listdir(tmp_path)) == ["big", "link"]
+    assert os.listdir(tmp_path / "big") == ["ckpt"]
+    monkeypatch.chdir(target)
+    for out, why in ((".", "is the current folder or holds it"),
+                     (str(tmp_path / "big"), "is the current folder or holds it")):
+        assert convert.main(argv + ["--out", out]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {out}: {why}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os.path, "ismount", lambda p: p == str(target))
+    assert convert.main(argv + ["--out", str(target)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {target}: is a mount point")
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "access", lambda p, mode: p != str(tmp_path / "big"))
+    assert convert.main(argv + ["--out", str(target)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --out {target}: its folder {tmp_path / 'big'} is not writable")
+    assert _contents(target) == _contents(pipelines / "b_out")

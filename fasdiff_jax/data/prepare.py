@@ -240,7 +240,7 @@ def list_inputs(source: str, tfds_data_dir: str | None = None,
     if not os.path.isdir(source):
         raise DataError(f"--input {source} is a file, not a folder: give the folder of images "
                         f"(searched recursively) or tfds:NAME[:SPLIT]")
-    keys = list_images(source, all_files=True)
+    keys = list_images(source, all_files=True, exclude=[output] if output is not None else [])
     if output is not None:
         inside = os.path.relpath(os.path.realpath(output), os.path.realpath(source))
         if inside == os.curdir:
@@ -346,7 +346,8 @@ def prepare(
         if num_workers > 0 and len(todo) > 1:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(min(num_workers, len(todo))) as pool:
+            with mp.get_context("spawn").Pool(min(num_workers, len(todo)),
+                                              initializer=_ignore_sigint) as pool:
                 for s in pool.imap_unordered(process_chunk, todo):
                     bar.update(len(s["keys"]))
         else:
@@ -360,6 +361,14 @@ def prepare(
     finally:
         bar.close()
     return write_manifest(source, output, opts, keys)
+
+
+def _ignore_sigint() -> None:
+    """In a worker: Ctrl-C reaches the whole process group, and each worker printed its own
+    KeyboardInterrupt traceback; the parent stops them (the pool's terminate)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:

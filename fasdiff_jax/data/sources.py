@@ -195,12 +195,14 @@ def open_prepared(directory: str | os.PathLike) -> PreparedSource:
     return PreparedSource(directory)
 
 
-def list_images(directory: str, all_files: bool = False) -> list[str]:
+def list_images(directory: str, all_files: bool = False,
+                exclude: Sequence[str] = ()) -> list[str]:
     """Relative paths under ``directory`` (recursive, sorted, hidden entries skipped).
     Linked folders are followed (they were left out without a word), each real folder once,
-    so a link loop ends."""
+    so a link loop ends; the folders ``exclude`` (prepare's output) are not entered by any
+    path."""
     out = []
-    seen = {os.path.realpath(directory)}
+    seen = {os.path.realpath(directory), *map(os.path.realpath, exclude)}
     for root, dirs, files in os.walk(directory, followlinks=True):
         kept = []
         for d in sorted(d for d in dirs if not d.startswith(".")):
