@@ -146,9 +146,9 @@ MODEL_KINDS = ("fasdiff", "hyperprior")
 Model = fasdiff.FaSDiff | H.TrainableHyperprior
 
 
-def build_model(model_cfg: Any) -> Model:
+def build_model(model_cfg: Any, new_run: bool = True) -> Model:
     """``config.model.kind``: "fasdiff" (default) or "hyperprior" (the mbt2018-mean baseline,
-    ``configs/mbt2018_mean.py``)."""
+    ``configs/mbt2018_mean.py``); ``new_run``: see :func:`fasdiff.build`."""
     kind = model_cfg.get("kind", "fasdiff")
     if kind not in MODEL_KINDS:
         raise TrainConfigError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
@@ -156,7 +156,7 @@ def build_model(model_cfg: Any) -> Model:
         _check_number("model.lmbda", model_cfg["lmbda"])
         return H.TrainableHyperprior.from_config(model_cfg)
     _check_fasdiff_fields(model_cfg)
-    model = fasdiff.build(model_cfg)
+    model = fasdiff.build(model_cfg, new_run)
     _check_fasdiff_levels(model_cfg, model)
     try:
         model.sampler_spec()
@@ -1154,7 +1154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                  jax.process_count())
 
-    model = build_model(config.model)
+    new_run = _latest_checkpoint(os.path.join(workdir, "checkpoints")) is None
+    model = build_model(config.model, new_run)
     _check_image_size(config, model)
     # then the training data: a bad source or too few epochs fail before anything compiles
     it = make_train_iterator(config.data, mesh)
@@ -1893,7 +1894,7 @@ def _model_of(config: ml_collections.ConfigDict) -> tuple[Model, Any]:
     the wrong type or a missing one (a hand-edited config.json) failed deep inside the model
     code with a KeyError or TypeError naming no field; here it is a :class:`TrainConfigError`."""
     try:
-        model = build_model(_without_loss_networks(config.model))
+        model = build_model(_without_loss_networks(config.model), new_run=False)
         return model, model.trainable_shapes()
     except (KeyError, AttributeError, TypeError) as e:
         raise TrainConfigError(f"config.model cannot describe a model: a field is missing or "

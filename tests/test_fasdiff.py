@@ -476,6 +476,9 @@ def test_an_sd_checkpoint_without_a_schedule_is_refused(tmp_path):
             f"config.model.scheduler is empty")) as e:
         fasdiff.build(cfg)
     assert "convert the pipeline again" in str(e.value)
+    # a model trained on such a folder (resumed, restored to code) keeps what it trained with
+    np.testing.assert_array_equal(alphas(fasdiff.build(cfg, new_run=False)),
+                                  np.asarray(schedules.Schedule.create().alphas_cumprod))
     (ckpt / "scheduler").mkdir()
     (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 import optax
 from jax.sharding import Mesh
 
@@ -624,8 +625,11 @@ def _load_sd_checkpoint(model: FaSDiff, ckpt: str) -> tuple[Params, Params, jax.
     return unet_params, vae_params, null
 
 
-def build(cfg: Any) -> FaSDiff:
-    """A :class:`FaSDiff` from ``config.model`` (a ConfigDict or mapping)."""
+def build(cfg: Any, new_run: bool = True) -> FaSDiff:
+    """A :class:`FaSDiff` from ``config.model`` (a ConfigDict or mapping). An SD folder
+    without its scheduler config (convert wrote such folders before it required one) is
+    refused for a ``new_run``; a model trained on one (resumed, or restored to code) keeps
+    the default schedule it was trained with, with a warning."""
     cfg = _as_dict(cfg)
     dtype = jnp.dtype(cfg.get("compute_dtype", "float32"))
     common = dict(dtype=dtype, remat=bool(cfg.get("remat", False)),
@@ -638,12 +642,16 @@ def build(cfg: Any) -> FaSDiff:
         sched_path = os.path.join(ckpt, "scheduler", "scheduler_config.json")
         if os.path.lexists(sched_path):  # checked and named by path (a damaged file)
             sched_cfg = {**convert.read_scheduler_config(sched_path), **sched_cfg}
-        elif not sched_cfg:  # Schedule.create's defaults are not SD's betas nor v_prediction
+        elif not sched_cfg and new_run:  # Schedule.create's defaults are not SD's
             raise ConversionError(
                 f"sd_checkpoint {ckpt}: no scheduler/scheduler_config.json and "
                 f"config.model.scheduler is empty: the noise schedule is unknown (converted "
                 f"without the pipeline's scheduler/): convert the pipeline again with "
                 f"python -m fasdiff_jax.convert")
+        elif not sched_cfg:
+            logging.warning("sd_checkpoint %s has no scheduler/scheduler_config.json: this "
+                            "model keeps the default linear schedule it was trained with, "
+                            "not SD's (convert the pipeline again for new runs)", ckpt)
         cfg = {**cfg, "unet": unet_cfg, "vae": vae_cfg, "scheduler": sched_cfg}
     unet = UNet2DConditionModel.from_diffusers_config(unet_cfg, **common)
     vae = AutoencoderKL.from_diffusers_config(vae_cfg, **common)
