@@ -972,9 +972,14 @@ def load_run_config(workdir: str, advice: str = "pass the config it was trained 
     return ml_collections.ConfigDict(_tuples(saved))
 
 
+def _data_item(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Checkpoint ``step``'s Grain states: one ``process_I-of-N.json`` per process."""
+    return mngr.directory / str(step) / "data"
+
+
 def _saved_process_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
     """How many processes wrote checkpoint ``step`` (one Grain state file each), or None."""
-    data = mngr.directory / str(step) / "data"
+    data = _data_item(mngr, step)
     counts = set()
     if data.is_dir():
         for f in data.iterdir():
@@ -1367,8 +1372,7 @@ def _reading(workdir: str, step: int) -> Iterator[None]:
 def _saved_data_state(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
     """This process's Grain state in checkpoint ``step`` as Grain's handler wrote it; None when
     it cannot be read here (Grain's restore then names the fault)."""
-    path = (mngr.directory / str(step) / "data"
-            / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    path = _data_item(mngr, step) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -1576,10 +1580,13 @@ class SummaryWriter:
         try:
             getattr(self._writer, method)(*args)
         except Exception as e:  # noqa: BLE001 - CLU's AsyncError wraps TensorFlow's or OSError
-            self.failures += 1
             cause = e
             while cause.__cause__ is not None:  # AsyncError from AsyncError from the fault
                 cause = cause.__cause__
+            if not (isinstance(cause, OSError)  # a bug (a TypeError, ...) is not a write fault
+                    or type(cause).__module__.startswith("tensorflow.")):
+                raise
+            self.failures += 1
             if self.failures == 1:
                 logging.warning("%s: the training summaries (TensorBoard events) cannot be "
                                 "written (%s: %s); training goes on, the metric lines stay in "

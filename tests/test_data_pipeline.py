@@ -70,6 +70,10 @@ def test_random_crops_keep_their_aspect_on_any_image_shape(h, w, ratio):
         cw, ch = x1 - x0, y1 - y0
         assert ratio[0] * (1 - 1 / ch) - 1 / ch <= cw / ch <= ratio[1] * (1 + 1 / ch) + 1 / ch
         assert cw * ch <= side * side * 1.0 * (1 + 2 / min(cw, ch)) ** 2
+        # not collapsed: at least the area drawn, shrunk only as far as the image needs
+        least = side * side * 0.3 * min(1.0, side / (side * max(ratio) ** 0.5),
+                                        side / (side / min(ratio) ** 0.5)) ** 2
+        assert (cw + 1) * (ch + 1) >= least, (cw, ch, least)
 
 class _CountingSource(list):
     """A source that counts the records read from it."""

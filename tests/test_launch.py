@@ -153,7 +153,8 @@ def test_a_half_set_cluster_environment_is_one_error_line(tmp_path):
                                          "and JAX_PROCESS_ID: set all three"),
             ({**full, "JAX_PROCESS_ID": "x"}, "JAX_NUM_PROCESSES='4' and JAX_PROCESS_ID='x' must "
                                               "be whole numbers"),
-            ({**full, "JAX_PROCESS_ID": "4"}, "JAX_PROCESS_ID=4 must be in 0..JAX_NUM_PROCESSES-1")):
+            ({**full, "JAX_PROCESS_ID": "4"},
+             "JAX_PROCESS_ID=4 must be in 0..JAX_NUM_PROCESSES-1")):
         with pytest.raises(ValueError, match=message):
             distributed_settings(env)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}

@@ -485,6 +485,14 @@ def test_a_failed_summary_write_is_a_warning_and_training_goes_on(caplog):
     assert "tracked_metric" not in text
     assert text.count("train/loss=0.5") == 4 and text.count("train/loss=0.25") == 4
     assert events.written == [5, 6, 7, 8]
+    # a bug is not a write fault: raised as before
+    class Buggy(Events):
+        def write_scalars(self, step, scalars):
+            raise TypeError("a bug")
+
+    writer = train.SummaryWriter(MultiWriter([LoggingWriter(), Buggy()]), "/w")
+    with pytest.raises(TypeError, match="a bug"):
+        writer.write_scalars(9, {"train/loss": 0.1})
 
 
 def _save_compiles(tmp_path: Path, devices, first_dim: int) -> tuple[int, dict, dict]:

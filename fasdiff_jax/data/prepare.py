@@ -110,14 +110,14 @@ def _chunk_paths(output: str, chunk: int) -> tuple[str, str]:
     return base + ".array_record", base + ".json"
 
 
-def input_stamps(source: str, keys: list[str]) -> list[Any]:
+def input_stamps(source: str, keys: list[str], tfds_data_dir: str | None = None) -> list[Any]:
     """What identifies a chunk's inputs beyond their names: each file's (size, mtime_ns), None
-    for one that cannot be read; for a TFDS source its spec. A chunk made from another folder
-    whose files have the same names, or from a file replaced since, was reused as it was (the
-    manifest naming the new source over the old faces). A folder moved or mounted elsewhere
-    keeps its stamps."""
+    for one that cannot be read; for a TFDS source its spec and data folder. A chunk made from
+    another folder whose files have the same names, or from a file replaced since, was reused
+    as it was (the manifest naming the new source over the old faces). A folder moved or
+    mounted elsewhere keeps its stamps."""
     if source.startswith("tfds:"):
-        return [source]
+        return [source, tfds_data_dir]
     stamps: list[Any] = []
     for key in keys:
         try:
@@ -184,7 +184,7 @@ def process_chunk(args: tuple[str, str, int, list[str], PrepareOptions, str | No
     source, output, chunk, keys, opts, tfds_data_dir = args
     rec_path, meta_path = _chunk_paths(output, chunk)
     summary: dict[str, Any] = {"chunk": chunk, "keys": keys, "options": dataclasses.asdict(opts),
-                               "inputs": input_stamps(source, keys),  # before they are read
+                               "inputs": input_stamps(source, keys, tfds_data_dir),  # first
                                "file": os.path.basename(rec_path)}
 
     def write_shard(tmp_rec: str) -> None:
@@ -251,14 +251,16 @@ def list_inputs(source: str, tfds_data_dir: str | None = None,
     return keys
 
 
-def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[str]) -> dict:
+def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[str],
+                   tfds_data_dir: str | None = None) -> dict:
     """Merge all finished chunk summaries into ``manifest.json`` (atomic rewrite)."""
     num_chunks = (len(keys) + opts.chunk_size - 1) // opts.chunk_size
     shards, skipped, noted, pending = [], [], [], []
     photos_ok = 0
     for c in range(num_chunks):
         chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
-        if not _chunk_done(output, c, chunk_keys, opts, input_stamps(source, chunk_keys)):
+        stamps = input_stamps(source, chunk_keys, tfds_data_dir)
+        if not _chunk_done(output, c, chunk_keys, opts, stamps):
             pending.append(c)
             continue
         with open(_chunk_paths(output, c)[1]) as f:
@@ -330,14 +332,15 @@ def prepare(
     todo = []
     for c in mine:
         chunk_keys = keys[c * opts.chunk_size : (c + 1) * opts.chunk_size]
-        if not _chunk_done(output, c, chunk_keys, opts, input_stamps(source, chunk_keys)):
+        stamps = input_stamps(source, chunk_keys, tfds_data_dir)
+        if not _chunk_done(output, c, chunk_keys, opts, stamps):
             todo.append((source, output, c, chunk_keys, opts, tfds_data_dir))
     if todo:
         # Before any shard is replaced, the manifest stops claiming it: written with these
         # options, it lists the chunks to redo as pending (not complete). A run that fails
         # part-way (disk full, killed) then never leaves a "complete" manifest over shards
         # made with other options; the final write_manifest lists them once redone.
-        write_manifest(source, output, opts, keys)
+        write_manifest(source, output, opts, keys, tfds_data_dir)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(t[3]) for t in todo), unit="img", disable=not progress,
@@ -360,7 +363,7 @@ def prepare(
         raise
     finally:
         bar.close()
-    return write_manifest(source, output, opts, keys)
+    return write_manifest(source, output, opts, keys, tfds_data_dir)
 
 
 def _ignore_sigint() -> None:
