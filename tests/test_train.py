@@ -1806,8 +1806,9 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path):
                            match=re.escape(f"{work}: another training run is using this "
                                            f"workdir (pid {os.getpid()} on")):
             train.train_and_evaluate(tiny.get_config(), str(work))
-    assert not (work / "checkpoints").exists()
+    assert not work.exists()  # the workdir it made held only its lock: both removed
 
+    work.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import fcntl, sys, time\n"
