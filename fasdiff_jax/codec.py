@@ -63,6 +63,7 @@ import importlib.util
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ import numpy as np
 from PIL import Image
 
 from fasdiff_jax import compile_cache
-from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory
+from fasdiff_jax.errors import FasdiffError, OutOfMemoryError, is_out_of_memory, listed
 from fasdiff_jax.files import (check_writable, is_out_of_space, remove_stale_temps,
                                write_atomically)
 
@@ -293,7 +294,8 @@ def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str,
     suffix, jobs = SUFFIX[command], []
     for path in inputs:
         if os.path.isdir(path):
-            found = list_images(path) if command == "compress" else _fsd_files(path)
+            found = (list_images(path, exclude=[out_dir]) if command == "compress"
+                     else _fsd_files(path, exclude=[out_dir]))  # outputs are not inputs
             if not found:
                 raise FasdiffError(f"{path}: no {'image' if command == 'compress' else '.fsd'} files")
             jobs += [(os.path.join(path, rel), os.path.splitext(rel)[0] + suffix) for rel in found]
@@ -310,10 +312,11 @@ def batch_jobs(command: str, inputs: list[str], out_dir: str) -> list[tuple[str,
     return [_not_onto_itself(src, os.path.join(out_dir, rel)) for src, rel in jobs]
 
 
-def _fsd_files(folder: str) -> list[str]:
+def _fsd_files(folder: str, exclude: Sequence[str] = ()) -> list[str]:
     from fasdiff_jax.data.sources import list_images
 
-    return [f for f in list_images(folder, all_files=True) if f.lower().endswith(".fsd")]
+    return [f for f in list_images(folder, all_files=True, exclude=exclude)
+            if f.lower().endswith(".fsd")]
 
 
 def read_fsd(path: str) -> bytes:
@@ -488,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out_dir", default=None, help="write every input's output here")
     ap.add_argument("--skip_existing", action="store_true",
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace outputs that exist (refused without it: decompressing into "
+                         "the input folder replaced the original images)")
     ap.add_argument("--batch_size", type=int, default=8,
                     help="files coded together: images of one size through the analysis "
                          "transforms in one device call; FaSDiff files of one size and sampler "
@@ -505,10 +511,42 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--skip_existing needs --out_dir")
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
-    compile_cache.enable(args.compile_cache)
+    if args.overwrite and args.skip_existing:
+        ap.error("--overwrite and --skip_existing exclude each other")
+    interrupted = _CtrlC()
+    with interrupted:
+        return _code(args, interrupted)
 
-    from fasdiff_jax.data.sources import frame_count, read_image, warning_lines
 
+class _CtrlC:
+    """Ctrl-C as KeyboardInterrupt, remembered: one that lands in a callback (JAX's gc
+    callback while it starts) was swallowed there ("Exception ignored") and the run went on
+    to exit 0; :meth:`check` raises it at the next safe point."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _code(args: argparse.Namespace, interrupted: _CtrlC) -> int:
+    """compress / decompress: the jobs, the model, then the files in batches."""
     notes: dict[str, str] = {}  # output path -> what its line should add
 
     def read_still(src: str, dst: str) -> np.ndarray:
@@ -540,23 +578,34 @@ def main(argv: list[str] | None = None) -> int:
         return f"{dst}: {img.shape[1]}x{img.shape[0]}{lossy}"
 
     try:
+        compile_cache.enable(args.compile_cache)  # (imports JAX: Ctrl-C may come here)
+        from fasdiff_jax.data.sources import frame_count, read_image, warning_lines
+
         jobs = ([_not_onto_itself(*args.paths)] if args.out_dir is None
                 else batch_jobs(args.command, args.paths, args.out_dir))
-        if args.skip_existing:
-            jobs = [(s, d) for s, d in jobs if not os.path.exists(d)]
+        if args.skip_existing:  # a folder in an output's place is not a finished output
+            jobs = [(s, d) for s, d in jobs if not os.path.isfile(d)]
         if not jobs:
             print("nothing to do: every output exists")
             return 0
+        there = [d for _, d in jobs if os.path.lexists(d)]
+        if there and not args.overwrite:
+            keep = ", or --skip_existing to keep them" if args.out_dir is not None else ""
+            raise FasdiffError(f"{len(there)} of the outputs exist ({listed(there, ', ')}): "
+                               f"pass --overwrite to replace them{keep}")
         if args.command == "decompress":  # before loading a model
             sampler = given_flags(args, [name for name, _ in SAMPLER_FLAGS])
             if sampler:  # ignored without a word before (a script may pass both the same flags)
                 print(f"warning: {sampler}: decompress decodes with the sampler each file was "
                       f"compressed with (its header); these set compress's and are ignored here",
                       file=sys.stderr)
+                for name, _ in SAMPLER_FLAGS:  # ignored: not refused either (a baseline's)
+                    setattr(args, name, None)
             for _, dst in jobs:
                 _image_format(dst)
         check_outputs_writable(jobs)
         codec = load_codec(args)
+        interrupted.check()
     except (FasdiffError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -592,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     written = 0
     try:
         for start in range(0, len(jobs), args.batch_size):
+            interrupted.check()
             read_ok, inputs = [], []
             for src, dst in jobs[start:start + args.batch_size]:
                 try:
@@ -620,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 written += 1
                 _say(line)
+        interrupted.check()
         if len(jobs) > 1:
             _say(f"{args.command}ed {len(jobs) - failed} of {len(jobs)} files"
                  + (f", {failed} failed" if failed else ""))

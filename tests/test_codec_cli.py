@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import time
 import warnings
+
+import numpy as np
 
 import pytest
 
@@ -259,7 +263,12 @@ def test_an_output_that_cannot_be_written_is_named_and_the_others_still_run(
         tmp_path, capsys, loads):
     src, out = _images(tmp_path / "in", ("a", "b", "c")), tmp_path / "fsd"
     (out / "b.fsd").mkdir(parents=True)  # a folder where the file goes: only this one fails
-    assert codec.main(["compress", str(src), f"--out_dir={out}", "--model_dir=mbt"]) == 2
+    argv = ["compress", str(src), f"--out_dir={out}", "--model_dir=mbt"]
+    assert codec.main(argv) == 2  # an output there: refused unless --overwrite
+    assert capsys.readouterr().err == (f"error: 1 of the outputs exist ({out / 'b.fsd'}): pass "
+                                       f"--overwrite to replace them, or --skip_existing to "
+                                       f"keep them\n")
+    assert codec.main(argv + ["--overwrite"]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [f"error: {out / 'b.fsd'}: cannot write (Is a directory)"]
     assert "compressed 2 of 3 files, 1 failed" in captured.out
@@ -361,8 +370,47 @@ def test_ctrl_c_says_what_is_written_and_the_rerun_goes_on(tmp_path, capsys, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(codec, "load_codec", interrupted)  # Ctrl-C while the model loads
-    assert codec.main(argv) == 130
+    assert codec.main(argv + ["--overwrite"]) == 130
     assert capsys.readouterr().err == "interrupted before any file was coded\n"
+
+    def swallowed(args):  # as JAX's gc callback did while it started: the run went on, exit 0
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return codec.LoadedCodec("fake", {}, compress, lambda data: None)
+
+    monkeypatch.setattr(codec, "load_codec", swallowed)
+    assert codec.main(argv + ["--overwrite"]) == 130
+    assert capsys.readouterr().err == "interrupted before any file was coded\n"
+
+
+def test_existing_outputs_are_refused_unless_overwrite(tmp_path, capsys, monkeypatch):
+    """Decompressing into the input folder replaced the original images with their
+    reconstructions, exit 0, without a word; any existing output was replaced so."""
+    monkeypatch.setattr(codec, "load_codec", lambda args: codec.LoadedCodec(
+        "fake", {}, lambda image: b"fsd", lambda data: np.zeros((4, 4, 3), np.uint8)))
+    src = _images(tmp_path / "in", ("a", "b"))
+    before = {f: (src / f).read_bytes() for f in os.listdir(src)}
+    assert codec.main(["compress", str(src), f"--out_dir={src}"]) == 0
+    argv = ["decompress", str(src), f"--out_dir={src}"]
+    assert codec.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: 2 of the outputs exist ({src / 'a.png'}, "
+                                       f"{src / 'b.png'}): pass --overwrite to replace them, "
+                                       f"or --skip_existing to keep them\n")
+    assert all((src / f).read_bytes() == data for f, data in before.items())
+    one = ["decompress", str(src / "a.fsd"), str(src / "a.png")]
+    assert codec.main(one) == 2
+    assert "pass --overwrite to replace them\n" in capsys.readouterr().err
+    assert codec.main(one + ["--overwrite"]) == 0 and (src / "a.png").read_bytes() != before[
+        "a.png"]
+    assert codec.main(argv + ["--skip_existing"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # an output folder inside the input folder: its files are not inputs of the next run
+    assert codec.main(["compress", str(src), f"--out_dir={src / 'out'}"]) == 0
+    assert codec.main(["compress", str(src), f"--out_dir={src / 'out'}", "--skip_existing"]) == 0
+    assert sorted(os.listdir(src / "out")) == ["a.fsd", "b.fsd"]
 
 
 def test_sampler_flags_given_to_decompress_are_said_to_be_ignored(tmp_path, capsys, loads):
@@ -377,6 +425,13 @@ def test_sampler_flags_given_to_decompress_are_said_to_be_ignored(tmp_path, caps
         "warning: --steps --seed: decompress decodes with the sampler each file was compressed "
         "with (its header); these set compress's and are ignored here")
     assert loads == []
+    # ignored, so not refused either where the model has no sampler (a baseline): the warning
+    # was followed by "--seed: sampler and SD settings apply to FaSDiff models"
+    seen = []
+    codec.load_codec = lambda args: seen.append(args) or codec.LoadedCodec(
+        "fake", {}, lambda image: b"fsd", lambda data: np.zeros((2, 2, 3), np.uint8))
+    assert codec.main(argv[:2] + [str(tmp_path / "a.png"), "--model_dir=mbt", "--seed=1"]) == 0
+    assert seen[0].seed is None and seen[0].steps is None
 
 
 def test_images_that_cannot_be_read_are_one_line_each_and_the_batch_goes_on(

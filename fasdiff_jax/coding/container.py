@@ -183,7 +183,11 @@ def unpack(data: bytes, expected_fingerprint: bytes | None = None,
     if ch not in (1, 3, 4):
         raise BitstreamError(f"channel count {ch} is not 1, 3 or 4")
     if expected_codec is not None and codec != expected_codec:
-        raise BitstreamError(f"file is for codec {codec}, this decoder is codec {expected_codec}")
+        def name(c: int) -> str:
+            return f"{CODEC_NAMES.get(c, 'unknown')} (codec {c})"
+
+        raise BitstreamError(f"the file is for {name(codec)}, this model is "
+                             f"{name(expected_codec)}: decode it with a model of its kind")
     if not math.isfinite(eta):
         raise BitstreamError("sampler eta is not finite")
     if not (1 <= n <= MAX_STREAMS):
@@ -202,7 +206,8 @@ def unpack(data: bytes, expected_fingerprint: bytes | None = None,
     if expected_fingerprint is not None and fp != expected_fingerprint:
         raise BitstreamError(
             f"model fingerprint {fp.hex()} does not match this model ({expected_fingerprint.hex()}):"
-            " the file was written by other weights, config or entropy tables"
+            " the file was written by other weights, config or entropy tables (another"
+            " checkpoint: pass its --step and --weights as it was compressed with)"
         )
     streams, pos = [], end_lens
     for x in lens:
