@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("compress", "decompress", "info", "export"))
     ap.add_argument("paths", nargs="+", metavar="path",
-                    help="INPUT OUTPUT, or with --out_dir: inputs (files or folders)")
+                    help="compress/decompress: INPUT OUTPUT, or with --out_dir inputs (files "
+                         "or folders); info: .fsd files or folders; export: the output folder")
     ap.add_argument("--out_dir", default=None, help="write every input's output here")
     ap.add_argument("--skip_existing", action="store_true",
                     help="with --out_dir: leave inputs whose output exists (resume a run)")
