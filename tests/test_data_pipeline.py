@@ -238,14 +238,14 @@ def test_a_data_position_resumes_with_another_worker_count(embedded_dirs):
     base = dict(source="prepared:" + embedded_dirs["train"], image_size=16, global_batch_size=4)
     ref = local_batches(make_dataset(cfg(**base), None, 0, 1), 10)
     states = {}
-    for workers in (0, 2, 3):
+    for workers in (0, 2):
         with make_train_iterator(cfg(num_workers=workers, **base), mesh) as it:
             for _ in range(5):
                 next(it)
             states[workers] = it.get_state()
         assert states[workers] == state_at(5, workers), workers
         assert state_position(states[workers]) == 5 and state_workers(states[workers]) == workers
-    for saved, now in ((2, 0), (0, 2), (3, 2)):
+    for saved, now in ((2, 0), (0, 2)):
         with make_train_iterator(cfg(num_workers=now, **base), mesh) as it:
             it.set_state(states[saved])
             for r in ref[5:8]:

@@ -258,21 +258,28 @@ def test_a_resume_on_another_mesh_reshards_the_state(scenario, tmp_path, monkeyp
 def test_a_resume_with_other_data_workers_gets_the_same_batches(scenario, tmp_path, caplog):
     """Grain's state depends on data.num_workers: checkpoint 3 (0 workers) resumed with 2 was
     'damaged' (KeyError 'exhausted'), and 1 -> 2 resumed silently at other batches. Now the
-    position is carried over: step 4 sees run A's batch."""
+    position is carried over: step 4 sees run A's batch. Here checkpoint 3's state is written
+    in the form 2 workers give (``state_at``, checked equal to Grain's own in
+    test_data_pipeline) and resumed with 0, so no worker process is started."""
+    from fasdiff_jax.data.pipeline import state_at
+
     d = tmp_path / "d"
     (d / "checkpoints").mkdir(parents=True)
     shutil.copytree(scenario["a"] / "checkpoints" / "3", d / "checkpoints" / "3")
-    cfg = _config(scenario["source"], **{"train.steps": 4, "model.sampler.steps": 3,
-                                         "data.num_workers": 2})
+    saved = d / "checkpoints" / "3" / "data" / "process_0-of-1.json"
+    assert json.loads(saved.read_text()) == state_at(3, 0)
+    saved.write_text(json.dumps(state_at(3, 2)))
+    cfg = _config(scenario["source"], **{"train.steps": 4, "model.sampler.steps": 3})
     with caplog.at_level(logging.INFO, logger="absl"):
         assert train.train_and_evaluate(cfg, str(d))["step"] == 4
-    assert "saved with data.num_workers=0; it resumes at the same batch with 2" in caplog.text
+    assert "saved with data.num_workers=2; it resumes at the same batch with 0" in caplog.text
     a_s, d_s = _scalars(scenario["a"]), _scalars(d)
     for term in TERMS:
         assert d_s[f"train/{term}"][4] == pytest.approx(a_s[f"train/{term}"][4], rel=1e-6,
                                                          abs=1e-7), term
-    saved = json.loads((d / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
-    assert saved["iterators_in_use_states"] == [{"next_index": 2}, {"next_index": 2}]
+    assert json.loads((d / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text()
+                      ) == state_at(4, 0)
+
 
 def _conv_pair_loss(params, x, rng):
     """A stride-2 conv then a conv: the smallest net whose gradients XLA gets wrong on a
