@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from fasdiff_jax import convert
