@@ -1316,8 +1316,10 @@ def test_flipped_bytes_in_a_checkpoint_are_found(scenario, tmp_path, capsys, mon
         m.setattr(train, "_check_sums", lambda *args, **kwargs: None)
         damaged = train.restore_for_inference(config, str(export)).params
     intact = train.restore_for_inference(config, str(scenario["a"]), weights="params").params
-    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(damaged["compressor"]),
-                                                        jax.tree.leaves(intact["compressor"])))
+    # (in whichever trained part the flipped bytes land: which leaves share a data file
+    # varies between runs; the compressor alone came out equal in one clean-clone CI run)
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(damaged),
+                                                        jax.tree.leaves(intact)))
     compress = ["compress", str(face), str(tmp_path / "f.fsd"), f"--workdir={export}"]
     for argv in (compress, ["export", f"--workdir={export}", str(tmp_path / "again")]):
         assert codec.main(argv) == 2
