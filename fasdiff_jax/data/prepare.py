@@ -240,15 +240,11 @@ def list_inputs(source: str, tfds_data_dir: str | None = None,
     if not os.path.isdir(source):
         raise DataError(f"--input {source} is a file, not a folder: give the folder of images "
                         f"(searched recursively) or tfds:NAME[:SPLIT]")
-    keys = list_images(source, all_files=True, exclude=[output] if output is not None else [])
-    if output is not None:
-        inside = os.path.relpath(os.path.realpath(output), os.path.realpath(source))
-        if inside == os.curdir:
-            raise DataError(f"--output {output} is the --input folder: write the prepared "
-                            f"folder elsewhere (a subfolder is fine)")
-        if not inside.startswith(os.pardir):
-            keys = [k for k in keys if not (k + os.sep).startswith(inside + os.sep)]
-    return keys
+    if output is not None and os.path.realpath(output) == os.path.realpath(source):
+        raise DataError(f"--output {output} is the --input folder: write the prepared "
+                        f"folder elsewhere (a subfolder is fine)")
+    # the output folder is not entered, by its own path or through a link
+    return list_images(source, all_files=True, exclude=[output] if output is not None else [])
 
 
 def write_manifest(source: str, output: str, opts: PrepareOptions, keys: list[str],
