@@ -686,10 +686,20 @@ def _weights_key(saved: Any, weights: str) -> str:
 def _frozen_fingerprint(config: ml_collections.ConfigDict) -> str:
     """What the frozen parts are: a resume, codec or evaluate run with others is refused.
     Converted SD weights are named by their content (:func:`convert.sd_fingerprint`), so a
-    run's checkpoints load wherever the folder is copied to; random ones by seed and config."""
+    run's checkpoints load wherever the folder is copied to; random ones by seed and config;
+    both with the noise schedule the UNet denoises for (the SD folder's scheduler config
+    under ``model.scheduler``)."""
     m = config.model
     if m.get("kind", "fasdiff") != "fasdiff":
         return m.kind  # nothing frozen; a FaSDiff workdir is refused by this too
+    return _weights_fingerprint(config) + "+schedule-" + _fingerprint_of(
+        fasdiff.schedule_arguments(fasdiff.schedule_settings(m)))[:8]
+
+
+def _weights_fingerprint(config: ml_collections.ConfigDict) -> str:
+    """The frozen weights' part of :func:`_frozen_fingerprint` (all of it in checkpoints
+    saved before the schedule was named)."""
+    m = config.model
     if m.get("sd_checkpoint", ""):
         from fasdiff_jax import convert
 
@@ -704,9 +714,15 @@ def _fingerprint_of(src: Mapping[str, Any]) -> str:
 
 
 def _fingerprint_fits(saved: str | None, config: ml_collections.ConfigDict) -> bool:
-    """``saved`` (a checkpoint's) names ``config``'s frozen parts; checkpoints written before
-    content fingerprints named the SD folder by its path (still accepted from that path)."""
+    """``saved`` (a checkpoint's) names ``config``'s frozen parts. Older checkpoints are
+    accepted as they were: those saved before the schedule was named by their weights alone
+    (a schedule changed since is not seen), those saved before content fingerprints by the
+    SD folder's path."""
     if saved == _frozen_fingerprint(config):
+        return True
+    if config.model.get("kind", "fasdiff") != "fasdiff" or not saved:
+        return False
+    if "+schedule-" not in saved and saved == _weights_fingerprint(config):
         return True
     ckpt = config.model.get("sd_checkpoint", "")
     return bool(ckpt) and saved == _fingerprint_of({"sd_checkpoint": ckpt})
@@ -721,7 +737,9 @@ def _check_frozen(meta: Mapping[str, Any], config: ml_collections.ConfigDict, wo
             f"{workdir}: checkpoint {step} was trained on other frozen SD weights or as another "
             f"model kind than this config's (fingerprint {meta.get('frozen')} != "
             f"{_frozen_fingerprint(config)}: model.kind, the weights in model.sd_checkpoint, "
-            f"seed or SD config); use the config it was trained with, or a fresh workdir")
+            f"seed or SD config, or the noise schedule: the SD folder's "
+            f"scheduler/scheduler_config.json under model.scheduler); use the config it was "
+            f"trained with, or a fresh workdir")
 
 
 def _workdir(path: str) -> str:

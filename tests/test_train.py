@@ -1515,9 +1515,43 @@ def test_fingerprints_name_sd_weights_by_content_and_old_ones_by_path(tmp_path):
         train._frozen_fingerprint(same)
     # random frozen weights (no sd_checkpoint): named by seed and SD config, as before
     plain = tiny.get_config()
-    assert train._frozen_fingerprint(plain) == old_rule(
-        {"sd_checkpoint": "", "seed": plain.seed, "unet": plain.model.unet.to_dict(),
-         "vae": plain.model.vae.to_dict()})
+    weights_only = old_rule({"sd_checkpoint": "", "seed": plain.seed,
+                             "unet": plain.model.unet.to_dict(), "vae": plain.model.vae.to_dict()})
+    assert train._frozen_fingerprint(plain).startswith(weights_only + "+schedule-")
+    assert train._fingerprint_fits(weights_only, plain)  # saved before the schedule was named
+
+
+def test_fingerprints_name_the_noise_schedule(tmp_path):
+    """A resume (or codec run) whose UNet would denoise for another noise schedule than the
+    one it was trained with is refused: a hand-edited scheduler_config.json or
+    model.scheduler changes the fingerprint; the same schedule spelled otherwise does not;
+    checkpoints saved before the schedule was named are accepted by their weights."""
+    ckpt = _converted_sd(tmp_path / "sd")
+    (ckpt / "scheduler").mkdir()
+    sched = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    cfg = tiny.get_config()
+    cfg.model.sd_checkpoint, cfg.model.scheduler = str(ckpt), {}
+    first = train._frozen_fingerprint(cfg)
+    weights = first.split("+")[0]
+    assert weights.startswith("sd-") and train._fingerprint_fits(first, cfg)
+
+    (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**sched, "num_train_timesteps": 1000, "clip_sample": False, "_diffusers_version": "x"}))
+    assert train._frozen_fingerprint(cfg) == first  # defaults spelled out, unknown keys
+    (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**sched, "prediction_type": "v_prediction"}))
+    edited = train._frozen_fingerprint(cfg)
+    assert edited != first and edited.split("+")[0] == weights
+    assert not train._fingerprint_fits(first, cfg)
+    assert train._fingerprint_fits(weights, cfg)  # an old checkpoint: its weights alone
+    with cfg.unlocked():
+        cfg.model.scheduler = {"prediction_type": "epsilon"}  # the config's own wins
+    assert train._frozen_fingerprint(cfg) == first
+    meta = {"frozen": edited}
+    with pytest.raises(train.TrainConfigError, match="noise schedule"):
+        train._check_frozen(meta, cfg, str(tmp_path / "w"), 3)
 
 
 def test_sd_fingerprints_are_memoised_across_commands_until_a_file_changes(tmp_path,

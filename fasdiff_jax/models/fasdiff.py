@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -625,6 +626,29 @@ def _load_sd_checkpoint(model: FaSDiff, ckpt: str) -> tuple[Params, Params, jax.
     return unet_params, vae_params, null
 
 
+def _scheduler_file(ckpt: str) -> str:
+    return os.path.join(ckpt, "scheduler", "scheduler_config.json")
+
+
+def schedule_settings(cfg: Any) -> dict:
+    """The noise schedule's settings of ``config.model``: the SD folder's scheduler config
+    (checked and named by path where damaged) under ``config.model.scheduler``'s own; ``{}``
+    (:meth:`schedules.Schedule.create`'s defaults) where neither says."""
+    cfg = _as_dict(cfg)
+    own = _as_dict(cfg.get("scheduler"))
+    ckpt = cfg.get("sd_checkpoint") or ""
+    if ckpt and os.path.lexists(_scheduler_file(ckpt)):
+        return {**convert.read_scheduler_config(_scheduler_file(ckpt)), **own}
+    return own
+
+
+def schedule_arguments(settings: Mapping[str, Any]) -> dict:
+    """``settings`` as :meth:`schedules.Schedule.create` takes them, defaults filled in: two
+    spellings of one schedule give equal arguments (what a run's fingerprint names)."""
+    params = inspect.signature(schedules.Schedule.create).parameters
+    return {k: settings.get(k, p.default) for k, p in params.items()}
+
+
 def build(cfg: Any, new_run: bool = True) -> FaSDiff:
     """A :class:`FaSDiff` from ``config.model`` (a ConfigDict or mapping). An SD folder
     without its scheduler config (convert wrote such folders before it required one) is
@@ -635,20 +659,19 @@ def build(cfg: Any, new_run: bool = True) -> FaSDiff:
     common = dict(dtype=dtype, remat=bool(cfg.get("remat", False)),
                   attention_impl=cfg.get("attention_impl", "xla"))
     ckpt = cfg.get("sd_checkpoint") or ""
-    unet_cfg, vae_cfg, sched_cfg = (_as_dict(cfg.get(k)) for k in ("unet", "vae", "scheduler"))
+    unet_cfg, vae_cfg = (_as_dict(cfg.get(k)) for k in ("unet", "vae"))
+    sched_cfg = schedule_settings(cfg)
     if ckpt:
         unet_cfg = convert.read_config(os.path.join(ckpt, "unet"))
         vae_cfg = convert.read_config(os.path.join(ckpt, "vae"))
-        sched_path = os.path.join(ckpt, "scheduler", "scheduler_config.json")
-        if os.path.lexists(sched_path):  # checked and named by path (a damaged file)
-            sched_cfg = {**convert.read_scheduler_config(sched_path), **sched_cfg}
-        elif not sched_cfg and new_run:  # Schedule.create's defaults are not SD's
+        unknown = not sched_cfg and not os.path.lexists(_scheduler_file(ckpt))
+        if unknown and new_run:  # Schedule.create's defaults are not SD's
             raise ConversionError(
                 f"sd_checkpoint {ckpt}: no scheduler/scheduler_config.json and "
                 f"config.model.scheduler is empty: the noise schedule is unknown (converted "
                 f"without the pipeline's scheduler/): convert the pipeline again with "
                 f"python -m fasdiff_jax.convert")
-        elif not sched_cfg:
+        elif unknown:
             logging.warning("sd_checkpoint %s has no scheduler/scheduler_config.json: this "
                             "model keeps the default linear schedule it was trained with, "
                             "not SD's (convert the pipeline again for new runs)", ckpt)
@@ -666,8 +689,7 @@ def build(cfg: Any, new_run: bool = True) -> FaSDiff:
     hlfe = HybridLowFrequencyEnhancement(down, mid, features=hc["features"],
                                          num_blocks=hc["num_blocks"], heads=hc["heads"],
                                          groups=hc["groups"], dwt_levels=hc["dwt_levels"])
-    sched = schedules.Schedule.create(**{k: v for k, v in sched_cfg.items()
-                                         if k in schedules.Schedule.create.__code__.co_varnames})
+    sched = schedules.Schedule.create(**schedule_arguments(sched_cfg))
     lc = _as_dict(cfg["loss"])
     cfg = {**cfg, "loss": lc, "control": _as_dict(cfg["control"]),
            "sampler": _as_dict(cfg["sampler"])}
