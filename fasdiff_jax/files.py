@@ -66,11 +66,24 @@ def check_writable(path: str, flag: str = "--out ") -> None:
 def temp_name(path: str) -> str:
     """Where an output is written before it is renamed to ``path``: ``path.tmp-HOST-PID``, so
     that :func:`remove_stale_temps` can tell a killed writer's leftover from a live one's,
-    also where machines share the folder (NFS)."""
-    return f"{path}.tmp-{_HOST}-{os.getpid()}"
+    also where machines share the folder (NFS). HOST carries this boot's id where the
+    system has one (``name@boot``): after a reboot a writer's pid may be another process's,
+    which made its leftover look live for good."""
+    return f"{path}.tmp-{_WRITER}-{os.getpid()}"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip().replace("-", "")[:8]
+    except OSError:
+        return ""
+    return boot if boot.isalnum() and boot.isascii() else ""
 
 
 _HOST = socket.gethostname().replace(os.sep, "_") or "host"
+_BOOT = _boot_id()
+_WRITER = f"{_HOST}@{_BOOT}" if _BOOT else _HOST
 
 
 def _writer(entry: str, names: Collection[str]) -> tuple[str | None, int] | None:
@@ -104,9 +117,16 @@ def is_temp_of(entry: str, names: Collection[str]) -> bool:
 
 def is_leftover(entry: str, names: Collection[str]) -> bool:
     """Whether ``entry`` is a :func:`temp_name` of one of ``names`` whose writer, on this
-    machine, no longer runs (killed); other machines' and live writers' are not."""
+    machine, no longer runs (killed, or before the last reboot); other machines' and live
+    writers' are not."""
     writer = _writer(entry, names)
-    return writer is not None and writer[0] in (None, _HOST) and not _running(writer[1])
+    if writer is None:
+        return False
+    host, pid = writer
+    if host in (None, _HOST, _WRITER):  # (this machine's names before boot ids: by pid)
+        return not _running(pid)
+    name, _, boot = host.rpartition("@")
+    return bool(_BOOT) and name == _HOST and boot != _BOOT  # this machine, an earlier boot
 
 
 def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0.0

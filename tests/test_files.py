@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,13 @@ def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
                  f"a.fsd.tmp-{live.pid}": "its writer runs", f"a.fsd.tmp-{os.getpid()}": "ours",
                  f"b.fsd.tmp-{dead}": "another output", "a.fsd": "the output",
                  "a.fsd.tmp-x": "not a pid", f"a.fsd.tmp-{10**30}": "removed (no such pid)"}
+        if files._BOOT:  # Linux: the boot id tells a reused pid after a reboot
+            machine, boot = host.rsplit("@", 1)
+            assert boot == files._BOOT and machine == socket.gethostname().replace(os.sep, "_")
+            earlier = "0" * 8 if boot != "0" * 8 else "1" * 8
+            names |= {f"a.fsd.tmp-{machine}@{earlier}-{live.pid}": "removed (an earlier boot)",
+                      f"a.fsd.tmp-{machine}-{live.pid}": "its writer runs (no boot id)",
+                      f"a.fsd.tmp-elsewhere@{earlier}-{dead}": "another machine's"}
         for name in names:
             (tmp_path / name).write_bytes(b"x")
         (tmp_path / f"exp.tmp-{host}-{dead}" / "checkpoints").mkdir(parents=True)
