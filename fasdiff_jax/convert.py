@@ -545,7 +545,7 @@ def _recover_swap(dest: str) -> None:
     parent = parent or "."
     if not os.path.lexists(dest):
         for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-            if files.is_leftover(entry, {name + _ASIDE}):
+            if files.is_leftover(parent, entry, {name + _ASIDE}):
                 os.rename(os.path.join(parent, entry), dest)
                 break
     files.remove_stale_temps(parent, {name, name + _ASIDE})

@@ -115,10 +115,10 @@ def is_temp_of(entry: str, names: Collection[str]) -> bool:
     return _writer(entry, names) is not None
 
 
-def is_leftover(entry: str, names: Collection[str]) -> bool:
-    """Whether ``entry`` is a :func:`temp_name` of one of ``names`` whose writer, on this
-    machine, no longer runs (killed, or before the last reboot); other machines' and live
-    writers' are not."""
+def is_leftover(folder: str, entry: str, names: Collection[str]) -> bool:
+    """Whether ``entry`` in ``folder`` is a :func:`temp_name` of one of ``names`` whose
+    writer, on this machine, no longer runs (killed, or before the last reboot: written
+    before this boot began); other machines' and live writers' are not."""
     writer = _writer(entry, names)
     if writer is None:
         return False
@@ -126,7 +126,24 @@ def is_leftover(entry: str, names: Collection[str]) -> bool:
     if host in (None, _HOST, _WRITER):  # (this machine's names before boot ids: by pid)
         return not _running(pid)
     name, _, boot = host.rpartition("@")
-    return bool(_BOOT) and name == _HOST and boot != _BOOT  # this machine, an earlier boot
+    if not _BOOT or name != _HOST or boot == _BOOT:
+        return False  # another machine's (one of the same name has its own boot id)
+    try:
+        return os.lstat(os.path.join(folder, entry)).st_mtime < _boot_time()
+    except OSError:
+        return False
+
+
+def _boot_time() -> float:
+    """When this machine booted (seconds since the epoch), or 0 where unknown."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0.0
@@ -142,7 +159,7 @@ def remove_stale_temps(folder: str, names: Collection[str], min_age_s: float = 0
         return []
     removed, now = [], time.time()
     for entry in entries:
-        if not is_leftover(entry, names):
+        if not is_leftover(folder, entry, names):
             continue
         path = os.path.join(folder, entry)
         try:

@@ -38,10 +38,13 @@ def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
             assert boot == files._BOOT and machine == socket.gethostname().replace(os.sep, "_")
             earlier = "0" * 8 if boot != "0" * 8 else "1" * 8
             names |= {f"a.fsd.tmp-{machine}@{earlier}-{live.pid}": "removed (an earlier boot)",
+                      f"a.fsd.tmp-{machine}@{earlier}-{dead}": "a same-named machine's",
                       f"a.fsd.tmp-{machine}-{live.pid}": "its writer runs (no boot id)",
                       f"a.fsd.tmp-elsewhere@{earlier}-{dead}": "another machine's"}
         for name in names:
             (tmp_path / name).write_bytes(b"x")
+            if "earlier boot" in names[name]:  # written before this boot began
+                os.utime(tmp_path / name, (files._boot_time() - 60,) * 2)
         (tmp_path / f"exp.tmp-{host}-{dead}" / "checkpoints").mkdir(parents=True)
         removed = files.remove_stale_temps(str(tmp_path), {"a.fsd", "exp"})
         gone = ({n for n, why in names.items() if why.startswith("removed")}

@@ -288,6 +288,14 @@ def test_a_kill_during_the_swap_leaves_a_whole_set_and_a_rerun_cleans_up(tmp_pat
     shutil.copytree(pipelines / "a_out", aside)
     assert convert.main(argv) == 0
     assert _contents(out) == b_set and sorted(os.listdir(tmp_path)) == ["ckpt", "none"]
+    if files._BOOT:  # killed between the renames, then a reboot gave its pid to another
+        machine = aside.rsplit(".tmp-", 1)[1].rsplit("@", 1)[0]
+        earlier = "0" * 8 if files._BOOT != "0" * 8 else "1" * 8
+        before_boot = f"{out}.old.tmp-{machine}@{earlier}-1"  # (pid 1 always runs)
+        shutil.move(str(out), before_boot)
+        os.utime(before_boot, (files._boot_time() - 60,) * 2)
+        assert convert.main(bad) == 2
+        assert _contents(out) == b_set and sorted(os.listdir(tmp_path)) == ["ckpt", "none"]
 
 
 def test_a_failed_swap_puts_the_old_set_back(tmp_path, capsys, monkeypatch, pipelines):
