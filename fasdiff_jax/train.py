@@ -811,17 +811,18 @@ def _flock(workdir: str) -> Iterator[None]:
     import fcntl
 
     path = os.path.join(workdir, LOCK_FILE)
-    made = [p for p in (workdir, path) if not os.path.exists(p)]
-    with writing(path):
-        os.makedirs(workdir, exist_ok=True)
-        f = open(path, "a+")
-    with f:
+    while True:
+        made = [p for p in (workdir, path) if not os.path.exists(p)]
+        with writing(path):
+            os.makedirs(workdir, exist_ok=True)
+            f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise WorkdirInUseError(
                 f"{workdir}: another training run is using this workdir ({holder}, lock "
                 f"{path}); wait for it to end or stop it, or train in another workdir") from None
@@ -829,6 +830,10 @@ def _flock(workdir: str) -> Iterator[None]:
             logging.warning("%s: cannot lock %s (%s); two runs on it are not kept apart",
                             workdir, path, e)
             locked = False
+        if not locked or _same_file(f, path):
+            break
+        f.close()  # locked a file the run before removed (below): a third would lock anew
+    with f:
         if locked:
             f.seek(0)
             f.truncate()
@@ -844,6 +849,14 @@ def _flock(workdir: str) -> Iterator[None]:
                 _remove_quietly(path, workdir if workdir in made else None)
             if locked:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _same_file(f: Any, path: str) -> bool:
+    """Whether the open file ``f`` is still what ``path`` names."""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _remove_quietly(path: str, folder: str | None) -> None:

@@ -1872,6 +1872,35 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path):
         pass
 
 
+def test_a_lock_file_removed_by_its_last_holder_is_not_locked(tmp_path, monkeypatch):
+    """A run refused before writing anything removes the lock-only workdir it made while it
+    holds the lock; a second run that opened the file just before took the lock of a file
+    no path names, and a third run locked a new file beside it: two runs on one workdir.
+    The lock is taken again until it is on the file the path names."""
+    import fcntl
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / train.LOCK_FILE).write_text("pid 1 on elsewhere")  # the refused run's lock
+    real, calls = fcntl.flock, []
+
+    def flock(f, op):
+        if not calls:  # its holder removes it between our open and our lock
+            os.remove(work / train.LOCK_FILE)
+            os.rmdir(work)
+        calls.append(op)
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with train.workdir_lock(str(work)):
+        assert len([c for c in calls if c & fcntl.LOCK_EX]) == 2
+        monkeypatch.setattr(fcntl, "flock", real)
+        with pytest.raises(errors.WorkdirInUseError):  # the third run
+            with train.workdir_lock(str(work)):
+                pass
+    assert not work.exists()  # the workdir it made held only its lock: both removed
+
+
 def test_orbax_logs_of_a_failed_write_and_its_info_lines_are_kept_out_of_the_run_log():
     """A full disk during a save printed 3,449 lines: Orbax's ERROR record of the failure
     from each thread, with tracebacks, and TensorStore's late callbacks; each checkpoint
