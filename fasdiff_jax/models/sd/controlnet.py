@@ -22,6 +22,7 @@ from flax.core import unfreeze
 
 from fasdiff_jax.errors import UnsupportedConfigError
 from fasdiff_jax.models import layers
+from fasdiff_jax.models.sd import config_fields
 from fasdiff_jax.models.sd import unet as unet_lib
 from fasdiff_jax.models.sd.unet import UNetEncoderFields
 
@@ -81,11 +82,11 @@ class ControlNetModel(UNetEncoderFields):
         ceoc = {"conditioning_embedding_out_channels":  # null: diffusers' default
                 cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)}
         kw.update(
-            conditioning_channels=unet_lib.config_int(cfg, "conditioning_channels", 3),
-            conditioning_embedding_out_channels=unet_lib.config_channels(
+            conditioning_channels=config_fields.config_int(cfg, "conditioning_channels", 3),
+            conditioning_embedding_out_channels=config_fields.config_channels(
                 ceoc, "conditioning_embedding_out_channels", ()),
             controlnet_conditioning_channel_order=order,
-            global_pool_conditions=unet_lib.config_flag(cfg, "global_pool_conditions", False),
+            global_pool_conditions=config_fields.config_flag(cfg, "global_pool_conditions", False),
         )
         kw.update(overrides)
         return cls(**kw)

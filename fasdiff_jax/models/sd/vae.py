@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from fasdiff_jax.errors import UnsupportedConfigError
 from fasdiff_jax.models import layers
 from fasdiff_jax.models.sd.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from fasdiff_jax.models.sd.unet import (check_groups, config_channels, config_flag, config_float,
-                                        config_int, invalid_field)
+from fasdiff_jax.models.sd.config_fields import (check_groups, config_channels, config_flag,
+                                                 config_float, config_int, invalid_field)
 
 Dtype = Any
 _EPS = 1e-6  # diffusers' Encoder/Decoder use resnet_eps=1e-6 and GroupNorm eps 1e-6
