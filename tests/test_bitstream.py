@@ -166,3 +166,21 @@ def test_pack_takes_numpy_scalars_as_integers_and_reals():
     spec = SamplerSpec(np.uint16(2), 3, np.float32(0.5), np.uint64(2**64 - 1))
     c = unpack(pack(dataclasses.replace(_SMALL, height=np.int64(5), sampler=spec)))
     assert c.height == 5 and c.sampler == SamplerSpec(2, 3, 0.5, 2**64 - 1)
+
+
+def test_non_integer_symbols_and_indexes_are_refused():
+    """Float symbols were truncated toward zero and a float table index picked a table,
+    silently: both are a TypeError; an expected fingerprint that is not 16 bytes too (it was
+    an AttributeError on a mismatch)."""
+    with pytest.raises(TypeError, match="symbols must be integers, got dtype float64"):
+        encode_symbols(SYM + 0.6, IDX, TABLES)
+    with pytest.raises(TypeError, match="table indexes must be integers, got dtype float64"):
+        encode_symbols(SYM, IDX + 0.7, TABLES)
+    with pytest.raises(TypeError, match="table indexes must be integers, got dtype bool"):
+        decode_symbols(unpack(GOOD).streams[0], IDX > 3, TABLES)
+    for sym in (SYM.astype(np.int8), SYM.astype(np.int32), SYM.astype(np.uint64) % 4):
+        data = encode_symbols(sym, IDX.astype(np.uint16), TABLES)
+        np.testing.assert_array_equal(decode_symbols(data, IDX, TABLES), sym.astype(np.int64))
+    for fp in ("x" * 16, FP[:8], FP.hex()):
+        with pytest.raises(TypeError, match="expected_fingerprint must be 16 bytes"):
+            unpack(GOOD, fp)

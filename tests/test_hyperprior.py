@@ -458,9 +458,135 @@ def test_bad_image_input_errors():
     with pytest.raises(ValueError):
         H.compress(model, params, np.zeros((8, 8, 2), np.uint8))
     # larger than any decoder takes by default: refused at compress, not at decompress
-    with pytest.raises(ValueError, match="4097x4096 pixels .4160x4096 padded. exceeds"):
-        H.compress(model, params, np.zeros((4097, 4096), np.uint8))
+    with pytest.raises(ValueError, match="4090x4097 pixels .4096x4160 padded. exceeds"):
+        H.compress(model, params, np.zeros((4090, 4097), np.uint8))
     assert H.pad_to_multiple(np.zeros((4096, 4096, 1), np.uint8))[0].shape == (4096, 4096, 1)
+    # over the limit unpadded: refused before a gray or RGBA array is converted (a gray
+    # 65535x65535 one was made RGB, 12.9 GB, first); a PIL image before it is read
+    import tracemalloc
+
+    from PIL import Image
+
+    for shape in ((4097, 4096), (4097, 4096, 4), (300, 65535)):
+        big = np.zeros(shape, np.uint8)
+        tracemalloc.start()
+        with pytest.raises(ValueError, match=f"{shape[0]}x{shape[1]} pixels exceeds"):
+            H.estimate_bits(model, params, big)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20, (shape, peak)
+    with pytest.raises(ValueError, match="4097x4096 pixels exceeds"):
+        H.compress(model, params, Image.new("P", (4096, 4097)))
+
+
+def test_pil_images_are_read_as_the_cli_reads_files(tmp_path):
+    """A palette image was coded as its indexes (gray), a CMYK one as RGB plus alpha: PIL
+    images of any mode go through the CLI's reader (align.to_rgb), so both code the picture."""
+    from PIL import Image
+
+    from fasdiff_jax.data.sources import read_image
+
+    model, params = _tiny()
+    rgb = skdata.astronaut()[::8, ::8]
+    for mode in ("P", "CMYK", "RGBA", "L", "RGB"):
+        im = Image.fromarray(rgb).convert(mode)
+        im.save(tmp_path / f"a.{'tif' if mode == 'CMYK' else 'png'}")
+        want = read_image(str(next(tmp_path.glob("a.*"))), keep_gray=True)
+        got, channels = H.to_rgb(im)
+        assert channels == want.shape[-1] == (1 if mode == "L" else 3), mode
+        np.testing.assert_array_equal(got, np.repeat(want, 3, -1) if mode == "L" else want)
+        if mode != "L":
+            assert np.abs(got.astype(int) - rgb).mean() < 25, mode  # the picture, not indexes
+        for f in tmp_path.glob("a.*"):
+            f.unlink()
+    assert H.compress(model, params, Image.fromarray(rgb).convert("P")) == H.compress(
+        model, params, np.asarray(Image.fromarray(rgb).convert("P").convert("RGB")))
+
+
+def test_model_sizes_out_of_range_are_refused_by_name():
+    """N=0 and num_scales=1 were a bare ZeroDivisionError, num_scales=0 coded with one table
+    silently, num_scales=100000 ran 93 s into a 56 GiB allocation."""
+    for kw, what in ((dict(N=0), "N=0"), (dict(M=-1), "M=-1"),
+                     (dict(num_scales=1), r"num_scales=1 \(need an integer in 2..1024\)"),
+                     (dict(num_scales=0), "num_scales=0"),
+                     (dict(num_scales=100000), "num_scales=100000"),
+                     (dict(num_scales=64.0), "num_scales=64.0")):
+        with pytest.raises(ValueError, match=f"hyperprior sizes: {what}"):
+            H.MeanScaleHyperprior(**{**dict(N=8, M=12), **kw})
+    from fasdiff_jax import train
+
+    cfg = {"kind": "hyperprior", "N": 8, "M": 12, "num_scales": 2000, "lmbda": 0.01}
+    with pytest.raises(train.TrainConfigError, match=r"model.num_scales must be an integer in "
+                                                     r"2..1024, got 2000"):
+        train.build_model(cfg)
+    with pytest.raises(train.TrainConfigError, match="model.N must be an integer >= 1, got None"):
+        train.build_model({k: v for k, v in cfg.items() if k != "N"})
+
+
+def test_numpy_params_are_frozen_while_their_tables_are_cached():
+    """params_from_compressai returns numpy leaves; one changed in place kept the cached
+    integer h_s and fingerprint, so files carried a fingerprint no weights had and decoded
+    with none. The leaves are made read-only when prepared: the change fails where it is
+    made; a replaced leaf is seen as before."""
+    model, params = _tiny()
+    host = jax.tree.map(np.array, params)
+    img = skdata.astronaut()[:64, :64]
+    data = H.compress(model, host, img)
+    kernel = host["params"]["h_s_0"]["kernel"]
+    with pytest.raises(ValueError, match="read-only"):
+        kernel *= 3.0
+    host["params"]["h_s_0"]["kernel"] = kernel * 3.0  # replaced: prepared again
+    other = H.compress(model, host, img)
+    assert H.prepare(model, host).fingerprint == H.prepare(
+        model, jax.tree.map(np.array, host)).fingerprint
+    assert container.unpack(other).fingerprint != container.unpack(data).fingerprint
+    np.testing.assert_array_equal(H.decompress(model, jax.tree.map(np.array, host), other),
+                                  H.decompress(model, host, other))
+
+
+def test_equal_model_objects_share_programs_and_tables():
+    """Caches were keyed by the model object's id: each new but equal model compiled its
+    programs again (0.55-0.85 s a call) and every one was kept."""
+    model, params = _tiny()
+    img = skdata.astronaut()[:64, :64]
+    data = H.compress(model, params, img)
+    programs = (len(H._encode_fns), len(H._decode_fns))
+    prepared = H.prepare(model, params)
+    for _ in range(3):
+        same = H.MeanScaleHyperprior(N=8, M=12, num_scales=64)
+        assert H.compress(same, params, img) == data
+        H.decompress(same, params, data)
+        assert H.prepare(same, params) is prepared
+    assert (len(H._encode_fns), len(H._decode_fns)) == (programs[0], max(programs[1], 1))
+
+
+def test_threads_leave_the_users_blas_threads_as_they_were():
+    """Two threads entering and leaving the integer h_s's one-thread BLAS limit in turn left
+    BLAS at one thread for the rest of the process."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    first, second = threading.Event(), threading.Event()
+
+    def hold(enter: threading.Event, leave: threading.Event):
+        with H._single_thread_blas():
+            enter.set()
+            leave.wait(5)
+
+    a = threading.Thread(target=hold, args=(first, second))
+    a.start()
+    first.wait(5)
+    with H._single_thread_blas():  # entered while a holds the limit, left before a leaves
+        assert set(blas_threads()) <= {1}
+    assert set(blas_threads()) <= {1}  # a still runs its h_s
+    second.set()
+    a.join()
+    assert blas_threads() == before
 
 
 def test_one_image_where_a_batch_is_expected_is_refused():
@@ -475,6 +601,9 @@ def test_one_image_where_a_batch_is_expected_is_refused():
             H.compress_batch(model, params, batch)
     with pytest.raises(TypeError, match="expected one image .* got a list"):
         H.compress(model, params, [img])
+    for batch in ("abc", b"abc", {"a": img}):  # each character or key was taken for an image
+        with pytest.raises(TypeError, match="sequence of images or an NHWC array, got a"):
+            H.compress_batch(model, params, batch)
     (data,) = H.compress_batch(model, params, img[None])
     assert H.decompress(model, params, data, max_pixels=None).shape == img.shape  # None: no limit
     with pytest.raises(TypeError, match="max_pixels must be an int .pixels. or None"):

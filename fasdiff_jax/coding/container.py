@@ -159,7 +159,12 @@ def seal(body: bytes) -> bytes:
 
 def unpack(data: bytes, expected_fingerprint: bytes | None = None,
            expected_codec: int | None = None) -> Container:
-    """Parse and validate; every problem is a :class:`BitstreamError`."""
+    """Parse and validate; every problem of ``data`` is a :class:`BitstreamError` (an
+    ``expected_fingerprint`` that is not 16 bytes: a TypeError, the caller's)."""
+    if expected_fingerprint is not None and not (
+            isinstance(expected_fingerprint, bytes) and len(expected_fingerprint) == 16):
+        raise TypeError(f"expected_fingerprint must be 16 bytes, got "
+                        f"{type(expected_fingerprint).__name__} {expected_fingerprint!r:.40}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)

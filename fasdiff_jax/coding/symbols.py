@@ -21,6 +21,8 @@ approximation is a deterministic function of those bits, so encoder and decoder 
 
 from __future__ import annotations
 
+from typing import Any
+
 import constriction
 import numpy as np
 
@@ -50,8 +52,17 @@ def _uniform():
     return _UNIFORM
 
 
+def _integers(values: Any, what: str) -> np.ndarray:
+    """``values`` as flat int64; other dtypes are refused (float symbols were truncated
+    toward zero, a float table index picked a table, silently)."""
+    arr = np.asarray(values)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype} (round them first)")
+    return arr.reshape(-1).astype(np.int64)
+
+
 def _check_idx(table_idx: np.ndarray, tables: CdfTables) -> np.ndarray:
-    idx = np.asarray(table_idx).reshape(-1).astype(np.int64)
+    idx = _integers(table_idx, "table indexes")
     if idx.size and (idx.min() < 0 or idx.max() >= len(tables.offset)):
         raise ValueError(f"table index out of range [0, {len(tables.offset)})")
     return idx
@@ -80,7 +91,7 @@ class SymbolEncoder:
 
     def encode(self, symbols: np.ndarray, table_idx: np.ndarray, tables: CdfTables) -> None:
         """Code integer ``symbols`` (any shape), element i with row ``table_idx[i]``."""
-        sym = np.asarray(symbols).reshape(-1).astype(np.int64)
+        sym = _integers(symbols, "symbols")
         idx = _check_idx(table_idx, tables)
         if sym.shape != idx.shape:
             raise ValueError(f"symbols {sym.shape} and table indexes {idx.shape} differ in size")

@@ -408,7 +408,8 @@ class FaSDiff:
             leaves = [leaf for name in FINGERPRINTED for leaf in jax.tree.leaves(params[name])]
             for shape, digest in zip((np.shape(x) for x in leaves), _array_digests(leaves)):
                 h.update(repr(shape).encode() + digest)
-            hit = (id(params), params, h.digest(), wrapped, tuple(jax.tree.leaves(params)))
+            hit = (id(params), params, h.digest(), wrapped,
+                   H.freeze_host_arrays(jax.tree.leaves(params)))
             self._cache["prep"] = hit
         return H.prepare(self.compressor, hit[3]), hit[2], hit[3]
 

@@ -36,10 +36,12 @@ a factorized ``z`` and a mean-scale ``y`` (FaSDiff's compressor) can reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -199,6 +201,26 @@ class QConv(nn.Module):
 # --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
+NUM_SCALES_RANGE = (2, 1024)  # scale levels from 0.11 to 256: 1024 tables take 18 MB
+
+
+def check_sizes(n: Any, m: Any, num_scales: Any) -> None:
+    """Refuse channel and scale-level counts no model has (ValueError naming them): N=0 and
+    num_scales=1 failed with a bare ZeroDivisionError, num_scales=0 made a one-table coder
+    silently, num_scales=100000 ran 93 s into a 56 GiB allocation."""
+    lo, hi = NUM_SCALES_RANGE
+    bad = [f"{name}={v!r} (need an integer >= 1)" for name, v in (("N", n), ("M", m))
+           if not _is_count(v, 1)]
+    if not (_is_count(num_scales, lo) and num_scales <= hi):
+        bad.append(f"num_scales={num_scales!r} (need an integer in {lo}..{hi})")
+    if bad:
+        raise ValueError(f"hyperprior sizes: {', '.join(bad)}")
+
+
+def _is_count(v: Any, minimum: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum
+
+
 class MeanScaleHyperprior(nn.Module):
     """mbt2018-mean. ``N``: g_a/g_s and hyper-latent channels, ``M``: latent channels;
     ``hs_activation``: one of :data:`HS_ACTIVATIONS` (CompressAI's model: ``"leaky_relu"``)."""
@@ -207,6 +229,10 @@ class MeanScaleHyperprior(nn.Module):
     M: int = 192
     num_scales: int = 128
     hs_activation: str = "relu"
+
+    def __post_init__(self):
+        check_sizes(self.N, self.M, self.num_scales)  # at construction: caches compare models
+        super().__post_init__()
 
     def setup(self):
         if self.hs_activation not in HS_ACTIVATIONS:
@@ -433,13 +459,35 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS: list = []  # [the limit in force] while any thread runs the integer h_s
+
+
+@contextlib.contextmanager
+def _single_thread_blas():
+    """BLAS at one thread while any thread runs the integer h_s, the user's setting back
+    after the last: two threads each entering and restoring threadpoolctl's limit in turn
+    left BLAS at one thread for the rest of the process (the second saved the first's 1)."""
+    with _BLAS_LOCK:
+        if not _BLAS_USERS:
+            _BLAS_USERS.append(_blas_controller().limit(limits=1, user_api="blas"))
+        _BLAS_USERS.append(None)
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS.pop()
+            if len(_BLAS_USERS) == 1:
+                _BLAS_USERS.pop().restore_original_limits()
+
+
 def hyper_synthesis_int(layers: list[IntLayer], z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer h_s: z_hat (h, w, N) ints -> (means_fixed, scales_fixed) int64, units 2**-10.
 
     BLAS runs single-threaded here; its GEMMs are split over a thread pool instead
     (:func:`_matmuls`). Rescaling and activations: :func:`_requantise`."""
     a = np.clip(np.asarray(z_hat, np.float64), -Z_CLIP, Z_CLIP - 1) * 2.0**A_FRAC
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _single_thread_blas():
         for l in layers:
             acc = _int_upconv(a, l.phases) if l.upsample else _im2col_conv(a, l.kernel, (1, 1), (1, 1))
             a = _requantise(acc, l.bias, l.activation)
@@ -749,12 +797,26 @@ def holds_same_arrays(params: Any, leaves: tuple) -> bool:
     """Whether ``params`` still holds exactly the arrays ``leaves`` (by identity), for caches
     kept per params object: an array replaced inside it (``p["params"][k] = other[k]``) kept
     the old tables and fingerprint, so files carried the fingerprint of weights they were not
-    coded with."""
+    coded with. The numpy ones are made read-only (:func:`freeze_host_arrays`), so no array
+    changes in place either."""
     now = jax.tree.leaves(params)
     return len(now) == len(leaves) and all(a is b for a, b in zip(now, leaves))
 
 
-_CACHE: list[tuple[int, int, _Prepared]] = []
+def freeze_host_arrays(leaves: Sequence[Any]) -> tuple:
+    """Make the writable numpy arrays among ``leaves`` read-only, for caches derived from
+    their values: an in-place change (``p[...] *= 3``, e.g. on what
+    :func:`params_from_compressai` returns) kept the old tables, integer h_s and fingerprint,
+    and files then decoded with no weights. Such a change now fails where it is made
+    (numpy's "assignment destination is read-only"); replace the array instead. jax arrays
+    are immutable already. Returns ``leaves`` as a tuple."""
+    for leaf in leaves:
+        if isinstance(leaf, np.ndarray) and leaf.flags.writeable:
+            leaf.flags.writeable = False
+    return tuple(leaves)
+
+
+_CACHE: list[tuple[Any, int, _Prepared]] = []  # (model, id(params), what was prepared)
 
 
 def _fingerprint(model: MeanScaleHyperprior, params: dict, tables_digest: bytes) -> bytes:
@@ -788,7 +850,7 @@ def param_shapes(model: MeanScaleHyperprior) -> dict:
     """The shapes (``jax.ShapeDtypeStruct``) of ``model``'s params, as :func:`init_params`
     makes them, without computing any (cached per model object)."""
     for m, shapes in _SHAPES:
-        if m is model:
+        if m == model:
             return shapes
     key = jax.random.key(0, impl="rbg")
     shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": key},
@@ -818,9 +880,8 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
     Where the integer h_s runs follows :func:`hs_place`; a device program that does not
     reproduce the host's integers on the check inputs is not used (a warning says so)."""
     place = hs_place()
-    for m_id, p_id, prep in _CACHE:
-        if (m_id == id(model) and p_id == id(params) and prep.made_from(params)
-                and prep.place == place):
+    for m, p_id, prep in _CACHE:
+        if m == model and p_id == id(params) and prep.made_from(params) and prep.place == place:
             return prep
     check_params_fit(model, params)
     p = params["params"]
@@ -839,21 +900,30 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
         hs_device=_checked_device_hs(hs_layers) if place == "device" else None,
     )
     fp = _fingerprint(model, params, E.tables_digest(coder.z_tables, coder.y_tables))
-    prep = _Prepared(coder, fp, params, place, tuple(jax.tree.leaves(params)))
-    _CACHE.insert(0, (id(model), id(params), prep))
+    prep = _Prepared(coder, fp, params, place, freeze_host_arrays(jax.tree.leaves(params)))
+    _CACHE.insert(0, (model, id(params), prep))
     del _CACHE[4:]
     return prep
 
 
 def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
-    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 -> (HxWx3, original channel count).
+    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 (or a PIL image) -> (HxWx3, original channels).
 
     HxWx4 is composited over white by the rule the CLI reads RGBA files with
     (:func:`fasdiff_jax.data.align.to_rgb`): dropping alpha coded the colours hidden under
-    transparent pixels, so the API and the CLI made different files of one picture."""
+    transparent pixels, so the API and the CLI made different files of one picture. A PIL
+    image is read as the CLI reads a file (any mode; a palette image was coded as its
+    indexes, a CMYK one as RGB plus alpha). Sizes are checked before any conversion."""
     if isinstance(image, (list, tuple)):  # np.asarray made it one more axis, then a raw error
         raise TypeError(f"expected one image (a uint8 numpy array), got a {type(image).__name__}"
-                        f": pass the array itself, or several to compress_batch()")
+                        f": pass the array itself (batch functions take a sequence of them)")
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        _check_size(image.height, image.width)
+        from fasdiff_jax.data.align import to_rgb as pil_to_rgb
+
+        image = np.asarray(pil_to_rgb(image, keep_gray=True))
     img = np.asarray(image)
     if img.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {img.dtype}")
@@ -861,9 +931,7 @@ def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4, got shape {np.shape(image)}")
-    h, w = img.shape[:2]
-    if not (1 <= h <= _ct.MAX_SIDE and 1 <= w <= _ct.MAX_SIDE):  # before any device work
-        raise ValueError(f"image size {h}x{w} outside 1..{_ct.MAX_SIDE} pixels a side")
+    _check_size(*img.shape[:2])
     c = img.shape[-1]
     if c == 1:
         img = np.repeat(img, 3, axis=-1)
@@ -874,6 +942,16 @@ def to_rgb(image: np.ndarray) -> tuple[np.ndarray, int]:
 
         img = np.asarray(composite_over_white(Image.fromarray(np.ascontiguousarray(img))))
     return img, c
+
+
+def _check_size(h: int, w: int) -> None:
+    """Before any device work or conversion (a gray 65535x65535 array was made RGB, 12.9 GB,
+    before the padded size was refused)."""
+    if not (1 <= h <= _ct.MAX_SIDE and 1 <= w <= _ct.MAX_SIDE):
+        raise ValueError(f"image size {h}x{w} outside 1..{_ct.MAX_SIDE} pixels a side")
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"image of {h}x{w} pixels exceeds the decoders' limit of {MAX_PIXELS} "
+                         f"pixels; code it in tiles")
 
 
 def pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> tuple[np.ndarray, int, int]:
@@ -890,21 +968,23 @@ def pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> tuple[np.ndarr
 
 
 def _encode_device(model, params, x):
-    fn = _encode_fns.get(id(model))
+    fn = _encode_fns.get(model)
     if fn is None:
         fn = jax.jit(lambda p, x: model.apply(p, x, method=MeanScaleHyperprior.encode_latents_device))
-        _encode_fns[id(model)] = fn
+        _encode_fns[model] = fn
     return fn(params, x)
 
 
 def _decode_device(model, params, y_hat):
-    fn = _decode_fns.get(id(model))
+    fn = _decode_fns.get(model)
     if fn is None:
         fn = jax.jit(lambda p, y: model.apply(p, y, method=MeanScaleHyperprior.decode_device))
-        _decode_fns[id(model)] = fn
+        _decode_fns[model] = fn
     return fn(params, y_hat)
 
 
+# Programs per model config (modules compare and hash by their fields): keyed by id, each new
+# but equal model object compiled again (0.55-0.85 s a call) and was kept for good.
 _encode_fns: dict = {}
 _decode_fns: dict = {}
 
@@ -923,7 +1003,11 @@ BATCH_PIXELS = 1 << 22
 def check_image_batch(images: Any) -> None:
     """Refuse one image where a batch is expected (TypeError): iterating it made each pixel
     row an image of its own (H files of one HxWx3 picture). An array batch must be NHWC, so
-    a 3-D array is always read as one HxWxC image, never as N gray HxW images."""
+    a 3-D array is always read as one HxWxC image, never as N gray HxW images. A string,
+    bytes or a mapping is refused too (each character or key was taken for an image)."""
+    if isinstance(images, (str, bytes, bytearray, Mapping)):
+        raise TypeError(f"images must be a sequence of images or an NHWC array, got a "
+                        f"{type(images).__name__}")
     ndim = getattr(images, "ndim", None)
     if ndim is None or ndim == 4:
         return
