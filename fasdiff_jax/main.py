@@ -204,7 +204,8 @@ def config_file_problem(path: str | None) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, except that an override of a field the config lacks (a typo such
-    as ``--config.train.stpes=20``) ends with one line naming it and exit status 2:
+    as ``--config.train.stpes=20``) or of the wrong type (``--config.train.steps=abc``)
+    ends with one line naming it and exit status 2, as any other unusable value does:
     config_flags raises a bare ``AttributeError`` deep in its parser for it. So does a
     config file that is missing or gives no config (a syntax error, no ``get_config``, not a
     ConfigDict): config_flags ended those with a traceback."""
@@ -214,10 +215,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise SystemExit(2)
     try:
         return FLAGS(argv)
-    except flags.Error as e:  # what absl's own parser does with these
-        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on "
-              f"flags.", file=sys.stderr)
-        raise SystemExit(1) from e
+    except flags.Error as e:  # a value of the wrong type (--config.train.steps=abc): absl
+        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)  # exited 1
+        raise SystemExit(2) from e
     except (AttributeError, KeyError, TypeError):
         message = unknown_override(argv)
         if message is None:

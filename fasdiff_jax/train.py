@@ -154,6 +154,7 @@ def build_model(model_cfg: Any, new_run: bool = True) -> Model:
         raise TrainConfigError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
     if kind == "hyperprior":
         _check_number("model.lmbda", model_cfg["lmbda"])
+        _check_sizes("model", model_cfg)
         return H.TrainableHyperprior.from_config(model_cfg)
     _check_fasdiff_fields(model_cfg)
     model = fasdiff.build(model_cfg, new_run)
@@ -188,6 +189,13 @@ def _check_int(name: str, value: Any, least: int, most: int | None = None) -> No
         raise TrainConfigError(f"config.{name} must be an integer {bounds}, got {value!r}")
 
 
+def _check_sizes(where: str, cfg: Any) -> None:
+    """The hyperprior's N, M and num_scales (:func:`H.check_sizes`), named in the config."""
+    _check_int(f"{where}.N", cfg.get("N"), 1)
+    _check_int(f"{where}.M", cfg.get("M"), 1)
+    _check_int(f"{where}.num_scales", cfg.get("num_scales", 128), *H.NUM_SCALES_RANGE)
+
+
 def _check_fasdiff_levels(m: Any, model: fasdiff.FaSDiff) -> None:
     """Haar levels: the compressor's image-side DWT feeds one of its VAE-rate stages per
     level, and HLFE's LL band must exist for the smallest codable image, whose coarse latent
@@ -210,9 +218,8 @@ def _check_fasdiff_fields(m: Any) -> None:
     comp, hlfe = m["compressor"], m["hlfe"]
     _check_int("model.loss.x0_max_timestep", m["loss"]["x0_max_timestep"], 0)  # past T-1: all
     _check_int("model.hlfe.num_blocks", hlfe["num_blocks"], 0)
-    for name, value in (("compressor.N", comp["N"]), ("compressor.M", comp["M"]),
-                        ("compressor.num_scales", comp["num_scales"]),
-                        ("compressor.prompt_channels", comp["prompt_channels"]),
+    _check_sizes("model.compressor", comp)
+    for name, value in (("compressor.prompt_channels", comp["prompt_channels"]),
                         ("hlfe.features", hlfe["features"]),
                         *((f"control.embedding_channels[{i}]", c)
                           for i, c in enumerate(m["control"]["embedding_channels"]))):

@@ -1067,6 +1067,19 @@ def test_main_names_an_override_of_a_field_the_config_lacks(tmp_path, override, 
     assert not work.exists()
 
 
+def test_main_names_an_override_of_the_wrong_type_with_exit_status_2(tmp_path):
+    """absl's parser printed "FATAL Flags parsing error" and exited 1, where every other
+    value the run cannot use is one ``error:`` line and exit status 2 (README)."""
+    work = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "fasdiff_jax.main", "--config=configs/tiny.py",
+                           f"--workdir={work}", "--config.train.steps=abc"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "steps=abc" in lines[0], lines
+    assert not work.exists()
+
+
 @pytest.mark.parametrize("source, message", [
     (None, "no such file"),
     ("def get_config(:\n", "SyntaxError"),
