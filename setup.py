@@ -59,7 +59,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["fasdiff_jax", "fasdiff_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the pinned jax, flax, orbax, grain, diffusers
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )
