@@ -122,7 +122,8 @@ def given_flags(args: argparse.Namespace, names: tuple[str, ...] | list[str]) ->
     return " ".join(f"--{n}" for n in names if getattr(args, n) is not None)
 
 
-def _checkpoint_step(text: str) -> int | str:
+def checkpoint_step(text: str) -> int | str:
+    """``--step``'s value: a step number or ``best`` (argparse type)."""
     if text == "best":
         return text
     try:
@@ -139,7 +140,7 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                     help="a config file with get_config() (default: the config the workdir "
                          "was trained with, its config.json)")
     ap.add_argument("--workdir", default=None, help="a training workdir (checkpoints)")
-    ap.add_argument("--step", type=_checkpoint_step, default=None,
+    ap.add_argument("--step", type=checkpoint_step, default=None,
                     help="which of the workdir's checkpoints: a step, or 'best' (the best "
                          "held-out evaluation's, config.eval.best_metric; default: the latest)")
     ap.add_argument("--weights", choices=("auto", "ema", "params"), default=None,

@@ -438,6 +438,33 @@ def _write_fingerprint_memo(memo: dict[str, str]) -> None:
                                json.dumps(dict(list(memo.items())[-64:])).encode())
 
 
+COMPONENT_FILES = ("config.json", PARAMS_FILE)  # what save_component writes
+
+
+def check_component_out(out: str, class_name: str) -> None:
+    """A one-model ``out`` (a hyperprior, one diffusers model) may hold nothing but an
+    earlier conversion of the same class: convert replaced a training workdir's config.json
+    (the run no longer loaded) and wrote beside another tool's files, exit 0."""
+    if not os.path.isdir(out):
+        return
+    foreign = [e for e in sorted(os.listdir(out))  # (a folder in their place: save_component)
+               if not (e in COMPONENT_FILES or files.is_temp_of(e, COMPONENT_FILES))]
+    if foreign:
+        raise ConversionError(f"--out {out}: holds files convert did not write ({listed(foreign)})"
+                              f"; write the conversion to a new or empty folder")
+    config = os.path.join(out, "config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config) as f:
+                have = json.load(f).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            have = None
+        if have != class_name:
+            raise ConversionError(f"--out {out}: its config.json is not a {class_name} "
+                                  f"conversion (_class_name {have!r}); write the conversion "
+                                  f"to a new or empty folder")
+
+
 def check_out(out: str, src: str | None = None) -> None:
     """Refuse an ``out`` that is a file, or that is, holds or lies in the input folder ``src``,
     before anything is written: converting a pipeline into its own folder wrote
@@ -698,7 +725,8 @@ def read_compressai_checkpoint(path: str) -> dict[str, np.ndarray]:
     ``weights_only=True`` mode, which unpickles tensors and containers only. A training checkpoint's
     ``{"state_dict": ...}`` wrapper and DataParallel's ``module.`` prefixes are removed."""
     if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
+        raise ConversionError(f"{path}: " + ("a folder, not a checkpoint file"
+                                             if os.path.isdir(path) else "no such file"))
     try:
         if path.endswith(".safetensors"):
             sd: Any = safetensors_io.load_file(path)
@@ -722,9 +750,18 @@ def read_compressai_checkpoint(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     out = {}
     for k, v in sd.items():
+        if not isinstance(k, str):
+            raise ConversionError(f"{path}: entry {k!r} is named by a {type(k).__name__}, "
+                                  f"not a string: not a state dict")
         if not hasattr(v, "shape"):
             raise ConversionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        if hasattr(v, "detach"):
+            v = v.detach().cpu()
+            if str(v.dtype) == "torch.bfloat16":  # no numpy type; float32 holds it exactly
+                v = v.float()
+            v = v.numpy()
+        else:
+            v = np.asarray(v)
         out[k[len("module."):] if k.startswith("module.") else k] = v
     return out
 
@@ -739,26 +776,49 @@ def convert_compressai(path: str, out: str) -> dict[str, Any]:
     model = hyperprior.MeanScaleHyperprior(N=p["g_a_0"]["kernel"].shape[-1],
                                            M=p["g_a_6"]["kernel"].shape[-1],
                                            hs_activation="leaky_relu")
-    check_params(model, flatten_dict(p), path)
-    hyperprior.save_model(out, model, params)
+    try:
+        check_params(model, flatten_dict(p), path)
+    except ConversionError as e:  # a file of another model: the names fit, the shapes not
+        detail = str(e).split("does not match its config: ", 1)[-1]
+        raise ConversionError(f"{path}: not an mbt2018-mean checkpoint: its tensors have the "
+                              f"names but not the shapes (a bmshj2018 scale hyperprior's h_s, "
+                              f"say): {detail}") from e
+    _save_hyperprior(out, model, params, path)
     return hyperprior.model_config(model)
 
 
-def export_hyperprior(workdir: str, out: str) -> tuple[dict[str, Any], int]:
-    """The latest checkpoint of an mbt2018-mean run (``model.kind="hyperprior"``) -> a
-    ``--model_dir`` folder; returns its config and the checkpoint step."""
+def _save_hyperprior(out: str, model: Any, params: dict, source: str) -> None:
+    """Refused before writing: NaN/Inf weights (a diverged run; the codec refused the folder
+    only when loading it) and an ``out`` holding other files (a training workdir's
+    config.json was replaced, the run unusable)."""
+    from fasdiff_jax.models import hyperprior
+
+    try:
+        hyperprior.check_finite_weights(params["params"])
+    except ConversionError as e:
+        raise ConversionError(f"{source}: {e}") from None
+    check_component_out(out, "MeanScaleHyperprior")
+    hyperprior.save_model(out, model, params)
+
+
+def export_hyperprior(workdir: str, out: str, step: int | str | None = None,
+                      weights: str | None = None) -> tuple[dict[str, Any], int, str]:
+    """Checkpoint ``step`` (default the latest; ``"best"``) of an mbt2018-mean run
+    (``model.kind="hyperprior"``), its ``weights`` ("ema", "params", default auto: see
+    :func:`train.restore_for_inference`) -> a ``--model_dir`` folder; returns its config,
+    the step and which weights."""
     from fasdiff_jax import train
     from fasdiff_jax.models import hyperprior
 
     # convert has no --config flag: the run's saved config is all it can use
     config = train.load_run_config(workdir, advice="convert exports the latest checkpoint of "
                                    "a run trained with configs/mbt2018_mean.py")
-    model, params, step, _ = train.restore_for_inference(config, workdir)
+    model, params, step, weights = train.restore_for_inference(config, workdir, step, weights)
     if not isinstance(model, hyperprior.TrainableHyperprior):
         raise ConversionError(f"{workdir}: a {type(model).__name__} run, not the mbt2018-mean "
                               f"baseline (config.model.kind='hyperprior')")
-    hyperprior.save_model(out, model.model, params[model.KEY])
-    return hyperprior.model_config(model.model), step
+    _save_hyperprior(out, model.model, params[model.KEY], f"{workdir} step {step}")
+    return hyperprior.model_config(model.model), step, weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -775,9 +835,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=None,
                         help="read the weights variant NAME (e.g. fp16: the "
                              "*.fp16.safetensors files) of --diffusers_dir")
+    from fasdiff_jax.codec import checkpoint_step
+
+    parser.add_argument("--step", type=checkpoint_step, default=None,
+                        help="which checkpoint of --hyperprior_workdir: a step, or 'best' (the "
+                             "best held-out evaluation's); default: the latest")
+    parser.add_argument("--weights", choices=("auto", "ema", "params"), default=None,
+                        help="which weights of that checkpoint (--hyperprior_workdir): 'ema', "
+                             "'params'; default auto: the moving average where the run kept one")
     args = parser.parse_args(argv)
     if args.variant is not None and not args.diffusers_dir:
         parser.error("--variant applies to --diffusers_dir only")
+    if (args.step is not None or args.weights is not None) and not args.hyperprior_workdir:
+        parser.error("--step and --weights apply to --hyperprior_workdir only")
     try:
         if args.compressai_checkpoint:
             check_out(args.out)
@@ -785,12 +855,16 @@ def main(argv: list[str] | None = None) -> int:
             written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']}": args.out}
         elif args.hyperprior_workdir:
             check_out(args.out, args.hyperprior_workdir)
-            cfg, step = export_hyperprior(args.hyperprior_workdir, args.out)
-            written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']} (step {step})": args.out}
+            cfg, step, weights = export_hyperprior(args.hyperprior_workdir, args.out, args.step,
+                                                   args.weights)
+            written = {f"MeanScaleHyperprior N={cfg['N']} M={cfg['M']} (step {step}, {weights} "
+                       f"weights)": args.out}
         elif os.path.isfile(os.path.join(args.diffusers_dir, "config.json")):
             check_out(args.out, args.diffusers_dir)
+            cfg = read_config(args.diffusers_dir)
+            check_component_out(args.out, cfg.get("_class_name"))
             _, params = load_diffusers(args.diffusers_dir, args.variant)
-            save_component(args.out, read_config(args.diffusers_dir), params)
+            save_component(args.out, cfg, params)
             written = {"model": args.out}
         else:
             written = convert_pipeline(args.diffusers_dir, args.out, args.variant)

@@ -1006,6 +1006,9 @@ def load_run_config(workdir: str, advice: str = "pass the config it was trained 
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         what = ("no model section" if isinstance(saved, dict)
                 else f"it holds {json.dumps(saved)[:40]}, not a JSON object")
+        if isinstance(saved, dict) and "_class_name" in saved:  # a converted model's folder
+            advice = (f"it is a converted {saved['_class_name']} folder, not a run: a "
+                      f"hyperprior folder is passed as --model_dir")
         raise TrainConfigError(f"{path}: not a run config ({what}): {advice}")
     return ml_collections.ConfigDict(_tuples(saved))
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -103,6 +104,90 @@ def test_torch_checkpoint_with_training_wrapper_converts(tmp_path, capsys):
         assert not (tmp_path / "o3").exists()
 
 
+def test_compressai_checkpoints_of_older_names_and_dtypes_convert(tmp_path, capsys):
+    """Zoo files keep the entropy bottleneck's ``_matrices.0`` (later ``_matrix0``), which
+    CompressAI renames when loading: they were refused as another architecture. bfloat16
+    tensors were a TypeError traceback, a non-string key an AttributeError."""
+    torch = pytest.importorskip("torch")
+    sd = _with_compressai_buffers(_compressai_state_dict(N, M))
+    want = H.params_from_compressai(sd)["params"]
+    zoo = {k.replace("entropy_bottleneck.matrices.", "entropy_bottleneck._matrices.")
+            .replace("entropy_bottleneck.biases.", "entropy_bottleneck._biases.")
+            .replace("entropy_bottleneck.factors.", "entropy_bottleneck._factors."): v
+           for k, v in sd.items()}
+    later = {k.replace("entropy_bottleneck._matrices.", "entropy_bottleneck._matrix")
+              .replace("entropy_bottleneck._biases.", "entropy_bottleneck._bias")
+              .replace("entropy_bottleneck._factors.", "entropy_bottleneck._factor"): v
+             for k, v in zoo.items()}
+    assert "entropy_bottleneck._matrix0" in later and "entropy_bottleneck._matrices.0" in zoo
+    for name, state in (("zoo", zoo), ("later", later)):
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / f"{name}.pth")
+        assert convert.main(["--compressai_checkpoint", str(tmp_path / f"{name}.pth"),
+                             "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        got = H.load_model(str(tmp_path / name))[1]["params"]["entropy_bottleneck"]
+        for k, v in want["entropy_bottleneck"].items():
+            np.testing.assert_array_equal(np.asarray(got[k]), v)
+    bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}
+    torch.save(bf16, tmp_path / "bf16.pth")
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "bf16.pth"),
+                         "--out", str(tmp_path / "bf16")]) == 0, capsys.readouterr().err
+    got = H.load_model(str(tmp_path / "bf16"))[1]["params"]["g_a_0"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(got), H.params_from_compressai(
+        {k: v.float().numpy() for k, v in bf16.items()})["params"]["g_a_0"]["kernel"])
+    torch.save({**{k: torch.from_numpy(v) for k, v in sd.items()}, 0: torch.zeros(1)},
+               tmp_path / "intkey.pth")
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "intkey.pth"),
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "entry 0 is named by a int, not a string" in capsys.readouterr().err
+    assert convert.main(["--compressai_checkpoint", str(tmp_path), "--out",
+                         str(tmp_path / "o")]) == 2
+    assert "a folder, not a checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_conversion_refuses_nan_weights_and_other_folders(tmp_path, capsys):
+    """NaN weights converted (exit 0) into a folder the codec then refused; --out onto a
+    training workdir replaced its config.json (the run no longer loaded); another model's
+    folder was written over. Each refused before anything is written."""
+    sd = _with_compressai_buffers(_compressai_state_dict(N, M))
+    bad = {**sd, "g_a.0.weight": sd["g_a.0.weight"].copy()}
+    bad["g_a.0.weight"][0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **bad)
+    np.savez(tmp_path / "ok.npz", **sd)
+    out = tmp_path / "out"
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "nan.npz"),
+                         "--out", str(out)]) == 2
+    assert "non-finite values (NaN or Inf) in the hyperprior's weights: g_a_0/kernel" in \
+        capsys.readouterr().err
+    assert not out.exists()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"model": {"kind": "hyperprior"}}')
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    for folder, message in ((run, "holds files convert did not write (checkpoints)"),
+                            (other, "its config.json is not a MeanScaleHyperprior conversion "
+                                    "(_class_name 'UNet2DConditionModel')")):
+        before = sorted(p.name for p in folder.iterdir())
+        assert convert.main(["--compressai_checkpoint", str(tmp_path / "ok.npz"),
+                             "--out", str(folder)]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == before
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "ok.npz"),
+                         "--out", str(out)]) == 0
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "ok.npz"),
+                         "--out", str(out)]) == 0  # its own conversion: replaced
+    # a scale hyperprior's h_s (same names, other shapes): named as not mbt2018-mean
+    scale = {**sd, "h_s.4.weight": np.zeros((M, N, 3, 3), np.float32),
+             "h_s.4.bias": np.zeros(M, np.float32)}
+    np.savez(tmp_path / "scale.npz", **scale)
+    assert convert.main(["--compressai_checkpoint", str(tmp_path / "scale.npz"),
+                         "--out", str(tmp_path / "s")]) == 2
+    assert "not an mbt2018-mean checkpoint: its tensors have the names but not the shapes" in \
+        capsys.readouterr().err
+
+
 class _RunsCode:
     def __reduce__(self):
         return print, ("ran",)
@@ -135,6 +220,15 @@ def test_load_model_refuses_folders_that_do_not_match(baseline, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "channels": 3}))
     with pytest.raises(ConversionError, match="unknown keys"):
         H.load_model(str(tmp_path))
+    # a value of the wrong type, or N missing (was: N=128's dozens of wrong shapes), named
+    # with the file
+    where = re.escape(str(tmp_path / "config.json"))
+    for bad, message in (({**cfg, "N": "8"}, r"N='8' \(need an integer >= 1\)"),
+                         ({**cfg, "hs_activation": "gelu"}, "hs_activation must be one of"),
+                         ({k: v for k, v in cfg.items() if k != "N"}, "config lacks N$")):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConversionError, match=f"^{where}: .*{message}"):
+            H.load_model(str(tmp_path))
 
 
 def test_codec_command_codes_files_with_the_baseline(baseline, tmp_path, capsys):

@@ -375,7 +375,7 @@ def test_the_trained_baseline_exports_to_a_model_dir(trained, tmp_path, capsys):
 
     out = tmp_path / "mbt"
     assert convert.main(["--hyperprior_workdir", str(trained["a"]), "--out", str(out)]) == 0
-    assert f"N=8 M=12 (step {STEPS})" in capsys.readouterr().out
+    assert f"N=8 M=12 (step {STEPS}, params weights)" in capsys.readouterr().out
     face = tmp_path / "face.png"
     Image.fromarray(skdata.chelsea()[:90, :110]).save(face)
     assert codec.main(["compress", str(face), str(tmp_path / "w.fsd"), f"--workdir={trained['a']}"]) == 0
@@ -384,6 +384,22 @@ def test_the_trained_baseline_exports_to_a_model_dir(trained, tmp_path, capsys):
     # a workdir that is not a baseline run: refused by name
     assert convert.main(["--hyperprior_workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    # an earlier checkpoint and its last update's params (was: always the latest, auto)
+    half = tmp_path / "half"
+    assert convert.main(["--hyperprior_workdir", str(trained["a"]), "--out", str(half),
+                         f"--step={STEPS // 2}", "--weights=params"]) == 0
+    assert f"N=8 M=12 (step {STEPS // 2}, params weights)" in capsys.readouterr().out
+    assert codec.main(["compress", str(face), str(tmp_path / "h.fsd"), f"--model_dir={half}"]) == 0
+    assert codec.main(["compress", str(face), str(tmp_path / "hw.fsd"), f"--workdir={trained['a']}",
+                       f"--step={STEPS // 2}", "--weights=params"]) == 0
+    assert (tmp_path / "h.fsd").read_bytes() == (tmp_path / "hw.fsd").read_bytes()
+    # each kind of folder given to the other flag: the message names the right one
+    assert codec.main(["compress", str(face), str(tmp_path / "x.fsd"),
+                       f"--model_dir={trained['a']}"]) == 2
+    assert "a training workdir, not a converted model folder: pass it as --workdir" in \
+        capsys.readouterr().err
+    assert codec.main(["compress", str(face), str(tmp_path / "x.fsd"), f"--workdir={out}"]) == 2
+    assert "a hyperprior folder is passed as --model_dir" in capsys.readouterr().err
 
 
 @pytest.mark.xdist_group("baseline_training")

@@ -61,7 +61,7 @@ def _recrc(b: bytes) -> bytes:
         (lambda b: _recrc(b[:56] + struct.pack("<H", 60000) + b[58:]), "stream count"),
         (lambda b: _recrc(b[:58] + struct.pack("<I", 2**31) + b[62:]), "stream length"),
         (lambda b: _recrc(b[:58] + struct.pack("<I", 5) + b[62:]), "stream lengths"),
-        (lambda b: _recrc(b[:24] + bytes(16) + b[40:]), "fingerprint .* pass its --step"),
+        (lambda b: _recrc(b[:24] + bytes(16) + b[40:]), "fingerprint .* --model_dir, or"),
         (lambda b: _recrc(b[:21] + bytes([2]) + b[22:]),  # named as codec info names them
          r"the file is for fasdiff \(codec 2\), this model is mbt2018-mean \(codec 1\)"),
         (lambda b: _recrc(b[:20] + bytes([2]) + b[21:]), "channel"),

@@ -211,8 +211,9 @@ def unpack(data: bytes, expected_fingerprint: bytes | None = None,
     if expected_fingerprint is not None and fp != expected_fingerprint:
         raise BitstreamError(
             f"model fingerprint {fp.hex()} does not match this model ({expected_fingerprint.hex()}):"
-            " the file was written by other weights, config or entropy tables (another"
-            " checkpoint: pass its --step and --weights as it was compressed with)"
+            " the file was written by other weights, config or entropy tables (decode it"
+            " with those it was compressed with: its --model_dir, or its run's --step and"
+            " --weights)"
         )
     streams, pos = [], end_lens
     for x in lens:

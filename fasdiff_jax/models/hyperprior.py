@@ -232,11 +232,11 @@ class MeanScaleHyperprior(nn.Module):
 
     def __post_init__(self):
         check_sizes(self.N, self.M, self.num_scales)  # at construction: caches compare models
+        if self.hs_activation not in HS_ACTIVATIONS:
+            raise ValueError(f"hs_activation must be one of {HS_ACTIVATIONS}, got {self.hs_activation!r}")
         super().__post_init__()
 
     def setup(self):
-        if self.hs_activation not in HS_ACTIVATIONS:
-            raise ValueError(f"hs_activation must be one of {HS_ACTIVATIONS}, got {self.hs_activation!r}")
         n, m = self.N, self.M
         self.g_a_0 = Conv(n, 5, 2, name="g_a_0")
         self.g_a_1 = GDN(name="g_a_1")
@@ -277,7 +277,13 @@ class MeanScaleHyperprior(nn.Module):
         if unknown:
             raise UnsupportedConfigError(f"MeanScaleHyperprior config has unknown keys {unknown}; "
                                          f"expected {list(MODEL_CONFIG_KEYS)}")
-        return cls(**fields)
+        absent = [k for k in ("N", "M") if k not in fields]  # a default of 128 named dozens
+        if absent:  # of wrong shapes instead
+            raise UnsupportedConfigError(f"MeanScaleHyperprior config lacks {', '.join(absent)}")
+        try:
+            return cls(**fields)
+        except ValueError as e:  # a size or activation no model has: named with the file
+            raise UnsupportedConfigError(str(e)) from None
 
     def g_a(self, x):
         for i in range(0, 6, 2):
@@ -704,7 +710,7 @@ def params_from_compressai(state_dict: dict) -> dict:
     """
     from fasdiff_jax.errors import ConversionError
 
-    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    sd = {_current_compressai_name(k): np.asarray(v, np.float32) for k, v in state_dict.items()}
     if "g_a.0.weight" not in sd:
         raise ConversionError("not a CompressAI MeanScaleHyperprior state dict: no 'g_a.0.weight'")
     layout = {"conv": lambda w: w.transpose(2, 3, 1, 0),
@@ -747,6 +753,26 @@ def params_from_compressai(state_dict: dict) -> dict:
     return {"params": p}
 
 
+_OLD_EB_NAMES = {"_bias": "biases", "_matrix": "matrices", "_factor": "factors"}
+
+
+def _current_compressai_name(key: str) -> str:
+    """CompressAI 1.2's name for an entropy-bottleneck tensor of an older checkpoint, as its
+    own loaders rename them (``zoo.pretrained.rename_key``, then ``remap_old_keys``): zoo
+    files keep ``_matrices.0`` (an nn.ParameterList), later ones ``_matrix0``; today's
+    ``matrices.0``. Such files were refused as another architecture."""
+    head = "entropy_bottleneck."
+    if not key.startswith(head):
+        return key
+    rest = key[len(head):]
+    for old, new in _OLD_EB_NAMES.items():
+        if rest.startswith(f"_{new}."):  # _matrices.0 (zoo files)
+            return f"{head}{new}.{rest[len(new) + 2:]}"
+        if rest.startswith(old) and rest[len(old):].isdigit():  # _matrix0
+            return f"{head}{new}.{rest[len(old):]}"
+    return key
+
+
 def model_config(model: MeanScaleHyperprior) -> dict:
     """The ``config.json`` of :func:`save_model`."""
     return {"_class_name": "MeanScaleHyperprior", **{k: getattr(model, k) for k in MODEL_CONFIG_KEYS}}
@@ -770,12 +796,16 @@ def load_model(folder: str) -> tuple[MeanScaleHyperprior, dict]:
         raise convert.ConversionError(
             f"{folder}: no config.json, not a hyperprior folder (make one with python -m "
             f"fasdiff_jax.convert --compressai_checkpoint CKPT --out {folder})")
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        raise convert.ConversionError(
+            f"{folder}: a training workdir, not a converted model folder: pass it as "
+            f"--workdir (or export it: python -m fasdiff_jax.convert --hyperprior_workdir)")
     module, params = convert.load_component(folder)
     if not isinstance(module, MeanScaleHyperprior):
         raise convert.ConversionError(f"{folder}: holds a {type(module).__name__}, not a "
                                       f"MeanScaleHyperprior")
     try:
-        _check_finite(params)
+        check_finite_weights(params)
     except convert.ConversionError as e:
         raise convert.ConversionError(f"{folder}: {e}") from None
     return module, {"params": jax.tree_util.tree_map(jnp.asarray, params)}
@@ -830,7 +860,7 @@ def _fingerprint(model: MeanScaleHyperprior, params: dict, tables_digest: bytes)
     return h.digest()
 
 
-def _check_finite(params: dict) -> None:
+def check_finite_weights(params: dict) -> None:
     """A NaN or Inf weight (a damaged file) failed deep in the CDF tables' integer conversion
     (OverflowError) or coded garbage; it is refused by name."""
     from fasdiff_jax.errors import ConversionError, listed
@@ -885,7 +915,7 @@ def prepare(model: MeanScaleHyperprior, params: dict) -> _Prepared:
             return prep
     check_params_fit(model, params)
     p = params["params"]
-    _check_finite(p)
+    check_finite_weights(p)
     eb = {k: np.asarray(v) for k, v in p["entropy_bottleneck"].items()}
     n_layers = len([k for k in eb if k.startswith("matrix_")])
     thresholds = E.scale_thresholds(model.num_scales)
