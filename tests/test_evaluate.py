@@ -236,6 +236,18 @@ def test_resume_rows_takes_only_a_run_of_the_same_settings(tmp_path, capsys):
     assert capsys.readouterr().err == (f"warning: {path}: its rows were made with other "
                                        f"package versions (jax 0.10.2 -> 0.11.0); the rerun "
                                        f"goes on with these\n")
+    # the same model read from another place (a model folder copied or moved): it resumes,
+    # said; another model there does not
+    here = {"model_dir": "/a/mbt", "fingerprint": "f0", "source": "/faces"}
+    path.write_text(json.dumps({"name": "x", "images": [{"image": "a", "bpp": 1.0}],
+                                "settings": here, "complete": False}))
+    capsys.readouterr()
+    assert evaluate.resume_rows(str(path), {**here, "model_dir": "/b/mbt"}) == {
+        "a": {"image": "a", "bpp": 1.0}}
+    assert capsys.readouterr().err == (f"warning: {path}: the same model (fingerprint f0) read "
+                                       f"from another place (model_dir /a/mbt -> /b/mbt)\n")
+    with pytest.raises(FasdiffError, match=r"other settings \(fingerprint, model_dir differ"):
+        evaluate.resume_rows(str(path), {**here, "model_dir": "/b/mbt", "fingerprint": "f1"})
     path.write_text("{not json")
     with pytest.raises(FasdiffError, match="not an evaluate JSON"):
         evaluate.resume_rows(str(path), settings)
@@ -770,3 +782,205 @@ def test_help_names_the_bd_rate_command_and_the_json_units(capsys):
     out = capsys.readouterr().out
     assert "python -m fasdiff_jax.evaluate bd-rate --anchor" in out
     assert "seconds" in out and "capped at 100 dB" in out and "8 * file bytes" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Audit fixes: LPIPS's smallest side, compile-free medians, partial BD values, absolute
+# sources, Ctrl-C before any row, --limit past new files, MS-SSIM memory, animated files
+# --------------------------------------------------------------------------------------------
+def test_lpips_below_its_smallest_side_is_null_with_a_warning_and_counted(monkeypatch, capsys):
+    """AlexNet's LPIPS is NaN below 31 px (a feature map is empty): it became null without a
+    word, and the mean then covered fewer images than bpp's."""
+    metrics = evaluate.Metrics(dists="none")
+    for side, defined in ((30, False), (31, True)):  # the limit, measured
+        grey, light = (np.full((1, side, 64, 3), v, np.float32) for v in (-0.2, 0.1))
+        assert np.isfinite(metrics._lp(metrics.lpips_params, grey, light)[0]) == defined
+    assert evaluate.LPIPS_MIN_SIDE["lpips"] == 31
+    metrics._lp = lambda p, a, b: np.full(1, 0.25)  # the network's value, any size
+    monkeypatch.setattr(evaluate, "face_analysis", lambda orig, recon: (
+        {"face-detected": None, "landmark-nme": None}))
+    rng = np.random.default_rng(0)
+    images = [("big.png", rng.integers(0, 256, (31, 40, 3), np.uint8)),
+              ("strip.png", rng.integers(0, 256, (30, 64, 3), np.uint8))]
+    out = evaluate.evaluate(_raw_codec, _raw_decode, images, metrics)
+    assert [r["lpips"] for r in out["images"]] == [0.25, None]
+    assert capsys.readouterr().err == ("warning: strip.png: 30x64 px, under the smallest side "
+                                       "of lpips (31 px): null, left out of the mean\n")
+    assert out["results"]["lpips"] == 0.25 and out["counts"]["lpips"] == 1
+    assert "psnr-rgb" not in out["counts"] and "bpp" not in out["counts"]
+
+
+def test_bd_rate_warns_where_a_metric_covers_fewer_images_than_bpp(tmp_path, capsys):
+    """bd-rate paired a mean bpp over 3 images with a mean LPIPS over 2, silently."""
+    def run(name, bpp, lp, small_lpips):
+        rows = [{"image": f"{i}.png", "bpp": bpp, "lpips": None if small_lpips and i == 2
+                 else lp} for i in range(3)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**evaluate._report(name, rows), "complete": True}))
+        return str(path)
+
+    anchor = [run("a0", 0.2, 0.4, False), run("a1", 0.4, 0.3, False)]
+    test = [run("b0", 0.1, 0.4, True), run("b1", 0.3, 0.3, False)]
+    old = json.loads(open(test[0]).read())
+    del old["counts"]  # a file from before "counts": its rows say it
+    open(test[0], "w").write(json.dumps(old))
+    assert evaluate.main(["bd-rate", "--anchor", *anchor, "--test", *test]) == 0
+    assert capsys.readouterr().err == (
+        f"warning: lpips's mean covers fewer images than bpp's ({test[0]} 2 of 3): its BD "
+        f"values pair rate and quality of different images\n")
+
+
+def test_summary_medians_leave_out_rows_whose_batch_compiled():
+    """With --batch_size=8 the first batch's compilation, shared over its rows, was the
+    median (0.089 s against 0.0027 s). Rows whose call compiled a program are marked and
+    left out of the medians; the per-row times stay as measured."""
+    import jax
+
+    double = jax.jit(lambda x: x * 2)
+
+    def decompress_many(datas):
+        time.sleep(0.05)  # the coding itself, the same in every batch
+        return list(np.asarray(double(np.stack([_raw_decode(d) for d in datas]))) // 2)
+
+    images = [(f"im{i}", np.full((8, 8, 3), 10 + i, np.uint8)) for i in range(5)]
+    out = evaluate.evaluate(_raw_codec, _raw_decode, images, _PsnrOnly(), batch_size=2,
+                            compress_many=lambda ims: [_raw_codec(im) for im in ims],
+                            decompress_many=decompress_many)
+    # batches of 2, 2, 1: the first and the last (a new shape) compile
+    assert [r.get("compiled") for r in out["images"]] == [
+        ["decoding_time"], ["decoding_time"], None, None, ["decoding_time"]]
+    times = [r["decoding_time"] for r in out["images"]]
+    assert out["results"]["decoding_time"] == np.median(times[2:4])
+    assert out["counts"] == {"decoding_time": 2}
+    assert out["results"]["encoding_time"] == np.median(
+        [r["encoding_time"] for r in out["images"]])  # nothing compiled there
+    assert "compiled" not in out["results"]
+
+
+def test_bd_rate_gives_the_value_whose_axis_overlaps(tmp_path, capsys):
+    """Rate ranges apart but quality ranges overlapping: BD-rate is computable, BD-quality
+    not; the command refused both ("do not overlap (common range [0.2628, 0.2444])")."""
+    anchor = _curve_runs(tmp_path, "a", [0.1, 0.2, 0.4], [30.0, 32.0, 34.0])
+    test = _curve_runs(tmp_path, "b", [0.5, 0.7, 0.9], [31.0, 33.0, 35.0])
+    assert evaluate.main(["bd-rate", "--anchor", *anchor, "--test", *test]) == 0
+    captured = capsys.readouterr()
+    values = json.loads(captured.out)["metrics"]["psnr-rgb"]
+    assert values["bd_quality"] is None and values["bd_rate_percent"] > 100
+    assert captured.err == (
+        "warning: psnr-rgb: bd_quality is null: the two curves do not overlap in log10 bpp "
+        "(anchor [-1, -0.3979], test [-0.301, -0.04576])\n")
+    with pytest.raises(ValueError, match=r"do not overlap in quality \(anchor \[30, 34\]"):
+        evaluate.bd_rate([0.1, 0.2, 0.4], [30.0, 32.0, 34.0], [0.1, 0.2], [35.0, 36.0])
+
+
+def test_a_relative_source_is_recorded_absolute(tmp_path, capsys, monkeypatch):
+    """A relative --source was recorded as typed: the same command run from another folder
+    merged that folder's rows into the file (exit 0, complete). Files recording a relative
+    source still resume where it names the same folder from here, with a warning."""
+    monkeypatch.setattr(evaluate, "Metrics", _PsnrOnly)
+    for where in ("A", "B"):
+        (tmp_path / where).mkdir()
+        _face_folder(tmp_path / where / "faces", ["a.png"])
+    out = tmp_path / "jpeg.json"
+    args = ["--baseline=jpeg:50", "--source=faces", "--dists_weights=none", f"--out={out}"]
+    monkeypatch.chdir(tmp_path / "A")
+    assert evaluate.main(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["source"] == str(tmp_path / "A" / "faces")
+    assert evaluate.source_setting("folder:faces") == f"folder:{tmp_path / 'A' / 'faces'}"
+    assert evaluate.source_setting("embedded:heldout") == "embedded:heldout"
+    monkeypatch.chdir(tmp_path / "B")
+    assert evaluate.main(args) == 2
+    assert "other settings (source differ)" in _one_error_line(capsys)
+    saved["settings"]["source"] = "faces"  # as files from before this recorded it
+    out.write_text(json.dumps(saved))
+    assert evaluate.main(args) == 0  # B/faces from here: taken, said
+    assert "records its source as 'faces', relative" in capsys.readouterr().err
+    assert json.loads(out.read_text())["settings"]["source"] == str(tmp_path / "B" / "faces")
+
+
+def test_ctrl_c_before_the_first_row_says_nothing_was_written(tmp_path, capsys, monkeypatch):
+    """It said "the rows done are saved in X.json", a file that did not exist."""
+    class StopsAtOnce(_PsnrOnly):
+        def __call__(self, orig, recon):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "Metrics", StopsAtOnce)
+    src = _face_folder(tmp_path / "faces", ["a.png"])
+    out = tmp_path / "jpeg.json"
+    assert evaluate.main(["--baseline=jpeg:50", f"--source={src}", "--dists_weights=none",
+                          f"--out={out}"]) == 130
+    assert capsys.readouterr().err == (f"interrupted before the first image was done; nothing "
+                                       f"was written to {out}\n")
+    assert not out.exists()
+
+
+def test_a_limit_past_rows_of_the_file_is_not_images_gone(tmp_path, capsys, monkeypatch):
+    """A new file sorting first pushed a row past --limit: "holds rows of images ... no
+    longer yields (c.png)", and the file was left unfinished. Now refused before any work."""
+    monkeypatch.setattr(evaluate, "Metrics", _PsnrOnly)
+    src = _face_folder(tmp_path / "faces", ["b.png", "c.png"])
+    out = tmp_path / "jpeg.json"
+    args = ["--baseline=jpeg:50", f"--source={src}", "--dists_weights=none", f"--out={out}"]
+    assert evaluate.main(args + ["--limit=2"]) == 0
+    before = out.read_text()
+    (tmp_path / "faces" / "c.png").rename(tmp_path / "faces" / "a.png")
+    _face_folder(tmp_path / "more", ["c.png"])
+    (tmp_path / "more" / "c.png").rename(tmp_path / "faces" / "c.png")
+    assert evaluate.main(args + ["--limit=2"]) == 2
+    assert _one_error_line(capsys) == (
+        f"error: {out} holds rows of images {src} yields after its first --limit=2 (c.png); "
+        f"its rows are not dropped: raise --limit to 3, or choose another --out\n")
+    assert out.read_text() == before
+    assert evaluate.main(args + ["--limit=3"]) == 0
+    saved = json.loads(out.read_text())
+    assert [r["image"] for r in saved["images"]] == ["a.png", "b.png", "c.png"]
+    assert saved["complete"] is True
+
+
+def test_ms_ssim_holds_little_memory():
+    """The five moments of all channels, stacked, peaked at 6.7 GB for a 4000x4000 image
+    (52 times its float64 plane); one channel and moment at a time: 8 times."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (400, 400, 3), np.uint8)
+    b = np.clip(a + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        evaluate.ms_ssim(a, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 400 * 400 * 8
+
+
+def test_host_out_of_memory_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """A MemoryError (MS-SSIM of a large image under a memory limit) ended in a traceback;
+    only the device's was turned into the one-line error naming the image."""
+    class NoMemory(_PsnrOnly):
+        def __call__(self, orig, recon):
+            raise MemoryError()
+
+    monkeypatch.setattr(evaluate, "Metrics", NoMemory)
+    src = _face_folder(tmp_path / "faces", ["a.png"])
+    assert evaluate.main(["--baseline=jpeg:50", f"--source={src}", "--dists_weights=none"]) == 2
+    assert _one_error_line(capsys) == (
+        f"error: a.png (64x64 pixels): out of host memory computing its metrics; "
+        f"{evaluate._OOM_ADVICE}\n")
+
+
+def test_an_animated_file_is_evaluated_by_its_first_frame_with_a_note(tmp_path, capsys,
+                                                                      monkeypatch):
+    """As codec compress says "(the first of X's N frames ...)", evaluate said nothing."""
+    from PIL import Image
+
+    monkeypatch.setattr(evaluate, "Metrics", _PsnrOnly)
+    (tmp_path / "faces").mkdir()
+    face = skdata.astronaut()[30:94, 150:214]
+    frames = [Image.fromarray(face), Image.fromarray(face[::-1].copy())]
+    frames[0].save(tmp_path / "faces" / "anim.gif", save_all=True, append_images=frames[1:])
+    assert evaluate.main(["--baseline=jpeg:50", f"--source={tmp_path / 'faces'}",
+                          "--dists_weights=none"]) == 0
+    assert capsys.readouterr().err == ("note: anim.gif: the first of its 2 frames is evaluated: "
+                                       "the codec codes still images\n")
