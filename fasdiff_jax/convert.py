@@ -353,17 +353,25 @@ def load_component(folder: str, **overrides: Any) -> tuple[nn.Module, Params]:
     return module, unflatten_dict(flat)
 
 
-def check_params(module: nn.Module, flat: Mapping[tuple[str, ...], Any], where: str) -> None:
-    """Every parameter of ``module`` present with its shape, nothing else, or a
-    :class:`ConversionError` listing the offenders."""
+def param_differences(module: nn.Module, flat: Mapping[tuple[str, ...], Any]
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape) parameter names of ``flat`` for ``module``, each
+    at most :data:`_MAX_LISTED` long."""
     want = flatten_dict(abstract_params(module))
     missing = sorted("/".join(k) for k in set(want) - set(flat))
     extra = sorted("/".join(k) for k in set(flat) - set(want))
     bad = sorted("/".join(k) for k in set(want) & set(flat) if want[k].shape != np.shape(flat[k]))
+    return missing[:_MAX_LISTED], extra[:_MAX_LISTED], bad[:_MAX_LISTED]
+
+
+def check_params(module: nn.Module, flat: Mapping[tuple[str, ...], Any], where: str) -> None:
+    """Every parameter of ``module`` present with its shape, nothing else, or a
+    :class:`ConversionError` listing the offenders."""
+    missing, extra, bad = param_differences(module, flat)
     if missing or extra or bad:
         raise ConversionError(
-            f"{where} does not match its config: missing {missing[:_MAX_LISTED]}, "
-            f"unexpected {extra[:_MAX_LISTED]}, wrong shape {bad[:_MAX_LISTED]}"
+            f"{where} does not match its config: missing {missing}, unexpected {extra}, "
+            f"wrong shape {bad}"
         )
 
 
@@ -776,13 +784,13 @@ def convert_compressai(path: str, out: str) -> dict[str, Any]:
     model = hyperprior.MeanScaleHyperprior(N=p["g_a_0"]["kernel"].shape[-1],
                                            M=p["g_a_6"]["kernel"].shape[-1],
                                            hs_activation="leaky_relu")
-    try:
-        check_params(model, flatten_dict(p), path)
-    except ConversionError as e:  # a file of another model: the names fit, the shapes not
-        detail = str(e).split("does not match its config: ", 1)[-1]
-        raise ConversionError(f"{path}: not an mbt2018-mean checkpoint: its tensors have the "
-                              f"names but not the shapes (a bmshj2018 scale hyperprior's h_s, "
-                              f"say): {detail}") from e
+    missing, extra, bad = param_differences(model, flatten_dict(p))
+    if missing or extra or bad:  # (names are checked by params_from_compressai)
+        raise ConversionError(f"{path}: not an mbt2018-mean checkpoint: "
+                              + (f"missing {missing}, unexpected {extra}, " if missing or extra
+                                 else "its tensors have the names but not the shapes (a "
+                                      "bmshj2018 scale hyperprior's h_s, say): ")
+                              + f"wrong shape {bad}")
     _save_hyperprior(out, model, params, path)
     return hyperprior.model_config(model)
 
@@ -811,8 +819,8 @@ def export_hyperprior(workdir: str, out: str, step: int | str | None = None,
     from fasdiff_jax.models import hyperprior
 
     # convert has no --config flag: the run's saved config is all it can use
-    config = train.load_run_config(workdir, advice="convert exports the latest checkpoint of "
-                                   "a run trained with configs/mbt2018_mean.py")
+    config = train.load_run_config(workdir, advice="convert exports a checkpoint of a run "
+                                   "trained with configs/mbt2018_mean.py")
     model, params, step, weights = train.restore_for_inference(config, workdir, step, weights)
     if not isinstance(model, hyperprior.TrainableHyperprior):
         raise ConversionError(f"{workdir}: a {type(model).__name__} run, not the mbt2018-mean "

@@ -936,8 +936,10 @@ ADDED_SETTINGS = ("image_size", "lpips_weights_sha256", "lpips_vgg_weights_sha25
 # in a warning (the file then records the rerun's versions).
 RECORDED_SETTINGS = ("versions",)
 # Where the model was read from: a model folder or workdir copied or moved elsewhere resumes
-# where the weights' fingerprint is the same (it was refused as "model_dir differ").
-LOCATION_SETTINGS = ("model_dir", "workdir", "config")
+# where the weights' fingerprint is the same (it was refused as "model_dir differ"); the
+# config too where it is the workdir's own config.json on both sides (another config file
+# may change what the fingerprint leaves out: compute dtype, attention).
+LOCATION_SETTINGS = ("model_dir", "workdir")
 
 
 def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
@@ -968,6 +970,9 @@ def resume_rows(path: str, settings: Mapping) -> dict[str, dict]:
         old_settings = {**old_settings, "source": source}
     moved = [k for k in LOCATION_SETTINGS if old_settings.get(k) != settings.get(k)
              and k in old_settings and k in settings]
+    if moved and all(isinstance(s.get("workdir"), str) and s.get("config") == os.path.join(
+            s["workdir"], "config.json") for s in (old_settings, settings)):
+        moved.append("config")  # the run's own config, moved with its workdir
     if (moved and settings.get("fingerprint")
             and old_settings.get("fingerprint") == settings.get("fingerprint")):
         print(f"warning: {path}: the same model (fingerprint {settings['fingerprint']}) read "

@@ -128,10 +128,11 @@ def is_leftover(folder: str, entry: str, names: Collection[str]) -> bool:
     name, _, boot = host.rpartition("@")
     if not _BOOT or name != _HOST or boot == _BOOT:
         return False  # another machine's (one of the same name has its own boot id)
-    try:
-        return os.lstat(os.path.join(folder, entry)).st_mtime < _boot_time()
+    try:  # the change time too: a folder renamed aside keeps its old modification time
+        st = os.lstat(os.path.join(folder, entry))
     except OSError:
         return False
+    return max(st.st_mtime, st.st_ctime) < _boot_time()
 
 
 def _boot_time() -> float:

@@ -727,8 +727,8 @@ def _fingerprint_fits(saved: str | None, config: ml_collections.ConfigDict) -> b
     SD folder's path."""
     if saved == _frozen_fingerprint(config):
         return True
-    if config.model.get("kind", "fasdiff") != "fasdiff" or not saved:
-        return False
+    if config.model.get("kind", "fasdiff") != "fasdiff" or not isinstance(saved, str):
+        return False  # (a damaged meta's number is no fingerprint either)
     if "+schedule-" not in saved and saved == _weights_fingerprint(config):
         return True
     ckpt = config.model.get("sd_checkpoint", "")
@@ -818,7 +818,7 @@ def _flock(workdir: str) -> Iterator[None]:
     import fcntl
 
     path = os.path.join(workdir, LOCK_FILE)
-    while True:
+    for attempt in range(_LOCK_TRIES):
         made = [p for p in (workdir, path) if not os.path.exists(p)]
         with writing(path):
             os.makedirs(workdir, exist_ok=True)
@@ -839,6 +839,10 @@ def _flock(workdir: str) -> Iterator[None]:
             locked = False
         if not locked or _same_file(f, path):
             break
+        if attempt == _LOCK_TRIES - 1:  # removed under us each time: hold what we have
+            logging.warning("%s: %s was replaced %d times while locking it; two runs on the "
+                            "workdir may not be kept apart", workdir, path, _LOCK_TRIES)
+            break
         f.close()  # locked a file the run before removed (below): a third would lock anew
     with f:
         if locked:
@@ -856,6 +860,9 @@ def _flock(workdir: str) -> Iterator[None]:
                 _remove_quietly(path, workdir if workdir in made else None)
             if locked:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_LOCK_TRIES = 8
 
 
 def _same_file(f: Any, path: str) -> bool:

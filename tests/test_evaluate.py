@@ -248,6 +248,14 @@ def test_resume_rows_takes_only_a_run_of_the_same_settings(tmp_path, capsys):
                                        f"from another place (model_dir /a/mbt -> /b/mbt)\n")
     with pytest.raises(FasdiffError, match=r"other settings \(fingerprint, model_dir differ"):
         evaluate.resume_rows(str(path), {**here, "model_dir": "/b/mbt", "fingerprint": "f1"})
+    # a workdir moved with its own config.json resumes; another config file does not (the
+    # fingerprint leaves out what it may change: compute dtype, attention)
+    run = {"workdir": "/a/run", "config": "/a/run/config.json", "fingerprint": "f0"}
+    path.write_text(json.dumps({"name": "x", "images": [], "settings": run, "complete": False}))
+    assert evaluate.resume_rows(str(path), {**run, "workdir": "/b/run",
+                                            "config": "/b/run/config.json"}) == {}
+    with pytest.raises(FasdiffError, match=r"other settings \(config differ"):
+        evaluate.resume_rows(str(path), {**run, "config": "/a/bf16.py"})
     path.write_text("{not json")
     with pytest.raises(FasdiffError, match="not an evaluate JSON"):
         evaluate.resume_rows(str(path), settings)

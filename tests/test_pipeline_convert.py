@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -255,7 +256,8 @@ def test_a_full_disk_leaves_the_old_set_whole(tmp_path, capsys, monkeypatch, pip
     assert os.listdir(tmp_path) == ["ckpt"]
 
 
-def test_a_kill_during_the_swap_leaves_a_whole_set_and_a_rerun_cleans_up(tmp_path, pipelines):
+def test_a_kill_during_the_swap_leaves_a_whole_set_and_a_rerun_cleans_up(tmp_path, pipelines,
+                                                                         monkeypatch):
     """What a ``kill -9`` leaves at each point (the writer's pid no longer runs): the
     folder a rerun finds is one whole set, never a mixture, and the leftovers go."""
     from test_files import dead_pid
@@ -293,7 +295,7 @@ def test_a_kill_during_the_swap_leaves_a_whole_set_and_a_rerun_cleans_up(tmp_pat
         earlier = "0" * 8 if files._BOOT != "0" * 8 else "1" * 8
         before_boot = f"{out}.old.tmp-{machine}@{earlier}-1"  # (pid 1 always runs)
         shutil.move(str(out), before_boot)
-        os.utime(before_boot, (files._boot_time() - 60,) * 2)
+        monkeypatch.setattr(files, "_boot_time", lambda: time.time() + 60)  # (rebooted since)
         assert convert.main(bad) == 2
         assert _contents(out) == b_set and sorted(os.listdir(tmp_path)) == ["ckpt", "none"]
 

@@ -1549,10 +1549,14 @@ def test_fingerprints_name_the_noise_schedule(tmp_path):
     first = train._frozen_fingerprint(cfg)
     weights = first.split("+")[0]
     assert weights.startswith("sd-") and train._fingerprint_fits(first, cfg)
+    assert not train._fingerprint_fits(5, cfg) and not train._fingerprint_fits(None, cfg)
 
     (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {**sched, "num_train_timesteps": 1000, "clip_sample": False, "_diffusers_version": "x"}))
-    assert train._frozen_fingerprint(cfg) == first  # defaults spelled out, unknown keys
+        {**sched, "num_train_timesteps": 1000, "clip_sample": False, "_diffusers_version": "x",
+         "clip_sample_range": 1, "beta_end": 0.012}))
+    assert train._frozen_fingerprint(cfg) == first  # defaults spelled out, 1 for 1.0, unknown keys
+    assert fasdiff.schedule_arguments({"num_train_timesteps": 1000, "x": 1}) == {}  # (and a
+    # parameter added to Schedule.create later, at its default, changes no fingerprint)
     (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {**sched, "prediction_type": "v_prediction"}))
     edited = train._frozen_fingerprint(cfg)

@@ -644,10 +644,19 @@ def schedule_settings(cfg: Any) -> dict:
 
 
 def schedule_arguments(settings: Mapping[str, Any]) -> dict:
-    """``settings`` as :meth:`schedules.Schedule.create` takes them, defaults filled in: two
-    spellings of one schedule give equal arguments (what a run's fingerprint names)."""
+    """The arguments of ``settings`` that :meth:`schedules.Schedule.create` takes and that
+    differ from its defaults, numbers as floats: two spellings of one schedule (a default
+    written out, ``1`` for ``1.0``, keys it does not take) give equal arguments, and a
+    parameter added to ``create`` later leaves them as they are (what a run's fingerprint
+    names)."""
+    def canonical(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [canonical(x) for x in v]
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
     params = inspect.signature(schedules.Schedule.create).parameters
-    return {k: settings.get(k, p.default) for k, p in params.items()}
+    return {k: canonical(settings[k]) for k, p in params.items()
+            if k in settings and canonical(settings[k]) != canonical(p.default)}
 
 
 def build(cfg: Any, new_run: bool = True) -> FaSDiff:
@@ -690,7 +699,9 @@ def build(cfg: Any, new_run: bool = True) -> FaSDiff:
     hlfe = HybridLowFrequencyEnhancement(down, mid, features=hc["features"],
                                          num_blocks=hc["num_blocks"], heads=hc["heads"],
                                          groups=hc["groups"], dwt_levels=hc["dwt_levels"])
-    sched = schedules.Schedule.create(**schedule_arguments(sched_cfg))
+    sched = schedules.Schedule.create(**{k: v for k, v in sched_cfg.items()
+                                         if k in inspect.signature(
+                                             schedules.Schedule.create).parameters})
     lc = _as_dict(cfg["loss"])
     cfg = {**cfg, "loss": lc, "control": _as_dict(cfg["control"]),
            "sampler": _as_dict(cfg["sampler"])}

@@ -710,7 +710,8 @@ def params_from_compressai(state_dict: dict) -> dict:
     """
     from fasdiff_jax.errors import ConversionError
 
-    sd = {_current_compressai_name(k): np.asarray(v, np.float32) for k, v in state_dict.items()}
+    # copies: the caller's arrays (a torch tensor's memory) stay theirs to change
+    sd = {_current_compressai_name(k): np.array(v, np.float32) for k, v in state_dict.items()}
     if "g_a.0.weight" not in sd:
         raise ConversionError("not a CompressAI MeanScaleHyperprior state dict: no 'g_a.0.weight'")
     layout = {"conv": lambda w: w.transpose(2, 3, 1, 0),
@@ -839,7 +840,8 @@ def freeze_host_arrays(leaves: Sequence[Any]) -> tuple:
     :func:`params_from_compressai` returns) kept the old tables, integer h_s and fingerprint,
     and files then decoded with no weights. Such a change now fails where it is made
     (numpy's "assignment destination is read-only"); replace the array instead. jax arrays
-    are immutable already. Returns ``leaves`` as a tuple."""
+    are immutable already (an array that views a writable one can still change through
+    that one). Returns ``leaves`` as a tuple."""
     for leaf in leaves:
         if isinstance(leaf, np.ndarray) and leaf.flags.writeable:
             leaf.flags.writeable = False
@@ -873,12 +875,12 @@ def check_finite_weights(params: dict) -> None:
                               f"{listed(bad, ', ')}")
 
 
-_SHAPES: list[tuple[Any, Any]] = []  # (model, its params' shapes): models held, ids stay theirs
+_SHAPES: list[tuple[Any, Any]] = []  # (model, its params' shapes), by model config
 
 
 def param_shapes(model: MeanScaleHyperprior) -> dict:
     """The shapes (``jax.ShapeDtypeStruct``) of ``model``'s params, as :func:`init_params`
-    makes them, without computing any (cached per model object)."""
+    makes them, without computing any (cached per model config)."""
     for m, shapes in _SHAPES:
         if m == model:
             return shapes
@@ -997,19 +999,26 @@ def pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> tuple[np.ndarr
     return np.pad(img, ((0, pb), (0, pr), (0, 0)), mode="edge"), pb, pr
 
 
+def _config_key(model: MeanScaleHyperprior) -> MeanScaleHyperprior:
+    """``model`` as a cache key: unbound (flax refuses to hash a module bound to variables)."""
+    return model if model.scope is None else model.clone(parent=None)
+
+
 def _encode_device(model, params, x):
-    fn = _encode_fns.get(model)
+    key = _config_key(model)
+    fn = _encode_fns.get(key)
     if fn is None:
-        fn = jax.jit(lambda p, x: model.apply(p, x, method=MeanScaleHyperprior.encode_latents_device))
-        _encode_fns[model] = fn
+        fn = jax.jit(lambda p, x: key.apply(p, x, method=MeanScaleHyperprior.encode_latents_device))
+        _encode_fns[key] = fn
     return fn(params, x)
 
 
 def _decode_device(model, params, y_hat):
-    fn = _decode_fns.get(model)
+    key = _config_key(model)
+    fn = _decode_fns.get(key)
     if fn is None:
-        fn = jax.jit(lambda p, y: model.apply(p, y, method=MeanScaleHyperprior.decode_device))
-        _decode_fns[model] = fn
+        fn = jax.jit(lambda p, y: key.apply(p, y, method=MeanScaleHyperprior.decode_device))
+        _decode_fns[key] = fn
     return fn(params, y_hat)
 
 
