@@ -843,14 +843,16 @@ def _unique_name(key: object, index: int, seen: set[str]) -> str:
 
 def source_names(source: Sequence[Mapping]) -> list[str]:
     """The names :func:`images_from_source` gives all of ``source``'s records: a folder's
-    from its file list, other sources' by reading every record (only a resumed run with a
-    --limit below the source's size asks: its rows past the limit are not rows of images
-    gone)."""
-    from fasdiff_jax.data.sources import FolderSource
+    from its file list, a prepared set's from its records' metadata, other sources' (TFDS)
+    by reading every record (only a resumed run with a --limit below the source's size asks:
+    its rows past the limit are not rows of images gone)."""
+    from fasdiff_jax.data.sources import FolderSource, PreparedSource
 
     seen: set[str] = set()
     if isinstance(source, FolderSource):
         return [_unique_name(key, i, seen) for i, key in enumerate(source.files)]
+    if isinstance(source, PreparedSource):  # its records' metadata: no image decoded
+        return [_unique_name(source.meta(i).get("key", i), i, seen) for i in range(len(source))]
     with warnings.catch_warnings():  # said when the image is read for its row
         warnings.simplefilter("ignore")
         return [_unique_name(source[i].get("key", i), i, seen) for i in range(len(source))]

@@ -48,13 +48,19 @@ def encode_record(image: np.ndarray, meta: dict[str, Any]) -> bytes:
 
 def decode_record(data: bytes) -> dict[str, Any]:
     """Inverse of :func:`encode_record`: ``{"image": uint8 HWC, **meta}``."""
-    if data[:4] != RECORD_MAGIC:
-        raise DataError(f"not a fasdiff record (magic {data[:4]!r}, expected {RECORD_MAGIC!r})")
-    (n,) = struct.unpack("<I", data[4:8])
-    meta = json.loads(data[8 : 8 + n])
+    meta, n = _record_meta(data)
     with Image.open(io.BytesIO(data[8 + n :])) as im:
         meta["image"] = np.asarray(im.convert("RGB"))
     return meta
+
+
+def _record_meta(data: bytes) -> tuple[dict[str, Any], int]:
+    """A record's metadata (its key, crop box, ...) without decoding its image, and its
+    length in bytes."""
+    if data[:4] != RECORD_MAGIC:
+        raise DataError(f"not a fasdiff record (magic {data[:4]!r}, expected {RECORD_MAGIC!r})")
+    (n,) = struct.unpack("<I", data[4:8])
+    return json.loads(data[8 : 8 + n]), n
 
 
 _REPREPARE = "re-run python -m fasdiff_jax.data.prepare, which rewrites it"
@@ -172,11 +178,19 @@ class PreparedSource:
         return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._read(index, decode_record)
+
+    def meta(self, index: int) -> dict[str, Any]:
+        """Record ``index``'s metadata (its ``key``...) without decoding its image: listing
+        the names of a large set read every image before (~2 ms each at 256 px)."""
+        return self._read(index, lambda data: _record_meta(data)[0])
+
+    def _read(self, index: int, decode: Any) -> dict[str, Any]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range: {self.directory} holds {len(self)}")
         try:
-            return decode_record(self._open()[index])
+            return decode(self._open()[index])
         except (RuntimeError,) + _READ_ERRORS as e:
             shard = self._paths[bisect.bisect_right(self._ends, index)]
             raise _shard_error(shard, e) from e
