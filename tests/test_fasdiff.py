@@ -445,6 +445,67 @@ def test_sampler_overrides_of_the_wrong_type_are_refused(tiny_model):
     assert (spec.steps, spec.eta, spec.seed) == (3, 1.0, 7)
 
 
+def test_sampler_specs_the_schedule_cannot_sample_are_refused(tiny_model):
+    """Specs compress wrote into files that then failed inside the decoder's trace (and took
+    decompress_batch's other files with them): SD's leading spacing with steps_offset 1 at
+    1000 steps starts at t=1000, past the schedule (diffusers: IndexError; the UNet ran at
+    t=1000); a "trailing" t_start below every timestep; more steps than a schedule of 500
+    training timesteps has. Refused at compress, a BitstreamError in the file's place at
+    decode."""
+    import dataclasses
+
+    from fasdiff_jax.coding import BitstreamError
+    from fasdiff_jax.coding import container as ct
+
+    model, params = tiny_model
+    with pytest.raises(ValueError, match="first DDIM timestep, 1000, is past the schedule's "
+                                         "last, 999"):
+        model.sampler_spec(steps=1000)
+    assert model.sampler_spec(steps=999).steps == 999
+    for sched, kw, what in ((dict(timestep_spacing="trailing", steps_offset=0),
+                             dict(steps=4, t_start=100), "below every DDIM timestep"),
+                            (dict(num_train_timesteps=500), dict(steps=600), r"steps 1\.\.500")):
+        cfg = tiny.get_config().model
+        cfg.scheduler.update(sched)
+        with pytest.raises(ValueError, match=what):
+            fasdiff.build(cfg).sampler_spec(**kw)
+    img = skdata.astronaut()[100:164, 180:244]
+    good = model.compress(params, img, steps=2)
+    c = ct.unpack(good)
+    bad = ct.pack(dataclasses.replace(c, sampler=dataclasses.replace(c.sampler, steps=1000)))
+    with pytest.raises(BitstreamError, match="past the schedule"):
+        model.decompress(params, bad)
+    got = model.decompress_batch(params, [good, bad])
+    assert isinstance(got[1], BitstreamError) and got[0].shape == img.shape
+
+
+def test_decoding_does_not_depend_on_the_processs_prng_settings_or_compile_per_eta(tiny_model):
+    """The noise key took the process's default PRNG: with jax_default_prng_impl=rbg or
+    jax_threefry_partitionable=False one file decoded to other pixels (mean 54-66 grey levels
+    apart). And eta was a static argument: each value compiled the sampler again (~6 s)."""
+    model, params = tiny_model
+    img = skdata.astronaut()[100:164, 180:244]
+    data = model.compress(params, img, steps=2, eta=0.3, seed=11)
+    want = model.decompress(params, data)
+    for option, value in (("jax_default_prng_impl", "rbg"),
+                          ("jax_threefry_partitionable", False)):
+        before = getattr(jax.config, option)
+        jax.config.update(option, value)
+        try:
+            np.testing.assert_array_equal(model.decompress(params, data), want)
+        finally:
+            jax.config.update(option, before)
+    programs = model._cache["reconstruct"]._cache_size()
+    other = model.decompress(params, model.compress(params, img, steps=2, eta=1.0, seed=11))
+    assert model._cache["reconstruct"]._cache_size() == programs
+    assert np.abs(other.astype(int) - want).max() > 0  # eta is used: another picture
+    both = model.decompress_batch(params, [data, model.compress(params, img, steps=2, eta=1.0,
+                                                                seed=11)])
+    for got, alone in zip(both, (want, other)):  # one sampler run, each file its own eta
+        assert np.abs(got.astype(int) - alone).max() <= 1  # (a batch of 2: README's one level)
+    assert np.abs(both[1].astype(int) - both[0]).max() > 1
+
+
 def _tiny_sd_checkpoint(ckpt: Path, null_width: int | None = None) -> Path:
     """A converted SD folder of configs/tiny.py's shapes, random weights, no scheduler/."""
     base = fasdiff.build(tiny.get_config().model)

@@ -497,14 +497,26 @@ class FaSDiff:
         return spec
 
     def _check_spec(self, spec: ct.SamplerSpec) -> None:
+        """A spec this model's schedule can sample (else compress wrote files that failed
+        inside the decoder's trace: a t_start below every "trailing" timestep, more steps
+        than a schedule of fewer than 1000 training timesteps has, or SD's leading spacing
+        with steps_offset 1 at 1000 steps, whose first timestep, 1000, is past the schedule:
+        diffusers raises an IndexError there, the UNet ran at t=1000)."""
         t_max = self.schedule.num_train_timesteps
-        if not 1 <= spec.steps <= 1000 or not 0 <= spec.t_start < t_max:
+        if not 1 <= spec.steps <= t_max or not 0 <= spec.t_start < t_max:
             raise ValueError(f"sampler spec out of range: {spec} "
-                             f"(steps 1..1000, t_start 0..{t_max - 1})")
+                             f"(steps 1..{t_max}, t_start 0..{t_max - 1})")
         if not (np.isfinite(spec.eta) and 0 <= spec.eta <= 1):
             raise ValueError(f"sampler eta must be in [0, 1], got {spec.eta}")
         if not 0 <= spec.seed < ct.SEED_LIMIT:  # else every file's packing fails
             raise ValueError(f"sampler seed must be in 0..2**64-1, got {spec.seed}")
+        try:
+            ts = schedules.ddim_timesteps(self.schedule, spec.steps, spec.t_start or None)
+        except ValueError as e:
+            raise ValueError(f"sampler spec {spec}: {e}") from None
+        if int(ts.max()) >= t_max:
+            raise ValueError(f"sampler spec {spec}: its first DDIM timestep, {int(ts.max())}, "
+                             f"is past the schedule's last, {t_max - 1} (fewer steps)")
 
     def decompress(self, params: Params, data: bytes, max_pixels: int | None = H.MAX_PIXELS
                    ) -> np.ndarray:
@@ -515,7 +527,7 @@ class FaSDiff:
     def decompress_batch(self, params: Params, datas: Sequence[bytes],
                          max_pixels: int | None = H.MAX_PIXELS) -> list[np.ndarray | Exception]:
         """:meth:`decompress` of several files, those of one latent size and sampler (steps,
-        t_start, eta) in one sampler run: the device works on a batch instead of one image
+        t_start, eta zero or not) in one sampler run: the device works on a batch instead of one image
         at a time. Each file draws its noise from its own seed, so it decodes as it would
         alone. A file that cannot be decoded gets its error in its place; the others go on.
         One bytes object for ``datas`` is a TypeError (iterated, it was one error per byte)."""
@@ -534,10 +546,14 @@ class FaSDiff:
                 out[i] = e
                 continue
             c, y_hat = decoded[i]
-            key = (y_hat.shape, c.sampler.steps, c.sampler.t_start, c.sampler.eta)
+            key = (y_hat.shape, c.sampler.steps, c.sampler.t_start, c.sampler.eta > 0)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
-            for i, image in zip(members, self._reconstruct(params, [decoded[i] for i in members])):
+            try:
+                images = self._reconstruct(params, [decoded[i] for i in members])
+            except (FasdiffError, ValueError) as e:  # in its files' places; the others go on
+                images = [e] * len(members)
+            for i, image in zip(members, images):
                 out[i] = image
         return out
 
@@ -557,28 +573,35 @@ class FaSDiff:
 
     def _reconstruct(self, params: Params, decoded: list[tuple[ct.Container, np.ndarray]]
                      ) -> list[np.ndarray]:
-        """The device's part for files of one latent shape and sampler: one vmapped sampler
-        run, the batch padded to a power of two (one compiled program per size 1, 2, 4, ...)."""
+        """The device's part for files of one latent shape and sampler (steps, t_start, eta
+        zero or not): one vmapped sampler run, the batch padded to a power of two (one
+        compiled program per size 1, 2, 4, ...). Each file's eta is an operand (a static eta
+        compiled a program per value: ~6 s each for the tiny model here). The noise comes
+        from threefry keys, partitionable, whatever the process's JAX defaults (another
+        ``jax_default_prng_impl`` or ``jax_threefry_partitionable`` decoded other pixels)."""
 
-        def reconstruct(params, y_hat, seed_lo, seed_hi, steps, t_start, eta):
-            def one(y, lo, hi):
+        def reconstruct(params, y_hat, seed_lo, seed_hi, etas, steps, t_start, stochastic):
+            def one(y, lo, hi, eta):
                 prompt, z_coarse = self.compressor.apply({"params": params["compressor"]},
                                                          y[None], method=HFCompressor.synthesis)
-                rng = jax.random.fold_in(jax.random.key(lo), hi)
-                z = self.sample(params, prompt, z_coarse, rng, steps, t_start, eta)
+                rng = jax.random.fold_in(jax.random.key(lo, impl="threefry2x32"), hi)
+                z = self.sample(params, prompt, z_coarse, rng, steps, t_start,
+                                eta if stochastic else 0.0)
                 return (self.decode_latent(params, z)[0] + 1.0) / 2.0
 
-            return jax.vmap(one)(y_hat, seed_lo, seed_hi)
+            return jax.vmap(one)(y_hat, seed_lo, seed_hi, etas)
 
         n = len(decoded)
         padded = H.pow2_padded(decoded)
         seeds = [c.sampler.seed for c, _ in padded]
         s = decoded[0][0].sampler
-        out = self._jit("reconstruct", reconstruct, ("steps", "t_start", "eta"))(
-            params, jnp.asarray(np.stack([y for _, y in padded]), jnp.float32),
-            np.asarray([x & 0xFFFFFFFF for x in seeds], np.uint32),
-            np.asarray([x >> 32 for x in seeds], np.uint32),
-            steps=s.steps, t_start=s.t_start, eta=s.eta)
+        with jax.threefry_partitionable(True):
+            out = self._jit("reconstruct", reconstruct, ("steps", "t_start", "stochastic"))(
+                params, jnp.asarray(np.stack([y for _, y in padded]), jnp.float32),
+                np.asarray([x & 0xFFFFFFFF for x in seeds], np.uint32),
+                np.asarray([x >> 32 for x in seeds], np.uint32),
+                np.asarray([c.sampler.eta for c, _ in padded], np.float32),
+                steps=s.steps, t_start=s.t_start, stochastic=s.eta > 0)
         out = np.asarray(out[:n])
         return [H.to_uint8(image, c) for image, (c, _) in zip(out, decoded)]
 
