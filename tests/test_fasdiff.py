@@ -501,6 +501,13 @@ def test_decoding_does_not_depend_on_the_processs_prng_settings_or_compile_per_e
     assert np.abs(other.astype(int) - want).max() > 0  # eta is used: another picture
     both = model.decompress_batch(params, [data, model.compress(params, img, steps=2, eta=1.0,
                                                                 seed=11)])
+    runs = []
+    real = model._reconstruct
+    with pytest.MonkeyPatch.context() as m:  # a large batch runs in runs of BATCH_PIXELS
+        m.setattr(fasdiff.H, "BATCH_PIXELS", 2 * 64 * 64)
+        m.setattr(model, "_reconstruct", lambda p, d: runs.append(len(d)) or real(p, d))
+        assert len(model.decompress_batch(params, [data] * 5)) == 5
+    assert runs == [2, 2, 1]
     for got, alone in zip(both, (want, other)):  # one sampler run, each file its own eta
         assert np.abs(got.astype(int) - alone).max() <= 1  # (a batch of 2: README's one level)
     assert np.abs(both[1].astype(int) - both[0]).max() > 1

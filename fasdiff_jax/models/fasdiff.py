@@ -530,6 +530,8 @@ class FaSDiff:
         t_start, eta zero or not) in one sampler run: the device works on a batch instead of one image
         at a time. Each file draws its noise from its own seed, so it decodes as it would
         alone. A file that cannot be decoded gets its error in its place; the others go on.
+        A sampler run takes at most :data:`H.BATCH_PIXELS` padded pixels (any one file
+        alone), as compressing does: 100 files of one size ran as one batch of 128.
         One bytes object for ``datas`` is a TypeError (iterated, it was one error per byte)."""
         if isinstance(datas, (bytes, bytearray, memoryview, str)):
             raise TypeError(f"datas must be a sequence of bytes objects; got one "
@@ -549,12 +551,17 @@ class FaSDiff:
             key = (y_hat.shape, c.sampler.steps, c.sampler.t_start, c.sampler.eta > 0)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
-            try:
-                images = self._reconstruct(params, [decoded[i] for i in members])
-            except (FasdiffError, ValueError) as e:  # in its files' places; the others go on
-                images = [e] * len(members)
-            for i, image in zip(members, images):
-                out[i] = image
+            c = decoded[members[0]][0]  # at most H.BATCH_PIXELS (padded) per sampler run
+            pixels = (c.height + c.pad_bottom) * (c.width + c.pad_right)
+            per_run = 1 << max(0, (H.BATCH_PIXELS // pixels).bit_length() - 1)
+            for start in range(0, len(members), per_run):
+                chunk = members[start:start + per_run]
+                try:
+                    images = self._reconstruct(params, [decoded[i] for i in chunk])
+                except (FasdiffError, ValueError) as e:  # in its files' places
+                    images = [e] * len(chunk)
+                for i, image in zip(chunk, images):
+                    out[i] = image
         return out
 
     def _decoded(self, params: Params, data: bytes, max_pixels: int | None
