@@ -527,8 +527,8 @@ class FaSDiff:
     def decompress_batch(self, params: Params, datas: Sequence[bytes],
                          max_pixels: int | None = H.MAX_PIXELS) -> list[np.ndarray | Exception]:
         """:meth:`decompress` of several files, those of one latent size and sampler (steps,
-        t_start, eta zero or not) in one sampler run: the device works on a batch instead of one image
-        at a time. Each file draws its noise from its own seed, so it decodes as it would
+        t_start, eta zero or not) in one sampler run: the device works on a batch instead of
+        one image at a time. Each file draws its noise from its own seed, so it decodes as it would
         alone. A file that cannot be decoded gets its error in its place; the others go on.
         A sampler run takes at most :data:`H.BATCH_PIXELS` padded pixels (any one file
         alone), as compressing does: 100 files of one size ran as one batch of 128.
