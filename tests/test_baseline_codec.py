@@ -556,6 +556,8 @@ def test_evaluate_reports_dists_when_its_weights_are_there(tmp_path, capsys, mon
     weights = perceptual.dists_weights_path()
     assert report["settings"]["dists_weights_sha256"] == hashlib.sha256(
         open(weights, "rb").read()).hexdigest()
+    assert report["settings"]["dists_vgg_weights_sha256"] == hashlib.sha256(  # its backbone
+        open(perceptual.weights_path("vgg16"), "rb").read()).hexdigest()
     decoded = evaluate.pillow_codec("jpeg:20").decompress(evaluate.pillow_codec("jpeg:20").compress(img))
     module, params = perceptual.load_dists()
     want = module.apply({"params": params}, *(jnp.asarray(v[None] / 255.0, jnp.float32)
@@ -575,6 +577,7 @@ def test_evaluate_reports_dists_when_its_weights_are_there(tmp_path, capsys, mon
     assert "DISTS left out" in capsys.readouterr().err
     missing = json.loads((tmp_path / "m.json").read_text())
     assert "dists" not in missing["results"] and "dists_weights_sha256" not in missing["settings"]
+    assert "dists_vgg_weights_sha256" not in missing["settings"]
 
 
 @pytest.mark.parametrize("argv, message", [
